@@ -1,0 +1,130 @@
+//! What shoppers do: the events a till, web shop or app reports.
+
+use crate::ids::Id;
+use crate::UnixMillis;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// The kinds of event Bazaar understands.
+///
+/// `Custom` carries the operator's own name (`custom:app_review`), so
+/// campaigns can award bonuses for anything a retailer can report.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum EventKind {
+    Purchase,
+    Visit,
+    ProfileCompleted,
+    Referral,
+    Custom(String),
+}
+
+/// Why a string is not an event kind.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("must be one of purchase, visit, profile_completed, referral or custom:<name> with a name of 1-64 characters from [a-z0-9_-]")]
+pub struct UnknownKind;
+
+impl EventKind {
+    pub fn parse(text: &str) -> Result<Self, UnknownKind> {
+        match text {
+            "purchase" => Ok(Self::Purchase),
+            "visit" => Ok(Self::Visit),
+            "profile_completed" => Ok(Self::ProfileCompleted),
+            "referral" => Ok(Self::Referral),
+            other => {
+                let name = other.strip_prefix("custom:").ok_or(UnknownKind)?;
+                let valid = !name.is_empty()
+                    && name.len() <= 64
+                    && name.chars().all(|c| {
+                        c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-'
+                    });
+                if valid {
+                    Ok(Self::Custom(name.to_owned()))
+                } else {
+                    Err(UnknownKind)
+                }
+            }
+        }
+    }
+
+    pub fn is_purchase(&self) -> bool {
+        matches!(self, Self::Purchase)
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Purchase => f.write_str("purchase"),
+            Self::Visit => f.write_str("visit"),
+            Self::ProfileCompleted => f.write_str("profile_completed"),
+            Self::Referral => f.write_str("referral"),
+            Self::Custom(name) => write!(f, "custom:{name}"),
+        }
+    }
+}
+
+impl TryFrom<String> for EventKind {
+    type Error = UnknownKind;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        Self::parse(&value)
+    }
+}
+
+impl From<EventKind> for String {
+    fn from(kind: EventKind) -> Self {
+        kind.to_string()
+    }
+}
+
+/// One validated event about one customer.
+///
+/// The transport layer builds it only after checking every field, so the
+/// domain can rely on: ids valid, `0 <= amount_minor <= MAX_AMOUNT_MINOR`,
+/// a store for purchases and visits, `at` within the accepted window.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub event_id: Id,
+    pub customer: Id,
+    pub store: Option<Id>,
+    pub kind: EventKind,
+    pub amount_minor: i64,
+    pub at: UnixMillis,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(input: &str, expected: Result<EventKind, UnknownKind>) {
+        assert_eq!(EventKind::parse(input), expected, "input {input:?}");
+    }
+
+    #[test]
+    fn kinds_parse_and_print_back() {
+        check("purchase", Ok(EventKind::Purchase));
+        check("visit", Ok(EventKind::Visit));
+        check("profile_completed", Ok(EventKind::ProfileCompleted));
+        check("referral", Ok(EventKind::Referral));
+        check(
+            "custom:app_review",
+            Ok(EventKind::Custom("app_review".into())),
+        );
+        check("custom:", Err(UnknownKind));
+        check("custom:Bad Name", Err(UnknownKind));
+        check("refund", Err(UnknownKind));
+        check("Purchase", Err(UnknownKind));
+        for text in [
+            "purchase",
+            "visit",
+            "profile_completed",
+            "referral",
+            "custom:x-1",
+        ] {
+            assert_eq!(
+                EventKind::parse(text).map(|k| k.to_string()),
+                Ok(text.to_owned())
+            );
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! Validated identifiers.
+//!
+//! Every id in Bazaar (tenant, store, customer, event, game) is 1–128
+//! characters from `[A-Za-z0-9._:-]`. The rule is enforced once, in
+//! [`Id::parse`], so a value of type [`Id`] is always valid: storage keys can
+//! be built from it with `/` as a separator without escaping.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// The longest id accepted.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Why a string is not a valid id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    #[error("must not be empty")]
+    Empty,
+    #[error("must be at most {MAX_ID_LEN} characters, got {0}")]
+    TooLong(usize),
+    #[error("may contain only A-Z, a-z, 0-9 and . _ : - (found {0:?})")]
+    BadCharacter(char),
+}
+
+/// A validated identifier.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Id(String);
+
+impl Id {
+    /// Checks `text` against the id rule.
+    pub fn parse(text: &str) -> Result<Self, IdError> {
+        if text.is_empty() {
+            return Err(IdError::Empty);
+        }
+        let length = text.chars().count();
+        if MAX_ID_LEN < length {
+            return Err(IdError::TooLong(length));
+        }
+        if let Some(bad) = text
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')))
+        {
+            return Err(IdError::BadCharacter(bad));
+        }
+        Ok(Self(text.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Id {
+    type Error = IdError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        Self::parse(&value)
+    }
+}
+
+impl From<Id> for String {
+    fn from(id: Id) -> Self {
+        id.0
+    }
+}
+
+impl fmt::Display for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl AsRef<str> for Id {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(input: &str, expected: Result<(), IdError>) {
+        assert_eq!(Id::parse(input).map(|_| ()), expected, "input {input:?}");
+    }
+
+    #[test]
+    fn id_rules() {
+        check("c-42", Ok(()));
+        check("till-7.000123:a_b", Ok(()));
+        check(&"x".repeat(128), Ok(()));
+        check("", Err(IdError::Empty));
+        check(&"x".repeat(129), Err(IdError::TooLong(129)));
+        check("a b", Err(IdError::BadCharacter(' ')));
+        check("a/b", Err(IdError::BadCharacter('/')));
+        check("é", Err(IdError::BadCharacter('é')));
+    }
+}

@@ -1,0 +1,277 @@
+//! Live leaderboards with O(log n) rank queries.
+//!
+//! Members are kept in an order-statistic B-tree ([`wabi_tree::OSBTreeSet`])
+//! ordered by score (highest first) and then by the moment the member
+//! reached that score (earliest first), so a tie goes to whoever got there
+//! first. Rank, top-N and "around me" are a descent of that tree, never a
+//! scan, which keeps them fast at ten million members.
+//!
+//! "The moment" is a sequence number the board hands out with every score
+//! change, not a clock: replaying the same updates in the same order
+//! rebuilds the same board.
+
+use crate::ids::Id;
+use crate::DefinitionError;
+use serde::{Deserialize, Serialize};
+use std::cmp::Reverse;
+use std::collections::HashMap;
+use wabi_tree::OSBTreeSet;
+
+/// What a leaderboard ranks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    /// Points earned under the leaderboard's campaign.
+    Points,
+    /// Spend in minor units under the campaign.
+    Spend,
+    /// Number of purchases under the campaign.
+    Purchases,
+    /// Missions of the campaign completed.
+    Missions,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaderboardDef {
+    pub campaign: Id,
+    pub metric: Metric,
+    /// How many entries the board shows and streams by default.
+    #[serde(default = "default_top_size")]
+    pub top_size: u32,
+}
+
+fn default_top_size() -> u32 {
+    10
+}
+
+/// The most entries one query may return.
+pub const MAX_ENTRIES: u32 = 1_000;
+
+impl LeaderboardDef {
+    pub fn validate(&self) -> Result<(), DefinitionError> {
+        if self.top_size == 0 || MAX_ENTRIES < self.top_size {
+            return Err(DefinitionError::new(
+                "top_size",
+                "must be between 1 and 1000",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One row of a leaderboard answer; `rank` starts at 1.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub rank: u64,
+    pub customer: Id,
+    pub score: i64,
+}
+
+/// The ordering key: highest score first, then earliest to reach it.
+type Key = (Reverse<i64>, u64, Id);
+
+/// A leaderboard's members and scores.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(from = "Members", into = "Members")]
+pub struct Leaderboard {
+    scores: HashMap<Id, (i64, u64)>,
+    order: OSBTreeSet<Key>,
+    next_seq: u64,
+}
+
+/// The serialised form: members with their score and sequence number.
+#[derive(Serialize, Deserialize)]
+struct Members {
+    next_seq: u64,
+    members: Vec<(Id, i64, u64)>,
+}
+
+impl From<Members> for Leaderboard {
+    fn from(members: Members) -> Self {
+        let mut board = Leaderboard {
+            next_seq: members.next_seq,
+            ..Leaderboard::default()
+        };
+        for (customer, score, seq) in members.members {
+            board.order.insert((Reverse(score), seq, customer.clone()));
+            board.scores.insert(customer, (score, seq));
+        }
+        board
+    }
+}
+
+impl From<Leaderboard> for Members {
+    fn from(board: Leaderboard) -> Self {
+        Members {
+            next_seq: board.next_seq,
+            members: board
+                .order
+                .into_iter()
+                .map(|(Reverse(score), seq, customer)| (customer, score, seq))
+                .collect(),
+        }
+    }
+}
+
+impl PartialEq for Leaderboard {
+    fn eq(&self, other: &Self) -> bool {
+        self.next_seq == other.next_seq && self.scores == other.scores
+    }
+}
+
+impl Leaderboard {
+    pub fn len(&self) -> usize {
+        self.scores.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.scores.is_empty()
+    }
+
+    /// Adds `delta` to the customer's score (joining the board at 0 first)
+    /// and returns the new score. A zero delta changes nothing, so it does
+    /// not cost the member its place among equal scores.
+    pub fn add(&mut self, customer: &Id, delta: i64) -> i64 {
+        let current = self.scores.get(customer).copied();
+        if delta == 0 {
+            return current.map_or(0, |(score, _)| score);
+        }
+        if let Some((score, seq)) = current {
+            self.order.remove(&(Reverse(score), seq, customer.clone()));
+        }
+        let score = current.map_or(0, |(score, _)| score).saturating_add(delta);
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.order.insert((Reverse(score), seq, customer.clone()));
+        self.scores.insert(customer.clone(), (score, seq));
+        score
+    }
+
+    /// The customer's 1-based rank and score, if on the board.
+    pub fn rank(&self, customer: &Id) -> Option<Entry> {
+        let (score, seq) = *self.scores.get(customer)?;
+        let index = self
+            .order
+            .rank_of(&(Reverse(score), seq, customer.clone()))
+            .expect("every member in `scores` is in `order`");
+        Some(Entry {
+            rank: index as u64 + 1,
+            customer: customer.clone(),
+            score,
+        })
+    }
+
+    /// The first `n` entries.
+    pub fn top(&self, n: usize) -> Vec<Entry> {
+        self.range(0, n)
+    }
+
+    /// Up to `n` entries above and `n` below the customer, the customer
+    /// included; empty if not on the board.
+    pub fn around(&self, customer: &Id, n: usize) -> Vec<Entry> {
+        let Some(me) = self.rank(customer) else {
+            return Vec::new();
+        };
+        let index = usize::try_from(me.rank - 1).expect("ranks fit in usize");
+        let start = index.saturating_sub(n);
+        self.range(start, index + n + 1 - start)
+    }
+
+    fn range(&self, start: usize, count: usize) -> Vec<Entry> {
+        (start..start.saturating_add(count))
+            .map_while(|index| {
+                self.order
+                    .get_by_rank(index)
+                    .map(|(Reverse(score), _, customer)| Entry {
+                        rank: index as u64 + 1,
+                        customer: customer.clone(),
+                        score: *score,
+                    })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn id(n: u32) -> Id {
+        Id::parse(&format!("c-{n}")).expect("valid")
+    }
+
+    #[test]
+    fn ties_go_to_whoever_reached_the_score_first() {
+        let mut board = Leaderboard::default();
+        board.add(&id(1), 50);
+        board.add(&id(2), 80);
+        board.add(&id(3), 30);
+        board.add(&id(3), 20); // reaches 50 after c-1
+        let top: Vec<(u64, Id, i64)> = board
+            .top(10)
+            .into_iter()
+            .map(|e| (e.rank, e.customer, e.score))
+            .collect();
+        assert_eq!(top, vec![(1, id(2), 80), (2, id(1), 50), (3, id(3), 50)]);
+        assert_eq!(board.rank(&id(3)).map(|e| e.rank), Some(3));
+        assert_eq!(board.rank(&id(9)), None);
+        let around: Vec<u64> = board
+            .around(&id(1), 1)
+            .into_iter()
+            .map(|e| e.rank)
+            .collect();
+        assert_eq!(around, vec![1, 2, 3]);
+        assert_eq!(board.around(&id(2), 5).len(), 3);
+    }
+
+    #[test]
+    fn serialised_form_round_trips() {
+        let mut board = Leaderboard::default();
+        for n in 0..50 {
+            board.add(&id(n % 7), i64::from(n));
+        }
+        let members: Members = board.clone().into();
+        let back = Leaderboard::from(members);
+        assert_eq!(back, board);
+        assert_eq!(back.top(7), board.top(7));
+    }
+
+    proptest! {
+        /// Against a naive model (sort everything), rank, top-N and around
+        /// agree after any sequence of updates.
+        #[test]
+        fn matches_a_sorted_model(updates in prop::collection::vec((0u32..40, -50i64..100), 1..300)) {
+            let mut board = Leaderboard::default();
+            let mut model: HashMap<Id, (i64, u64)> = HashMap::new();
+            let mut seq = 0;
+            for (member, delta) in updates {
+                let customer = id(member);
+                board.add(&customer, delta);
+                if delta != 0 {
+                    let entry = model.entry(customer).or_insert((0, 0));
+                    entry.0 += delta;
+                    entry.1 = seq;
+                    seq += 1;
+                }
+            }
+            let mut sorted: Vec<(Id, i64, u64)> = model.into_iter().map(|(c, (s, q))| (c, s, q)).collect();
+            sorted.sort_by_key(|(_, score, seq)| (Reverse(*score), *seq));
+            let expected: Vec<Entry> = sorted
+                .iter()
+                .enumerate()
+                .map(|(i, (c, s, _))| Entry { rank: i as u64 + 1, customer: c.clone(), score: *s })
+                .collect();
+            prop_assert_eq!(board.top(1_000), expected.clone());
+            for entry in &expected {
+                prop_assert_eq!(board.rank(&entry.customer), Some(entry.clone()));
+                let around = board.around(&entry.customer, 2);
+                let index = usize::try_from(entry.rank - 1).expect("small");
+                let start = index.saturating_sub(2);
+                let end = (index + 3).min(expected.len());
+                prop_assert_eq!(around, expected[start..end].to_vec());
+            }
+        }
+    }
+}
