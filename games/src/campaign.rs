@@ -54,6 +54,11 @@ pub struct Campaign {
 }
 
 impl Campaign {
+    /// Checks a display name (1-200 characters, no control characters).
+    pub fn validate_name(field: &str, name: &str) -> Result<(), DefinitionError> {
+        check_name(field, name)
+    }
+
     /// Checks every rule of a campaign definition.
     pub fn validate(&self) -> Result<(), DefinitionError> {
         check_name("name", &self.name)?;

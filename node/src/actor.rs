@@ -1,0 +1,534 @@
+//! Virtual actors: one actix actor per entity, activated on its first
+//! message, passivated after an idle time.
+//!
+//! [`EntityActor`] is the thin shell the architecture asks for, generic over
+//! an [`Entity`] (customer, wheel, jackpot, leaderboard): it loads the
+//! entity's snapshot, answers retries from the idempotency record, calls the
+//! entity's pure handler, hands the journal entry to the writer and replies
+//! with a [`Ticket`]. It never waits for the flush, or for another actor,
+//! while holding its turn: the caller (the service layer) waits for the
+//! ticket before it answers the client.
+//!
+//! [`Registry`] finds or activates the actor of a key. An actor that has
+//! been idle long enough writes its snapshot, waits until the writer has it,
+//! removes itself from the registry and stops; a message that raced with
+//! that finds a closed mailbox and the registry retries it on a fresh
+//! activation, which loads the snapshot just written.
+
+use crate::error::{Code, ServiceError, ServiceResult};
+use crate::journal::{Journal, JournalEntry, KeyValue, Snapshot, Ticket};
+use crate::storage::{decode, encode, key, StorageResult, Store};
+use actix::prelude::*;
+use bazaar_cluster::{EntityKey, EntityKind};
+use bazaar_games::UnixMillis;
+use bazaar_observability::Metrics;
+use parking_lot::Mutex;
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+/// What every actor of a node shares.
+pub struct NodeShared {
+    pub store: Store,
+    pub journal: Journal,
+    pub metrics: Arc<Metrics>,
+    /// An actor idle this long is passivated.
+    pub idle_timeout: Duration,
+    /// An active actor writes a snapshot after this many entries.
+    pub snapshot_every: u32,
+}
+
+/// The idempotency key of a command: retries with the same scope and id get
+/// the first answer; a different fingerprint under the same id is a
+/// conflict.
+#[derive(Clone, Debug)]
+pub struct Dedupe {
+    pub scope: &'static str,
+    pub id: String,
+    pub fingerprint: u64,
+}
+
+/// What the entity's handler decided.
+pub struct Handled<A> {
+    pub answer: A,
+    /// Whether the state changed (and the journal must record it).
+    pub changed: bool,
+    /// Whether the answer is the idempotency record of the command.
+    pub remember: bool,
+    /// The journal's record of the change when it is not the whole state.
+    pub op: Option<Vec<u8>>,
+    pub outbox: Vec<KeyValue>,
+    pub audit: Vec<KeyValue>,
+}
+
+impl<A> Handled<A> {
+    /// An answer that changed nothing.
+    pub fn read(answer: A) -> Self {
+        Self {
+            answer,
+            changed: false,
+            remember: false,
+            op: None,
+            outbox: Vec::new(),
+            audit: Vec::new(),
+        }
+    }
+
+    /// An answer to a change.
+    pub fn changed(answer: A) -> Self {
+        Self {
+            answer,
+            changed: true,
+            remember: true,
+            op: None,
+            outbox: Vec::new(),
+            audit: Vec::new(),
+        }
+    }
+}
+
+/// What a handler may use besides the state.
+pub struct Env<'a> {
+    pub key: &'a EntityKey,
+    pub rng: &'a mut ChaCha20Rng,
+    pub now: UnixMillis,
+    pub metrics: &'a Metrics,
+}
+
+/// An entity kind, as the actor shell sees it.
+pub trait Entity: Sized + Unpin + 'static {
+    const KIND: EntityKind;
+    type State: Serialize + DeserializeOwned + Default + Send + Unpin + 'static;
+    type Command: Clone + Send + 'static;
+    type Answer: Serialize + DeserializeOwned + Clone + Send + 'static;
+
+    /// The command's idempotency key, if it has one.
+    fn dedupe(command: &Self::Command) -> Option<Dedupe>;
+
+    /// Applies a command. On `Err` the state must be unchanged: handlers
+    /// check everything before they change anything.
+    fn handle(
+        state: &mut Self::State,
+        env: &mut Env<'_>,
+        command: Self::Command,
+    ) -> ServiceResult<Handled<Self::Answer>>;
+
+    /// Applies a journaled change during recovery. By default the change is
+    /// the whole new state.
+    fn replay(state: &mut Self::State, change: &[u8]) -> StorageResult<()> {
+        *state = decode(change)?;
+        Ok(())
+    }
+}
+
+/// A request to an entity.
+pub struct Request<E: Entity>(pub E::Command);
+
+/// The actor's reply: the answer, whether it is a retry's, and the ticket
+/// to wait for before the answer may leave the node.
+pub struct Reply<A> {
+    pub answer: A,
+    pub duplicate: bool,
+    pub ticket: Option<Ticket>,
+}
+
+impl<E: Entity> Message for Request<E> {
+    type Result = Result<Reply<E::Answer>, ServiceError>;
+}
+
+/// Write a snapshot now; the receiver fires once it is written.
+pub struct SnapshotNow;
+
+impl Message for SnapshotNow {
+    type Result = Option<tokio::sync::oneshot::Receiver<()>>;
+}
+
+/// The stored idempotency record.
+#[derive(Serialize, Deserialize)]
+struct SeenValue {
+    fingerprint: u64,
+    answer: Vec<u8>,
+}
+
+/// An answer given and journaled but maybe not yet in the `seen` tree.
+struct Inflight {
+    fingerprint: u64,
+    answer: Vec<u8>,
+    ticket: Ticket,
+}
+
+pub struct EntityActor<E: Entity> {
+    key: EntityKey,
+    /// `tenant/kind/id`, the key of its snapshot and its journal entries.
+    storage_key: String,
+    state: E::State,
+    /// Entries applied since the entity was created.
+    entity_seq: u64,
+    entries_since_snapshot: u32,
+    /// Answers whose idempotency record the writer has not indexed yet,
+    /// oldest first.
+    inflight: HashMap<Vec<u8>, Inflight>,
+    inflight_order: VecDeque<(Ticket, Vec<u8>)>,
+    node: Arc<NodeShared>,
+    registry: Weak<Registry<E>>,
+    /// The entity's own CSPRNG, seeded from the OS at activation.
+    rng: ChaCha20Rng,
+    last_active: Instant,
+    passivating: bool,
+}
+
+impl<E: Entity> Actor for EntityActor<E> {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let tick =
+            (self.node.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+        ctx.run_interval(tick, |actor, ctx| {
+            if actor.node.idle_timeout <= actor.last_active.elapsed() {
+                actor.passivate(ctx);
+            }
+        });
+    }
+}
+
+impl<E: Entity> EntityActor<E> {
+    fn seen_key(&self, dedupe: &Dedupe) -> Vec<u8> {
+        key(&[&self.key.tenant, dedupe.scope, &dedupe.id])
+    }
+
+    /// Drops in-flight answers whose records the writer has indexed.
+    fn forget_indexed(&mut self) {
+        let durable = self.node.journal.durable_ticket();
+        while let Some((ticket, _)) = self.inflight_order.front() {
+            if durable < *ticket {
+                break;
+            }
+            if let Some((_, seen_key)) = self.inflight_order.pop_front() {
+                self.inflight.remove(&seen_key);
+            }
+        }
+    }
+
+    fn duplicate(
+        &self,
+        dedupe: &Dedupe,
+        seen_key: &[u8],
+    ) -> ServiceResult<Option<Reply<E::Answer>>> {
+        let (fingerprint, answer, ticket) = if let Some(inflight) = self.inflight.get(seen_key) {
+            (
+                inflight.fingerprint,
+                inflight.answer.clone(),
+                Some(inflight.ticket),
+            )
+        } else if let Some(bytes) = self
+            .node
+            .store
+            .seen
+            .get(seen_key)
+            .map_err(crate::storage::StorageError::from)?
+        {
+            let seen: SeenValue = decode(&bytes)?;
+            (seen.fingerprint, seen.answer, None)
+        } else {
+            return Ok(None);
+        };
+        if fingerprint != dedupe.fingerprint {
+            return Err(ServiceError {
+                code: Code::IdempotencyConflict,
+                field: None,
+                message: format!(
+                    "{} {:?} was already used with a different request; use a new id for a new request",
+                    dedupe.scope, dedupe.id
+                ),
+                reason: None,
+            });
+        }
+        Ok(Some(Reply {
+            answer: decode(&answer)?,
+            duplicate: true,
+            ticket,
+        }))
+    }
+
+    fn snapshot(&mut self) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        self.entries_since_snapshot = 0;
+        let snapshot = Snapshot {
+            entity_seq: self.entity_seq,
+            state: encode(&self.state),
+        };
+        self.node
+            .journal
+            .snapshot(self.storage_key.clone().into_bytes(), &snapshot)
+            .ok()
+    }
+
+    /// Snapshot, wait until it is written, leave the registry, stop.
+    fn passivate(&mut self, ctx: &mut Context<Self>) {
+        if self.passivating {
+            return;
+        }
+        self.passivating = true;
+        let written = self.snapshot();
+        let leave = fut::wrap_future::<_, Self>(async move {
+            if let Some(written) = written {
+                let _ = written.await;
+            }
+        })
+        .map(|(), actor, ctx| {
+            if let Some(registry) = actor.registry.upgrade() {
+                registry.remove(&actor.key, &ctx.address());
+            }
+            ctx.stop();
+        });
+        ctx.wait(leave);
+    }
+}
+
+impl<E: Entity> Handler<Request<E>> for EntityActor<E> {
+    type Result = Result<Reply<E::Answer>, ServiceError>;
+
+    fn handle(&mut self, Request(command): Request<E>, ctx: &mut Self::Context) -> Self::Result {
+        self.last_active = Instant::now();
+        self.forget_indexed();
+        let dedupe = E::dedupe(&command);
+        let seen_key = dedupe.as_ref().map(|d| self.seen_key(d));
+        if let (Some(dedupe), Some(seen_key)) = (&dedupe, &seen_key) {
+            if let Some(reply) = self.duplicate(dedupe, seen_key)? {
+                return Ok(reply);
+            }
+        }
+        let mut env = Env {
+            key: &self.key,
+            rng: &mut self.rng,
+            now: now_millis(),
+            metrics: &self.node.metrics,
+        };
+        let handled = E::handle(&mut self.state, &mut env, command)?;
+        if !handled.changed {
+            return Ok(Reply {
+                answer: handled.answer,
+                duplicate: false,
+                ticket: None,
+            });
+        }
+        self.entity_seq += 1;
+        let answer_bytes = encode(&handled.answer);
+        let remembered = match (&dedupe, seen_key) {
+            (Some(dedupe), Some(seen_key)) if handled.remember => {
+                Some((dedupe.fingerprint, seen_key))
+            }
+            _ => None,
+        };
+        let entry = JournalEntry {
+            entity: self.storage_key.clone(),
+            entity_seq: self.entity_seq,
+            change: handled.op.unwrap_or_else(|| encode(&self.state)),
+            seen: remembered.as_ref().map(|(fingerprint, seen_key)| {
+                (
+                    seen_key.clone(),
+                    encode(&SeenValue {
+                        fingerprint: *fingerprint,
+                        answer: answer_bytes.clone(),
+                    }),
+                )
+            }),
+            outbox: handled.outbox,
+            audit: handled.audit,
+        };
+        let ticket = match self.node.journal.submit(entry) {
+            Ok(ticket) => ticket,
+            Err(error) => {
+                // The change is in memory only: drop this activation so the
+                // next one starts from what storage holds.
+                if let Some(registry) = self.registry.upgrade() {
+                    registry.remove(&self.key, &ctx.address());
+                }
+                ctx.stop();
+                return Err(error.into());
+            }
+        };
+        if let Some((fingerprint, seen_key)) = remembered {
+            self.inflight_order.push_back((ticket, seen_key.clone()));
+            self.inflight.insert(
+                seen_key,
+                Inflight {
+                    fingerprint,
+                    answer: answer_bytes,
+                    ticket,
+                },
+            );
+        }
+        self.entries_since_snapshot += 1;
+        if self.node.snapshot_every <= self.entries_since_snapshot {
+            self.snapshot();
+        }
+        Ok(Reply {
+            answer: handled.answer,
+            duplicate: false,
+            ticket: Some(ticket),
+        })
+    }
+}
+
+impl<E: Entity> Handler<SnapshotNow> for EntityActor<E> {
+    type Result = Option<tokio::sync::oneshot::Receiver<()>>;
+
+    fn handle(&mut self, _: SnapshotNow, _: &mut Self::Context) -> Self::Result {
+        self.snapshot()
+    }
+}
+
+/// The actors of one entity kind on this node.
+pub struct Registry<E: Entity> {
+    actors: Mutex<HashMap<EntityKey, Addr<EntityActor<E>>>>,
+    node: Arc<NodeShared>,
+    /// The threads actors run on; an entity always lands on the same one.
+    arbiters: Vec<ArbiterHandle>,
+    this: Weak<Registry<E>>,
+}
+
+/// How often a request is retried when it meets an actor that just stopped.
+const ACTIVATION_ATTEMPTS: usize = 8;
+
+impl<E: Entity> Registry<E> {
+    pub fn new(node: Arc<NodeShared>, arbiters: Vec<ArbiterHandle>) -> Arc<Self> {
+        assert!(
+            !arbiters.is_empty(),
+            "a node runs actors on at least one arbiter"
+        );
+        Arc::new_cyclic(|this| Self {
+            actors: Mutex::new(HashMap::new()),
+            node,
+            arbiters,
+            this: this.clone(),
+        })
+    }
+
+    /// Sends `command` to the entity's actor, activating it if needed.
+    pub async fn call(
+        &self,
+        entity: &EntityKey,
+        command: E::Command,
+    ) -> ServiceResult<Reply<E::Answer>> {
+        for _ in 0..ACTIVATION_ATTEMPTS {
+            let addr = self.activate(entity)?;
+            match addr.send(Request::<E>(command.clone())).await {
+                Ok(reply) => return reply,
+                Err(MailboxError::Closed) => self.remove(entity, &addr),
+                Err(MailboxError::Timeout) => {
+                    return Err(ServiceError::unavailable(
+                        "the entity did not answer in time",
+                    ))
+                }
+            }
+        }
+        Err(ServiceError::unavailable(format!(
+            "{entity} is restarting; retry"
+        )))
+    }
+
+    fn activate(&self, entity: &EntityKey) -> ServiceResult<Addr<EntityActor<E>>> {
+        let mut actors = self.actors.lock();
+        if let Some(addr) = actors.get(entity) {
+            if addr.connected() {
+                return Ok(addr.clone());
+            }
+        }
+        let storage_key = entity.to_string();
+        let (state, entity_seq) = match self
+            .node
+            .store
+            .snapshots
+            .get(storage_key.as_bytes())
+            .map_err(crate::storage::StorageError::from)?
+        {
+            Some(bytes) => {
+                let snapshot: Snapshot = decode(&bytes)?;
+                (decode::<E::State>(&snapshot.state)?, snapshot.entity_seq)
+            }
+            None => (E::State::default(), 0),
+        };
+        let actor = EntityActor::<E> {
+            key: entity.clone(),
+            storage_key,
+            state,
+            entity_seq,
+            entries_since_snapshot: 0,
+            inflight: HashMap::new(),
+            inflight_order: VecDeque::new(),
+            node: self.node.clone(),
+            registry: self.this.clone(),
+            rng: ChaCha20Rng::from_entropy(),
+            last_active: Instant::now(),
+            passivating: false,
+        };
+        let arbiter = &self.arbiters[arbiter_of(entity, self.arbiters.len())];
+        let addr = EntityActor::start_in_arbiter(arbiter, move |_| actor);
+        actors.insert(entity.clone(), addr.clone());
+        let kind = E::KIND.as_str();
+        self.node
+            .metrics
+            .activations
+            .with_label_values(&[kind])
+            .inc();
+        self.node
+            .metrics
+            .active_actors
+            .with_label_values(&[kind])
+            .inc();
+        Ok(addr)
+    }
+
+    /// Forgets `addr` as the actor of `entity` (if it still is).
+    fn remove(&self, entity: &EntityKey, addr: &Addr<EntityActor<E>>) {
+        let mut actors = self.actors.lock();
+        if actors.get(entity) == Some(addr) {
+            actors.remove(entity);
+            let kind = E::KIND.as_str();
+            self.node
+                .metrics
+                .passivations
+                .with_label_values(&[kind])
+                .inc();
+            self.node
+                .metrics
+                .active_actors
+                .with_label_values(&[kind])
+                .dec();
+        }
+    }
+
+    /// How many actors are in memory.
+    pub fn active(&self) -> usize {
+        self.actors.lock().len()
+    }
+
+    /// Has every active actor write its snapshot; returns once all are
+    /// written.
+    pub async fn snapshot_all(&self) {
+        let addrs: Vec<_> = self.actors.lock().values().cloned().collect();
+        for addr in addrs {
+            if let Ok(Some(written)) = addr.send(SnapshotNow).await {
+                let _ = written.await;
+            }
+        }
+    }
+}
+
+fn arbiter_of(entity: &EntityKey, arbiters: usize) -> usize {
+    let hash = xxhash_rust::xxh3::xxh3_64(entity.to_string().as_bytes());
+    usize::try_from(hash % arbiters as u64).expect("below the arbiter count")
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_millis() -> UnixMillis {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("the clock is after 1970");
+    i64::try_from(since_epoch.as_millis())
+        .expect("milliseconds since 1970 fit in i64 for 292 million years")
+}

@@ -1,0 +1,282 @@
+//! The node's configuration: one [`NodeConfig`], built in one place from a
+//! TOML file, `BAZAAR_*` environment variables and command-line flags (in
+//! rising precedence), validated once at start-up with errors that name the
+//! key.
+
+use bazaar_observability::LogFormat;
+use clap::{Args, ValueEnum};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// `bazaar serve` flags; each also reads a `BAZAAR_*` variable.
+#[derive(Args, Debug, Default, Clone)]
+pub struct ServeArgs {
+    /// TOML file with any of the settings below (keys as the flags, with
+    /// underscores: `data_dir = "/var/lib/bazaar"`). Flags and environment
+    /// variables override it.
+    #[arg(long, env = "BAZAAR_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address of the HTTP/JSON API [default: 127.0.0.1:8080]. Port 0 picks
+    /// a free port; the chosen address is printed.
+    #[arg(long, env = "BAZAAR_HTTP", value_name = "ADDR")]
+    pub http: Option<SocketAddr>,
+    /// Where the node keeps its data (created if missing) [default:
+    /// ./bazaar-data].
+    #[arg(long, env = "BAZAAR_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The bootstrap admin key (at least 16 characters). Without one, the
+    /// first start makes a random admin key and prints it once.
+    #[arg(
+        long,
+        env = "BAZAAR_ADMIN_KEY",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
+    pub admin_key: Option<String>,
+    /// How long an entity stays in memory without messages [default: 5m].
+    #[arg(long, env = "BAZAAR_IDLE_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Option<Duration>,
+    /// How old an event may be when it arrives, for tills that were offline
+    /// [default: 7d].
+    #[arg(long, env = "BAZAAR_MAX_EVENT_AGE", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub max_event_age: Option<Duration>,
+    /// How often active entities are snapshotted and the journal they cover
+    /// dropped; bounds recovery time [default: 30s].
+    #[arg(long, env = "BAZAAR_CHECKPOINT_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub checkpoint_interval: Option<Duration>,
+    /// An active entity writes a snapshot after this many changes
+    /// [default: 1000].
+    #[arg(long, env = "BAZAAR_SNAPSHOT_EVERY", value_name = "N")]
+    pub snapshot_every: Option<u32>,
+    /// Threads that run entity actors [default: the number of CPUs].
+    #[arg(long, env = "BAZAAR_ACTOR_THREADS", value_name = "N")]
+    pub actor_threads: Option<usize>,
+    /// Largest request body accepted, in bytes [default: 1048576].
+    #[arg(long, env = "BAZAAR_MAX_BODY_BYTES", value_name = "BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Log format [default: text].
+    #[arg(long, env = "BAZAAR_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormatArg>,
+    /// Log filter, e.g. `info` or `bazaar_node=debug` [default: info].
+    #[arg(long, env = "BAZAAR_LOG", value_name = "FILTER")]
+    pub log: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormatArg {
+    Text,
+    Json,
+}
+
+/// The configuration file's shape: the same settings as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    http: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    admin_key: Option<String>,
+    #[serde(default, with = "humantime_serde_opt")]
+    idle_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    max_event_age: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    checkpoint_interval: Option<Duration>,
+    snapshot_every: Option<u32>,
+    actor_threads: Option<usize>,
+    max_body_bytes: Option<usize>,
+    log_format: Option<LogFormatArg>,
+    log: Option<String>,
+}
+
+/// Durations in the file are written like the flags: "30s", "7d".
+mod humantime_serde_opt {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        let text: Option<String> = Option::deserialize(deserializer)?;
+        text.map(|t| humantime::parse_duration(&t).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// The validated configuration of a node.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub http: SocketAddr,
+    pub data_dir: PathBuf,
+    pub admin_key: Option<String>,
+    pub idle_timeout: Duration,
+    pub max_event_age: Duration,
+    pub checkpoint_interval: Duration,
+    pub snapshot_every: u32,
+    pub actor_threads: usize,
+    pub max_body_bytes: usize,
+    pub log_format: LogFormat,
+    pub log: String,
+}
+
+/// A configuration key broke a rule.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("configuration file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+impl NodeConfig {
+    /// Merges file, environment and flags (clap has already merged the
+    /// last two) over the defaults, and validates the result.
+    pub fn build(args: ServeArgs) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
+                    path: path.clone(),
+                    message: e.message().to_owned(),
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        let config = Self {
+            http: args
+                .http
+                .or(file.http)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            data_dir: args
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("./bazaar-data")),
+            admin_key: args.admin_key.or(file.admin_key),
+            idle_timeout: args
+                .idle_timeout
+                .or(file.idle_timeout)
+                .unwrap_or(Duration::from_secs(300)),
+            max_event_age: args
+                .max_event_age
+                .or(file.max_event_age)
+                .unwrap_or(Duration::from_secs(7 * 24 * 3600)),
+            checkpoint_interval: args
+                .checkpoint_interval
+                .or(file.checkpoint_interval)
+                .unwrap_or(Duration::from_secs(30)),
+            snapshot_every: args.snapshot_every.or(file.snapshot_every).unwrap_or(1_000),
+            actor_threads: args
+                .actor_threads
+                .or(file.actor_threads)
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+            max_body_bytes: args
+                .max_body_bytes
+                .or(file.max_body_bytes)
+                .unwrap_or(1 << 20),
+            log_format: match args.log_format.or(file.log_format) {
+                Some(LogFormatArg::Json) => LogFormat::Json,
+                _ => LogFormat::Text,
+            },
+            log: args.log.or(file.log).unwrap_or_else(|| "info".into()),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.into(),
+            })
+        };
+        if let Some(key) = &self.admin_key {
+            if key.len() < 16 {
+                return invalid("admin_key", "must be at least 16 characters");
+            }
+        }
+        if self.idle_timeout < Duration::from_millis(10) {
+            return invalid("idle_timeout", "must be at least 10ms");
+        }
+        if self.max_event_age < Duration::from_secs(60) {
+            return invalid("max_event_age", "must be at least 1m");
+        }
+        if self.checkpoint_interval < Duration::from_millis(100) {
+            return invalid("checkpoint_interval", "must be at least 100ms");
+        }
+        if self.snapshot_every == 0 {
+            return invalid("snapshot_every", "must be at least 1");
+        }
+        if !(1..=64).contains(&self.actor_threads) {
+            return invalid("actor_threads", "must be between 1 and 64");
+        }
+        if !(1024..=64 << 20).contains(&self.max_body_bytes) {
+            return invalid("max_body_bytes", "must be between 1024 and 67108864");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file_and_defaults_fill_the_rest() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("bazaar.toml");
+        std::fs::write(
+            &path,
+            "http = \"127.0.0.1:9000\"\nidle_timeout = \"2m\"\nsnapshot_every = 10\n",
+        )
+        .expect("write");
+        let args = ServeArgs {
+            config: Some(path),
+            snapshot_every: Some(20),
+            ..ServeArgs::default()
+        };
+        let config = NodeConfig::build(args).expect("valid");
+        assert_eq!(config.http, "127.0.0.1:9000".parse().expect("addr"));
+        assert_eq!(config.idle_timeout, Duration::from_secs(120));
+        assert_eq!(config.snapshot_every, 20);
+        assert_eq!(config.max_event_age, Duration::from_secs(7 * 24 * 3600));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("bazaar.toml");
+        std::fs::write(&path, "htp = \"127.0.0.1:9000\"\n").expect("write");
+        let error = NodeConfig::build(ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        })
+        .expect_err("unknown key");
+        assert!(error.to_string().contains("htp"), "{error}");
+        let error = NodeConfig::build(ServeArgs {
+            admin_key: Some("short".into()),
+            ..ServeArgs::default()
+        })
+        .expect_err("short key");
+        assert_eq!(
+            error.to_string(),
+            "admin_key: must be at least 16 characters"
+        );
+        let error = NodeConfig::build(ServeArgs {
+            actor_threads: Some(0),
+            ..ServeArgs::default()
+        })
+        .expect_err("no threads");
+        assert!(error.to_string().starts_with("actor_threads:"), "{error}");
+    }
+}

@@ -1,0 +1,526 @@
+//! The four entity kinds as actors see them: how each command maps onto the
+//! pure state machines of `bazaar-games`, what is journaled and audited.
+//!
+//! Customers, wheels and jackpots journal their whole new state (a post-
+//! image of a few hundred bytes): replay then needs neither the definitions
+//! nor the random draws of the time. Leaderboards can hold millions of
+//! members, so they journal the score change instead and replay it.
+
+use crate::actor::{Dedupe, Entity, Env, Handled};
+use crate::error::{ServiceError, ServiceResult};
+use crate::outbox::OutboxMessage;
+use crate::storage::{decode, encode, key, StorageResult};
+use bazaar_cluster::EntityKind;
+use bazaar_games::catalog::Catalog;
+use bazaar_games::customer::{Customer, MissionStatus, SpinRefusal};
+use bazaar_games::event::Event;
+use bazaar_games::jackpot::{ContributionOutcome, JackpotDef, JackpotState};
+use bazaar_games::leaderboard::{Entry, Leaderboard};
+use bazaar_games::wheel::{Draw, WheelDef, WheelState};
+use bazaar_games::{Id, UnixMillis};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+// ---------------------------------------------------------------- customer
+
+pub struct CustomerEntity;
+
+#[derive(Clone)]
+pub enum CustomerCommand {
+    Event {
+        event: Event,
+        fingerprint: u64,
+        catalog: Arc<Catalog>,
+    },
+    /// Take a spin's cost; answers with the draw request to deliver.
+    ReserveSpin {
+        wheel: Id,
+        def: WheelDef,
+        request_id: Id,
+        fingerprint: u64,
+    },
+    /// Credit the drawn prize (or refund when the wheel ran dry).
+    SettleSpin {
+        wheel: Id,
+        request_id: Id,
+        draw: Option<Draw>,
+        fingerprint: u64,
+    },
+    View,
+}
+
+/// The customer's part of an event's answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EventAnswer {
+    pub points_earned: i64,
+    pub points_balance: i64,
+    pub tier: Option<String>,
+    pub spins_granted: BTreeMap<Id, u32>,
+    pub missions: Vec<MissionStatus>,
+    pub coupons: Vec<String>,
+    /// Messages to jackpots and leaderboards this event caused.
+    pub deliveries: Vec<OutboxMessage>,
+}
+
+/// A settled spin.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SpinAnswer {
+    pub wheel: Id,
+    /// `None`: every prize was out of stock and the cost was refunded.
+    pub draw: Option<Draw>,
+    pub points_balance: i64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum CustomerAnswer {
+    Event(EventAnswer),
+    Reserved(OutboxMessage),
+    Spin(SpinAnswer),
+    View(Box<Customer>),
+}
+
+impl Entity for CustomerEntity {
+    const KIND: EntityKind = EntityKind::Customer;
+    type State = Customer;
+    type Command = CustomerCommand;
+    type Answer = CustomerAnswer;
+
+    fn dedupe(command: &CustomerCommand) -> Option<Dedupe> {
+        match command {
+            CustomerCommand::Event {
+                event, fingerprint, ..
+            } => Some(Dedupe {
+                scope: "event",
+                id: event.event_id.to_string(),
+                fingerprint: *fingerprint,
+            }),
+            CustomerCommand::ReserveSpin {
+                request_id,
+                fingerprint,
+                ..
+            }
+            | CustomerCommand::SettleSpin {
+                request_id,
+                fingerprint,
+                ..
+            } => Some(Dedupe {
+                scope: "spin",
+                id: request_id.to_string(),
+                fingerprint: *fingerprint,
+            }),
+            CustomerCommand::View => None,
+        }
+    }
+
+    fn handle(
+        customer: &mut Customer,
+        env: &mut Env<'_>,
+        command: CustomerCommand,
+    ) -> ServiceResult<Handled<CustomerAnswer>> {
+        let tenant = env.key.tenant.as_str();
+        match command {
+            CustomerCommand::Event { event, catalog, .. } => {
+                let outcome = customer.apply_event(&event, &catalog);
+                let mut deliveries = Vec::new();
+                for jackpot in &outcome.jackpots {
+                    deliveries.push(OutboxMessage::contribution(
+                        tenant,
+                        &event.event_id,
+                        jackpot,
+                        &event.customer,
+                        event.amount_minor,
+                        event.at,
+                        env.now,
+                    ));
+                }
+                for (leaderboard, delta) in &outcome.leaderboard_deltas {
+                    deliveries.push(OutboxMessage::score(
+                        tenant,
+                        &event.event_id,
+                        leaderboard,
+                        &event.customer,
+                        *delta,
+                        env.now,
+                    ));
+                }
+                for status in &outcome.missions {
+                    if status.completed {
+                        env.metrics
+                            .mission_completions
+                            .with_label_values(&[tenant, status.mission.as_str()])
+                            .inc();
+                    }
+                }
+                let mut handled = Handled::changed(CustomerAnswer::Event(EventAnswer {
+                    points_earned: outcome.points_earned,
+                    points_balance: customer.points_balance,
+                    tier: customer.tier.clone(),
+                    spins_granted: outcome.spins_granted,
+                    missions: outcome.missions,
+                    coupons: outcome.coupons_won,
+                    deliveries: deliveries.clone(),
+                }));
+                handled.outbox = deliveries.iter().map(OutboxMessage::record).collect();
+                Ok(handled)
+            }
+            CustomerCommand::ReserveSpin {
+                wheel,
+                def,
+                request_id,
+                ..
+            } => {
+                let customer_id = Id::parse(&env.key.id).map_err(ServiceError::internal)?;
+                let draw =
+                    OutboxMessage::wheel_draw(tenant, &wheel, &customer_id, &request_id, env.now);
+                if customer.pending_spins.contains_key(&request_id) {
+                    // A retry of a spin whose draw is not settled yet.
+                    return Ok(Handled::read(CustomerAnswer::Reserved(draw)));
+                }
+                customer
+                    .reserve_spin(&wheel, &def, &request_id, env.now)
+                    .map_err(|refusal| {
+                        let reason = match refusal {
+                            SpinRefusal::NoEntitlement { .. } => "no_entitlement",
+                            SpinRefusal::NotEnoughPoints { .. } => "not_enough_points",
+                            SpinRefusal::DailyLimit { .. } => "daily_limit",
+                        };
+                        ServiceError::refused(reason, refusal.to_string())
+                    })?;
+                let mut handled = Handled::changed(CustomerAnswer::Reserved(draw.clone()));
+                // The final answer, written when the spin settles, is the
+                // idempotency record; the reservation is not.
+                handled.remember = false;
+                handled.outbox = vec![draw.record()];
+                Ok(handled)
+            }
+            CustomerCommand::SettleSpin {
+                wheel,
+                request_id,
+                draw,
+                ..
+            } => {
+                let prize = draw.as_ref().map(|d| (&d.prize, d.draw_id.as_str()));
+                if !customer.settle_spin(&request_id, prize, env.now) {
+                    return Err(ServiceError::internal(format!(
+                        "spin {request_id} is not pending"
+                    )));
+                }
+                Ok(Handled::changed(CustomerAnswer::Spin(SpinAnswer {
+                    wheel,
+                    draw,
+                    points_balance: customer.points_balance,
+                })))
+            }
+            CustomerCommand::View => Ok(Handled::read(CustomerAnswer::View(Box::new(
+                customer.clone(),
+            )))),
+        }
+    }
+}
+
+// ------------------------------------------------------------------- wheel
+
+pub struct WheelEntity;
+
+// A command is built, sent and dropped once per call; boxing the draw would
+// only add an allocation.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone)]
+pub enum WheelCommand {
+    Draw {
+        message: OutboxMessage,
+        def: WheelDef,
+    },
+    View,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum WheelAnswer {
+    Drawn(Draw),
+    Exhausted,
+    State(WheelState),
+}
+
+/// An audit record of one draw: everything needed to re-check it.
+#[derive(Serialize)]
+struct DrawAudit<'a> {
+    kind: &'static str,
+    wheel: &'a str,
+    customer: &'a Id,
+    request_id: &'a Id,
+    at: UnixMillis,
+    draw: &'a Draw,
+}
+
+impl Entity for WheelEntity {
+    const KIND: EntityKind = EntityKind::Wheel;
+    type State = WheelState;
+    type Command = WheelCommand;
+    type Answer = WheelAnswer;
+
+    fn dedupe(command: &WheelCommand) -> Option<Dedupe> {
+        match command {
+            WheelCommand::Draw { message, .. } => Some(Dedupe {
+                scope: "msg",
+                id: message.id.clone(),
+                fingerprint: message.fingerprint(),
+            }),
+            WheelCommand::View => None,
+        }
+    }
+
+    fn handle(
+        state: &mut WheelState,
+        env: &mut Env<'_>,
+        command: WheelCommand,
+    ) -> ServiceResult<Handled<WheelAnswer>> {
+        match command {
+            WheelCommand::Draw { message, def } => {
+                let crate::outbox::Payload::WheelDraw {
+                    customer,
+                    request_id,
+                    at,
+                    ..
+                } = &message.payload
+                else {
+                    return Err(ServiceError::internal(
+                        "a wheel received a message that is not a draw",
+                    ));
+                };
+                let wheel = Id::parse(&env.key.id).map_err(ServiceError::internal)?;
+                let Ok(draw) = state.draw(&wheel, &def, env.rng) else {
+                    return Ok(Handled::read(WheelAnswer::Exhausted));
+                };
+                let audit = DrawAudit {
+                    kind: "wheel_draw",
+                    wheel: &env.key.id,
+                    customer,
+                    request_id,
+                    at: *at,
+                    draw: &draw,
+                };
+                let audit_key = key(&[
+                    &env.key.tenant,
+                    "wheel",
+                    &env.key.id,
+                    &format!("{:012}", state.draws),
+                ]);
+                let mut handled = Handled::changed(WheelAnswer::Drawn(draw.clone()));
+                handled.audit = vec![(
+                    audit_key,
+                    serde_json::to_vec(&audit).map_err(ServiceError::internal)?,
+                )];
+                Ok(handled)
+            }
+            WheelCommand::View => Ok(Handled::read(WheelAnswer::State(state.clone()))),
+        }
+    }
+}
+
+// ----------------------------------------------------------------- jackpot
+
+pub struct JackpotEntity;
+
+#[derive(Clone)]
+pub enum JackpotCommand {
+    /// Start the first cycle if the jackpot has none yet.
+    Ensure {
+        def: JackpotDef,
+    },
+    Contribute {
+        message: OutboxMessage,
+        def: JackpotDef,
+    },
+    View,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum JackpotAnswer {
+    State(Option<JackpotState>),
+    Contributed(ContributionOutcome),
+}
+
+/// The audit record of a hit.
+#[derive(Serialize)]
+struct HitAudit<'a> {
+    kind: &'static str,
+    jackpot: &'a str,
+    message: &'a str,
+    pool_before_minor: i64,
+    contributed_minor: i64,
+    hit: &'a bazaar_games::jackpot::Hit,
+}
+
+impl Entity for JackpotEntity {
+    const KIND: EntityKind = EntityKind::Jackpot;
+    type State = Option<JackpotState>;
+    type Command = JackpotCommand;
+    type Answer = JackpotAnswer;
+
+    fn dedupe(command: &JackpotCommand) -> Option<Dedupe> {
+        match command {
+            JackpotCommand::Contribute { message, .. } => Some(Dedupe {
+                scope: "msg",
+                id: message.id.clone(),
+                fingerprint: message.fingerprint(),
+            }),
+            JackpotCommand::Ensure { .. } | JackpotCommand::View => None,
+        }
+    }
+
+    fn handle(
+        state: &mut Option<JackpotState>,
+        env: &mut Env<'_>,
+        command: JackpotCommand,
+    ) -> ServiceResult<Handled<JackpotAnswer>> {
+        let labels = [env.key.tenant.as_str(), env.key.id.as_str()];
+        match command {
+            JackpotCommand::Ensure { def } => {
+                if state.is_some() {
+                    return Ok(Handled::read(JackpotAnswer::State(state.clone())));
+                }
+                let started = JackpotState::start(&def, env.rng);
+                env.metrics
+                    .jackpot_pool
+                    .with_label_values(&labels)
+                    .set(started.pool_minor);
+                *state = Some(started);
+                let mut handled = Handled::changed(JackpotAnswer::State(state.clone()));
+                handled.remember = false;
+                Ok(handled)
+            }
+            JackpotCommand::Contribute { message, def } => {
+                let crate::outbox::Payload::Contribution {
+                    customer,
+                    amount_minor,
+                    at,
+                    ..
+                } = &message.payload
+                else {
+                    return Err(ServiceError::internal(
+                        "a jackpot received a message that is not a contribution",
+                    ));
+                };
+                let jackpot = state.get_or_insert_with(|| JackpotState::start(&def, env.rng));
+                let pool_before = jackpot.pool_minor;
+                let outcome = jackpot.contribute(&def, customer, *amount_minor, *at, env.rng);
+                env.metrics
+                    .jackpot_pool
+                    .with_label_values(&labels)
+                    .set(jackpot.pool_minor);
+                env.metrics
+                    .jackpot_contributed
+                    .with_label_values(&labels)
+                    .inc_by(outcome.contributed_minor.unsigned_abs());
+                let mut audit = Vec::new();
+                if let Some(hit) = &outcome.hit {
+                    env.metrics.jackpot_hits.with_label_values(&labels).inc();
+                    let record = HitAudit {
+                        kind: "jackpot_hit",
+                        jackpot: &env.key.id,
+                        message: &message.id,
+                        pool_before_minor: pool_before,
+                        contributed_minor: outcome.contributed_minor,
+                        hit,
+                    };
+                    let audit_key = key(&[
+                        &env.key.tenant,
+                        "jackpot",
+                        &env.key.id,
+                        &format!("{:012}", hit.cycle),
+                    ]);
+                    audit.push((
+                        audit_key,
+                        serde_json::to_vec(&record).map_err(ServiceError::internal)?,
+                    ));
+                }
+                let mut handled = Handled::changed(JackpotAnswer::Contributed(outcome));
+                handled.audit = audit;
+                Ok(handled)
+            }
+            JackpotCommand::View => Ok(Handled::read(JackpotAnswer::State(state.clone()))),
+        }
+    }
+}
+
+// ------------------------------------------------------------- leaderboard
+
+pub struct LeaderboardEntity;
+
+#[derive(Clone)]
+pub enum LeaderboardCommand {
+    Score { message: OutboxMessage },
+    Top { count: usize },
+    Around { customer: Id, count: usize },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum LeaderboardAnswer {
+    Scored(i64),
+    Top {
+        entries: Vec<Entry>,
+        members: u64,
+    },
+    Around {
+        me: Option<Entry>,
+        around: Vec<Entry>,
+    },
+}
+
+impl Entity for LeaderboardEntity {
+    const KIND: EntityKind = EntityKind::Leaderboard;
+    type State = Leaderboard;
+    type Command = LeaderboardCommand;
+    type Answer = LeaderboardAnswer;
+
+    fn dedupe(command: &LeaderboardCommand) -> Option<Dedupe> {
+        match command {
+            LeaderboardCommand::Score { message } => Some(Dedupe {
+                scope: "msg",
+                id: message.id.clone(),
+                fingerprint: message.fingerprint(),
+            }),
+            _ => None,
+        }
+    }
+
+    fn handle(
+        board: &mut Leaderboard,
+        _env: &mut Env<'_>,
+        command: LeaderboardCommand,
+    ) -> ServiceResult<Handled<LeaderboardAnswer>> {
+        match command {
+            LeaderboardCommand::Score { message } => {
+                let crate::outbox::Payload::Score {
+                    customer, delta, ..
+                } = &message.payload
+                else {
+                    return Err(ServiceError::internal(
+                        "a leaderboard received a message that is not a score",
+                    ));
+                };
+                let score = board.add(customer, *delta);
+                let mut handled = Handled::changed(LeaderboardAnswer::Scored(score));
+                handled.op = Some(encode(&(customer, *delta)));
+                Ok(handled)
+            }
+            LeaderboardCommand::Top { count } => Ok(Handled::read(LeaderboardAnswer::Top {
+                entries: board.top(count),
+                members: board.len() as u64,
+            })),
+            LeaderboardCommand::Around { customer, count } => {
+                Ok(Handled::read(LeaderboardAnswer::Around {
+                    me: board.rank(&customer),
+                    around: board.around(&customer, count),
+                }))
+            }
+        }
+    }
+
+    fn replay(board: &mut Leaderboard, change: &[u8]) -> StorageResult<()> {
+        let (customer, delta): (Id, i64) = decode(change)?;
+        board.add(&customer, delta);
+        Ok(())
+    }
+}

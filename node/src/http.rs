@@ -1,0 +1,463 @@
+//! The HTTP/JSON transport of API.md, on axum.
+//!
+//! Handlers only translate: they pull the bearer key, path and body out of
+//! the request, call one [`Service`] method and render its answer or error.
+//! The [`JsonBody`] extractor enforces the body rules every endpoint shares
+//! (declared JSON, size limit, no unknown fields) and turns serde's errors
+//! into the API's error shape with the offending field's path.
+
+use crate::api;
+use crate::error::{Code, ServiceError};
+use crate::service::Service;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, MatchedPath, Path, RawQuery, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::Instant;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub service: Arc<Service>,
+    /// The largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+}
+
+/// The router of the whole public HTTP API.
+pub fn router(state: AppState) -> Router {
+    let tenant = "/v1/tenants/{tenant}";
+    Router::new()
+        .route("/v1/tenants", post(create_tenant))
+        .route(tenant, get(get_tenant))
+        .route(&format!("{tenant}/keys"), post(create_key))
+        .route(&format!("{tenant}/stores/{{id}}"), put(put_store))
+        .route(&format!("{tenant}/campaigns/{{id}}"), put(put_campaign))
+        .route(&format!("{tenant}/wheels/{{id}}"), put(put_wheel))
+        .route(
+            &format!("{tenant}/jackpots/{{id}}"),
+            put(put_jackpot).get(get_jackpot),
+        )
+        .route(&format!("{tenant}/missions/{{id}}"), put(put_mission))
+        .route(
+            &format!("{tenant}/leaderboards/{{id}}"),
+            put(put_leaderboard).get(get_leaderboard),
+        )
+        .route(
+            &format!("{tenant}/leaderboards/{{id}}/customers/{{customer}}"),
+            get(get_around),
+        )
+        .route(&format!("{tenant}/events"), post(record_event))
+        .route(&format!("{tenant}/events/batch"), post(record_batch))
+        .route(&format!("{tenant}/wheels/{{id}}/spins"), post(spin))
+        .route(&format!("{tenant}/customers/{{id}}"), get(get_customer))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(TraceLayer::new_for_http())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .with_state(state)
+}
+
+/// Records every request's latency by route, method and status code.
+async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().as_str().to_owned();
+    let response = next.run(request).await;
+    state
+        .service
+        .metrics
+        .http_request_duration
+        .with_label_values(&[&route, &method, response.status().as_str()])
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+// ------------------------------------------------------------- plumbing
+
+/// An error as the HTTP API renders it.
+pub struct HttpError(pub ServiceError);
+
+impl From<ServiceError> for HttpError {
+    fn from(error: ServiceError) -> Self {
+        Self(error)
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorDetail<'a> {
+    code: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'a str>,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'static str>,
+}
+
+/// The error object of API.md, also used per item in batch answers.
+pub fn error_json(error: &ServiceError) -> serde_json::Value {
+    serde_json::to_value(ErrorDetail {
+        code: error.code.as_str(),
+        field: error.field.as_deref(),
+        message: &error.message,
+        reason: error.reason,
+    })
+    .unwrap_or_default()
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let error = self.0;
+        let status = StatusCode::from_u16(error.code.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if error.code == Code::Internal {
+            tracing::error!(message = %error.message, "internal error");
+        }
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: error.code.as_str(),
+                field: error.field.as_deref(),
+                message: &error.message,
+                reason: error.reason,
+            },
+        };
+        let mut response = (status, Json(body)).into_response();
+        if error.code == Code::Unavailable {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if error.code == Code::Unauthenticated {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+type HttpResult<T> = Result<T, HttpError>;
+
+/// The bearer key of a request, if any.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+/// A JSON body: declared as JSON, within the size limit, every field known.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
+    type Rejection = HttpError;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let content_type = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let is_json = content_type
+            .split(';')
+            .next()
+            .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"));
+        if !is_json {
+            return Err(ServiceError {
+                code: Code::UnsupportedMediaType,
+                field: Some("content-type".into()),
+                message: "must be application/json".into(),
+                reason: None,
+            }
+            .into());
+        }
+        let body = axum::body::to_bytes(request.into_body(), state.max_body_bytes)
+            .await
+            .map_err(|_| ServiceError {
+                code: Code::PayloadTooLarge,
+                field: Some("body".into()),
+                message: format!("must be at most {} bytes", state.max_body_bytes),
+                reason: None,
+            })?;
+        from_json_bytes(&body).map(JsonBody).map_err(HttpError)
+    }
+}
+
+/// Parses JSON, naming the field of any error.
+pub fn from_json_bytes<T: DeserializeOwned>(body: &Bytes) -> Result<T, ServiceError> {
+    let deserializer = &mut serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(deserializer).map_err(json_error)?;
+    Ok(value)
+}
+
+/// Reads a JSON value as `T`, naming the field of any error.
+pub fn from_json_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ServiceError> {
+    serde_path_to_error::deserialize(value).map_err(json_error)
+}
+
+fn json_error(error: serde_path_to_error::Error<serde_json::Error>) -> ServiceError {
+    let path = error.path().to_string();
+    let inner = error.into_inner();
+    if inner.is_syntax() || inner.is_eof() {
+        return ServiceError {
+            code: Code::MalformedJson,
+            field: Some("body".into()),
+            message: format!("is not valid JSON: {inner}"),
+            reason: None,
+        };
+    }
+    let message = inner.to_string();
+    let message = message
+        .rfind(" at line ")
+        .map_or(message.as_str(), |at| &message[..at])
+        .to_owned();
+    // The path names the unknown field itself, but only the object that
+    // misses a field: name the missing field too.
+    let mut field = if path == "." { String::new() } else { path };
+    if let Some(missing) = message
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split('`').next())
+    {
+        field = if field.is_empty() {
+            missing.to_owned()
+        } else {
+            format!("{field}.{missing}")
+        };
+    }
+    ServiceError::invalid(
+        if field.is_empty() {
+            "body".to_owned()
+        } else {
+            field
+        },
+        message,
+    )
+}
+
+/// Reads an optional non-negative integer query parameter.
+fn query_u32(raw: &Option<String>, name: &str) -> Result<Option<u32>, ServiceError> {
+    let Some(raw) = raw else { return Ok(None) };
+    for pair in raw.split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if key == name {
+            return value
+                .parse::<u32>()
+                .map(Some)
+                .map_err(|_| ServiceError::invalid(name, "must be a non-negative integer"));
+        }
+    }
+    Ok(None)
+}
+
+// ------------------------------------------------------------- handlers
+
+async fn create_tenant(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<api::CreateTenant>,
+) -> HttpResult<Response> {
+    let tenant = s.service.create_tenant(bearer(&headers), body).await?;
+    Ok((StatusCode::CREATED, Json(tenant)).into_response())
+}
+
+async fn get_tenant(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(tenant): Path<String>,
+) -> HttpResult<Json<api::TenantAnswer>> {
+    Ok(Json(s.service.get_tenant(bearer(&headers), &tenant)?))
+}
+
+async fn create_key(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(tenant): Path<String>,
+    JsonBody(body): JsonBody<api::CreateKey>,
+) -> HttpResult<Response> {
+    let key = s
+        .service
+        .create_key(bearer(&headers), &tenant, body)
+        .await?;
+    Ok((StatusCode::CREATED, Json(key)).into_response())
+}
+
+macro_rules! put_definition {
+    ($name:ident, $method:ident, $body:ty) => {
+        async fn $name(
+            State(s): State<AppState>,
+            headers: HeaderMap,
+            Path((tenant, id)): Path<(String, String)>,
+            JsonBody(body): JsonBody<$body>,
+        ) -> HttpResult<Json<api::DefinitionAnswer<$body>>> {
+            Ok(Json(
+                s.service
+                    .$method(bearer(&headers), &tenant, &id, body)
+                    .await?,
+            ))
+        }
+    };
+}
+
+put_definition!(put_store, put_store, bazaar_games::catalog::StoreDef);
+put_definition!(put_campaign, put_campaign, api::CampaignBody);
+put_definition!(put_wheel, put_wheel, bazaar_games::wheel::WheelDef);
+put_definition!(put_jackpot, put_jackpot, bazaar_games::jackpot::JackpotDef);
+put_definition!(put_mission, put_mission, api::MissionBody);
+put_definition!(
+    put_leaderboard,
+    put_leaderboard,
+    bazaar_games::leaderboard::LeaderboardDef
+);
+
+async fn record_event(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(tenant): Path<String>,
+    JsonBody(body): JsonBody<api::EventRequest>,
+) -> HttpResult<Json<api::EventAnswer>> {
+    Ok(Json(
+        s.service
+            .record_event(bearer(&headers), &tenant, body)
+            .await?,
+    ))
+}
+
+async fn record_batch(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(tenant): Path<String>,
+    JsonBody(body): JsonBody<api::BatchRequest>,
+) -> HttpResult<Json<serde_json::Value>> {
+    let results = s
+        .service
+        .record_batch(bearer(&headers), &tenant, body)
+        .await?;
+    let results: Vec<serde_json::Value> = results
+        .into_iter()
+        .map(|result| match result {
+            Ok(answer) => serde_json::to_value(answer).unwrap_or_default(),
+            Err(error) => serde_json::json!({ "error": error_json(&error) }),
+        })
+        .collect();
+    Ok(Json(serde_json::json!({ "results": results })))
+}
+
+async fn spin(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path((tenant, wheel)): Path<(String, String)>,
+    JsonBody(body): JsonBody<api::SpinRequest>,
+) -> HttpResult<Json<api::SpinAnswer>> {
+    Ok(Json(
+        s.service
+            .spin(bearer(&headers), &tenant, &wheel, body)
+            .await?,
+    ))
+}
+
+async fn get_customer(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path((tenant, id)): Path<(String, String)>,
+) -> HttpResult<Json<api::CustomerAnswer>> {
+    Ok(Json(
+        s.service.customer(bearer(&headers), &tenant, &id).await?,
+    ))
+}
+
+async fn get_jackpot(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path((tenant, id)): Path<(String, String)>,
+) -> HttpResult<Json<api::JackpotAnswer>> {
+    Ok(Json(
+        s.service.jackpot(bearer(&headers), &tenant, &id).await?,
+    ))
+}
+
+async fn get_leaderboard(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path((tenant, id)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+) -> HttpResult<Json<api::LeaderboardAnswer>> {
+    let top = query_u32(&query, "top")?;
+    Ok(Json(
+        s.service
+            .leaderboard(bearer(&headers), &tenant, &id, top)
+            .await?,
+    ))
+}
+
+async fn get_around(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path((tenant, id, customer)): Path<(String, String, String)>,
+    RawQuery(query): RawQuery,
+) -> HttpResult<Json<api::AroundAnswer>> {
+    let around = query_u32(&query, "around")?;
+    Ok(Json(
+        s.service
+            .leaderboard_around(bearer(&headers), &tenant, &id, &customer, around)
+            .await?,
+    ))
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(s): State<AppState>) -> Response {
+    if s.service.is_ready() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.service.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn not_found() -> HttpError {
+    ServiceError::new(Code::NotFound, "no such endpoint; see docs/api.md").into()
+}
+
+async fn method_not_allowed() -> Response {
+    let error = ServiceError::new(
+        Code::InvalidArgument,
+        "this method is not allowed on this endpoint; see docs/api.md",
+    );
+    let mut response = HttpError(error).into_response();
+    *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+    response
+}

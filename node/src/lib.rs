@@ -1,0 +1,186 @@
+//! The Bazaar node: actors on sled behind an HTTP/JSON API.
+//!
+//! A map of the modules, in the order an event meets them:
+//!
+//! - [`http`] parses the request and calls the [`service`] layer, which
+//!   authenticates ([`tenancy`]), validates ([`api`]) and calls entities;
+//! - [`actor`] holds the virtual actors: one per customer, wheel, jackpot
+//!   and leaderboard ([`entities`]), each a thin shell around its
+//!   `bazaar-games` state machine;
+//! - [`journal`] group-commits what actors changed to sled ([`storage`]);
+//!   [`outbox`] carries what one entity's change causes in another;
+//! - [`recovery`] brings storage up to the journal's end at start-up;
+//! - [`config`] is the one place configuration is read and checked.
+//!
+//! [`serve`] wires them together; the `bazaar` binary only parses the
+//! command line and calls it.
+
+pub mod actor;
+pub mod api;
+pub mod config;
+pub mod entities;
+pub mod error;
+pub mod http;
+pub mod journal;
+pub mod outbox;
+pub mod recovery;
+pub mod service;
+pub mod storage;
+pub mod tenancy;
+
+use crate::actor::{NodeShared, Registry};
+use crate::config::NodeConfig;
+use crate::journal::Journal;
+use crate::service::{Service, ServiceConfig};
+use crate::storage::Store;
+use crate::tenancy::Tenancy;
+use actix::Arbiter;
+use anyhow::Context as _;
+use bazaar_observability::Metrics;
+use std::future::Future;
+use std::io::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often undelivered outbox messages are retried.
+const REDELIVERY_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Runs a node until `shutdown` resolves, then drains it: the listener stops
+/// accepting, in-flight requests finish, every active entity writes its
+/// snapshot, and the journal flushes and closes.
+///
+/// Must run inside an actix `System` (the binary's `main` makes one).
+pub async fn serve(
+    config: NodeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir).with_context(|| {
+        format!(
+            "cannot create the data directory {}",
+            config.data_dir.display()
+        )
+    })?;
+    let store = Store::open(&config.data_dir).with_context(|| {
+        format!(
+            "cannot open the data directory {} (is another bazaar using it?)",
+            config.data_dir.display()
+        )
+    })?;
+    let metrics = Arc::new(Metrics::new().context("registering metrics")?);
+    let report = recovery::recover(&store, &metrics).context("recovering the journal")?;
+    let (journal, writer) = Journal::start(store.clone(), metrics.clone(), report.next_seq);
+
+    let arbiters: Vec<Arbiter> = (0..config.actor_threads).map(|_| Arbiter::new()).collect();
+    let handles: Vec<_> = arbiters.iter().map(Arbiter::handle).collect();
+    let node = Arc::new(NodeShared {
+        store: store.clone(),
+        journal: journal.clone(),
+        metrics: metrics.clone(),
+        idle_timeout: config.idle_timeout,
+        snapshot_every: config.snapshot_every,
+    });
+    let tenancy = Tenancy::load(store.clone(), config.admin_key.as_deref())
+        .context("loading tenants and keys")?;
+    let service = Arc::new(Service {
+        customers: Registry::new(node.clone(), handles.clone()),
+        wheels: Registry::new(node.clone(), handles.clone()),
+        jackpots: Registry::new(node.clone(), handles.clone()),
+        leaderboards: Registry::new(node, handles),
+        store,
+        journal: journal.clone(),
+        metrics,
+        tenancy,
+        config: ServiceConfig {
+            max_event_age: config.max_event_age,
+        },
+        ready: false.into(),
+    });
+
+    if service.tenancy.needs_generated_admin()? {
+        let key = service
+            .tenancy
+            .generate_admin()
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        println!("bazaar: created the first admin key (shown once, keep it safe):\n  {key}");
+    }
+    let redelivered = service.redeliver(Duration::ZERO).await;
+    if 0 < redelivered {
+        tracing::info!(
+            redelivered,
+            "delivered outbox messages left by the last run"
+        );
+    }
+
+    let listener = tokio::net::TcpListener::bind(config.http)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.http))?;
+    let address = listener.local_addr()?;
+    println!(
+        "bazaar listening on http://{address} (data in {})",
+        config.data_dir.display()
+    );
+    std::io::stdout().flush()?;
+    tracing::info!(%address, data_dir = %config.data_dir.display(), "node ready");
+    service.ready.store(true, Ordering::SeqCst);
+
+    let (stop_housekeeping, stopped) = tokio::sync::watch::channel(false);
+    let housekeeping = tokio::spawn(housekeeping(
+        service.clone(),
+        config.checkpoint_interval,
+        stopped,
+    ));
+
+    let app = http::router(http::AppState {
+        service: service.clone(),
+        max_body_bytes: config.max_body_bytes,
+    });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("serving HTTP")?;
+
+    tracing::info!("shutting down: requests drained, writing snapshots");
+    service.ready.store(false, Ordering::SeqCst);
+    let _ = stop_housekeeping.send(true);
+    let _ = housekeeping.await;
+    if let Err(error) = service.checkpoint().await {
+        tracing::warn!(%error, "final checkpoint failed; the next start recovers from the journal");
+    }
+    journal.close();
+    tokio::task::spawn_blocking(move || writer.join())
+        .await
+        .context("joining the journal writer")?
+        .map_err(|_| anyhow::anyhow!("the journal writer panicked"))?;
+    for arbiter in arbiters {
+        arbiter.stop();
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Checkpoints and outbox redelivery, until told to stop.
+async fn housekeeping(
+    service: Arc<Service>,
+    checkpoint_interval: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut checkpoint = tokio::time::interval(checkpoint_interval);
+    let mut redeliver = tokio::time::interval(REDELIVERY_INTERVAL);
+    checkpoint.tick().await;
+    redeliver.tick().await;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = checkpoint.tick() => {
+                if let Err(error) = service.checkpoint().await {
+                    tracing::warn!(%error, "checkpoint failed; will retry");
+                }
+            }
+            _ = redeliver.tick() => {
+                service.redeliver(REDELIVERY_INTERVAL).await;
+            }
+        }
+    }
+}

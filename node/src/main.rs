@@ -1,0 +1,77 @@
+//! The `bazaar` command: parses the command line, sets up logging and runs.
+
+use bazaar_node::config::{NodeConfig, ServeArgs};
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Bazaar: loyalty and gamification for retailers and malls. Points, tiers,
+/// wheels, progressive jackpots, missions and live leaderboards, driven by
+/// what shoppers do.
+#[derive(Parser, Debug)]
+#[command(name = "bazaar", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a node: the HTTP/JSON API on an embedded sled database.
+    ///
+    /// Settings come from --config FILE, BAZAAR_* environment variables and
+    /// flags, in rising precedence. SIGTERM or Ctrl-C drains the node: it
+    /// stops accepting, finishes in-flight requests, writes snapshots and
+    /// flushes.
+    Serve(ServeArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            let config = match NodeConfig::build(args) {
+                Ok(config) => config,
+                Err(error) => {
+                    eprintln!("bazaar: {error}");
+                    return ExitCode::from(2);
+                }
+            };
+            bazaar_observability::init_tracing(config.log_format, &config.log);
+            let system = actix_rt::System::with_tokio_rt(|| {
+                tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .build()
+                    .expect("the OS provides threads and timers for the runtime")
+            });
+            match system.block_on(bazaar_node::serve(config, shutdown_signal())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("bazaar: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+/// Resolves on SIGTERM (Kubernetes, systemd) or Ctrl-C.
+async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {},
+        () = terminate => {},
+    }
+}

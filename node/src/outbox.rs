@@ -1,0 +1,131 @@
+//! Cross-entity messages: what one entity's change causes in another.
+//!
+//! A purchase feeds jackpots and leaderboards; a spin asks a wheel to draw.
+//! The message is part of the sender's journal entry, so it is durable with
+//! the change that caused it; the writer indexes it in the `outbox` tree,
+//! and it stays there until the receiver's answer is durable. The service
+//! delivers it at once; [`crate::service::Service::redeliver`] delivers
+//! whatever is still there after a crash or a failed attempt. Receivers
+//! deduplicate by the message id, so delivery is at-least-once and the
+//! effect exactly-once.
+
+use crate::journal::KeyValue;
+use crate::storage::{encode, key};
+use bazaar_games::{Id, UnixMillis};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Payload {
+    /// A purchase's contribution to a jackpot.
+    Contribution {
+        jackpot: Id,
+        customer: Id,
+        amount_minor: i64,
+        at: UnixMillis,
+    },
+    /// A change of a customer's leaderboard score.
+    Score {
+        leaderboard: Id,
+        customer: Id,
+        delta: i64,
+    },
+    /// A reserved spin asking its wheel to draw; the draw is settled back
+    /// to the customer.
+    WheelDraw {
+        wheel: Id,
+        customer: Id,
+        request_id: Id,
+        at: UnixMillis,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxMessage {
+    pub tenant: String,
+    /// Unique within the tenant, derived from what caused it (event id or
+    /// spin request id) and its target, so a re-applied cause produces the
+    /// same id and the receiver recognises it.
+    pub id: String,
+    /// When the message was first made (server time), for redelivery.
+    pub created_at: UnixMillis,
+    pub payload: Payload,
+}
+
+impl OutboxMessage {
+    pub fn contribution(
+        tenant: &str,
+        event_id: &Id,
+        jackpot: &Id,
+        customer: &Id,
+        amount_minor: i64,
+        at: UnixMillis,
+        now: UnixMillis,
+    ) -> Self {
+        Self {
+            tenant: tenant.to_owned(),
+            id: format!("{event_id}>jackpot:{jackpot}"),
+            created_at: now,
+            payload: Payload::Contribution {
+                jackpot: jackpot.clone(),
+                customer: customer.clone(),
+                amount_minor,
+                at,
+            },
+        }
+    }
+
+    pub fn score(
+        tenant: &str,
+        event_id: &Id,
+        leaderboard: &Id,
+        customer: &Id,
+        delta: i64,
+        now: UnixMillis,
+    ) -> Self {
+        Self {
+            tenant: tenant.to_owned(),
+            id: format!("{event_id}>leaderboard:{leaderboard}"),
+            created_at: now,
+            payload: Payload::Score {
+                leaderboard: leaderboard.clone(),
+                customer: customer.clone(),
+                delta,
+            },
+        }
+    }
+
+    pub fn wheel_draw(
+        tenant: &str,
+        wheel: &Id,
+        customer: &Id,
+        request_id: &Id,
+        at: UnixMillis,
+    ) -> Self {
+        Self {
+            tenant: tenant.to_owned(),
+            id: format!("spin:{request_id}"),
+            created_at: at,
+            payload: Payload::WheelDraw {
+                wheel: wheel.clone(),
+                customer: customer.clone(),
+                request_id: request_id.clone(),
+                at,
+            },
+        }
+    }
+
+    /// Its key in the `outbox` tree.
+    pub fn storage_key(&self) -> Vec<u8> {
+        key(&[&self.tenant, &self.id])
+    }
+
+    /// Its `outbox` tree record.
+    pub fn record(&self) -> KeyValue {
+        (self.storage_key(), encode(self))
+    }
+
+    /// A fingerprint of the message, for the receiver's idempotency check.
+    pub fn fingerprint(&self) -> u64 {
+        xxhash_rust::xxh3::xxh3_64(&encode(&self.payload))
+    }
+}

@@ -1,0 +1,936 @@
+//! The service layer: every public operation, once, for every transport.
+//!
+//! A transport (HTTP now, gRPC next) authenticates nothing and decides
+//! nothing: it parses a request, calls one method here with the presented
+//! key, and renders the answer or the [`ServiceError`]. Here the key is
+//! checked, the request validated, the entities called through their
+//! registries, cross-entity messages delivered, and the answer released
+//! only once every journal entry it depends on is durable.
+
+use crate::actor::{now_millis, Registry, Reply};
+use crate::api::{self, parse_id};
+use crate::entities::*;
+use crate::error::{Code, ServiceError, ServiceResult};
+use crate::journal::{Journal, Ticket};
+use crate::outbox::{OutboxMessage, Payload};
+use crate::storage::{decode, Store};
+use crate::tenancy::{DefKind, Principal, Role, Tenancy, Tenant, TenantEntry};
+use bazaar_cluster::{EntityKey, EntityKind};
+use bazaar_games::catalog::{Catalog, StoreDef};
+use bazaar_games::jackpot::JackpotDef;
+use bazaar_games::leaderboard::{LeaderboardDef, MAX_ENTRIES};
+use bazaar_games::wheel::{WheelDef, WonPrize};
+use bazaar_games::Id;
+use bazaar_observability::Metrics;
+use serde::Serialize;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Settings of the service layer.
+#[derive(Clone, Debug)]
+pub struct ServiceConfig {
+    /// How old an event may be (tills that were offline send late).
+    pub max_event_age: Duration,
+}
+
+pub struct Service {
+    pub store: Store,
+    pub journal: Journal,
+    pub metrics: Arc<Metrics>,
+    pub tenancy: Tenancy,
+    pub customers: Arc<Registry<CustomerEntity>>,
+    pub wheels: Arc<Registry<WheelEntity>>,
+    pub jackpots: Arc<Registry<JackpotEntity>>,
+    pub leaderboards: Arc<Registry<LeaderboardEntity>>,
+    pub config: ServiceConfig,
+    /// False until recovery is done and while shutting down.
+    pub ready: AtomicBool,
+}
+
+fn entity(tenant: &Id, kind: EntityKind, id: &Id) -> EntityKey {
+    EntityKey::new(tenant.as_str(), kind, id.as_str())
+}
+
+impl Service {
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst) && !self.journal.failed()
+    }
+
+    async fn durable(&self, ticket: Option<Ticket>) -> ServiceResult<()> {
+        if let Some(ticket) = ticket {
+            self.journal.durable(ticket).await?;
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------ tenants, keys
+
+    pub async fn create_tenant(
+        &self,
+        key: Option<&str>,
+        request: api::CreateTenant,
+    ) -> ServiceResult<api::TenantAnswer> {
+        self.tenancy.authenticate(key)?.require_admin()?;
+        let id = parse_id("id", &request.id)?;
+        bazaar_games::campaign::Campaign::validate_name("name", &request.name)?;
+        if request.currency.len() != 3 || !request.currency.chars().all(|c| c.is_ascii_uppercase())
+        {
+            return Err(ServiceError::invalid(
+                "currency",
+                "must be an ISO 4217 code of three capital letters, such as EUR",
+            ));
+        }
+        let tenant = self
+            .tenancy
+            .create_tenant(Tenant {
+                id,
+                name: request.name,
+                currency: request.currency,
+                created_at: now_millis(),
+            })
+            .await?;
+        tracing::info!(tenant = %tenant.id, "tenant created");
+        Ok(tenant_answer(&tenant))
+    }
+
+    pub fn get_tenant(&self, key: Option<&str>, tenant: &str) -> ServiceResult<api::TenantAnswer> {
+        let (_, entry) = self.authorise(key, tenant, &[Role::Operator])?;
+        Ok(tenant_answer(&entry.tenant))
+    }
+
+    pub async fn create_key(
+        &self,
+        key: Option<&str>,
+        tenant: &str,
+        request: api::CreateKey,
+    ) -> ServiceResult<api::KeyAnswer> {
+        let (principal, entry) = self.authorise(key, tenant, &[Role::Operator])?;
+        let role = Role::parse(&request.role).ok_or_else(|| {
+            ServiceError::invalid("role", "must be one of admin, operator, pos, display")
+        })?;
+        if role == Role::Admin {
+            principal.require_admin()?;
+        }
+        let tenant_id = (role != Role::Admin).then(|| entry.tenant.id.clone());
+        let created = self.tenancy.create_key(role, tenant_id.clone()).await?;
+        let key_id = created.split('_').nth(1).unwrap_or_default().to_owned();
+        tracing::info!(tenant = %entry.tenant.id, role = role.as_str(), key_id, "API key created");
+        Ok(api::KeyAnswer {
+            key: created,
+            key_id,
+            role: role.as_str().into(),
+            tenant: tenant_id.map(String::from),
+        })
+    }
+
+    /// Authenticates `key` and checks it may act on `tenant` in one of
+    /// `roles` (admins always may).
+    fn authorise(
+        &self,
+        key: Option<&str>,
+        tenant: &str,
+        roles: &[Role],
+    ) -> ServiceResult<(Principal, Arc<TenantEntry>)> {
+        let principal = self.tenancy.authenticate(key)?;
+        let tenant_id =
+            Id::parse(tenant).map_err(|e| ServiceError::invalid("tenant", e.to_string()))?;
+        principal.require(&tenant_id, roles)?;
+        Ok((principal, self.tenancy.tenant(&tenant_id)?))
+    }
+
+    // ------------------------------------------------------- definitions
+
+    /// Validates and stores one definition. `build` checks the body, its
+    /// references against the current catalog, and returns the new catalog.
+    async fn put_definition<T: Serialize + Clone>(
+        &self,
+        key: Option<&str>,
+        tenant: &str,
+        kind: DefKind,
+        id: &str,
+        body: &T,
+        build: impl FnOnce(&Id, &Catalog) -> ServiceResult<Catalog>,
+    ) -> ServiceResult<api::DefinitionAnswer<T>> {
+        let (_, entry) = self.authorise(key, tenant, &[Role::Operator])?;
+        let id = parse_id(kind.as_str(), id)?;
+        let _guard = entry.write_lock.lock().await;
+        let catalog = build(&id, &entry.catalog())?;
+        let version = self
+            .tenancy
+            .put_def(&entry, kind, &id, body, catalog)
+            .await?;
+        tracing::info!(tenant = %entry.tenant.id, kind = kind.as_str(), id = %id, version, "definition stored");
+        Ok(api::DefinitionAnswer {
+            id: id.to_string(),
+            version,
+            definition: body.clone(),
+        })
+    }
+
+    pub async fn put_store(
+        &self,
+        key: Option<&str>,
+        tenant: &str,
+        id: &str,
+        body: StoreDef,
+    ) -> ServiceResult<api::DefinitionAnswer<StoreDef>> {
+        self.put_definition(key, tenant, DefKind::Store, id, &body, |id, catalog| {
+            body.validate()?;
+            let mut next = catalog.clone();
+            next.stores.insert(id.clone(), body.clone());
+            Ok(next)
+        })
+        .await
+    }
+
+    pub async fn put_campaign(
+        &self,
+        key: Option<&str>,
+        tenant: &str,
+        id: &str,
+        body: api::CampaignBody,
+    ) -> ServiceResult<api::DefinitionAnswer<api::CampaignBody>> {
+        self.put_definition(key, tenant, DefKind::Campaign, id, &body, |id, catalog| {
+            let campaign = body.to_domain()?;
+            if let Some(stores) = &campaign.stores {
+                if let Some((index, unknown)) = body
+                    .stores
+                    .iter()
+                    .flatten()
+                    .enumerate()
+                    .find(|(_, s)| !catalog.stores.contains_key(*s))
+                {
+                    return Err(not_defined(&format!("stores[{index}]"), "store", unknown));
+                }
+                if stores.is_empty() {
+                    return Err(ServiceError::invalid(
+                        "stores",
+                        "must list at least one store, or be null for all stores",
+                    ));
+                }
+            }
+            let mut next = catalog.clone();
+            next.campaigns.insert(id.clone(), campaign);
+            Ok(next)
+        })
+        .await
+    }
+
+    pub async fn put_wheel(
+        &self,
+        key: Option<&str>,
+        tenant: &str,
+        id: &str,
+        body: WheelDef,
+    ) -> ServiceResult<api::DefinitionAnswer<WheelDef>> {
+        self.put_definition(key, tenant, DefKind::Wheel, id, &body, |id, catalog| {
+            body.validate()?;
+            require_campaign(catalog, &body.campaign)?;
+            let mut next = catalog.clone();
+            next.wheels.insert(id.clone(), body.clone());
+            Ok(next)
+        })
+        .await
+    }
+
+    pub async fn put_jackpot(
+        &self,
+        key: Option<&str>,
+        tenant: &str,
+        id: &str,
+        body: JackpotDef,
+    ) -> ServiceResult<api::DefinitionAnswer<JackpotDef>> {
+        let answer = self
+            .put_definition(key, tenant, DefKind::Jackpot, id, &body, |id, catalog| {
+                body.validate()?;
+                require_campaign(catalog, &body.campaign)?;
+                let mut next = catalog.clone();
+                next.jackpots.insert(id.clone(), body.clone());
+                Ok(next)
+            })
+            .await?;
+        // Start the first cycle now, so its commitment is published before
+        // the first contribution.
+        let tenant_id = parse_id("tenant", tenant)?;
+        let jackpot_id = parse_id("jackpot", id)?;
+        let reply = self
+            .jackpots
+            .call(
+                &entity(&tenant_id, EntityKind::Jackpot, &jackpot_id),
+                JackpotCommand::Ensure { def: body },
+            )
+            .await?;
+        self.durable(reply.ticket).await?;
+        Ok(answer)
+    }
+
+    pub async fn put_mission(
+        &self,
+        key: Option<&str>,
+        tenant: &str,
+        id: &str,
+        body: api::MissionBody,
+    ) -> ServiceResult<api::DefinitionAnswer<api::MissionBody>> {
+        self.put_definition(key, tenant, DefKind::Mission, id, &body, |id, catalog| {
+            let mission = body.to_domain()?;
+            require_campaign(catalog, &mission.campaign)?;
+            for (index, step) in mission.steps.iter().enumerate() {
+                if let Some(store) = &step.store {
+                    if !catalog.stores.contains_key(store) {
+                        return Err(not_defined(
+                            &format!("steps[{index}].store"),
+                            "store",
+                            store,
+                        ));
+                    }
+                }
+                if let Some(spins) = step.reward.as_ref().and_then(|r| r.spins.as_ref()) {
+                    if !catalog.wheels.contains_key(&spins.wheel) {
+                        return Err(not_defined(
+                            &format!("steps[{index}].reward.spins.wheel"),
+                            "wheel",
+                            &spins.wheel,
+                        ));
+                    }
+                }
+            }
+            if let Some(spins) = mission.reward.as_ref().and_then(|r| r.spins.as_ref()) {
+                if !catalog.wheels.contains_key(&spins.wheel) {
+                    return Err(not_defined("reward.spins.wheel", "wheel", &spins.wheel));
+                }
+            }
+            let mut next = catalog.clone();
+            next.missions.insert(id.clone(), mission);
+            Ok(next)
+        })
+        .await
+    }
+
+    pub async fn put_leaderboard(
+        &self,
+        key: Option<&str>,
+        tenant: &str,
+        id: &str,
+        body: LeaderboardDef,
+    ) -> ServiceResult<api::DefinitionAnswer<LeaderboardDef>> {
+        self.put_definition(
+            key,
+            tenant,
+            DefKind::Leaderboard,
+            id,
+            &body,
+            |id, catalog| {
+                body.validate()?;
+                require_campaign(catalog, &body.campaign)?;
+                let mut next = catalog.clone();
+                next.leaderboards.insert(id.clone(), body.clone());
+                Ok(next)
+            },
+        )
+        .await
+    }
+
+    // ------------------------------------------------------------ events
+
+    /// Records one event and answers what it earned, once durable.
+    pub async fn record_event(
+        &self,
+        key: Option<&str>,
+        tenant: &str,
+        request: api::EventRequest,
+    ) -> ServiceResult<api::EventAnswer> {
+        let (_, entry) = self.authorise(key, tenant, &[Role::Pos])?;
+        self.record_validated(&entry, &request).await
+    }
+
+    async fn record_validated(
+        &self,
+        entry: &TenantEntry,
+        request: &api::EventRequest,
+    ) -> ServiceResult<api::EventAnswer> {
+        let max_age = i64::try_from(self.config.max_event_age.as_millis()).unwrap_or(i64::MAX);
+        let event = request.validate(now_millis(), max_age)?;
+        let catalog = entry.catalog();
+        if let Some(store) = &event.store {
+            if !catalog.stores.contains_key(store) {
+                return Err(not_found_field("store", "store", store));
+            }
+        }
+        let tenant = &entry.tenant.id;
+        let fingerprint = request.fingerprint(&event);
+        let kind = event.kind.to_string();
+        let customer_key = entity(tenant, EntityKind::Customer, &event.customer);
+        let reply = self
+            .customers
+            .call(
+                &customer_key,
+                CustomerCommand::Event {
+                    event: event.clone(),
+                    fingerprint,
+                    catalog: catalog.clone(),
+                },
+            )
+            .await?;
+        let Reply {
+            answer: CustomerAnswer::Event(answer),
+            duplicate,
+            ticket,
+        } = reply
+        else {
+            return Err(ServiceError::internal(
+                "a customer answered an event with something else",
+            ));
+        };
+        let mut last_ticket = ticket;
+        let mut jackpots = Vec::new();
+        for message in &answer.deliveries {
+            let (result, ticket) = self.deliver(message, &catalog).await?;
+            last_ticket = last_ticket.max(ticket);
+            if let Some(result) = result {
+                jackpots.push(result);
+            }
+        }
+        self.durable(last_ticket).await?;
+        for message in &answer.deliveries {
+            self.journal.outbox_ack(message.storage_key())?;
+        }
+        if duplicate {
+            self.metrics
+                .events_duplicate
+                .with_label_values(&[tenant.as_str()])
+                .inc();
+        } else {
+            self.metrics
+                .events_ingested
+                .with_label_values(&[tenant.as_str(), kind_label(&kind)])
+                .inc();
+            for status in answer.missions.iter().filter(|m| 0 < m.step) {
+                self.metrics
+                    .mission_steps
+                    .with_label_values(&[tenant.as_str(), status.mission.as_str()])
+                    .inc();
+            }
+        }
+        Ok(api::EventAnswer {
+            event_id: event.event_id,
+            duplicate,
+            points_earned: answer.points_earned,
+            points_balance: answer.points_balance,
+            tier: answer.tier,
+            spins_granted: answer.spins_granted,
+            missions: answer.missions,
+            coupons: answer.coupons,
+            jackpots,
+        })
+    }
+
+    /// Records up to [`api::MAX_BATCH`] events; each gets its own answer or
+    /// error, in order.
+    pub async fn record_batch(
+        self: &Arc<Self>,
+        key: Option<&str>,
+        tenant: &str,
+        request: api::BatchRequest,
+    ) -> ServiceResult<Vec<Result<api::EventAnswer, ServiceError>>> {
+        let (_, entry) = self.authorise(key, tenant, &[Role::Pos])?;
+        if api::MAX_BATCH < request.events.len() {
+            return Err(ServiceError::invalid(
+                "events",
+                format!("must hold at most {} events", api::MAX_BATCH),
+            ));
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        for (index, value) in request.events.into_iter().enumerate() {
+            let service = self.clone();
+            let entry = entry.clone();
+            tasks.spawn(async move {
+                let result = match crate::http::from_json_value::<api::EventRequest>(value) {
+                    Ok(request) => service.record_validated(&entry, &request).await,
+                    Err(error) => Err(error),
+                };
+                let result = result.map_err(|mut e| {
+                    e.field = Some(match e.field.take() {
+                        Some(field) => format!("events[{index}].{field}"),
+                        None => format!("events[{index}]"),
+                    });
+                    e
+                });
+                (index, result)
+            });
+        }
+        let mut results: Vec<Option<Result<api::EventAnswer, ServiceError>>> = Vec::new();
+        results.resize_with(tasks.len(), || None);
+        while let Some(joined) = tasks.join_next().await {
+            let (index, result) = joined.map_err(ServiceError::internal)?;
+            results[index] = Some(result);
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| Err(ServiceError::internal("an event of the batch was lost")))
+            })
+            .collect())
+    }
+
+    /// Delivers one outbox message to its receiver; returns the jackpot
+    /// result for contributions and the receiver's ticket.
+    async fn deliver(
+        &self,
+        message: &OutboxMessage,
+        catalog: &Catalog,
+    ) -> ServiceResult<(Option<api::JackpotResult>, Option<Ticket>)> {
+        let tenant = parse_id("tenant", &message.tenant)?;
+        match &message.payload {
+            Payload::Contribution { jackpot, .. } => {
+                let Some(def) = catalog.jackpots.get(jackpot) else {
+                    return Ok((None, None));
+                };
+                let reply = self
+                    .jackpots
+                    .call(
+                        &entity(&tenant, EntityKind::Jackpot, jackpot),
+                        JackpotCommand::Contribute {
+                            message: message.clone(),
+                            def: def.clone(),
+                        },
+                    )
+                    .await?;
+                let JackpotAnswer::Contributed(outcome) = reply.answer else {
+                    return Err(ServiceError::internal(
+                        "a jackpot answered a contribution with something else",
+                    ));
+                };
+                if let Some(hit) = &outcome.hit {
+                    if !reply.duplicate {
+                        tracing::info!(tenant = %tenant, jackpot = %jackpot, cycle = hit.cycle, customer = %hit.customer,
+                            amount_minor = hit.amount_minor, "jackpot hit");
+                    }
+                }
+                let result = api::JackpotResult {
+                    jackpot: jackpot.clone(),
+                    contributed_minor: outcome.contributed_minor,
+                    won_minor: outcome.won_minor,
+                };
+                Ok((Some(result), reply.ticket))
+            }
+            Payload::Score { leaderboard, .. } => {
+                if !catalog.leaderboards.contains_key(leaderboard) {
+                    return Ok((None, None));
+                }
+                let reply = self
+                    .leaderboards
+                    .call(
+                        &entity(&tenant, EntityKind::Leaderboard, leaderboard),
+                        LeaderboardCommand::Score {
+                            message: message.clone(),
+                        },
+                    )
+                    .await?;
+                Ok((None, reply.ticket))
+            }
+            Payload::WheelDraw { .. } => {
+                let (_, ticket) = self.settle_draw(message, catalog).await?;
+                Ok((None, ticket))
+            }
+        }
+    }
+
+    /// Asks the wheel to draw for a reserved spin and settles the result
+    /// back to the customer.
+    async fn settle_draw(
+        &self,
+        message: &OutboxMessage,
+        catalog: &Catalog,
+    ) -> ServiceResult<(Reply<CustomerAnswer>, Option<Ticket>)> {
+        let Payload::WheelDraw {
+            wheel,
+            customer,
+            request_id,
+            ..
+        } = &message.payload
+        else {
+            return Err(ServiceError::internal("not a draw request"));
+        };
+        let tenant = parse_id("tenant", &message.tenant)?;
+        let (draw, wheel_ticket) = match catalog.wheels.get(wheel) {
+            Some(def) => {
+                let reply = self
+                    .wheels
+                    .call(
+                        &entity(&tenant, EntityKind::Wheel, wheel),
+                        WheelCommand::Draw {
+                            message: message.clone(),
+                            def: def.clone(),
+                        },
+                    )
+                    .await?;
+                match reply.answer {
+                    WheelAnswer::Drawn(draw) => (Some(draw), reply.ticket),
+                    WheelAnswer::Exhausted => (None, reply.ticket),
+                    WheelAnswer::State(_) => {
+                        return Err(ServiceError::internal(
+                            "a wheel answered a draw with its state",
+                        ))
+                    }
+                }
+            }
+            None => (None, None),
+        };
+        let settled = self
+            .customers
+            .call(
+                &entity(&tenant, EntityKind::Customer, customer),
+                CustomerCommand::SettleSpin {
+                    wheel: wheel.clone(),
+                    request_id: request_id.clone(),
+                    draw,
+                    fingerprint: spin_fingerprint(customer, wheel),
+                },
+            )
+            .await?;
+        let ticket = settled.ticket.max(wheel_ticket);
+        Ok((settled, ticket))
+    }
+
+    // ------------------------------------------------------------- spins
+
+    pub async fn spin(
+        &self,
+        key: Option<&str>,
+        tenant: &str,
+        wheel: &str,
+        request: api::SpinRequest,
+    ) -> ServiceResult<api::SpinAnswer> {
+        let (_, entry) = self.authorise(key, tenant, &[Role::Pos])?;
+        let wheel = parse_id("wheel", wheel)?;
+        let customer = parse_id("customer", &request.customer)?;
+        let request_id = parse_id("request_id", &request.request_id)?;
+        let catalog = entry.catalog();
+        let def = catalog
+            .wheels
+            .get(&wheel)
+            .ok_or_else(|| ServiceError::not_found("wheel", wheel.as_str()))?;
+        let tenant_id = &entry.tenant.id;
+        let reserved = self
+            .customers
+            .call(
+                &entity(tenant_id, EntityKind::Customer, &customer),
+                CustomerCommand::ReserveSpin {
+                    wheel: wheel.clone(),
+                    def: def.clone(),
+                    request_id: request_id.clone(),
+                    fingerprint: spin_fingerprint(&customer, &wheel),
+                },
+            )
+            .await?;
+        let (settled, duplicate, ticket) = match reserved.answer {
+            CustomerAnswer::Spin(settled) => (settled, true, reserved.ticket),
+            CustomerAnswer::Reserved(message) => {
+                let (reply, ticket) = self.settle_draw(&message, &catalog).await?;
+                let CustomerAnswer::Spin(settled) = reply.answer else {
+                    return Err(ServiceError::internal(
+                        "a customer answered a settlement with something else",
+                    ));
+                };
+                self.durable(ticket.max(reserved.ticket)).await?;
+                self.journal.outbox_ack(message.storage_key())?;
+                (settled, reply.duplicate, ticket)
+            }
+            _ => {
+                return Err(ServiceError::internal(
+                    "a customer answered a spin with something else",
+                ))
+            }
+        };
+        self.durable(ticket).await?;
+        let Some(draw) = settled.draw else {
+            return Err(ServiceError::refused(
+                "out_of_stock",
+                "every prize of this wheel is out of stock; the spin's cost was refunded",
+            ));
+        };
+        if !duplicate {
+            self.metrics
+                .spins
+                .with_label_values(&[tenant_id.as_str(), wheel.as_str(), prize_kind(&draw.prize)])
+                .inc();
+        }
+        Ok(api::SpinAnswer {
+            request_id,
+            duplicate,
+            wheel,
+            segment: draw.label,
+            prize: draw.prize,
+            draw_id: draw.draw_id,
+            points_balance: settled.points_balance,
+        })
+    }
+
+    // -------------------------------------------------------- read views
+
+    pub async fn customer(
+        &self,
+        key: Option<&str>,
+        tenant: &str,
+        customer: &str,
+    ) -> ServiceResult<api::CustomerAnswer> {
+        let (_, entry) = self.authorise(key, tenant, &[Role::Operator, Role::Pos])?;
+        let customer = parse_id("customer", customer)?;
+        let reply = self
+            .customers
+            .call(
+                &entity(&entry.tenant.id, EntityKind::Customer, &customer),
+                CustomerCommand::View,
+            )
+            .await?;
+        let CustomerAnswer::View(state) = reply.answer else {
+            return Err(ServiceError::internal(
+                "a customer answered a view with something else",
+            ));
+        };
+        if state.stats.events == 0 && state.pending_spins.is_empty() && state.spins.is_empty() {
+            return Err(ServiceError::not_found("customer", customer.as_str()));
+        }
+        Ok(api::CustomerAnswer::new(
+            customer,
+            &state,
+            &entry.catalog().missions,
+        ))
+    }
+
+    pub async fn jackpot(
+        &self,
+        key: Option<&str>,
+        tenant: &str,
+        jackpot: &str,
+    ) -> ServiceResult<api::JackpotAnswer> {
+        let (_, entry) =
+            self.authorise(key, tenant, &[Role::Operator, Role::Pos, Role::Display])?;
+        let jackpot = parse_id("jackpot", jackpot)?;
+        let def = entry
+            .catalog()
+            .jackpots
+            .get(&jackpot)
+            .cloned()
+            .ok_or_else(|| ServiceError::not_found("jackpot", jackpot.as_str()))?;
+        let reply = self
+            .jackpots
+            .call(
+                &entity(&entry.tenant.id, EntityKind::Jackpot, &jackpot),
+                JackpotCommand::Ensure { def },
+            )
+            .await?;
+        self.durable(reply.ticket).await?;
+        match reply.answer {
+            JackpotAnswer::State(Some(state)) => Ok(api::JackpotAnswer::new(jackpot, &state)),
+            _ => Err(ServiceError::internal(
+                "a jackpot answered a view without its state",
+            )),
+        }
+    }
+
+    fn leaderboard_entry(
+        &self,
+        key: Option<&str>,
+        tenant: &str,
+        leaderboard: &str,
+    ) -> ServiceResult<(Arc<TenantEntry>, Id, LeaderboardDef)> {
+        let (_, entry) =
+            self.authorise(key, tenant, &[Role::Operator, Role::Pos, Role::Display])?;
+        let id = parse_id("leaderboard", leaderboard)?;
+        let def = entry
+            .catalog()
+            .leaderboards
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| ServiceError::not_found("leaderboard", id.as_str()))?;
+        Ok((entry, id, def))
+    }
+
+    pub async fn leaderboard(
+        &self,
+        key: Option<&str>,
+        tenant: &str,
+        leaderboard: &str,
+        top: Option<u32>,
+    ) -> ServiceResult<api::LeaderboardAnswer> {
+        let (entry, id, def) = self.leaderboard_entry(key, tenant, leaderboard)?;
+        let count = top.unwrap_or(def.top_size);
+        if count == 0 || MAX_ENTRIES < count {
+            return Err(ServiceError::invalid("top", "must be between 1 and 1000"));
+        }
+        let reply = self
+            .leaderboards
+            .call(
+                &entity(&entry.tenant.id, EntityKind::Leaderboard, &id),
+                LeaderboardCommand::Top {
+                    count: count as usize,
+                },
+            )
+            .await?;
+        match reply.answer {
+            LeaderboardAnswer::Top { entries, members } => Ok(api::LeaderboardAnswer {
+                leaderboard: id,
+                members,
+                entries,
+            }),
+            _ => Err(ServiceError::internal(
+                "a leaderboard answered top-N with something else",
+            )),
+        }
+    }
+
+    pub async fn leaderboard_around(
+        &self,
+        key: Option<&str>,
+        tenant: &str,
+        leaderboard: &str,
+        customer: &str,
+        around: Option<u32>,
+    ) -> ServiceResult<api::AroundAnswer> {
+        let (entry, id, _) = self.leaderboard_entry(key, tenant, leaderboard)?;
+        let customer = parse_id("customer", customer)?;
+        let count = around.unwrap_or(2);
+        if 100 < count {
+            return Err(ServiceError::invalid("around", "must be between 0 and 100"));
+        }
+        let reply = self
+            .leaderboards
+            .call(
+                &entity(&entry.tenant.id, EntityKind::Leaderboard, &id),
+                LeaderboardCommand::Around {
+                    customer: customer.clone(),
+                    count: count as usize,
+                },
+            )
+            .await?;
+        match reply.answer {
+            LeaderboardAnswer::Around { me, around } => Ok(api::AroundAnswer {
+                leaderboard: id,
+                customer,
+                rank: me.as_ref().map(|e| e.rank),
+                score: me.map_or(0, |e| e.score),
+                around,
+            }),
+            _ => Err(ServiceError::internal(
+                "a leaderboard answered around-me with something else",
+            )),
+        }
+    }
+
+    // ---------------------------------------------------- housekeeping
+
+    /// Delivers every outbox message older than `min_age` (all of them at
+    /// start-up): the retry path for deliveries a crash or an error cut
+    /// short. Returns how many were delivered.
+    pub async fn redeliver(&self, min_age: Duration) -> usize {
+        let cutoff = now_millis() - i64::try_from(min_age.as_millis()).unwrap_or(i64::MAX);
+        let mut delivered = 0;
+        let pending: Vec<OutboxMessage> = self
+            .store
+            .outbox
+            .iter()
+            .values()
+            .filter_map(|v| {
+                v.ok()
+                    .and_then(|bytes| decode::<OutboxMessage>(&bytes).ok())
+            })
+            .filter(|m| m.created_at <= cutoff)
+            .collect();
+        for message in pending {
+            let Ok(tenant) = Id::parse(&message.tenant) else {
+                continue;
+            };
+            let Ok(entry) = self.tenancy.tenant(&tenant) else {
+                continue;
+            };
+            match self.deliver(&message, &entry.catalog()).await {
+                Ok((_, ticket)) => {
+                    if self.durable(ticket).await.is_ok()
+                        && self.journal.outbox_ack(message.storage_key()).is_ok()
+                    {
+                        delivered += 1;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, message = %message.id, "outbox delivery failed; will retry")
+                }
+            }
+        }
+        delivered
+    }
+
+    /// Snapshots every active actor and drops the journal they cover.
+    pub async fn checkpoint(&self) -> ServiceResult<()> {
+        let marker = self.journal.marker().await?;
+        self.customers.snapshot_all().await;
+        self.wheels.snapshot_all().await;
+        self.jackpots.snapshot_all().await;
+        self.leaderboards.snapshot_all().await;
+        self.journal.checkpoint(marker).await?;
+        Ok(())
+    }
+}
+
+fn tenant_answer(tenant: &Tenant) -> api::TenantAnswer {
+    api::TenantAnswer {
+        id: tenant.id.to_string(),
+        name: tenant.name.clone(),
+        currency: tenant.currency.clone(),
+        created_at: api::format_time(tenant.created_at),
+    }
+}
+
+fn require_campaign(catalog: &Catalog, campaign: &Id) -> ServiceResult<()> {
+    if catalog.campaigns.contains_key(campaign) {
+        Ok(())
+    } else {
+        Err(not_defined("campaign", "campaign", campaign))
+    }
+}
+
+/// A definition refers to something not defined: 400 naming the field.
+fn not_defined(field: &str, what: &str, id: &Id) -> ServiceError {
+    ServiceError::invalid(
+        field,
+        format!(
+            "names {what} {:?}, which is not defined in this tenant; define it first",
+            id.as_str()
+        ),
+    )
+}
+
+/// A request names an entity that does not exist: 404 naming the field.
+fn not_found_field(field: &str, what: &str, id: &Id) -> ServiceError {
+    ServiceError::new(
+        Code::NotFound,
+        format!("{what} {:?} does not exist in this tenant", id.as_str()),
+    )
+    .with_field(field)
+}
+
+fn spin_fingerprint(customer: &Id, wheel: &Id) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(format!("{customer}/{wheel}").as_bytes())
+}
+
+/// Custom kinds share one label value, so operators' names cannot grow the
+/// metric's label set without bound.
+fn kind_label(kind: &str) -> &str {
+    if kind.starts_with("custom:") {
+        "custom"
+    } else {
+        kind
+    }
+}
+
+fn prize_kind(prize: &WonPrize) -> &'static str {
+    match prize {
+        WonPrize::Points(_) => "points",
+        WonPrize::Spins(_) => "spins",
+        WonPrize::Coupon(_) => "coupon",
+        WonPrize::CashbackMinor(_) => "cashback",
+        WonPrize::Item(_) => "item",
+        WonPrize::Nothing => "nothing",
+    }
+}

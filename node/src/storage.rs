@@ -1,0 +1,151 @@
+//! The node's sled database: its trees, key layout and value codec.
+//!
+//! One sled database per node, one tree per kind of data (ARCHITECTURE.md,
+//! "Storage"):
+//!
+//! | tree | key | value |
+//! | --- | --- | --- |
+//! | `journal` | batch sequence number, big-endian `u64` | every entry of one group commit |
+//! | `snapshots` | entity key `tenant/kind/id` | the entity's state and the entity sequence it covers |
+//! | `seen` | `tenant/scope/id` | fingerprint and first answer of an idempotent request |
+//! | `outbox` | `tenant/message id` | a cross-entity message not yet acknowledged |
+//! | `audit` | `tenant/kind/game/draw id` | a draw or hit, as JSON, with what re-checks it |
+//! | `defs` | `tenant/...` | tenants, stores, keys and game definitions |
+//! | `meta` | name | node-wide facts (journal checkpoint, bootstrap) |
+//!
+//! Ids never contain `/` ([`bazaar_games::ids`]), so `/` separates key parts
+//! without escaping, and a tenant's data can be listed by its prefix.
+//!
+//! Every value starts with a format version byte ([`encode`]): a newer node
+//! reads older values, and an older node refuses newer ones with a clear
+//! error instead of misreading them.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::path::Path;
+
+/// The value format this build writes.
+pub const FORMAT_VERSION: u8 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("sled: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("stored value could not be decoded: {0}")]
+    Codec(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+pub type StorageResult<T> = Result<T, StorageError>;
+
+/// Serialises `value` as a version byte followed by bincode.
+pub fn encode<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(64);
+    bytes.push(FORMAT_VERSION);
+    bincode::serialize_into(&mut bytes, value)
+        .expect("bincode serialises every type stored by Bazaar into a Vec");
+    bytes
+}
+
+/// Reads a value written by [`encode`] of this or an older format.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> StorageResult<T> {
+    match bytes.split_first() {
+        Some((&version, rest)) if version == FORMAT_VERSION => {
+            bincode::deserialize(rest).map_err(|e| StorageError::Codec(e.to_string()))
+        }
+        Some((version, _)) => Err(StorageError::Codec(format!(
+            "value has format version {version}; this build reads up to {FORMAT_VERSION} (upgrade the node)"
+        ))),
+        None => Err(StorageError::Codec("empty value".into())),
+    }
+}
+
+/// The node's database and its trees.
+#[derive(Clone)]
+pub struct Store {
+    pub db: sled::Db,
+    pub journal: sled::Tree,
+    pub snapshots: sled::Tree,
+    pub seen: sled::Tree,
+    pub outbox: sled::Tree,
+    pub audit: sled::Tree,
+    pub defs: sled::Tree,
+    pub meta: sled::Tree,
+}
+
+impl Store {
+    /// Opens (or creates) the database in `dir`.
+    pub fn open(dir: &Path) -> StorageResult<Self> {
+        let db = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
+        Ok(Self {
+            journal: db.open_tree("journal")?,
+            snapshots: db.open_tree("snapshots")?,
+            seen: db.open_tree("seen")?,
+            outbox: db.open_tree("outbox")?,
+            audit: db.open_tree("audit")?,
+            defs: db.open_tree("defs")?,
+            meta: db.open_tree("meta")?,
+            db,
+        })
+    }
+
+    /// Makes every write so far durable.
+    pub fn flush(&self) -> StorageResult<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub async fn flush_async(&self) -> StorageResult<()> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+}
+
+/// Joins key parts with `/`.
+pub fn key(parts: &[&str]) -> Vec<u8> {
+    parts.join("/").into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_carry_their_format_version() {
+        let bytes = encode(&(42u64, "x".to_owned()));
+        assert_eq!(bytes[0], FORMAT_VERSION);
+        assert_eq!(
+            decode::<(u64, String)>(&bytes).expect("round trip"),
+            (42, "x".to_owned())
+        );
+        let mut newer = bytes.clone();
+        newer[0] = FORMAT_VERSION + 1;
+        let error = decode::<(u64, String)>(&newer).expect_err("newer format refused");
+        assert!(error.to_string().contains("upgrade the node"), "{error}");
+        assert!(decode::<u64>(&[]).is_err());
+    }
+
+    #[test]
+    fn store_survives_reopen() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let store = Store::open(dir.path()).expect("open");
+            store
+                .defs
+                .insert(key(&["t", "tenant"]), encode(&"mall"))
+                .expect("insert");
+            store.flush().expect("flush");
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        let value = store
+            .defs
+            .get(key(&["t", "tenant"]))
+            .expect("get")
+            .expect("present");
+        assert_eq!(decode::<String>(&value).expect("decode"), "mall");
+    }
+}

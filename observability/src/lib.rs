@@ -1,0 +1,243 @@
+//! Every metric Bazaar exports, declared in one place, and the tracing
+//! set-up.
+//!
+//! Names follow `bazaar_<thing>_<unit>`; label sets are bounded: tenants and
+//! game ids may appear as labels, customers and events never. The node
+//! updates these along an event's way; `/metrics` renders [`Metrics::render`].
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// The metrics of one node, registered in their own registry (so tests can
+/// run several nodes in one process without clashes).
+pub struct Metrics {
+    registry: Registry,
+    /// Events applied (not duplicates), by tenant and kind.
+    pub events_ingested: IntCounterVec,
+    /// Events answered as duplicates of an earlier event id.
+    pub events_duplicate: IntCounterVec,
+    /// HTTP requests by matched route, method and status code.
+    pub http_request_duration: HistogramVec,
+    /// Spins by tenant, wheel and prize kind.
+    pub spins: IntCounterVec,
+    /// Current pool of each jackpot, in minor units.
+    pub jackpot_pool: IntGaugeVec,
+    /// Contributions to each jackpot, in minor units.
+    pub jackpot_contributed: IntCounterVec,
+    /// Jackpot hits.
+    pub jackpot_hits: IntCounterVec,
+    /// Mission steps and completions, by tenant and mission.
+    pub mission_steps: IntCounterVec,
+    pub mission_completions: IntCounterVec,
+    /// Actors in memory, by entity kind.
+    pub active_actors: IntGaugeVec,
+    pub activations: IntCounterVec,
+    pub passivations: IntCounterVec,
+    /// Cross-entity messages journaled but not yet acknowledged.
+    pub outbox_backlog: IntGauge,
+    /// Time of one journal group commit (write and flush).
+    pub journal_flush_seconds: Histogram,
+    /// Entries per group commit.
+    pub journal_batch_entries: Histogram,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let latency_buckets = vec![
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            2.5,
+        ];
+        let metrics = Self {
+            events_ingested: IntCounterVec::new(
+                Opts::new(
+                    "bazaar_events_ingested_total",
+                    "Events applied, by tenant and kind",
+                ),
+                &["tenant", "kind"],
+            )?,
+            events_duplicate: IntCounterVec::new(
+                Opts::new(
+                    "bazaar_events_duplicate_total",
+                    "Events answered as retries of an earlier event id",
+                ),
+                &["tenant"],
+            )?,
+            http_request_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "bazaar_http_request_duration_seconds",
+                    "HTTP request latency",
+                )
+                .buckets(latency_buckets.clone()),
+                &["route", "method", "code"],
+            )?,
+            spins: IntCounterVec::new(
+                Opts::new(
+                    "bazaar_spins_total",
+                    "Wheel spins, by tenant, wheel and prize kind",
+                ),
+                &["tenant", "wheel", "prize_kind"],
+            )?,
+            jackpot_pool: IntGaugeVec::new(
+                Opts::new(
+                    "bazaar_jackpot_pool_minor",
+                    "Current jackpot pool in minor units",
+                ),
+                &["tenant", "jackpot"],
+            )?,
+            jackpot_contributed: IntCounterVec::new(
+                Opts::new(
+                    "bazaar_jackpot_contributed_minor_total",
+                    "Contributions to jackpots in minor units",
+                ),
+                &["tenant", "jackpot"],
+            )?,
+            jackpot_hits: IntCounterVec::new(
+                Opts::new("bazaar_jackpot_hits_total", "Jackpot hits"),
+                &["tenant", "jackpot"],
+            )?,
+            mission_steps: IntCounterVec::new(
+                Opts::new(
+                    "bazaar_mission_steps_completed_total",
+                    "Mission steps completed",
+                ),
+                &["tenant", "mission"],
+            )?,
+            mission_completions: IntCounterVec::new(
+                Opts::new("bazaar_mission_completions_total", "Missions completed"),
+                &["tenant", "mission"],
+            )?,
+            active_actors: IntGaugeVec::new(
+                Opts::new("bazaar_active_actors", "Actors in memory, by entity kind"),
+                &["kind"],
+            )?,
+            activations: IntCounterVec::new(
+                Opts::new(
+                    "bazaar_actor_activations_total",
+                    "Actor activations, by entity kind",
+                ),
+                &["kind"],
+            )?,
+            passivations: IntCounterVec::new(
+                Opts::new(
+                    "bazaar_actor_passivations_total",
+                    "Actor passivations, by entity kind",
+                ),
+                &["kind"],
+            )?,
+            outbox_backlog: IntGauge::new(
+                "bazaar_outbox_backlog",
+                "Cross-entity messages journaled and not yet acknowledged",
+            )?,
+            journal_flush_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "bazaar_journal_flush_seconds",
+                    "Duration of one journal group commit",
+                )
+                .buckets(latency_buckets),
+            )?,
+            journal_batch_entries: Histogram::with_opts(
+                HistogramOpts::new(
+                    "bazaar_journal_batch_entries",
+                    "Journal entries per group commit",
+                )
+                .buckets(vec![
+                    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
+                ]),
+            )?,
+            registry,
+        };
+        metrics.register()?;
+        Ok(metrics)
+    }
+
+    fn register(&self) -> Result<(), prometheus::Error> {
+        let r = &self.registry;
+        r.register(Box::new(self.events_ingested.clone()))?;
+        r.register(Box::new(self.events_duplicate.clone()))?;
+        r.register(Box::new(self.http_request_duration.clone()))?;
+        r.register(Box::new(self.spins.clone()))?;
+        r.register(Box::new(self.jackpot_pool.clone()))?;
+        r.register(Box::new(self.jackpot_contributed.clone()))?;
+        r.register(Box::new(self.jackpot_hits.clone()))?;
+        r.register(Box::new(self.mission_steps.clone()))?;
+        r.register(Box::new(self.mission_completions.clone()))?;
+        r.register(Box::new(self.active_actors.clone()))?;
+        r.register(Box::new(self.activations.clone()))?;
+        r.register(Box::new(self.passivations.clone()))?;
+        r.register(Box::new(self.outbox_backlog.clone()))?;
+        r.register(Box::new(self.journal_flush_seconds.clone()))?;
+        r.register(Box::new(self.journal_batch_entries.clone()))?;
+        Ok(())
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buffer)
+            .expect("encoding gathered metrics into a Vec cannot fail");
+        String::from_utf8(buffer).expect("the Prometheus text format is UTF-8")
+    }
+}
+
+/// How logs are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+/// Installs the global tracing subscriber. `filter` is an `EnvFilter`
+/// directive such as `info` or `bazaar_node=debug`; `RUST_LOG` overrides it.
+/// Logs go to standard error, so standard output stays for what a command
+/// prints for its user.
+pub fn init_tracing(format: LogFormat, filter: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(colour);
+    // A second initialisation (tests starting several nodes) keeps the first.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text_with_our_names() {
+        let metrics = Metrics::new().expect("metrics register once");
+        metrics
+            .events_ingested
+            .with_label_values(&["mall", "purchase"])
+            .inc_by(3);
+        metrics
+            .jackpot_pool
+            .with_label_values(&["mall", "j"])
+            .set(1_250);
+        let text = metrics.render();
+        assert!(
+            text.contains("bazaar_events_ingested_total{kind=\"purchase\",tenant=\"mall\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE bazaar_jackpot_pool_minor gauge"),
+            "{text}"
+        );
+        assert!(
+            text.contains("bazaar_jackpot_pool_minor{jackpot=\"j\",tenant=\"mall\"} 1250"),
+            "{text}"
+        );
+    }
+}
