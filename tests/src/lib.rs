@@ -1,0 +1,411 @@
+//! The sandbox end-to-end tests run against: real `bazaar` processes on
+//! loopback ephemeral ports, each with its own temporary data directory,
+//! driven over HTTP exactly as a till or an operator would.
+//!
+//! A [`Node`] is started from the binary cargo built next to the test
+//! (`target/<profile>/bazaar`), waits until the node prints the address it
+//! listens on, and is stopped by its PID: gracefully with SIGTERM
+//! ([`Node::terminate`]), abruptly with SIGKILL ([`Node::kill`]), and always
+//! on drop. A node can be restarted on the same data directory.
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// The admin key every sandbox node is started with.
+pub const ADMIN_KEY: &str = "sandbox-admin-key-0123456789abcdef";
+
+/// How long a node may take to start (a debug build on a busy machine).
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The `bazaar` binary cargo built for this test run.
+pub fn binary() -> PathBuf {
+    let test_exe = std::env::current_exe().expect("the test knows its own path");
+    let profile_dir = test_exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("tests run from target/<profile>/deps");
+    let binary = profile_dir.join("bazaar");
+    assert!(
+        binary.exists(),
+        "{} is missing: run the tests with `cargo nextest run --workspace` (or `cargo build -p bazaar-node` first)",
+        binary.display()
+    );
+    binary
+}
+
+/// A running node and its data.
+pub struct Node {
+    child: Option<Child>,
+    pub url: String,
+    /// The data directory, kept across restarts.
+    pub data: tempfile::TempDir,
+    extra_args: Vec<String>,
+    /// Standard error of every run, for post-mortems.
+    log: PathBuf,
+    /// What the node printed on standard output before it listened.
+    pub banner: Vec<String>,
+}
+
+impl Node {
+    /// Starts a node with the sandbox admin key and `extra_args`.
+    pub fn start(extra_args: &[&str]) -> Self {
+        let data = tempfile::tempdir().expect("a temporary data directory");
+        let log = data.path().join("node.log");
+        let mut node = Self {
+            child: None,
+            url: String::new(),
+            data,
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            log,
+            banner: Vec::new(),
+        };
+        node.launch(true);
+        node
+    }
+
+    /// Starts the process (again) on the same data directory.
+    fn launch(&mut self, with_admin_key: bool) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("the node's log file opens");
+        let mut command = Command::new(binary());
+        command
+            .arg("serve")
+            .arg("--http")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(self.data.path().join("db"))
+            .args(&self.extra_args)
+            .env_remove("BAZAAR_ADMIN_KEY")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log));
+        if with_admin_key {
+            command.arg("--admin-key").arg(ADMIN_KEY);
+        }
+        let mut child = command.spawn().expect("the bazaar binary starts");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let (lines_tx, lines_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if lines_tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        self.banner.clear();
+        loop {
+            let line = match lines_rx.recv_timeout(START_TIMEOUT) {
+                Ok(line) => line,
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("the node did not start; its log:\n{}", self.log_tail());
+                }
+            };
+            if let Some(rest) = line.strip_prefix("bazaar listening on ") {
+                self.url = rest
+                    .split_whitespace()
+                    .next()
+                    .expect("an address follows")
+                    .to_owned();
+                break;
+            }
+            self.banner.push(line);
+        }
+        self.child = Some(child);
+    }
+
+    /// The process id of the running node.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the node is running").id()
+    }
+
+    /// SIGTERM, then waits for the process to exit; returns its status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("the node is running");
+        let pid = libc::pid_t::try_from(child.id()).expect("pids fit pid_t");
+        // SAFETY: signalling a child process we own, by its PID.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        child.wait().expect("the node exits after SIGTERM")
+    }
+
+    /// SIGKILL: the node dies at once, mid-flight.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("the node is running");
+        child.kill().expect("SIGKILL is delivered");
+        let _ = child.wait();
+    }
+
+    /// Starts the node again on the same data directory.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop the node before restarting it");
+        self.launch(true);
+    }
+
+    /// The last lines of everything the node logged.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// A client with the given key (or none).
+    pub fn client(&self, key: Option<&str>) -> Client {
+        Client {
+            base: self.url.clone(),
+            key: key.map(str::to_owned),
+            agent: ureq::AgentBuilder::new()
+                .timeout(Duration::from_secs(30))
+                .build(),
+        }
+    }
+
+    /// A client with the admin key.
+    pub fn admin(&self) -> Client {
+        self.client(Some(ADMIN_KEY))
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- node log ---\n{}", self.log_tail());
+        }
+    }
+}
+
+/// A status code and the JSON body (or `Value::Null` for a non-JSON body).
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub body: Value,
+    pub text: String,
+}
+
+impl Answer {
+    /// Asserts the status and returns the body.
+    #[track_caller]
+    pub fn expect(self, status: u16) -> Value {
+        assert_eq!(self.status, status, "unexpected answer: {}", self.text);
+        self.body
+    }
+
+    /// Asserts an error answer with this status, code and field.
+    #[track_caller]
+    pub fn expect_error(self, status: u16, code: &str, field: Option<&str>) -> Value {
+        assert_eq!(self.status, status, "unexpected answer: {}", self.text);
+        let error = &self.body["error"];
+        assert_eq!(error["code"], code, "unexpected error: {}", self.text);
+        assert_eq!(
+            error["field"].as_str(),
+            field,
+            "unexpected field: {}",
+            self.text
+        );
+        assert!(
+            error["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "no message: {}",
+            self.text
+        );
+        self.body
+    }
+}
+
+/// An HTTP client bound to one node and one key.
+#[derive(Clone)]
+pub struct Client {
+    base: String,
+    key: Option<String>,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    fn request(&self, method: &str, path: &str) -> ureq::Request {
+        let mut request = self
+            .agent
+            .request(method, &format!("{}{}", self.base, path));
+        if let Some(key) = &self.key {
+            request = request.set("Authorization", &format!("Bearer {key}"));
+        }
+        request
+    }
+
+    fn finish(result: Result<ureq::Response, ureq::Error>) -> Answer {
+        let response = match result {
+            Ok(response) => response,
+            Err(ureq::Error::Status(_, response)) => response,
+            Err(error) => panic!("transport error: {error}"),
+        };
+        let status = response.status();
+        let text = response.into_string().unwrap_or_default();
+        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Answer { status, body, text }
+    }
+
+    pub fn get(&self, path: &str) -> Answer {
+        Self::finish(self.request("GET", path).call())
+    }
+
+    pub fn post(&self, path: &str, body: Value) -> Answer {
+        Self::finish(self.request("POST", path).send_json(body))
+    }
+
+    pub fn put(&self, path: &str, body: Value) -> Answer {
+        Self::finish(self.request("PUT", path).send_json(body))
+    }
+
+    /// Sends `body` as is, with the given content type (or none).
+    pub fn raw(&self, method: &str, path: &str, content_type: Option<&str>, body: &str) -> Answer {
+        let mut request = self.request(method, path);
+        if let Some(content_type) = content_type {
+            request = request.set("Content-Type", content_type);
+        }
+        Self::finish(request.send_string(body))
+    }
+}
+
+/// SHA-256 commitment of API.md: hex of SHA-256 over "<trigger>:<salt>".
+pub fn commitment(trigger_minor: i64, salt_hex: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(
+        format!("{trigger_minor}:{salt_hex}").as_bytes(),
+    ))
+}
+
+/// A mall set up through the API: a tenant with keys for every role, four
+/// stores in two categories, a campaign, a wheel, a jackpot, a mission and
+/// two leaderboards.
+pub struct Mall {
+    pub tenant: String,
+    pub operator: Client,
+    pub pos: Client,
+    pub display: Client,
+}
+
+impl Mall {
+    /// Creates the mall `tenant` on `node`. `jackpot` overrides the jackpot
+    /// definition.
+    pub fn create(node: &Node, tenant: &str, jackpot: Value) -> Self {
+        let admin = node.admin();
+        admin
+            .post(
+                "/v1/tenants",
+                json!({"id": tenant, "name": format!("{tenant} mall"), "currency": "EUR"}),
+            )
+            .expect(201);
+        let key = |role: &str| {
+            let answer = admin
+                .post(&format!("/v1/tenants/{tenant}/keys"), json!({"role": role}))
+                .expect(201);
+            node.client(Some(answer["key"].as_str().expect("a key")))
+        };
+        let mall = Self {
+            tenant: tenant.to_owned(),
+            operator: key("operator"),
+            pos: key("pos"),
+            display: key("display"),
+        };
+        let op = &mall.operator;
+        for (store, category) in [
+            ("s-1", "fashion"),
+            ("s-2", "fashion"),
+            ("s-3", "food"),
+            ("s-4", "food"),
+        ] {
+            op.put(
+                &mall.path(&format!("stores/{store}")),
+                json!({"name": format!("Shop {store}"), "category": category}),
+            )
+            .expect(200);
+        }
+        op.put(
+            &mall.path("campaigns/bf"),
+            json!({
+                "name": "Black Friday", "starts_at": "2026-01-01T00:00:00Z", "ends_at": "2099-01-01T00:00:00Z",
+                "stores": null,
+                "earning": {"points_per_unit_minor": 100, "tier_multipliers_pct": {"gold": 200},
+                            "store_multipliers_pct": {"s-4": 300}, "event_bonus": {"visit": 5, "referral": 50}},
+                "tiers": [{"name": "silver", "min_points": 100}, {"name": "gold", "min_points": 5000}]
+            }),
+        )
+        .expect(200);
+        op.put(
+            &mall.path("wheels/w-main"),
+            json!({
+                "campaign": "bf", "cost": {"entitlements": 1}, "daily_limit": 3,
+                "earn": {"min_purchase_minor": 10000, "spins": 1},
+                "segments": [
+                    {"label": "50 points", "weight": 60, "prize": {"points": 50}},
+                    {"label": "coupon", "weight": 30, "prize": {"coupon": "BF"}},
+                    {"label": "cashback", "weight": 10, "prize": {"cashback_minor": 500}},
+                    {"label": "tv", "weight": 0, "prize": {"item": "TV"}, "stock": 1}
+                ]
+            }),
+        )
+        .expect(200);
+        op.put(&mall.path("jackpots/j-mall"), jackpot).expect(200);
+        op.put(
+            &mall.path("missions/m-3shops"),
+            json!({
+                "campaign": "bf", "name": "Buy in 3 different shops", "repeatable": false,
+                "steps": [{"kind": "purchase", "min_amount_minor": 1000, "count": 3, "distinct_stores": true}],
+                "reward": {"points": 300, "spins": {"wheel": "w-main", "count": 2}}
+            }),
+        )
+        .expect(200);
+        op.put(
+            &mall.path("leaderboards/lb-spend"),
+            json!({"campaign": "bf", "metric": "spend", "top_size": 10}),
+        )
+        .expect(200);
+        op.put(
+            &mall.path("leaderboards/lb-points"),
+            json!({"campaign": "bf", "metric": "points"}),
+        )
+        .expect(200);
+        mall
+    }
+
+    /// `/v1/tenants/<tenant>/<rest>`.
+    pub fn path(&self, rest: &str) -> String {
+        format!("/v1/tenants/{}/{rest}", self.tenant)
+    }
+
+    /// A purchase event body.
+    pub fn purchase(event_id: &str, customer: &str, store: &str, amount_minor: i64) -> Value {
+        json!({"event_id": event_id, "customer": customer, "store": store, "kind": "purchase", "amount_minor": amount_minor})
+    }
+}
+
+/// A jackpot definition: seed 100.00, cap 1,000.00, 10% of each purchase of
+/// at least 10.00, a fifth of that to the reserve.
+pub fn default_jackpot() -> Value {
+    json!({"campaign": "bf", "seed_minor": 10000, "cap_minor": 100000, "contribution_bps": 1000,
+           "reserve_bps": 2000, "min_purchase_minor": 1000})
+}
+
+/// Checks a jackpot view's books: seeded + contributed == pool + reserve + paid.
+#[track_caller]
+pub fn assert_books_balance(jackpot: &Value) {
+    let n = |v: &Value| v.as_i64().expect("an integer");
+    let books = &jackpot["books"];
+    assert_eq!(
+        n(&books["seeded_minor"]) + n(&books["contributed_minor"]),
+        n(&jackpot["pool_minor"]) + n(&jackpot["reserve_minor"]) + n(&books["paid_minor"]),
+        "books do not balance: {jackpot}"
+    );
+}

@@ -1,0 +1,308 @@
+//! The whole API.md flow over HTTP against a real node: set up a mall,
+//! send purchases until the jackpot hits, check the hit against its
+//! commitment, spin, read customers and leaderboards, retry everything.
+
+use bazaar_tests::{assert_books_balance, commitment, default_jackpot, Mall, Node};
+use serde_json::{json, Value};
+
+#[test]
+fn a_mall_runs_its_games_from_first_purchase_to_jackpot_hit() {
+    let node = Node::start(&[]);
+    let mall = Mall::create(&node, "mall", default_jackpot());
+    let pos = &mall.pos;
+
+    // The jackpot publishes its first commitment before any contribution.
+    let before = mall.display.get(&mall.path("jackpots/j-mall")).expect(200);
+    assert_eq!(before["cycle"], 1);
+    assert_eq!(before["pool_minor"], 10_000);
+    let first_commitment = before["commitment"]
+        .as_str()
+        .expect("a commitment")
+        .to_owned();
+    assert_eq!(first_commitment.len(), 64);
+    assert_books_balance(&before);
+
+    // One purchase: points by the earning formula, a spin from the wheel's
+    // earning rule, a contribution, mission progress.
+    let answer = pos
+        .post(
+            &mall.path("events"),
+            Mall::purchase("till-1-000001", "c-42", "s-1", 125_000),
+        )
+        .expect(200);
+    assert_eq!(answer["duplicate"], false);
+    assert_eq!(answer["points_earned"], 1_250);
+    assert_eq!(answer["points_balance"], 1_250);
+    assert_eq!(answer["tier"], "silver");
+    assert_eq!(answer["spins_granted"], json!({"w-main": 1}));
+    assert_eq!(
+        answer["missions"],
+        json!([{"mission": "m-3shops", "step": 0, "completed": false}])
+    );
+    assert_eq!(
+        answer["jackpots"],
+        json!([{"jackpot": "j-mall", "contributed_minor": 12_500, "won_minor": 0}])
+    );
+
+    // The same event again: the same answer, marked duplicate, nothing added.
+    let retry = pos
+        .post(
+            &mall.path("events"),
+            Mall::purchase("till-1-000001", "c-42", "s-1", 125_000),
+        )
+        .expect(200);
+    assert_eq!(retry["duplicate"], true);
+    let mut first = answer.clone();
+    first["duplicate"] = json!(true);
+    assert_eq!(retry, first);
+    // The same id with another body is a conflict.
+    pos.post(
+        &mall.path("events"),
+        Mall::purchase("till-1-000001", "c-42", "s-1", 1),
+    )
+    .expect_error(409, "idempotency_conflict", None);
+
+    // Store multipliers, visit bonus, mission completion with its reward.
+    let food = pos
+        .post(
+            &mall.path("events"),
+            Mall::purchase("till-2-000001", "c-42", "s-4", 1_000),
+        )
+        .expect(200);
+    assert_eq!(food["points_earned"], 30);
+    let visit = pos
+        .post(
+            &mall.path("events"),
+            json!({"event_id": "door-1", "customer": "c-42", "store": "s-2", "kind": "visit"}),
+        )
+        .expect(200);
+    assert_eq!(visit["points_earned"], 5);
+    let third = pos
+        .post(
+            &mall.path("events"),
+            Mall::purchase("till-3-000001", "c-42", "s-3", 2_000),
+        )
+        .expect(200);
+    assert_eq!(
+        third["missions"],
+        json!([{"mission": "m-3shops", "step": 1, "completed": true}])
+    );
+    assert_eq!(third["points_earned"], 20 + 300);
+    assert_eq!(third["spins_granted"], json!({"w-main": 2}));
+
+    // Purchases from many customers until the jackpot hits.
+    let mut hits = Vec::new();
+    let mut paid_in_answers = 0;
+    for n in 0..200 {
+        let event = Mall::purchase(
+            &format!("till-9-{n:06}"),
+            &format!("c-{}", n % 7),
+            "s-2",
+            50_000,
+        );
+        let answer = pos.post(&mall.path("events"), event).expect(200);
+        let won = answer["jackpots"][0]["won_minor"]
+            .as_i64()
+            .expect("won_minor");
+        if 0 < won {
+            hits.push((format!("c-{}", n % 7), won));
+            paid_in_answers += won;
+        }
+        if 2 <= hits.len() {
+            break;
+        }
+    }
+    assert_eq!(
+        hits.len(),
+        2,
+        "the pool passes the cap within 200 purchases, so it must hit"
+    );
+    let after = mall.display.get(&mall.path("jackpots/j-mall")).expect(200);
+    assert_books_balance(&after);
+    assert_eq!(after["cycle"], 3);
+    assert_eq!(after["books"]["paid_minor"], paid_in_answers);
+    let last_hit = &after["last_hit"];
+    assert_eq!(last_hit["customer"], hits[1].0.as_str());
+    assert_eq!(last_hit["amount_minor"], hits[1].1);
+    assert_eq!(last_hit["cycle"], 2);
+    // The revealed trigger and salt recompute the commitment published for
+    // that cycle, and the hit paid exactly the trigger, within (seed, cap].
+    let trigger = last_hit["trigger_minor"].as_i64().expect("trigger");
+    let salt = last_hit["salt"].as_str().expect("salt");
+    assert_eq!(last_hit["commitment"], commitment(trigger, salt).as_str());
+    assert_eq!(trigger, hits[1].1);
+    assert!(10_000 < trigger && trigger <= 100_000);
+    assert_ne!(after["commitment"], last_hit["commitment"]);
+    assert_ne!(
+        last_hit["commitment"],
+        first_commitment.as_str(),
+        "each cycle commits anew"
+    );
+
+    // Spins: three entitlements, a daily limit of three.
+    let mut draw_ids = Vec::new();
+    for n in 1..=3 {
+        let spin = pos
+            .post(
+                &mall.path("wheels/w-main/spins"),
+                json!({"customer": "c-42", "request_id": format!("spin-{n}")}),
+            )
+            .expect(200);
+        assert_ne!(
+            spin["segment"], "tv",
+            "a zero-weight segment is never drawn"
+        );
+        draw_ids.push(spin["draw_id"].as_str().expect("draw id").to_owned());
+        let again = pos
+            .post(
+                &mall.path("wheels/w-main/spins"),
+                json!({"customer": "c-42", "request_id": format!("spin-{n}")}),
+            )
+            .expect(200);
+        assert_eq!(again["duplicate"], true);
+        assert_eq!(again["draw_id"], spin["draw_id"]);
+    }
+    draw_ids.dedup();
+    assert_eq!(draw_ids.len(), 3, "each spin is its own draw");
+    let refused = pos
+        .post(
+            &mall.path("wheels/w-main/spins"),
+            json!({"customer": "c-42", "request_id": "spin-4"}),
+        )
+        .expect_error(409, "failed_precondition", None);
+    assert_eq!(refused["error"]["reason"], "daily_limit");
+    let nobody = pos
+        .post(
+            &mall.path("wheels/w-main/spins"),
+            json!({"customer": "c-newcomer", "request_id": "spin-x"}),
+        )
+        .expect_error(409, "failed_precondition", None);
+    assert_eq!(nobody["error"]["reason"], "no_entitlement");
+
+    // The customer view holds everything.
+    let customer = pos.get(&mall.path("customers/c-42")).expect(200);
+    assert_eq!(customer["customer"], "c-42");
+    assert_eq!(customer["tier"], "silver");
+    assert_eq!(customer["stats"]["purchases"], 3);
+    assert_eq!(customer["stats"]["visits"], 1);
+    assert_eq!(customer["stats"]["spend_minor"], 128_000);
+    assert_eq!(
+        customer["missions"],
+        json!([{"mission": "m-3shops", "step": 1, "completed": true}])
+    );
+    assert!(customer["stats"]["first_purchase_at"].as_str().is_some());
+    assert_eq!(
+        customer["spins"],
+        json!({}),
+        "all three entitlements were spent"
+    );
+    let balance = customer["points_balance"].as_i64().expect("balance");
+    assert!(1_250 + 30 + 5 + 320 <= balance, "{customer}");
+    pos.get(&mall.path("customers/nobody"))
+        .expect_error(404, "not_found", None);
+
+    // Leaderboards: spend, with ties broken by who got there first.
+    let top = mall
+        .display
+        .get(&mall.path("leaderboards/lb-spend?top=3"))
+        .expect(200);
+    let entries = top["entries"].as_array().expect("entries");
+    assert_eq!(entries.len(), 3);
+    assert_eq!(entries[0]["rank"], 1);
+    let scores: Vec<i64> = entries
+        .iter()
+        .map(|e| e["score"].as_i64().expect("score"))
+        .collect();
+    assert!(scores.windows(2).all(|w| w[1] <= w[0]), "{top}");
+    let around = mall
+        .display
+        .get(&mall.path("leaderboards/lb-spend/customers/c-42?around=1"))
+        .expect(200);
+    assert_eq!(around["score"], 128_000);
+    let rank = around["rank"].as_u64().expect("ranked");
+    assert!(around["around"]
+        .as_array()
+        .expect("around")
+        .iter()
+        .any(|e| e["rank"] == rank && e["customer"] == "c-42"));
+    let unranked = mall
+        .display
+        .get(&mall.path("leaderboards/lb-spend/customers/nobody"))
+        .expect(200);
+    assert_eq!(unranked["rank"], Value::Null);
+}
+
+#[test]
+fn batches_answer_each_event_in_order_and_one_bad_event_rejects_only_itself() {
+    let node = Node::start(&[]);
+    let mall = Mall::create(&node, "mall", default_jackpot());
+    let events = json!({"events": [
+        Mall::purchase("b-1", "c-1", "s-1", 5_000),
+        {"event_id": "b-2", "customer": "c-2", "store": "s-1", "kind": "purchase", "amount_minor": -3},
+        Mall::purchase("b-3", "c-3", "s-2", 7_000),
+        {"event_id": "b-4", "customer": "c-4", "kind": "teleport"},
+        Mall::purchase("b-1", "c-1", "s-1", 5_000),
+    ]});
+    let answer = mall
+        .pos
+        .post(&mall.path("events/batch"), events)
+        .expect(200);
+    let results = answer["results"].as_array().expect("results");
+    assert_eq!(results.len(), 5);
+    assert_eq!(results[0]["points_earned"], 50);
+    assert_eq!(results[1]["error"]["field"], "events[1].amount_minor");
+    assert_eq!(results[2]["event_id"], "b-3");
+    assert_eq!(results[3]["error"]["field"], "events[3].kind");
+    assert_eq!(results[4]["event_id"], "b-1");
+    // The bad events changed nothing; the good ones are all there.
+    mall.pos
+        .get(&mall.path("customers/c-2"))
+        .expect_error(404, "not_found", None);
+    assert_eq!(
+        mall.pos.get(&mall.path("customers/c-3")).expect(200)["stats"]["spend_minor"],
+        7_000
+    );
+    assert_eq!(
+        mall.pos.get(&mall.path("customers/c-1")).expect(200)["stats"]["purchases"],
+        1
+    );
+    let too_many: Vec<Value> = (0..1_001)
+        .map(|n| Mall::purchase(&format!("x-{n}"), "c-9", "s-1", 100))
+        .collect();
+    mall.pos
+        .post(&mall.path("events/batch"), json!({"events": too_many}))
+        .expect_error(400, "invalid_argument", Some("events"));
+}
+
+#[test]
+fn health_readiness_and_metrics_are_served() {
+    let node = Node::start(&[]);
+    let mall = Mall::create(&node, "mall", default_jackpot());
+    mall.pos
+        .post(
+            &mall.path("events"),
+            Mall::purchase("m-1", "c-1", "s-1", 5_000),
+        )
+        .expect(200);
+    let anonymous = node.client(None);
+    assert_eq!(anonymous.get("/healthz").status, 200);
+    assert_eq!(anonymous.get("/readyz").status, 200);
+    let metrics = anonymous.get("/metrics");
+    assert_eq!(metrics.status, 200);
+    for expected in [
+        "bazaar_events_ingested_total{kind=\"purchase\",tenant=\"mall\"} 1",
+        "bazaar_jackpot_pool_minor{jackpot=\"j-mall\",tenant=\"mall\"}",
+        "bazaar_journal_flush_seconds_bucket",
+        "bazaar_http_request_duration_seconds_bucket{code=\"200\",method=\"POST\",route=\"/v1/tenants/{tenant}/events\"",
+        "bazaar_active_actors{kind=\"customer\"} 1",
+    ] {
+        assert!(metrics.text.contains(expected), "missing {expected:?} in:\n{}", metrics.text);
+    }
+    assert!(
+        !metrics.text.contains("c-1"),
+        "customers never appear as labels"
+    );
+    anonymous
+        .get("/v1/nothing-here")
+        .expect_error(404, "not_found", None);
+}
