@@ -245,15 +245,24 @@ impl Client {
     }
 
     fn finish(result: Result<ureq::Response, ureq::Error>) -> Answer {
+        Self::try_finish(result).unwrap_or_else(|error| panic!("transport error: {error}"))
+    }
+
+    fn try_finish(result: Result<ureq::Response, ureq::Error>) -> Result<Answer, String> {
         let response = match result {
             Ok(response) => response,
             Err(ureq::Error::Status(_, response)) => response,
-            Err(error) => panic!("transport error: {error}"),
+            Err(error) => return Err(error.to_string()),
         };
         let status = response.status();
-        let text = response.into_string().unwrap_or_default();
+        let text = response.into_string().map_err(|e| e.to_string())?;
         let body = serde_json::from_str(&text).unwrap_or(Value::Null);
-        Answer { status, body, text }
+        Ok(Answer { status, body, text })
+    }
+
+    /// A POST whose transport may fail (the node may be gone).
+    pub fn try_post(&self, path: &str, body: Value) -> Result<Answer, String> {
+        Self::try_finish(self.request("POST", path).send_json(body))
     }
 
     pub fn get(&self, path: &str) -> Answer {

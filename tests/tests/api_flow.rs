@@ -39,10 +39,12 @@ fn a_mall_runs_its_games_from_first_purchase_to_jackpot_hit() {
         answer["missions"],
         json!([{"mission": "m-3shops", "step": 0, "completed": false}])
     );
-    assert_eq!(
-        answer["jackpots"],
-        json!([{"jackpot": "j-mall", "contributed_minor": 12_500, "won_minor": 0}])
-    );
+    // Whether it also hit depends on the hidden trigger: every answer's win
+    // is accounted for below.
+    assert_eq!(answer["jackpots"][0]["jackpot"], "j-mall");
+    assert_eq!(answer["jackpots"][0]["contributed_minor"], 12_500);
+    let mut hits: Vec<(String, i64)> = Vec::new();
+    record(&mut hits, "c-42", &answer);
 
     // The same event again: the same answer, marked duplicate, nothing added.
     let retry = pos
@@ -70,6 +72,7 @@ fn a_mall_runs_its_games_from_first_purchase_to_jackpot_hit() {
         )
         .expect(200);
     assert_eq!(food["points_earned"], 30);
+    record(&mut hits, "c-42", &food);
     let visit = pos
         .post(
             &mall.path("events"),
@@ -89,37 +92,28 @@ fn a_mall_runs_its_games_from_first_purchase_to_jackpot_hit() {
     );
     assert_eq!(third["points_earned"], 20 + 300);
     assert_eq!(third["spins_granted"], json!({"w-main": 2}));
+    record(&mut hits, "c-42", &third);
 
-    // Purchases from many customers until the jackpot hits.
-    let mut hits = Vec::new();
-    let mut paid_in_answers = 0;
+    // Purchases from many customers until the jackpot has hit twice: each
+    // purchase adds 4,000 to the pool, so the cap is passed within 23.
     for n in 0..200 {
-        let event = Mall::purchase(
-            &format!("till-9-{n:06}"),
-            &format!("c-{}", n % 7),
-            "s-2",
-            50_000,
-        );
-        let answer = pos.post(&mall.path("events"), event).expect(200);
-        let won = answer["jackpots"][0]["won_minor"]
-            .as_i64()
-            .expect("won_minor");
-        if 0 < won {
-            hits.push((format!("c-{}", n % 7), won));
-            paid_in_answers += won;
-        }
         if 2 <= hits.len() {
             break;
         }
+        let customer = format!("c-{}", n % 7);
+        let event = Mall::purchase(&format!("till-9-{n:06}"), &customer, "s-2", 50_000);
+        let answer = pos.post(&mall.path("events"), event).expect(200);
+        record(&mut hits, &customer, &answer);
     }
     assert_eq!(
         hits.len(),
         2,
         "the pool passes the cap within 200 purchases, so it must hit"
     );
+    let paid_in_answers: i64 = hits.iter().map(|(_, won)| won).sum();
     let after = mall.display.get(&mall.path("jackpots/j-mall")).expect(200);
     assert_books_balance(&after);
-    assert_eq!(after["cycle"], 3);
+    assert_eq!(after["cycle"], 3, "exactly one winner per cycle");
     assert_eq!(after["books"]["paid_minor"], paid_in_answers);
     let last_hit = &after["last_hit"];
     assert_eq!(last_hit["customer"], hits[1].0.as_str());
@@ -305,4 +299,12 @@ fn health_readiness_and_metrics_are_served() {
     anonymous
         .get("/v1/nothing-here")
         .expect_error(404, "not_found", None);
+}
+
+/// Notes a jackpot win in an event's answer.
+fn record(hits: &mut Vec<(String, i64)>, customer: &str, answer: &Value) {
+    let won = answer["jackpots"][0]["won_minor"].as_i64().unwrap_or(0);
+    if 0 < won {
+        hits.push((customer.to_owned(), won));
+    }
 }
