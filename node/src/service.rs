@@ -156,10 +156,7 @@ impl Service {
         let id = parse_id(kind.as_str(), id)?;
         let _guard = entry.write_lock.lock().await;
         let catalog = build(&id, &entry.catalog())?;
-        let version = self
-            .tenancy
-            .put_def(&entry, kind, &id, body, catalog)
-            .await?;
+        let version = self.tenancy.put_def(&entry, kind, &id, catalog).await?;
         tracing::info!(tenant = %entry.tenant.id, kind = kind.as_str(), id = %id, version, "definition stored");
         Ok(api::DefinitionAnswer {
             id: id.to_string(),

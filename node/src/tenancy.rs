@@ -372,28 +372,45 @@ impl Tenancy {
         Ok(tenant)
     }
 
-    /// Stores a definition and swaps in the new catalog; returns its
-    /// version. The caller holds the tenant's write lock and has validated
-    /// the definition against `catalog` (its references exist).
-    pub async fn put_def<T: Serialize>(
+    /// Stores the definition `kind`/`id` of `catalog` and swaps `catalog`
+    /// in; returns the definition's new version. The caller holds the
+    /// tenant's write lock and has validated the catalog (references exist).
+    pub async fn put_def(
         &self,
         entry: &TenantEntry,
         kind: DefKind,
         id: &Id,
-        def: &T,
         catalog: Catalog,
     ) -> ServiceResult<u64> {
         let version = entry.version(kind, id) + 1;
-        let stored = StoredDef {
-            version,
-            updated_at: crate::actor::now_millis(),
-            def,
+        let updated_at = crate::actor::now_millis();
+        fn stored<T: Serialize>(
+            version: u64,
+            updated_at: i64,
+            def: Option<&T>,
+        ) -> ServiceResult<Vec<u8>> {
+            let def = def.ok_or_else(|| {
+                ServiceError::internal("the new catalog lacks the definition being stored")
+            })?;
+            Ok(encode(&StoredDef {
+                version,
+                updated_at,
+                def,
+            }))
+        }
+        let value = match kind {
+            DefKind::Store => stored(version, updated_at, catalog.stores.get(id))?,
+            DefKind::Campaign => stored(version, updated_at, catalog.campaigns.get(id))?,
+            DefKind::Wheel => stored(version, updated_at, catalog.wheels.get(id))?,
+            DefKind::Jackpot => stored(version, updated_at, catalog.jackpots.get(id))?,
+            DefKind::Mission => stored(version, updated_at, catalog.missions.get(id))?,
+            DefKind::Leaderboard => stored(version, updated_at, catalog.leaderboards.get(id))?,
         };
         self.store
             .defs
             .insert(
                 key(&["def", entry.tenant.id.as_str(), kind.as_str(), id.as_str()]),
-                encode(&stored),
+                value,
             )
             .map_err(StorageError::from)?;
         self.store.flush_async().await?;

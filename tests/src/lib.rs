@@ -152,6 +152,28 @@ impl Node {
         self.launch(true);
     }
 
+    /// Starts a node with no bootstrap admin key: it makes one.
+    pub fn start_without_admin_key(extra_args: &[&str]) -> Self {
+        let data = tempfile::tempdir().expect("a temporary data directory");
+        let log = data.path().join("node.log");
+        let mut node = Self {
+            child: None,
+            url: String::new(),
+            data,
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            log,
+            banner: Vec::new(),
+        };
+        node.launch(false);
+        node
+    }
+
+    /// Restarts a node that runs without a bootstrap admin key.
+    pub fn restart_without_admin_key(&mut self) {
+        assert!(self.child.is_none(), "stop the node before restarting it");
+        self.launch(false);
+    }
+
     /// The last lines of everything the node logged.
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
@@ -303,6 +325,8 @@ pub struct Mall {
     pub operator: Client,
     pub pos: Client,
     pub display: Client,
+    pos_key: Option<String>,
+    display_key: Option<String>,
 }
 
 impl Mall {
@@ -320,13 +344,16 @@ impl Mall {
             let answer = admin
                 .post(&format!("/v1/tenants/{tenant}/keys"), json!({"role": role}))
                 .expect(201);
-            node.client(Some(answer["key"].as_str().expect("a key")))
+            answer["key"].as_str().expect("a key").to_owned()
         };
+        let (pos_key, display_key) = (key("pos"), key("display"));
         let mall = Self {
             tenant: tenant.to_owned(),
-            operator: key("operator"),
-            pos: key("pos"),
-            display: key("display"),
+            operator: node.client(Some(&key("operator"))),
+            pos: node.client(Some(&pos_key)),
+            display: node.client(Some(&display_key)),
+            pos_key: Some(pos_key),
+            display_key: Some(display_key),
         };
         let op = &mall.operator;
         for (store, category) in [
@@ -387,6 +414,16 @@ impl Mall {
         )
         .expect(200);
         mall
+    }
+
+    /// The pos key, to reconnect after a restart.
+    pub fn pos_key(&self) -> Option<&str> {
+        self.pos_key.as_deref()
+    }
+
+    /// A display client on `node` (after a restart the URL changes).
+    pub fn display_on(&self, node: &Node) -> Client {
+        node.client(self.display_key.as_deref())
     }
 
     /// `/v1/tenants/<tenant>/<rest>`.
