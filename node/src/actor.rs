@@ -117,6 +117,14 @@ pub trait Entity: Sized + Unpin + 'static {
         command: Self::Command,
     ) -> ServiceResult<Handled<Self::Answer>>;
 
+    /// How many changes an active entity applies between snapshots, given
+    /// the configured number. Entities whose journal entries are operations
+    /// on a large state (leaderboards) override it: their snapshots are
+    /// costly, and checkpoints and passivation take them anyway.
+    fn snapshot_every(configured: u32) -> u32 {
+        configured
+    }
+
     /// Applies a journaled change during recovery. By default the change is
     /// the whole new state.
     fn replay(state: &mut Self::State, change: &[u8]) -> StorageResult<()> {
@@ -363,7 +371,7 @@ impl<E: Entity> Handler<Request<E>> for EntityActor<E> {
             );
         }
         self.entries_since_snapshot += 1;
-        if self.node.snapshot_every <= self.entries_since_snapshot {
+        if E::snapshot_every(self.node.snapshot_every) <= self.entries_since_snapshot {
             self.snapshot();
         }
         Ok(Reply {

@@ -398,6 +398,13 @@ pub struct AroundAnswer {
     pub around: Vec<Entry>,
 }
 
+/// Audit records, oldest first: wheel draws (with the available weights
+/// and the roll) or jackpot hits (with the revealed trigger and salt).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct AuditAnswer {
+    pub records: Vec<serde_json::Value>,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct StatsAnswer {
     pub first_purchase_at: Option<String>,

@@ -518,6 +518,10 @@ impl Entity for LeaderboardEntity {
         }
     }
 
+    fn snapshot_every(_configured: u32) -> u32 {
+        u32::MAX
+    }
+
     fn replay(board: &mut Leaderboard, change: &[u8]) -> StorageResult<()> {
         let (customer, delta): (Id, i64) = decode(change)?;
         board.add(&customer, delta);

@@ -58,6 +58,7 @@ pub fn router(state: AppState) -> Router {
         .route(&format!("{tenant}/events/batch"), post(record_batch))
         .route(&format!("{tenant}/wheels/{{id}}/spins"), post(spin))
         .route(&format!("{tenant}/customers/{{id}}"), get(get_customer))
+        .route(&format!("{tenant}/audit/{{kind}}/{{id}}"), get(get_audit))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -423,6 +424,24 @@ async fn get_around(
             .leaderboard_around(bearer(&headers), &tenant, &id, &customer, around)
             .await?,
     ))
+}
+
+async fn get_audit(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path((tenant, kind, id)): Path<(String, String, String)>,
+    RawQuery(query): RawQuery,
+) -> HttpResult<Json<api::AuditAnswer>> {
+    let after = query_u32(&query, "after")?;
+    let limit = query_u32(&query, "limit")?;
+    Ok(Json(s.service.audit(
+        bearer(&headers),
+        &tenant,
+        &kind,
+        &id,
+        after,
+        limit,
+    )?))
 }
 
 async fn healthz() -> &'static str {

@@ -816,6 +816,48 @@ impl Service {
         }
     }
 
+    /// The audit records of one wheel's draws or one jackpot's hits, in
+    /// order, from `after` (a draw number or cycle) on: everything needed to
+    /// re-check each one.
+    pub fn audit(
+        &self,
+        key: Option<&str>,
+        tenant: &str,
+        kind: &str,
+        game: &str,
+        after: Option<u32>,
+        limit: Option<u32>,
+    ) -> ServiceResult<api::AuditAnswer> {
+        let (_, entry) = self.authorise(key, tenant, &[Role::Operator])?;
+        let kind = match kind {
+            "wheels" => "wheel",
+            "jackpots" => "jackpot",
+            _ => return Err(ServiceError::not_found("audit kind", kind)),
+        };
+        let game = parse_id(kind, game)?;
+        let limit = limit.unwrap_or(100);
+        if limit == 0 || 1_000 < limit {
+            return Err(ServiceError::invalid("limit", "must be between 1 and 1000"));
+        }
+        let tenant_id = entry.tenant.id.as_str();
+        let prefix = crate::storage::key(&[tenant_id, kind, game.as_str(), ""]);
+        let start = crate::storage::key(&[
+            tenant_id,
+            kind,
+            game.as_str(),
+            &format!("{:012}", after.map_or(0, |a| a + 1)),
+        ]);
+        let mut records = Vec::new();
+        for item in self.store.audit.range(start..) {
+            let (storage_key, value) = item.map_err(crate::storage::StorageError::from)?;
+            if !storage_key.starts_with(&prefix) || records.len() == limit as usize {
+                break;
+            }
+            records.push(serde_json::from_slice(&value).map_err(ServiceError::internal)?);
+        }
+        Ok(api::AuditAnswer { records })
+    }
+
     // ---------------------------------------------------- housekeeping
 
     /// Delivers every outbox message older than `min_age` (all of them at
