@@ -40,6 +40,8 @@ pub fn binary() -> PathBuf {
 /// A running node and its data.
 pub struct Node {
     child: Option<Child>,
+    /// The bootstrap admin key the node is started with, if any.
+    admin_key: Option<String>,
     pub url: String,
     /// The data directory, kept across restarts.
     pub data: tempfile::TempDir,
@@ -53,22 +55,29 @@ pub struct Node {
 impl Node {
     /// Starts a node with the sandbox admin key and `extra_args`.
     pub fn start(extra_args: &[&str]) -> Self {
+        Self::start_with(Some(ADMIN_KEY), extra_args)
+    }
+
+    /// Starts a node with the given bootstrap admin key (`None`: the node
+    /// makes one on its first start and prints it).
+    pub fn start_with(admin_key: Option<&str>, extra_args: &[&str]) -> Self {
         let data = tempfile::tempdir().expect("a temporary data directory");
         let log = data.path().join("node.log");
         let mut node = Self {
             child: None,
+            admin_key: admin_key.map(str::to_owned),
             url: String::new(),
             data,
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             log,
             banner: Vec::new(),
         };
-        node.launch(true);
+        node.launch();
         node
     }
 
     /// Starts the process (again) on the same data directory.
-    fn launch(&mut self, with_admin_key: bool) {
+    fn launch(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -87,8 +96,8 @@ impl Node {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log));
-        if with_admin_key {
-            command.arg("--admin-key").arg(ADMIN_KEY);
+        if let Some(key) = &self.admin_key {
+            command.arg("--admin-key").arg(key);
         }
         let mut child = command.spawn().expect("the bazaar binary starts");
         let stdout = child.stdout.take().expect("stdout is piped");
@@ -149,29 +158,7 @@ impl Node {
     /// Starts the node again on the same data directory.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop the node before restarting it");
-        self.launch(true);
-    }
-
-    /// Starts a node with no bootstrap admin key: it makes one.
-    pub fn start_without_admin_key(extra_args: &[&str]) -> Self {
-        let data = tempfile::tempdir().expect("a temporary data directory");
-        let log = data.path().join("node.log");
-        let mut node = Self {
-            child: None,
-            url: String::new(),
-            data,
-            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
-            log,
-            banner: Vec::new(),
-        };
-        node.launch(false);
-        node
-    }
-
-    /// Restarts a node that runs without a bootstrap admin key.
-    pub fn restart_without_admin_key(&mut self) {
-        assert!(self.child.is_none(), "stop the node before restarting it");
-        self.launch(false);
+        self.launch();
     }
 
     /// The last lines of everything the node logged.
@@ -192,9 +179,9 @@ impl Node {
         }
     }
 
-    /// A client with the admin key.
+    /// A client with the node's bootstrap admin key.
     pub fn admin(&self) -> Client {
-        self.client(Some(ADMIN_KEY))
+        self.client(self.admin_key.as_deref())
     }
 }
 

@@ -219,7 +219,7 @@ fn graceful_shutdown_passivation_and_restart_keep_everything() {
 
 #[test]
 fn a_node_without_an_admin_key_makes_one_once() {
-    let mut node = Node::start_without_admin_key(&[]);
+    let mut node = Node::start_with(None, &[]);
     let key = node
         .banner
         .iter()
@@ -237,7 +237,7 @@ fn a_node_without_an_admin_key_makes_one_once() {
         )
         .expect(201);
     node.terminate();
-    node.restart_without_admin_key();
+    node.restart();
     assert!(
         !node.banner.iter().any(|l| l.contains("bzk_")),
         "the key is printed once: {:?}",
