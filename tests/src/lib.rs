@@ -29,12 +29,46 @@ pub fn binary() -> PathBuf {
         .and_then(Path::parent)
         .expect("tests run from target/<profile>/deps");
     let binary = profile_dir.join("bazaar");
-    assert!(
-        binary.exists(),
-        "{} is missing: run the tests with `cargo nextest run --workspace` (or `cargo build -p bazaar-node` first)",
-        binary.display()
-    );
+    let built = std::fs::metadata(&binary)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| panic!("{} is missing: run the tests with scripts/test (or `cargo build --bin bazaar` first)", binary.display()));
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the repo root");
+    if let Some(newer) = newest_source(root).filter(|(changed, _)| built < *changed) {
+        panic!(
+            "{} is older than {}: rebuild it with `cargo build --bin bazaar` (scripts/test does)",
+            binary.display(),
+            newer.1.display()
+        );
+    }
     binary
+}
+
+/// The most recently changed source file of the crates the binary is built
+/// from, so a stale binary is refused rather than tested.
+fn newest_source(root: &Path) -> Option<(std::time::SystemTime, PathBuf)> {
+    let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
+    let mut stack: Vec<PathBuf> = ["games", "cluster", "observability", "node"]
+        .iter()
+        .map(|c| root.join(c).join("src"))
+        .collect();
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(changed) = entry.metadata().and_then(|m| m.modified()) {
+                if newest.as_ref().is_none_or(|(time, _)| *time < changed) {
+                    newest = Some((changed, path));
+                }
+            }
+        }
+    }
+    newest
 }
 
 /// A running node and its data.
