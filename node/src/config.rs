@@ -22,6 +22,10 @@ pub struct ServeArgs {
     /// a free port; the chosen address is printed.
     #[arg(long, env = "BAZAAR_HTTP", value_name = "ADDR")]
     pub http: Option<SocketAddr>,
+    /// Address of the gRPC API (bazaar.v1, with reflection and health)
+    /// [default: 127.0.0.1:50051]. Port 0 picks a free port.
+    #[arg(long, env = "BAZAAR_GRPC", value_name = "ADDR")]
+    pub grpc: Option<SocketAddr>,
     /// Where the node keeps its data (created if missing) [default:
     /// ./bazaar-data].
     #[arg(long, env = "BAZAAR_DATA_DIR", value_name = "DIR")]
@@ -76,6 +80,7 @@ pub enum LogFormatArg {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     http: Option<SocketAddr>,
+    grpc: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
     admin_key: Option<String>,
     #[serde(default, with = "humantime_serde_opt")]
@@ -109,6 +114,7 @@ mod humantime_serde_opt {
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     pub http: SocketAddr,
+    pub grpc: SocketAddr,
     pub data_dir: PathBuf,
     pub admin_key: Option<String>,
     pub idle_timeout: Duration,
@@ -157,6 +163,10 @@ impl NodeConfig {
                 .http
                 .or(file.http)
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            grpc: args
+                .grpc
+                .or(file.grpc)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051))),
             data_dir: args
                 .data_dir
                 .or(file.data_dir)

@@ -58,6 +58,24 @@ impl Code {
         }
     }
 
+    /// The gRPC status code of this code.
+    pub fn grpc_code(self) -> tonic::Code {
+        match self {
+            Self::InvalidArgument
+            | Self::MalformedJson
+            | Self::UnsupportedMediaType
+            | Self::PayloadTooLarge => tonic::Code::InvalidArgument,
+            Self::Unauthenticated => tonic::Code::Unauthenticated,
+            Self::PermissionDenied => tonic::Code::PermissionDenied,
+            Self::NotFound => tonic::Code::NotFound,
+            Self::AlreadyExists => tonic::Code::AlreadyExists,
+            Self::IdempotencyConflict => tonic::Code::Aborted,
+            Self::FailedPrecondition => tonic::Code::FailedPrecondition,
+            Self::Unavailable => tonic::Code::Unavailable,
+            Self::Internal => tonic::Code::Internal,
+        }
+    }
+
     /// The HTTP status of this code.
     pub fn http_status(self) -> u16 {
         match self {

@@ -20,6 +20,7 @@ pub mod api;
 pub mod config;
 pub mod entities;
 pub mod error;
+pub mod grpc;
 pub mod http;
 pub mod journal;
 pub mod outbox;
@@ -113,37 +114,62 @@ pub async fn serve(
         );
     }
 
+    let grpc_listener = tokio::net::TcpListener::bind(config.grpc)
+        .await
+        .with_context(|| format!("cannot listen on {} for gRPC", config.grpc))?;
+    let grpc_address = grpc_listener.local_addr()?;
     let listener = tokio::net::TcpListener::bind(config.http)
         .await
         .with_context(|| format!("cannot listen on {}", config.http))?;
     let address = listener.local_addr()?;
+    // The gRPC line comes first: scripts wait for the HTTP line as "ready".
+    println!("bazaar gRPC listening on {grpc_address}");
     println!(
         "bazaar listening on http://{address} (data in {})",
         config.data_dir.display()
     );
     std::io::stdout().flush()?;
-    tracing::info!(%address, data_dir = %config.data_dir.display(), "node ready");
+    tracing::info!(%address, %grpc_address, data_dir = %config.data_dir.display(), "node ready");
     service.ready.store(true, Ordering::SeqCst);
 
-    let (stop_housekeeping, stopped) = tokio::sync::watch::channel(false);
+    // One shutdown signal for both servers and the housekeeping task.
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    });
     let housekeeping = tokio::spawn(housekeeping(
         service.clone(),
         config.checkpoint_interval,
-        stopped,
+        stopping.clone(),
     ));
 
+    let routes = grpc::router(service.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("setting up gRPC: {e}"))?;
+    let grpc_server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+                stopped(stopping.clone()),
+            ),
+    );
     let app = http::router(http::AppState {
         service: service.clone(),
         max_body_bytes: config.max_body_bytes,
     });
     axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(stopped(stopping))
         .await
         .context("serving HTTP")?;
+    grpc_server
+        .await
+        .context("joining the gRPC server")?
+        .context("serving gRPC")?;
 
     tracing::info!("shutting down: requests drained, writing snapshots");
     service.ready.store(false, Ordering::SeqCst);
-    let _ = stop_housekeeping.send(true);
     let _ = housekeeping.await;
     if let Err(error) = service.checkpoint().await {
         tracing::warn!(%error, "final checkpoint failed; the next start recovers from the journal");
@@ -160,19 +186,26 @@ pub async fn serve(
     Ok(())
 }
 
+/// Resolves once the node is told to stop.
+async fn stopped(mut stopping: tokio::sync::watch::Receiver<bool>) {
+    let _ = stopping.wait_for(|stop| *stop).await;
+}
+
 /// Checkpoints and outbox redelivery, until told to stop.
 async fn housekeeping(
     service: Arc<Service>,
     checkpoint_interval: Duration,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut checkpoint = tokio::time::interval(checkpoint_interval);
     let mut redeliver = tokio::time::interval(REDELIVERY_INTERVAL);
     checkpoint.tick().await;
     redeliver.tick().await;
+    let stop = stopped(stop);
+    tokio::pin!(stop);
     loop {
         tokio::select! {
-            _ = stop.changed() => return,
+            () = &mut stop => return,
             _ = checkpoint.tick() => {
                 if let Err(error) = service.checkpoint().await {
                     tracing::warn!(%error, "checkpoint failed; will retry");

@@ -74,6 +74,8 @@ fn newest_source(root: &Path) -> Option<(std::time::SystemTime, PathBuf)> {
 /// A running node and its data.
 pub struct Node {
     child: Option<Child>,
+    /// The gRPC endpoint, `http://127.0.0.1:<port>`.
+    pub grpc: String,
     /// The bootstrap admin key the node is started with, if any.
     admin_key: Option<String>,
     pub url: String,
@@ -100,6 +102,7 @@ impl Node {
         let mut node = Self {
             child: None,
             admin_key: admin_key.map(str::to_owned),
+            grpc: String::new(),
             url: String::new(),
             data,
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
@@ -121,6 +124,8 @@ impl Node {
         command
             .arg("serve")
             .arg("--http")
+            .arg("127.0.0.1:0")
+            .arg("--grpc")
             .arg("127.0.0.1:0")
             .arg("--data-dir")
             .arg(self.data.path().join("db"))
@@ -153,6 +158,9 @@ impl Node {
                     panic!("the node did not start; its log:\n{}", self.log_tail());
                 }
             };
+            if let Some(rest) = line.strip_prefix("bazaar gRPC listening on ") {
+                self.grpc = format!("http://{}", rest.trim());
+            }
             if let Some(rest) = line.strip_prefix("bazaar listening on ") {
                 self.url = rest
                     .split_whitespace()
@@ -328,6 +336,18 @@ impl Client {
         }
         Self::finish(request.send_string(body))
     }
+}
+
+/// A tool the install script linked into `target/test-tools/`, or from PATH.
+pub fn tool(name: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the repo root");
+    let linked = root.join("target").join("test-tools").join(name);
+    if linked.exists() {
+        return linked;
+    }
+    PathBuf::from(name)
 }
 
 /// SHA-256 commitment of API.md: hex of SHA-256 over "<trigger>:<salt>".
