@@ -29,12 +29,7 @@ pub enum EntityKind {
 }
 
 impl EntityKind {
-    pub const ALL: [EntityKind; 4] = [
-        Self::Customer,
-        Self::Wheel,
-        Self::Jackpot,
-        Self::Leaderboard,
-    ];
+    pub const ALL: [EntityKind; 4] = [Self::Customer, Self::Wheel, Self::Jackpot, Self::Leaderboard];
 
     /// The kind's name in keys, metrics and logs.
     pub fn as_str(self) -> &'static str {
@@ -63,11 +58,7 @@ pub struct EntityKey {
 
 impl EntityKey {
     pub fn new(tenant: impl Into<String>, kind: EntityKind, id: impl Into<String>) -> Self {
-        Self {
-            tenant: tenant.into(),
-            kind,
-            id: id.into(),
-        }
+        Self { tenant: tenant.into(), kind, id: id.into() }
     }
 
     /// The virtual shard of this key among `shards`.
@@ -140,9 +131,6 @@ mod tests {
             counts[shard_of("mall", EntityKind::Customer, &format!("c-{n}"), shards) as usize] += 1;
         }
         // 1,000 expected per shard; a fair hash stays well within ±20%.
-        assert!(
-            counts.iter().all(|c| (800..1_200).contains(c)),
-            "{counts:?}"
-        );
+        assert!(counts.iter().all(|c| (800..1_200).contains(c)), "{counts:?}");
     }
 }

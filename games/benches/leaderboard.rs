@@ -18,20 +18,14 @@ fn member(n: u64) -> Id {
 fn board(members: u64) -> Leaderboard {
     let mut board = Leaderboard::default();
     for n in 0..members {
-        board.add(
-            &member(n),
-            1 + (n.wrapping_mul(2_654_435_761) % 1_000_000) as i64,
-        );
+        board.add(&member(n), 1 + (n.wrapping_mul(2_654_435_761) % 1_000_000) as i64);
     }
     board
 }
 
 fn sizes() -> Vec<u64> {
     match std::env::var("BAZAAR_BENCH_MEMBERS") {
-        Ok(text) => text
-            .split(',')
-            .filter_map(|n| n.trim().parse().ok())
-            .collect(),
+        Ok(text) => text.split(',').filter_map(|n| n.trim().parse().ok()).collect(),
         Err(_) => vec![1_000_000, 10_000_000],
     }
 }

@@ -67,10 +67,7 @@ impl Campaign {
         }
         let earning = &self.earning;
         if !(1..=MAX_AMOUNT_MINOR).contains(&earning.points_per_unit_minor) {
-            return Err(DefinitionError::new(
-                "earning.points_per_unit_minor",
-                "must be between 1 and 10^12",
-            ));
+            return Err(DefinitionError::new("earning.points_per_unit_minor", "must be between 1 and 10^12"));
         }
         for (tier, pct) in &earning.tier_multipliers_pct {
             if MAX_MULTIPLIER_PCT < *pct {
@@ -96,19 +93,13 @@ impl Campaign {
         }
         for (kind, bonus) in &earning.event_bonus {
             if !(0..=MAX_POINTS).contains(bonus) {
-                return Err(DefinitionError::new(
-                    format!("earning.event_bonus.{kind}"),
-                    "must be between 0 and 10^9",
-                ));
+                return Err(DefinitionError::new(format!("earning.event_bonus.{kind}"), "must be between 0 and 10^9"));
             }
         }
         for (index, tier) in self.tiers.iter().enumerate() {
             check_name(&format!("tiers[{index}].name"), &tier.name)?;
             if !(0..=i64::MAX / 2).contains(&tier.min_points) {
-                return Err(DefinitionError::new(
-                    format!("tiers[{index}].min_points"),
-                    "must not be negative",
-                ));
+                return Err(DefinitionError::new(format!("tiers[{index}].min_points"), "must not be negative"));
             }
             if 0 < index && tier.min_points <= self.tiers[index - 1].min_points {
                 return Err(DefinitionError::new(
@@ -117,10 +108,7 @@ impl Campaign {
                 ));
             }
             if self.tiers[..index].iter().any(|t| t.name == tier.name) {
-                return Err(DefinitionError::new(
-                    format!("tiers[{index}].name"),
-                    "must be unique",
-                ));
+                return Err(DefinitionError::new(format!("tiers[{index}].name"), "must be unique"));
             }
         }
         Ok(())
@@ -140,27 +128,14 @@ impl Campaign {
     /// Points the event earns under this campaign for a customer currently
     /// in `tier`: the spend rule for purchases plus the kind's bonus.
     pub fn points_for(&self, event: &Event, tier: Option<&str>) -> i64 {
-        let bonus = self
-            .earning
-            .event_bonus
-            .get(&event.kind)
-            .copied()
-            .unwrap_or(0);
+        let bonus = self.earning.event_bonus.get(&event.kind).copied().unwrap_or(0);
         if !event.kind.is_purchase() {
             return bonus;
         }
-        let tier_pct = tier
-            .and_then(|t| self.earning.tier_multipliers_pct.get(t))
-            .copied()
-            .unwrap_or(100);
-        let store_pct = event
-            .store
-            .as_ref()
-            .and_then(|s| self.earning.store_multipliers_pct.get(s))
-            .copied()
-            .unwrap_or(100);
-        let numerator =
-            i128::from(event.amount_minor) * i128::from(tier_pct) * i128::from(store_pct);
+        let tier_pct = tier.and_then(|t| self.earning.tier_multipliers_pct.get(t)).copied().unwrap_or(100);
+        let store_pct =
+            event.store.as_ref().and_then(|s| self.earning.store_multipliers_pct.get(s)).copied().unwrap_or(100);
+        let numerator = i128::from(event.amount_minor) * i128::from(tier_pct) * i128::from(store_pct);
         let denominator = i128::from(self.earning.points_per_unit_minor) * 100 * 100;
         let spend_points = i64::try_from(numerator / denominator)
             .expect("amount <= 10^12 and multipliers <= 10^4 keep the quotient far below i64::MAX");
@@ -170,11 +145,7 @@ impl Campaign {
     /// The highest tier reached with `lifetime_points`, if the campaign has
     /// tiers and the first one is reached.
     pub fn tier_for(&self, lifetime_points: i64) -> Option<&str> {
-        self.tiers
-            .iter()
-            .rev()
-            .find(|t| t.min_points <= lifetime_points)
-            .map(|t| t.name.as_str())
+        self.tiers.iter().rev().find(|t| t.min_points <= lifetime_points).map(|t| t.name.as_str())
     }
 }
 
@@ -185,10 +156,7 @@ pub(crate) fn check_name(field: &str, name: &str) -> Result<(), DefinitionError>
         return Err(DefinitionError::new(field, "must be 1-200 characters"));
     }
     if name.chars().any(char::is_control) {
-        return Err(DefinitionError::new(
-            field,
-            "must not contain control characters",
-        ));
+        return Err(DefinitionError::new(field, "must not contain control characters"));
     }
     Ok(())
 }
@@ -214,14 +182,8 @@ mod tests {
                 event_bonus: BTreeMap::from([(EventKind::Visit, 5)]),
             },
             tiers: vec![
-                TierDef {
-                    name: "silver".into(),
-                    min_points: 100,
-                },
-                TierDef {
-                    name: "gold".into(),
-                    min_points: 1_000,
-                },
+                TierDef { name: "silver".into(), min_points: 100 },
+                TierDef { name: "gold".into(), min_points: 1_000 },
             ],
         }
     }
@@ -241,11 +203,7 @@ mod tests {
     fn earning_formula_of_the_contract() {
         let c = campaign();
         let check = |store: &str, amount: i64, tier: Option<&str>, expected: i64| {
-            assert_eq!(
-                c.points_for(&purchase(store, amount), tier),
-                expected,
-                "{store} {amount} {tier:?}"
-            );
+            assert_eq!(c.points_for(&purchase(store, amount), tier), expected, "{store} {amount} {tier:?}");
         };
         check("s-1", 125_000, None, 1_250);
         check("s-1", 199, None, 1);
@@ -284,17 +242,12 @@ mod tests {
         };
         assert_eq!(campaign().validate(), Ok(()));
         check(|c| c.ends_at = c.starts_at, "ends_at");
-        check(
-            |c| c.earning.points_per_unit_minor = 0,
-            "earning.points_per_unit_minor",
-        );
+        check(|c| c.earning.points_per_unit_minor = 0, "earning.points_per_unit_minor");
         check(|c| c.name.clear(), "name");
         check(|c| c.tiers[1].min_points = 100, "tiers[1].min_points");
         check(
             |c| {
-                c.earning
-                    .tier_multipliers_pct
-                    .insert("platinum".into(), 200);
+                c.earning.tier_multipliers_pct.insert("platinum".into(), 200);
             },
             "earning.tier_multipliers_pct.platinum",
         );

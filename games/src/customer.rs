@@ -133,10 +133,7 @@ impl std::fmt::Display for SpinRefusal {
                 write!(f, "a spin of this wheel needs {needed} entitlement(s); the customer has {available}")
             }
             Self::NotEnoughPoints { needed, available } => {
-                write!(
-                    f,
-                    "a spin of this wheel costs {needed} points; the customer has {available}"
-                )
+                write!(f, "a spin of this wheel costs {needed} points; the customer has {available}")
             }
             Self::DailyLimit { limit } => {
                 write!(f, "the daily limit of {limit} spin(s) on this wheel is reached; try again tomorrow (UTC)")
@@ -158,9 +155,7 @@ impl Customer {
         for campaign_id in &campaigns {
             let campaign = &catalog.campaigns[*campaign_id];
             let points = campaign.points_for(event, tier_before.as_deref());
-            *points_by_campaign
-                .entry((*campaign_id).clone())
-                .or_insert(0) += points;
+            *points_by_campaign.entry((*campaign_id).clone()).or_insert(0) += points;
         }
 
         for (wheel_id, wheel) in &catalog.wheels {
@@ -214,11 +209,7 @@ impl Customer {
         for (wheel, spins) in &outcome.spins_granted {
             *self.spins.entry(wheel.clone()).or_insert(0) += spins;
         }
-        if let Some(tier) = campaigns
-            .iter()
-            .filter_map(|c| catalog.campaigns[*c].tier_for(self.points_earned))
-            .next()
-        {
+        if let Some(tier) = campaigns.iter().filter_map(|c| catalog.campaigns[*c].tier_for(self.points_earned)).next() {
             self.tier = Some(tier.to_owned());
         }
 
@@ -226,10 +217,7 @@ impl Customer {
             outcome.jackpots = catalog
                 .jackpots
                 .iter()
-                .filter(|(_, def)| {
-                    campaigns.contains(&&def.campaign)
-                        && def.min_purchase_minor <= event.amount_minor
-                })
+                .filter(|(_, def)| campaigns.contains(&&def.campaign) && def.min_purchase_minor <= event.amount_minor)
                 .filter(|(_, def)| 0 < def.contribution_for(event.amount_minor))
                 .map(|(id, _)| id.clone())
                 .collect();
@@ -260,13 +248,8 @@ impl Customer {
             crate::event::EventKind::Purchase => {
                 stats.purchases += 1;
                 stats.spend_minor = stats.spend_minor.saturating_add(event.amount_minor);
-                stats.first_purchase_at = Some(
-                    stats
-                        .first_purchase_at
-                        .map_or(event.at, |t| t.min(event.at)),
-                );
-                stats.last_purchase_at =
-                    Some(stats.last_purchase_at.map_or(event.at, |t| t.max(event.at)));
+                stats.first_purchase_at = Some(stats.first_purchase_at.map_or(event.at, |t| t.min(event.at)));
+                stats.last_purchase_at = Some(stats.last_purchase_at.map_or(event.at, |t| t.max(event.at)));
             }
             crate::event::EventKind::Visit => stats.visits += 1,
             _ => {}
@@ -278,28 +261,14 @@ impl Customer {
         self.points_earned = self.points_earned.saturating_add(points);
     }
 
-    fn grant_reward(
-        &mut self,
-        reward: &Reward,
-        source: &Id,
-        serial: &str,
-        event: &Event,
-        outcome: &mut EventOutcome,
-    ) {
+    fn grant_reward(&mut self, reward: &Reward, source: &Id, serial: &str, event: &Event, outcome: &mut EventOutcome) {
         if let Some(spins) = &reward.spins {
-            *outcome
-                .spins_granted
-                .entry(spins.wheel.clone())
-                .or_insert(0) += spins.count;
+            *outcome.spins_granted.entry(spins.wheel.clone()).or_insert(0) += spins.count;
         }
         if let Some(prefix) = &reward.coupon {
             let code = format!("{prefix}-{}-{source}-{serial}", event.customer);
             outcome.coupons_won.push(code.clone());
-            self.coupons.push(Coupon {
-                code,
-                source: source.clone(),
-                at: event.at,
-            });
+            self.coupons.push(Coupon { code, source: source.clone(), at: event.at });
         }
         self.engagement.last_reward_at = Some(event.at);
     }
@@ -314,11 +283,7 @@ impl Customer {
         now: UnixMillis,
     ) -> Result<(), SpinRefusal> {
         let day = now.div_euclid(DAY_MILLIS);
-        let today = self
-            .spins_today
-            .get(wheel_id)
-            .filter(|d| d.day == day)
-            .map_or(0, |d| d.count);
+        let today = self.spins_today.get(wheel_id).filter(|d| d.day == day).map_or(0, |d| d.count);
         if let Some(limit) = wheel.daily_limit {
             if limit <= today {
                 return Err(SpinRefusal::DailyLimit { limit });
@@ -334,30 +299,15 @@ impl Customer {
             }
             SpinCost::Points(needed) => {
                 if self.points_balance < needed {
-                    return Err(SpinRefusal::NotEnoughPoints {
-                        needed,
-                        available: self.points_balance,
-                    });
+                    return Err(SpinRefusal::NotEnoughPoints { needed, available: self.points_balance });
                 }
                 self.points_balance -= needed;
                 self.points_spent += needed;
             }
         }
-        self.spins_today.insert(
-            wheel_id.clone(),
-            DailyCount {
-                day,
-                count: today + 1,
-            },
-        );
-        self.pending_spins.insert(
-            request_id.clone(),
-            PendingSpin {
-                wheel: wheel_id.clone(),
-                cost: wheel.cost.clone(),
-                day,
-            },
-        );
+        self.spins_today.insert(wheel_id.clone(), DailyCount { day, count: today + 1 });
+        self.pending_spins
+            .insert(request_id.clone(), PendingSpin { wheel: wheel_id.clone(), cost: wheel.cost.clone(), day });
         self.engagement.last_played_at = Some(now);
         Ok(())
     }
@@ -365,20 +315,13 @@ impl Customer {
     /// Settles a reserved spin: credits `prize`, or refunds the cost when
     /// the wheel had nothing left (`None`). Returns false, changing nothing,
     /// when the spin is not pending (already settled).
-    pub fn settle_spin(
-        &mut self,
-        request_id: &Id,
-        prize: Option<(&WonPrize, &str)>,
-        now: UnixMillis,
-    ) -> bool {
+    pub fn settle_spin(&mut self, request_id: &Id, prize: Option<(&WonPrize, &str)>, now: UnixMillis) -> bool {
         let Some(pending) = self.pending_spins.remove(request_id) else {
             return false;
         };
         let Some((prize, draw_id)) = prize else {
             match pending.cost {
-                SpinCost::Entitlements(n) => {
-                    *self.spins.entry(pending.wheel.clone()).or_insert(0) += n
-                }
+                SpinCost::Entitlements(n) => *self.spins.entry(pending.wheel.clone()).or_insert(0) += n,
                 SpinCost::Points(n) => {
                     self.points_balance += n;
                     self.points_spent -= n;
@@ -394,11 +337,9 @@ impl Customer {
         match prize {
             WonPrize::Points(n) => self.credit_points(*n),
             WonPrize::Spins(n) => *self.spins.entry(pending.wheel.clone()).or_insert(0) += n,
-            WonPrize::Coupon(code) => self.coupons.push(Coupon {
-                code: code.clone(),
-                source: pending.wheel.clone(),
-                at: now,
-            }),
+            WonPrize::Coupon(code) => {
+                self.coupons.push(Coupon { code: code.clone(), source: pending.wheel.clone(), at: now })
+            }
             WonPrize::CashbackMinor(n) => self.wallet_minor = self.wallet_minor.saturating_add(*n),
             WonPrize::Item(item) => self.items.push(ItemWon {
                 item: item.clone(),
@@ -435,13 +376,7 @@ mod tests {
     fn catalog() -> Catalog {
         let mut catalog = Catalog::default();
         for n in 1..=4 {
-            catalog.stores.insert(
-                id(&format!("s-{n}")),
-                StoreDef {
-                    name: format!("Shop {n}"),
-                    category: id("food"),
-                },
-            );
+            catalog.stores.insert(id(&format!("s-{n}")), StoreDef { name: format!("Shop {n}"), category: id("food") });
         }
         catalog.campaigns.insert(
             id("bf"),
@@ -457,14 +392,8 @@ mod tests {
                     event_bonus: BTreeMap::from([(EventKind::Visit, 3)]),
                 },
                 tiers: vec![
-                    TierDef {
-                        name: "silver".into(),
-                        min_points: 100,
-                    },
-                    TierDef {
-                        name: "gold".into(),
-                        min_points: 1_000,
-                    },
+                    TierDef { name: "silver".into(), min_points: 100 },
+                    TierDef { name: "gold".into(), min_points: 1_000 },
                 ],
             },
         );
@@ -474,16 +403,8 @@ mod tests {
                 campaign: id("bf"),
                 cost: SpinCost::Entitlements(1),
                 daily_limit: Some(2),
-                segments: vec![Segment {
-                    label: "ten".into(),
-                    weight: 1,
-                    prize: Prize::Points(10),
-                    stock: None,
-                }],
-                earn: Some(SpinEarning {
-                    min_purchase_minor: 10_000,
-                    spins: 1,
-                }),
+                segments: vec![Segment { label: "ten".into(), weight: 1, prize: Prize::Points(10), stock: None }],
+                earn: Some(SpinEarning { min_purchase_minor: 10_000, spins: 1 }),
             },
         );
         catalog.jackpots.insert(
@@ -514,32 +435,19 @@ mod tests {
                 }],
                 reward: Some(Reward {
                     points: 50,
-                    spins: Some(SpinReward {
-                        wheel: id("w"),
-                        count: 2,
-                    }),
+                    spins: Some(SpinReward { wheel: id("w"), count: 2 }),
                     coupon: Some("GIFT".into()),
                 }),
                 starts_at: None,
                 ends_at: None,
             },
         );
-        catalog.leaderboards.insert(
-            id("lb-spend"),
-            LeaderboardDef {
-                campaign: id("bf"),
-                metric: Metric::Spend,
-                top_size: 10,
-            },
-        );
-        catalog.leaderboards.insert(
-            id("lb-points"),
-            LeaderboardDef {
-                campaign: id("bf"),
-                metric: Metric::Points,
-                top_size: 10,
-            },
-        );
+        catalog
+            .leaderboards
+            .insert(id("lb-spend"), LeaderboardDef { campaign: id("bf"), metric: Metric::Spend, top_size: 10 });
+        catalog
+            .leaderboards
+            .insert(id("lb-points"), LeaderboardDef { campaign: id("bf"), metric: Metric::Points, top_size: 10 });
         catalog
     }
 
@@ -561,18 +469,8 @@ mod tests {
         assert_eq!(outcome.points_earned, 200);
         assert_eq!(outcome.spins_granted, BTreeMap::from([(id("w"), 1)]));
         assert_eq!(outcome.jackpots, vec![id("j")]);
-        assert_eq!(
-            outcome.leaderboard_deltas,
-            vec![(id("lb-points"), 200), (id("lb-spend"), 20_000)]
-        );
-        assert_eq!(
-            outcome.missions,
-            vec![MissionStatus {
-                mission: id("m"),
-                step: 0,
-                completed: false
-            }]
-        );
+        assert_eq!(outcome.leaderboard_deltas, vec![(id("lb-points"), 200), (id("lb-spend"), 20_000)]);
+        assert_eq!(outcome.missions, vec![MissionStatus { mission: id("m"), step: 0, completed: false }]);
         assert_eq!(customer.points_balance, 200);
         assert_eq!(customer.tier.as_deref(), Some("silver"));
         assert_eq!(customer.stats.purchases, 1);
@@ -585,14 +483,7 @@ mod tests {
         let catalog = catalog();
         customer.apply_event(&purchase(1, "s-1", 1_000), &catalog);
         let outcome = customer.apply_event(&purchase(2, "s-2", 1_000), &catalog);
-        assert_eq!(
-            outcome.missions,
-            vec![MissionStatus {
-                mission: id("m"),
-                step: 1,
-                completed: true
-            }]
-        );
+        assert_eq!(outcome.missions, vec![MissionStatus { mission: id("m"), step: 1, completed: true }]);
         assert_eq!(outcome.points_earned, 10 + 50);
         assert_eq!(outcome.spins_granted, BTreeMap::from([(id("w"), 2)]));
         assert_eq!(outcome.coupons_won.len(), 1);
@@ -618,37 +509,20 @@ mod tests {
         let mut customer = Customer::default();
         assert_eq!(
             customer.reserve_spin(&id("w"), wheel, &id("r-1"), 0),
-            Err(SpinRefusal::NoEntitlement {
-                needed: 1,
-                available: 0
-            })
+            Err(SpinRefusal::NoEntitlement { needed: 1, available: 0 })
         );
         customer.spins.insert(id("w"), 5);
-        customer
-            .reserve_spin(&id("w"), wheel, &id("r-1"), 0)
-            .expect("entitled");
-        customer
-            .reserve_spin(&id("w"), wheel, &id("r-2"), 0)
-            .expect("entitled");
-        assert_eq!(
-            customer.reserve_spin(&id("w"), wheel, &id("r-3"), 0),
-            Err(SpinRefusal::DailyLimit { limit: 2 })
-        );
+        customer.reserve_spin(&id("w"), wheel, &id("r-1"), 0).expect("entitled");
+        customer.reserve_spin(&id("w"), wheel, &id("r-2"), 0).expect("entitled");
+        assert_eq!(customer.reserve_spin(&id("w"), wheel, &id("r-3"), 0), Err(SpinRefusal::DailyLimit { limit: 2 }));
         assert!(customer.settle_spin(&id("r-1"), Some((&WonPrize::Points(10), "w-1")), 0));
-        assert!(
-            !customer.settle_spin(&id("r-1"), Some((&WonPrize::Points(10), "w-1")), 0),
-            "settles once"
-        );
+        assert!(!customer.settle_spin(&id("r-1"), Some((&WonPrize::Points(10), "w-1")), 0), "settles once");
         assert!(customer.settle_spin(&id("r-2"), None, 0), "refund");
         assert_eq!(customer.spins[&id("w")], 4);
         assert_eq!(customer.points_balance, 10);
         // The refund gave the day's spin back; the next day starts afresh.
-        customer
-            .reserve_spin(&id("w"), wheel, &id("r-3"), 0)
-            .expect("refunded spin frees the limit");
-        customer
-            .reserve_spin(&id("w"), wheel, &id("r-4"), DAY_MILLIS)
-            .expect("new day");
+        customer.reserve_spin(&id("w"), wheel, &id("r-3"), 0).expect("refunded spin frees the limit");
+        customer.reserve_spin(&id("w"), wheel, &id("r-4"), DAY_MILLIS).expect("new day");
     }
 
     proptest! {

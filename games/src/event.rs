@@ -35,9 +35,7 @@ impl EventKind {
                 let name = other.strip_prefix("custom:").ok_or(UnknownKind)?;
                 let valid = !name.is_empty()
                     && name.len() <= 64
-                    && name.chars().all(|c| {
-                        c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-'
-                    });
+                    && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
                 if valid {
                     Ok(Self::Custom(name.to_owned()))
                 } else {
@@ -106,25 +104,13 @@ mod tests {
         check("visit", Ok(EventKind::Visit));
         check("profile_completed", Ok(EventKind::ProfileCompleted));
         check("referral", Ok(EventKind::Referral));
-        check(
-            "custom:app_review",
-            Ok(EventKind::Custom("app_review".into())),
-        );
+        check("custom:app_review", Ok(EventKind::Custom("app_review".into())));
         check("custom:", Err(UnknownKind));
         check("custom:Bad Name", Err(UnknownKind));
         check("refund", Err(UnknownKind));
         check("Purchase", Err(UnknownKind));
-        for text in [
-            "purchase",
-            "visit",
-            "profile_completed",
-            "referral",
-            "custom:x-1",
-        ] {
-            assert_eq!(
-                EventKind::parse(text).map(|k| k.to_string()),
-                Ok(text.to_owned())
-            );
+        for text in ["purchase", "visit", "profile_completed", "referral", "custom:x-1"] {
+            assert_eq!(EventKind::parse(text).map(|k| k.to_string()), Ok(text.to_owned()));
         }
     }
 }

@@ -37,10 +37,7 @@ impl Id {
         if MAX_ID_LEN < length {
             return Err(IdError::TooLong(length));
         }
-        if let Some(bad) = text
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')))
-        {
+        if let Some(bad) = text.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-'))) {
             return Err(IdError::BadCharacter(bad));
         }
         Ok(Self(text.to_owned()))

@@ -40,25 +40,16 @@ pub struct JackpotDef {
 impl JackpotDef {
     pub fn validate(&self) -> Result<(), DefinitionError> {
         if !(0..=MAX_AMOUNT_MINOR).contains(&self.seed_minor) {
-            return Err(DefinitionError::new(
-                "seed_minor",
-                "must be between 0 and 10^12",
-            ));
+            return Err(DefinitionError::new("seed_minor", "must be between 0 and 10^12"));
         }
         if self.cap_minor <= self.seed_minor {
-            return Err(DefinitionError::new(
-                "cap_minor",
-                "must be greater than seed_minor",
-            ));
+            return Err(DefinitionError::new("cap_minor", "must be greater than seed_minor"));
         }
         if MAX_AMOUNT_MINOR < self.cap_minor {
             return Err(DefinitionError::new("cap_minor", "must be at most 10^12"));
         }
         if self.contribution_bps == 0 || 10_000 < self.contribution_bps {
-            return Err(DefinitionError::new(
-                "contribution_bps",
-                "must be between 1 and 10000 basis points",
-            ));
+            return Err(DefinitionError::new("contribution_bps", "must be between 1 and 10000 basis points"));
         }
         if 10_000 <= self.reserve_bps {
             return Err(DefinitionError::new(
@@ -67,10 +58,7 @@ impl JackpotDef {
             ));
         }
         if !(0..=MAX_AMOUNT_MINOR).contains(&self.min_purchase_minor) {
-            return Err(DefinitionError::new(
-                "min_purchase_minor",
-                "must be between 0 and 10^12",
-            ));
+            return Err(DefinitionError::new("min_purchase_minor", "must be between 0 and 10^12"));
         }
         Ok(())
     }
@@ -117,10 +105,7 @@ impl Secret {
     fn draw(seed_minor: i64, cap_minor: i64, rng: &mut impl Rng) -> Self {
         let mut salt = [0u8; 32];
         rng.fill(&mut salt);
-        Self {
-            trigger_minor: rng.gen_range(seed_minor + 1..=cap_minor),
-            salt,
-        }
+        Self { trigger_minor: rng.gen_range(seed_minor + 1..=cap_minor), salt }
     }
 
     /// The public commitment of API.md.
@@ -132,9 +117,7 @@ impl Secret {
 /// Lowercase hex SHA-256 of `"<trigger_minor>:<salt_hex>"`: what anyone can
 /// recompute from a hit to check it against the published commitment.
 pub fn commitment(trigger_minor: i64, salt_hex: &str) -> String {
-    hex::encode(Sha256::digest(
-        format!("{trigger_minor}:{salt_hex}").as_bytes(),
-    ))
+    hex::encode(Sha256::digest(format!("{trigger_minor}:{salt_hex}").as_bytes()))
 }
 
 /// A jackpot's live state.
@@ -172,10 +155,7 @@ impl JackpotState {
             cycle_cap_minor: def.cap_minor,
             commitment: secret.commitment(),
             secret,
-            books: Books {
-                seeded_minor: def.seed_minor,
-                ..Books::default()
-            },
+            books: Books { seeded_minor: def.seed_minor, ..Books::default() },
             last_hit: None,
         }
     }
@@ -193,11 +173,7 @@ impl JackpotState {
     ) -> ContributionOutcome {
         let contributed = def.contribution_for(amount_minor);
         if contributed == 0 {
-            return ContributionOutcome {
-                contributed_minor: 0,
-                won_minor: 0,
-                hit: None,
-            };
+            return ContributionOutcome { contributed_minor: 0, won_minor: 0, hit: None };
         }
         let to_reserve = contributed * i64::from(def.reserve_bps) / BPS_WHOLE;
         let to_pool = contributed - to_reserve;
@@ -206,11 +182,7 @@ impl JackpotState {
         let trigger = self.secret.trigger_minor;
         if self.pool_minor + to_pool < trigger {
             self.pool_minor += to_pool;
-            return ContributionOutcome {
-                contributed_minor: contributed,
-                won_minor: 0,
-                hit: None,
-            };
+            return ContributionOutcome { contributed_minor: contributed, won_minor: 0, hit: None };
         }
         // This contribution reaches the trigger: the pool stops at it, the
         // excess funds the reserve, and the whole pool is paid out.
@@ -228,11 +200,7 @@ impl JackpotState {
         };
         self.last_hit = Some(hit.clone());
         self.next_cycle(def, rng);
-        ContributionOutcome {
-            contributed_minor: contributed,
-            won_minor: won,
-            hit: Some(hit),
-        }
+        ContributionOutcome { contributed_minor: contributed, won_minor: won, hit: Some(hit) }
     }
 
     /// Seeds the next cycle from the reserve (the house tops up what the
@@ -252,8 +220,7 @@ impl JackpotState {
     /// Whether the books balance: `seeded + contributed == pool + reserve + paid`.
     pub fn books_balance(&self) -> bool {
         let books = &self.books;
-        books.seeded_minor + books.contributed_minor
-            == self.pool_minor + self.reserve_minor + books.paid_minor
+        books.seeded_minor + books.contributed_minor == self.pool_minor + self.reserve_minor + books.paid_minor
     }
 }
 
@@ -282,16 +249,10 @@ mod tests {
     #[test]
     fn commitment_matches_the_contract() {
         // echo -n "150000:00ff" | sha256sum
-        assert_eq!(
-            commitment(150_000, "00ff"),
-            hex::encode(Sha256::digest(b"150000:00ff"))
-        );
+        assert_eq!(commitment(150_000, "00ff"), hex::encode(Sha256::digest(b"150000:00ff")));
         let mut rng = ChaCha20Rng::seed_from_u64(1);
         let state = JackpotState::start(&def(), &mut rng);
-        assert_eq!(
-            state.commitment,
-            commitment(state.secret.trigger_minor, &hex::encode(state.secret.salt))
-        );
+        assert_eq!(state.commitment, commitment(state.secret.trigger_minor, &hex::encode(state.secret.salt)));
         assert!(100_000 < state.secret.trigger_minor && state.secret.trigger_minor <= 200_000);
     }
 

@@ -51,10 +51,7 @@ pub const MAX_ENTRIES: u32 = 1_000;
 impl LeaderboardDef {
     pub fn validate(&self) -> Result<(), DefinitionError> {
         if self.top_size == 0 || MAX_ENTRIES < self.top_size {
-            return Err(DefinitionError::new(
-                "top_size",
-                "must be between 1 and 1000",
-            ));
+            return Err(DefinitionError::new("top_size", "must be between 1 and 1000"));
         }
         Ok(())
     }
@@ -89,10 +86,7 @@ struct Members {
 
 impl From<Members> for Leaderboard {
     fn from(members: Members) -> Self {
-        let mut board = Leaderboard {
-            next_seq: members.next_seq,
-            ..Leaderboard::default()
-        };
+        let mut board = Leaderboard { next_seq: members.next_seq, ..Leaderboard::default() };
         for (customer, score, seq) in members.members {
             board.order.insert((Reverse(score), seq, customer.clone()));
             board.scores.insert(customer, (score, seq));
@@ -105,11 +99,7 @@ impl From<Leaderboard> for Members {
     fn from(board: Leaderboard) -> Self {
         Members {
             next_seq: board.next_seq,
-            members: board
-                .order
-                .into_iter()
-                .map(|(Reverse(score), seq, customer)| (customer, score, seq))
-                .collect(),
+            members: board.order.into_iter().map(|(Reverse(score), seq, customer)| (customer, score, seq)).collect(),
         }
     }
 }
@@ -155,11 +145,7 @@ impl Leaderboard {
             .order
             .rank_of(&(Reverse(score), seq, customer.clone()))
             .expect("every member in `scores` is in `order`");
-        Some(Entry {
-            rank: index as u64 + 1,
-            customer: customer.clone(),
-            score,
-        })
+        Some(Entry { rank: index as u64 + 1, customer: customer.clone(), score })
     }
 
     /// The first `n` entries.
@@ -181,13 +167,11 @@ impl Leaderboard {
     fn range(&self, start: usize, count: usize) -> Vec<Entry> {
         (start..start.saturating_add(count))
             .map_while(|index| {
-                self.order
-                    .get_by_rank(index)
-                    .map(|(Reverse(score), _, customer)| Entry {
-                        rank: index as u64 + 1,
-                        customer: customer.clone(),
-                        score: *score,
-                    })
+                self.order.get_by_rank(index).map(|(Reverse(score), _, customer)| Entry {
+                    rank: index as u64 + 1,
+                    customer: customer.clone(),
+                    score: *score,
+                })
             })
             .collect()
     }
@@ -209,19 +193,11 @@ mod tests {
         board.add(&id(2), 80);
         board.add(&id(3), 30);
         board.add(&id(3), 20); // reaches 50 after c-1
-        let top: Vec<(u64, Id, i64)> = board
-            .top(10)
-            .into_iter()
-            .map(|e| (e.rank, e.customer, e.score))
-            .collect();
+        let top: Vec<(u64, Id, i64)> = board.top(10).into_iter().map(|e| (e.rank, e.customer, e.score)).collect();
         assert_eq!(top, vec![(1, id(2), 80), (2, id(1), 50), (3, id(3), 50)]);
         assert_eq!(board.rank(&id(3)).map(|e| e.rank), Some(3));
         assert_eq!(board.rank(&id(9)), None);
-        let around: Vec<u64> = board
-            .around(&id(1), 1)
-            .into_iter()
-            .map(|e| e.rank)
-            .collect();
+        let around: Vec<u64> = board.around(&id(1), 1).into_iter().map(|e| e.rank).collect();
         assert_eq!(around, vec![1, 2, 3]);
         assert_eq!(board.around(&id(2), 5).len(), 3);
     }

@@ -38,17 +38,11 @@ pub struct SpinReward {
 impl Reward {
     fn validate(&self, field: &str) -> Result<(), DefinitionError> {
         if !(0..=MAX_POINTS).contains(&self.points) {
-            return Err(DefinitionError::new(
-                format!("{field}.points"),
-                "must be between 0 and 10^9",
-            ));
+            return Err(DefinitionError::new(format!("{field}.points"), "must be between 0 and 10^9"));
         }
         if let Some(spins) = &self.spins {
             if spins.count == 0 || 100 < spins.count {
-                return Err(DefinitionError::new(
-                    format!("{field}.spins.count"),
-                    "must be between 1 and 100",
-                ));
+                return Err(DefinitionError::new(format!("{field}.spins.count"), "must be between 1 and 100"));
             }
         }
         if let Some(prefix) = &self.coupon {
@@ -107,30 +101,18 @@ impl MissionDef {
     pub fn validate(&self) -> Result<(), DefinitionError> {
         crate::campaign::check_name("name", &self.name)?;
         if self.steps.is_empty() || 20 < self.steps.len() {
-            return Err(DefinitionError::new(
-                "steps",
-                "must have between 1 and 20 steps",
-            ));
+            return Err(DefinitionError::new("steps", "must have between 1 and 20 steps"));
         }
         for (index, step) in self.steps.iter().enumerate() {
             let field = |name: &str| format!("steps[{index}].{name}");
             if !(0..=MAX_AMOUNT_MINOR).contains(&step.min_amount_minor) {
-                return Err(DefinitionError::new(
-                    field("min_amount_minor"),
-                    "must be between 0 and 10^12",
-                ));
+                return Err(DefinitionError::new(field("min_amount_minor"), "must be between 0 and 10^12"));
             }
             if step.count == 0 || 10_000 < step.count {
-                return Err(DefinitionError::new(
-                    field("count"),
-                    "must be between 1 and 10000",
-                ));
+                return Err(DefinitionError::new(field("count"), "must be between 1 and 10000"));
             }
             if step.distinct_stores && step.store.is_some() {
-                return Err(DefinitionError::new(
-                    field("distinct_stores"),
-                    "cannot be combined with a single store",
-                ));
+                return Err(DefinitionError::new(field("distinct_stores"), "cannot be combined with a single store"));
             }
             if let Some(reward) = &step.reward {
                 reward.validate(&field("reward"))?;
@@ -195,10 +177,7 @@ pub fn advance(
     let step = &def.steps[progress.step];
     let matches = step.kind == event.kind
         && step.min_amount_minor <= event.amount_minor
-        && step
-            .store
-            .as_ref()
-            .is_none_or(|s| event.store.as_ref() == Some(s))
+        && step.store.as_ref().is_none_or(|s| event.store.as_ref() == Some(s))
         && step.category.as_ref().is_none_or(|c| category == Some(c));
     if !matches {
         return None;
@@ -213,12 +192,8 @@ pub fn advance(
         progress.count += 1;
         progress.count >= step.count
     };
-    let mut result = Advance {
-        steps_done: progress.step,
-        step_completed: false,
-        mission_completed: false,
-        rewards: Vec::new(),
-    };
+    let mut result =
+        Advance { steps_done: progress.step, step_completed: false, mission_completed: false, rewards: Vec::new() };
     if reached {
         result.rewards.extend(step.reward.clone());
         progress.step += 1;
@@ -260,10 +235,7 @@ mod tests {
                     category: None,
                     count: 1,
                     distinct_stores: false,
-                    reward: Some(Reward {
-                        points: 10,
-                        ..Reward::default()
-                    }),
+                    reward: Some(Reward { points: 10, ..Reward::default() }),
                 },
                 Step {
                     kind: EventKind::Purchase,
@@ -275,24 +247,14 @@ mod tests {
                     reward: None,
                 },
             ],
-            reward: Some(Reward {
-                points: 500,
-                ..Reward::default()
-            }),
+            reward: Some(Reward { points: 500, ..Reward::default() }),
             starts_at: None,
             ends_at: None,
         }
     }
 
     fn event(kind: EventKind, store: &str, amount_minor: i64) -> Event {
-        Event {
-            event_id: id("e"),
-            customer: id("c"),
-            store: Some(id(store)),
-            kind,
-            amount_minor,
-            at: 0,
-        }
+        Event { event_id: id("e"), customer: id("c"), store: Some(id(store)), kind, amount_minor, at: 0 }
     }
 
     #[test]
@@ -300,34 +262,21 @@ mod tests {
         let def = three_shops();
         let mut p = MissionProgress::default();
         // A purchase before the visit step does not count.
-        assert_eq!(
-            advance(&def, &mut p, &event(EventKind::Purchase, "s1", 5_000), None),
-            None
-        );
+        assert_eq!(advance(&def, &mut p, &event(EventKind::Purchase, "s1", 5_000), None), None);
         let visit = advance(&def, &mut p, &event(EventKind::Visit, "s1", 0), None).expect("counts");
         assert!(visit.step_completed);
         assert_eq!(visit.rewards[0].points, 10);
         assert!(advance(&def, &mut p, &event(EventKind::Purchase, "s1", 5_000), None).is_some());
         // The same shop again, and a purchase under the minimum, do not count.
-        assert_eq!(
-            advance(&def, &mut p, &event(EventKind::Purchase, "s1", 5_000), None),
-            None
-        );
-        assert_eq!(
-            advance(&def, &mut p, &event(EventKind::Purchase, "s2", 999), None),
-            None
-        );
+        assert_eq!(advance(&def, &mut p, &event(EventKind::Purchase, "s1", 5_000), None), None);
+        assert_eq!(advance(&def, &mut p, &event(EventKind::Purchase, "s2", 999), None), None);
         assert!(advance(&def, &mut p, &event(EventKind::Purchase, "s2", 5_000), None).is_some());
-        let done =
-            advance(&def, &mut p, &event(EventKind::Purchase, "s3", 5_000), None).expect("counts");
+        let done = advance(&def, &mut p, &event(EventKind::Purchase, "s3", 5_000), None).expect("counts");
         assert!(done.mission_completed);
         assert_eq!(done.steps_done, 2);
         assert_eq!(done.rewards.iter().map(|r| r.points).sum::<i64>(), 500);
         // Done once: nothing more counts.
-        assert_eq!(
-            advance(&def, &mut p, &event(EventKind::Visit, "s1", 0), None),
-            None
-        );
+        assert_eq!(advance(&def, &mut p, &event(EventKind::Visit, "s1", 0), None), None);
         assert_eq!(p.completions, 1);
     }
 
@@ -338,17 +287,9 @@ mod tests {
         def.starts_at = Some(10);
         let mut p = MissionProgress::default();
         let mut visit = event(EventKind::Visit, "s1", 0);
-        assert_eq!(
-            advance(&def, &mut p, &visit, Some(&id("food"))),
-            None,
-            "before the window"
-        );
+        assert_eq!(advance(&def, &mut p, &visit, Some(&id("food"))), None, "before the window");
         visit.at = 10;
-        assert_eq!(
-            advance(&def, &mut p, &visit, Some(&id("fashion"))),
-            None,
-            "wrong category"
-        );
+        assert_eq!(advance(&def, &mut p, &visit, Some(&id("fashion"))), None, "wrong category");
         assert!(advance(&def, &mut p, &visit, Some(&id("food"))).is_some());
     }
 
@@ -362,19 +303,8 @@ mod tests {
         assert_eq!(three_shops().validate(), Ok(()));
         check(|d| d.steps.clear(), "steps");
         check(|d| d.steps[1].count = 0, "steps[1].count");
-        check(
-            |d| d.steps[0].min_amount_minor = -1,
-            "steps[0].min_amount_minor",
-        );
-        check(
-            |d| {
-                d.reward = Some(Reward {
-                    points: -1,
-                    ..Reward::default()
-                })
-            },
-            "reward.points",
-        );
+        check(|d| d.steps[0].min_amount_minor = -1, "steps[0].min_amount_minor");
+        check(|d| d.reward = Some(Reward { points: -1, ..Reward::default() }), "reward.points");
     }
 
     proptest! {

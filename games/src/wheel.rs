@@ -81,78 +81,43 @@ impl WheelDef {
     pub fn validate(&self) -> Result<(), DefinitionError> {
         match self.cost {
             SpinCost::Entitlements(n) if n == 0 || 100 < n => {
-                return Err(DefinitionError::new(
-                    "cost.entitlements",
-                    "must be between 1 and 100",
-                ))
+                return Err(DefinitionError::new("cost.entitlements", "must be between 1 and 100"))
             }
             SpinCost::Points(n) if !(1..=MAX_POINTS).contains(&n) => {
-                return Err(DefinitionError::new(
-                    "cost.points",
-                    "must be between 1 and 10^9",
-                ))
+                return Err(DefinitionError::new("cost.points", "must be between 1 and 10^9"))
             }
             _ => {}
         }
         if self.daily_limit == Some(0) {
-            return Err(DefinitionError::new(
-                "daily_limit",
-                "must be at least 1, or null for no limit",
-            ));
+            return Err(DefinitionError::new("daily_limit", "must be at least 1, or null for no limit"));
         }
         if self.segments.is_empty() || MAX_SEGMENTS < self.segments.len() {
-            return Err(DefinitionError::new(
-                "segments",
-                "must have between 1 and 64 segments",
-            ));
+            return Err(DefinitionError::new("segments", "must have between 1 and 64 segments"));
         }
         let total: u64 = self.segments.iter().map(|s| u64::from(s.weight)).sum();
         if total == 0 {
-            return Err(DefinitionError::new(
-                "segments",
-                "weights must not sum to zero",
-            ));
+            return Err(DefinitionError::new("segments", "weights must not sum to zero"));
         }
         for (index, segment) in self.segments.iter().enumerate() {
             let field = |name: &str| format!("segments[{index}].{name}");
             crate::campaign::check_name(&field("label"), &segment.label)?;
-            if self.segments[..index]
-                .iter()
-                .any(|s| s.label == segment.label)
-            {
-                return Err(DefinitionError::new(
-                    field("label"),
-                    "must be unique within the wheel",
-                ));
+            if self.segments[..index].iter().any(|s| s.label == segment.label) {
+                return Err(DefinitionError::new(field("label"), "must be unique within the wheel"));
             }
             if 1_000_000 < segment.weight {
-                return Err(DefinitionError::new(
-                    field("weight"),
-                    "must be between 0 and 10^6",
-                ));
+                return Err(DefinitionError::new(field("weight"), "must be between 0 and 10^6"));
             }
             match &segment.prize {
                 Prize::Points(n) if !(1..=MAX_POINTS).contains(n) => {
-                    return Err(DefinitionError::new(
-                        field("prize.points"),
-                        "must be between 1 and 10^9",
-                    ))
+                    return Err(DefinitionError::new(field("prize.points"), "must be between 1 and 10^9"))
                 }
                 Prize::Spins(n) if *n == 0 || 100 < *n => {
-                    return Err(DefinitionError::new(
-                        field("prize.spins"),
-                        "must be between 1 and 100",
-                    ))
+                    return Err(DefinitionError::new(field("prize.spins"), "must be between 1 and 100"))
                 }
                 Prize::CashbackMinor(n) if !(1..=MAX_AMOUNT_MINOR).contains(n) => {
-                    return Err(DefinitionError::new(
-                        field("prize.cashback_minor"),
-                        "must be between 1 and 10^12",
-                    ))
+                    return Err(DefinitionError::new(field("prize.cashback_minor"), "must be between 1 and 10^12"))
                 }
-                Prize::Coupon(prefix)
-                    if crate::ids::Id::parse(prefix).is_err() || 32 < prefix.len() =>
-                {
+                Prize::Coupon(prefix) if crate::ids::Id::parse(prefix).is_err() || 32 < prefix.len() => {
                     return Err(DefinitionError::new(
                         field("prize.coupon"),
                         "must be 1-32 characters from [A-Za-z0-9._:-]",
@@ -164,16 +129,10 @@ impl WheelDef {
         }
         if let Some(earn) = &self.earn {
             if !(0..=MAX_AMOUNT_MINOR).contains(&earn.min_purchase_minor) {
-                return Err(DefinitionError::new(
-                    "earn.min_purchase_minor",
-                    "must be between 0 and 10^12",
-                ));
+                return Err(DefinitionError::new("earn.min_purchase_minor", "must be between 0 and 10^12"));
             }
             if earn.spins == 0 || 100 < earn.spins {
-                return Err(DefinitionError::new(
-                    "earn.spins",
-                    "must be between 1 and 100",
-                ));
+                return Err(DefinitionError::new("earn.spins", "must be between 1 and 100"));
             }
         }
         Ok(())
@@ -239,12 +198,7 @@ impl WheelState {
 
     /// Draws a segment. `wheel` names the wheel in the draw id and coupon
     /// codes, which are unique because they carry the draw number.
-    pub fn draw(
-        &mut self,
-        wheel: &Id,
-        def: &WheelDef,
-        rng: &mut impl Rng,
-    ) -> Result<Draw, WheelExhausted> {
+    pub fn draw(&mut self, wheel: &Id, def: &WheelDef, rng: &mut impl Rng) -> Result<Draw, WheelExhausted> {
         let weights = self.available_weights(def);
         let total: u64 = weights.iter().sum();
         if total == 0 {
@@ -260,9 +214,8 @@ impl WheelState {
             Prize::Points(n) => WonPrize::Points(*n),
             Prize::Spins(n) => WonPrize::Spins(*n),
             Prize::Coupon(prefix) => {
-                let suffix: String = (0..6)
-                    .map(|_| char::from(b"ABCDEFGHJKLMNPQRSTUVWXYZ23456789"[rng.gen_range(0..32)]))
-                    .collect();
+                let suffix: String =
+                    (0..6).map(|_| char::from(b"ABCDEFGHJKLMNPQRSTUVWXYZ23456789"[rng.gen_range(0..32)])).collect();
                 WonPrize::Coupon(format!("{prefix}-{}{suffix}", self.draws))
             }
             Prize::CashbackMinor(n) => WonPrize::CashbackMinor(*n),
@@ -302,12 +255,7 @@ mod tests {
     use rand_chacha::ChaCha20Rng;
 
     fn segment(label: &str, weight: u32, prize: Prize, stock: Option<u32>) -> Segment {
-        Segment {
-            label: label.into(),
-            weight,
-            prize,
-            stock,
-        }
+        Segment { label: label.into(), weight, prize, stock }
     }
 
     fn wheel() -> WheelDef {
@@ -334,10 +282,7 @@ mod tests {
 
     #[test]
     fn out_of_stock_segment_is_never_drawn_and_the_wheel_can_run_dry() {
-        let def = WheelDef {
-            segments: vec![segment("tv", 1, Prize::Item("TV".into()), Some(2))],
-            ..wheel()
-        };
+        let def = WheelDef { segments: vec![segment("tv", 1, Prize::Item("TV".into()), Some(2))], ..wheel() };
         let wheel_id = Id::parse("w").expect("valid");
         let mut state = WheelState::default();
         let mut rng = ChaCha20Rng::seed_from_u64(7);
@@ -355,25 +300,13 @@ mod tests {
             assert_eq!(def.validate().map_err(|e| e.field), Err(field.to_owned()));
         };
         assert_eq!(wheel().validate(), Ok(()));
-        check(
-            |w| w.segments.iter_mut().for_each(|s| s.weight = 0),
-            "segments",
-        );
+        check(|w| w.segments.iter_mut().for_each(|s| s.weight = 0), "segments");
         check(|w| w.segments.clear(), "segments");
         check(|w| w.cost = SpinCost::Points(0), "cost.points");
         check(|w| w.daily_limit = Some(0), "daily_limit");
-        check(
-            |w| w.segments[1].label = "10 points".into(),
-            "segments[1].label",
-        );
-        check(
-            |w| w.segments[0].prize = Prize::Points(-5),
-            "segments[0].prize.points",
-        );
-        check(
-            |w| w.segments[1].prize = Prize::Coupon("bad prefix".into()),
-            "segments[1].prize.coupon",
-        );
+        check(|w| w.segments[1].label = "10 points".into(), "segments[1].label");
+        check(|w| w.segments[0].prize = Prize::Points(-5), "segments[0].prize.points");
+        check(|w| w.segments[1].prize = Prize::Coupon("bad prefix".into()), "segments[1].prize.coupon");
     }
 
     proptest! {

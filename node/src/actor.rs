@@ -68,26 +68,12 @@ pub struct Handled<A> {
 impl<A> Handled<A> {
     /// An answer that changed nothing.
     pub fn read(answer: A) -> Self {
-        Self {
-            answer,
-            changed: false,
-            remember: false,
-            op: None,
-            outbox: Vec::new(),
-            audit: Vec::new(),
-        }
+        Self { answer, changed: false, remember: false, op: None, outbox: Vec::new(), audit: Vec::new() }
     }
 
     /// An answer to a change.
     pub fn changed(answer: A) -> Self {
-        Self {
-            answer,
-            changed: true,
-            remember: true,
-            op: None,
-            outbox: Vec::new(),
-            audit: Vec::new(),
-        }
+        Self { answer, changed: true, remember: true, op: None, outbox: Vec::new(), audit: Vec::new() }
     }
 }
 
@@ -193,8 +179,7 @@ impl<E: Entity> Actor for EntityActor<E> {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        let tick =
-            (self.node.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+        let tick = (self.node.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
         ctx.run_interval(tick, |actor, ctx| {
             if actor.node.idle_timeout <= actor.last_active.elapsed() {
                 actor.passivate(ctx);
@@ -221,24 +206,10 @@ impl<E: Entity> EntityActor<E> {
         }
     }
 
-    fn duplicate(
-        &self,
-        dedupe: &Dedupe,
-        seen_key: &[u8],
-    ) -> ServiceResult<Option<Reply<E::Answer>>> {
+    fn duplicate(&self, dedupe: &Dedupe, seen_key: &[u8]) -> ServiceResult<Option<Reply<E::Answer>>> {
         let (fingerprint, answer, ticket) = if let Some(inflight) = self.inflight.get(seen_key) {
-            (
-                inflight.fingerprint,
-                inflight.answer.clone(),
-                Some(inflight.ticket),
-            )
-        } else if let Some(bytes) = self
-            .node
-            .store
-            .seen
-            .get(seen_key)
-            .map_err(crate::storage::StorageError::from)?
-        {
+            (inflight.fingerprint, inflight.answer.clone(), Some(inflight.ticket))
+        } else if let Some(bytes) = self.node.store.seen.get(seen_key).map_err(crate::storage::StorageError::from)? {
             let seen: SeenValue = decode(&bytes)?;
             (seen.fingerprint, seen.answer, None)
         } else {
@@ -255,23 +226,13 @@ impl<E: Entity> EntityActor<E> {
                 reason: None,
             });
         }
-        Ok(Some(Reply {
-            answer: decode(&answer)?,
-            duplicate: true,
-            ticket,
-        }))
+        Ok(Some(Reply { answer: decode(&answer)?, duplicate: true, ticket }))
     }
 
     fn snapshot(&mut self) -> Option<tokio::sync::oneshot::Receiver<()>> {
         self.entries_since_snapshot = 0;
-        let snapshot = Snapshot {
-            entity_seq: self.entity_seq,
-            state: encode(&self.state),
-        };
-        self.node
-            .journal
-            .snapshot(self.storage_key.clone().into_bytes(), &snapshot)
-            .ok()
+        let snapshot = Snapshot { entity_seq: self.entity_seq, state: encode(&self.state) };
+        self.node.journal.snapshot(self.storage_key.clone().into_bytes(), &snapshot).ok()
     }
 
     /// Snapshot, wait until it is written, leave the registry, stop.
@@ -309,26 +270,15 @@ impl<E: Entity> Handler<Request<E>> for EntityActor<E> {
                 return Ok(reply);
             }
         }
-        let mut env = Env {
-            key: &self.key,
-            rng: &mut self.rng,
-            now: now_millis(),
-            metrics: &self.node.metrics,
-        };
+        let mut env = Env { key: &self.key, rng: &mut self.rng, now: now_millis(), metrics: &self.node.metrics };
         let handled = E::handle(&mut self.state, &mut env, command)?;
         if !handled.changed {
-            return Ok(Reply {
-                answer: handled.answer,
-                duplicate: false,
-                ticket: None,
-            });
+            return Ok(Reply { answer: handled.answer, duplicate: false, ticket: None });
         }
         self.entity_seq += 1;
         let answer_bytes = encode(&handled.answer);
         let remembered = match (&dedupe, seen_key) {
-            (Some(dedupe), Some(seen_key)) if handled.remember => {
-                Some((dedupe.fingerprint, seen_key))
-            }
+            (Some(dedupe), Some(seen_key)) if handled.remember => Some((dedupe.fingerprint, seen_key)),
             _ => None,
         };
         let entry = JournalEntry {
@@ -336,13 +286,7 @@ impl<E: Entity> Handler<Request<E>> for EntityActor<E> {
             entity_seq: self.entity_seq,
             change: handled.op.unwrap_or_else(|| encode(&self.state)),
             seen: remembered.as_ref().map(|(fingerprint, seen_key)| {
-                (
-                    seen_key.clone(),
-                    encode(&SeenValue {
-                        fingerprint: *fingerprint,
-                        answer: answer_bytes.clone(),
-                    }),
-                )
+                (seen_key.clone(), encode(&SeenValue { fingerprint: *fingerprint, answer: answer_bytes.clone() }))
             }),
             outbox: handled.outbox,
             audit: handled.audit,
@@ -361,24 +305,13 @@ impl<E: Entity> Handler<Request<E>> for EntityActor<E> {
         };
         if let Some((fingerprint, seen_key)) = remembered {
             self.inflight_order.push_back((ticket, seen_key.clone()));
-            self.inflight.insert(
-                seen_key,
-                Inflight {
-                    fingerprint,
-                    answer: answer_bytes,
-                    ticket,
-                },
-            );
+            self.inflight.insert(seen_key, Inflight { fingerprint, answer: answer_bytes, ticket });
         }
         self.entries_since_snapshot += 1;
         if E::snapshot_every(self.node.snapshot_every) <= self.entries_since_snapshot {
             self.snapshot();
         }
-        Ok(Reply {
-            answer: handled.answer,
-            duplicate: false,
-            ticket: Some(ticket),
-        })
+        Ok(Reply { answer: handled.answer, duplicate: false, ticket: Some(ticket) })
     }
 }
 
@@ -404,39 +337,23 @@ const ACTIVATION_ATTEMPTS: usize = 8;
 
 impl<E: Entity> Registry<E> {
     pub fn new(node: Arc<NodeShared>, arbiters: Vec<ArbiterHandle>) -> Arc<Self> {
-        assert!(
-            !arbiters.is_empty(),
-            "a node runs actors on at least one arbiter"
-        );
-        Arc::new_cyclic(|this| Self {
-            actors: Mutex::new(HashMap::new()),
-            node,
-            arbiters,
-            this: this.clone(),
-        })
+        assert!(!arbiters.is_empty(), "a node runs actors on at least one arbiter");
+        Arc::new_cyclic(|this| Self { actors: Mutex::new(HashMap::new()), node, arbiters, this: this.clone() })
     }
 
     /// Sends `command` to the entity's actor, activating it if needed.
-    pub async fn call(
-        &self,
-        entity: &EntityKey,
-        command: E::Command,
-    ) -> ServiceResult<Reply<E::Answer>> {
+    pub async fn call(&self, entity: &EntityKey, command: E::Command) -> ServiceResult<Reply<E::Answer>> {
         for _ in 0..ACTIVATION_ATTEMPTS {
             let addr = self.activate(entity)?;
             match addr.send(Request::<E>(command.clone())).await {
                 Ok(reply) => return reply,
                 Err(MailboxError::Closed) => self.remove(entity, &addr),
                 Err(MailboxError::Timeout) => {
-                    return Err(ServiceError::unavailable(
-                        "the entity did not answer in time",
-                    ))
+                    return Err(ServiceError::unavailable("the entity did not answer in time"))
                 }
             }
         }
-        Err(ServiceError::unavailable(format!(
-            "{entity} is restarting; retry"
-        )))
+        Err(ServiceError::unavailable(format!("{entity} is restarting; retry")))
     }
 
     fn activate(&self, entity: &EntityKey) -> ServiceResult<Addr<EntityActor<E>>> {
@@ -447,19 +364,14 @@ impl<E: Entity> Registry<E> {
             }
         }
         let storage_key = entity.to_string();
-        let (state, entity_seq) = match self
-            .node
-            .store
-            .snapshots
-            .get(storage_key.as_bytes())
-            .map_err(crate::storage::StorageError::from)?
-        {
-            Some(bytes) => {
-                let snapshot: Snapshot = decode(&bytes)?;
-                (decode::<E::State>(&snapshot.state)?, snapshot.entity_seq)
-            }
-            None => (E::State::default(), 0),
-        };
+        let (state, entity_seq) =
+            match self.node.store.snapshots.get(storage_key.as_bytes()).map_err(crate::storage::StorageError::from)? {
+                Some(bytes) => {
+                    let snapshot: Snapshot = decode(&bytes)?;
+                    (decode::<E::State>(&snapshot.state)?, snapshot.entity_seq)
+                }
+                None => (E::State::default(), 0),
+            };
         let actor = EntityActor::<E> {
             key: entity.clone(),
             storage_key,
@@ -478,16 +390,8 @@ impl<E: Entity> Registry<E> {
         let addr = EntityActor::start_in_arbiter(arbiter, move |_| actor);
         actors.insert(entity.clone(), addr.clone());
         let kind = E::KIND.as_str();
-        self.node
-            .metrics
-            .activations
-            .with_label_values(&[kind])
-            .inc();
-        self.node
-            .metrics
-            .active_actors
-            .with_label_values(&[kind])
-            .inc();
+        self.node.metrics.activations.with_label_values(&[kind]).inc();
+        self.node.metrics.active_actors.with_label_values(&[kind]).inc();
         Ok(addr)
     }
 
@@ -497,16 +401,8 @@ impl<E: Entity> Registry<E> {
         if actors.get(entity) == Some(addr) {
             actors.remove(entity);
             let kind = E::KIND.as_str();
-            self.node
-                .metrics
-                .passivations
-                .with_label_values(&[kind])
-                .inc();
-            self.node
-                .metrics
-                .active_actors
-                .with_label_values(&[kind])
-                .dec();
+            self.node.metrics.passivations.with_label_values(&[kind]).inc();
+            self.node.metrics.active_actors.with_label_values(&[kind]).dec();
         }
     }
 
@@ -534,9 +430,7 @@ fn arbiter_of(entity: &EntityKey, arbiters: usize) -> usize {
 
 /// Milliseconds since the Unix epoch, now.
 pub fn now_millis() -> UnixMillis {
-    let since_epoch = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("the clock is after 1970");
-    i64::try_from(since_epoch.as_millis())
-        .expect("milliseconds since 1970 fit in i64 for 292 million years")
+    let since_epoch =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("the clock is after 1970");
+    i64::try_from(since_epoch.as_millis()).expect("milliseconds since 1970 fit in i64 for 292 million years")
 }

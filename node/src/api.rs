@@ -28,12 +28,7 @@ pub fn parse_id(field: &str, text: &str) -> ServiceResult<Id> {
 pub fn parse_time(field: &str, text: &str) -> ServiceResult<UnixMillis> {
     DateTime::parse_from_rfc3339(text)
         .map(|t| t.timestamp_millis())
-        .map_err(|_| {
-            ServiceError::invalid(
-                field,
-                "must be an RFC 3339 time such as 2026-11-22T10:00:00Z",
-            )
-        })
+        .map_err(|_| ServiceError::invalid(field, "must be an RFC 3339 time such as 2026-11-22T10:00:00Z"))
 }
 
 /// Formats Unix milliseconds as RFC 3339 in UTC.
@@ -131,16 +126,8 @@ impl MissionBody {
             repeatable: self.repeatable,
             steps: self.steps.clone(),
             reward: self.reward.clone(),
-            starts_at: self
-                .starts_at
-                .as_deref()
-                .map(|t| parse_time("starts_at", t))
-                .transpose()?,
-            ends_at: self
-                .ends_at
-                .as_deref()
-                .map(|t| parse_time("ends_at", t))
-                .transpose()?,
+            starts_at: self.starts_at.as_deref().map(|t| parse_time("starts_at", t)).transpose()?,
+            ends_at: self.ends_at.as_deref().map(|t| parse_time("ends_at", t)).transpose()?,
         };
         mission.validate()?;
         Ok(mission)
@@ -183,44 +170,27 @@ impl EventRequest {
     pub fn validate(&self, now: UnixMillis, max_age_millis: i64) -> ServiceResult<Event> {
         let event_id = parse_id("event_id", &self.event_id)?;
         let customer = parse_id("customer", &self.customer)?;
-        let store = self
-            .store
-            .as_deref()
-            .map(|s| parse_id("store", s))
-            .transpose()?;
-        let kind = EventKind::parse(&self.kind)
-            .map_err(|e| ServiceError::invalid("kind", e.to_string()))?;
+        let store = self.store.as_deref().map(|s| parse_id("store", s)).transpose()?;
+        let kind = EventKind::parse(&self.kind).map_err(|e| ServiceError::invalid("kind", e.to_string()))?;
         let amount_minor = match (self.amount_minor, &kind) {
             (None, EventKind::Purchase) => {
-                return Err(ServiceError::invalid(
-                    "amount_minor",
-                    "is required for purchases",
-                ))
+                return Err(ServiceError::invalid("amount_minor", "is required for purchases"))
             }
             (None, _) => 0,
             (Some(amount), _) if !(0..=MAX_AMOUNT_MINOR).contains(&amount) => {
-                return Err(ServiceError::invalid(
-                    "amount_minor",
-                    "must be between 0 and 10^12",
-                ))
+                return Err(ServiceError::invalid("amount_minor", "must be between 0 and 10^12"))
             }
             (Some(amount), _) => amount,
         };
         if store.is_none() && matches!(kind, EventKind::Purchase | EventKind::Visit) {
-            return Err(ServiceError::invalid(
-                "store",
-                "is required for purchase and visit events",
-            ));
+            return Err(ServiceError::invalid("store", "is required for purchase and visit events"));
         }
         let at = match &self.at {
             None => now,
             Some(text) => parse_time("at", text)?,
         };
         if now + MAX_FUTURE_MILLIS < at {
-            return Err(ServiceError::invalid(
-                "at",
-                "must not be more than 5 minutes ahead of the server's clock",
-            ));
+            return Err(ServiceError::invalid("at", "must not be more than 5 minutes ahead of the server's clock"));
         }
         if at < now - max_age_millis {
             return Err(ServiceError::invalid(
@@ -231,14 +201,7 @@ impl EventRequest {
                 ),
             ));
         }
-        Ok(Event {
-            event_id,
-            customer,
-            store,
-            kind,
-            amount_minor,
-            at,
-        })
+        Ok(Event { event_id, customer, store, kind, amount_minor, at })
     }
 
     /// What makes two requests with the same event id the same request:
@@ -246,13 +209,8 @@ impl EventRequest {
     /// undated event is still the same event).
     pub fn fingerprint(&self, event: &Event) -> u64 {
         let at_as_sent = self.at.as_ref().map(|_| event.at);
-        let canonical = crate::storage::encode(&(
-            &event.customer,
-            &event.store,
-            &event.kind,
-            event.amount_minor,
-            at_as_sent,
-        ));
+        let canonical =
+            crate::storage::encode(&(&event.customer, &event.store, &event.kind, event.amount_minor, at_as_sent));
         xxhash_rust::xxh3::xxh3_64(&canonical)
     }
 }
@@ -447,11 +405,8 @@ pub struct CustomerAnswer {
 
 impl CustomerAnswer {
     pub fn new(id: Id, customer: &Customer, missions: &BTreeMap<Id, MissionDef>) -> Self {
-        let coupon = |c: &Coupon| CouponAnswer {
-            code: c.code.clone(),
-            source: c.source.clone(),
-            at: format_time(c.at),
-        };
+        let coupon =
+            |c: &Coupon| CouponAnswer { code: c.code.clone(), source: c.source.clone(), at: format_time(c.at) };
         let item = |i: &ItemWon| ItemAnswer {
             item: i.item.clone(),
             wheel: i.wheel.clone(),
@@ -465,12 +420,7 @@ impl CustomerAnswer {
             points_spent: customer.points_spent,
             tier: customer.tier.clone(),
             wallet_minor: customer.wallet_minor,
-            spins: customer
-                .spins
-                .iter()
-                .filter(|(_, n)| 0 < **n)
-                .map(|(w, n)| (w.clone(), *n))
-                .collect(),
+            spins: customer.spins.iter().filter(|(_, n)| 0 < **n).map(|(w, n)| (w.clone(), *n)).collect(),
             coupons: customer.coupons.iter().map(coupon).collect(),
             items: customer.items.iter().map(item).collect(),
             missions: customer
@@ -479,8 +429,7 @@ impl CustomerAnswer {
                 .map(|(mission, progress)| MissionStatus {
                     mission: mission.clone(),
                     step: progress.step,
-                    completed: 0 < progress.completions
-                        && missions.get(mission).is_none_or(|def| !def.repeatable),
+                    completed: 0 < progress.completions && missions.get(mission).is_none_or(|def| !def.repeatable),
                 })
                 .collect(),
             stats: StatsAnswer {
@@ -530,16 +479,10 @@ mod tests {
         check(|r| r.store = None, "store");
         check(|r| r.kind = "refund".into(), "kind");
         check(|r| r.amount_minor = Some(-1), "amount_minor");
-        check(
-            |r| r.amount_minor = Some(MAX_AMOUNT_MINOR + 1),
-            "amount_minor",
-        );
+        check(|r| r.amount_minor = Some(MAX_AMOUNT_MINOR + 1), "amount_minor");
         check(|r| r.amount_minor = None, "amount_minor");
         check(|r| r.at = Some("yesterday".into()), "at");
-        check(
-            |r| r.at = Some(format_time(NOW + MAX_FUTURE_MILLIS + 1_000)),
-            "at",
-        );
+        check(|r| r.at = Some(format_time(NOW + MAX_FUTURE_MILLIS + 1_000)), "at");
         check(|r| r.at = Some(format_time(NOW - WEEK - 1_000)), "at");
     }
 
@@ -551,21 +494,12 @@ mod tests {
         assert_eq!(r.fingerprint(&first), r.fingerprint(&retry));
         let mut other = request();
         other.amount_minor = Some(1);
-        assert_ne!(
-            r.fingerprint(&first),
-            other.fingerprint(&other.validate(NOW, WEEK).expect("valid"))
-        );
+        assert_ne!(r.fingerprint(&first), other.fingerprint(&other.validate(NOW, WEEK).expect("valid")));
     }
 
     #[test]
     fn times_round_trip() {
-        assert_eq!(
-            parse_time("at", "2026-11-22T10:00:00Z").map(format_time),
-            Ok("2026-11-22T10:00:00.000Z".into())
-        );
-        assert_eq!(
-            parse_time("at", "2026-11-22T11:00:00+01:00"),
-            parse_time("at", "2026-11-22T10:00:00Z")
-        );
+        assert_eq!(parse_time("at", "2026-11-22T10:00:00Z").map(format_time), Ok("2026-11-22T10:00:00.000Z".into()));
+        assert_eq!(parse_time("at", "2026-11-22T11:00:00+01:00"), parse_time("at", "2026-11-22T10:00:00Z"));
     }
 }

@@ -32,12 +32,7 @@ pub struct ServeArgs {
     pub data_dir: Option<PathBuf>,
     /// The bootstrap admin key (at least 16 characters). Without one, the
     /// first start makes a random admin key and prints it once.
-    #[arg(
-        long,
-        env = "BAZAAR_ADMIN_KEY",
-        value_name = "KEY",
-        hide_env_values = true
-    )]
+    #[arg(long, env = "BAZAAR_ADMIN_KEY", value_name = "KEY", hide_env_values = true)]
     pub admin_key: Option<String>,
     /// How long an entity stays in memory without messages [default: 5m].
     #[arg(long, env = "BAZAAR_IDLE_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
@@ -101,12 +96,9 @@ mod humantime_serde_opt {
     use serde::{Deserialize, Deserializer};
     use std::time::Duration;
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        deserializer: D,
-    ) -> Result<Option<Duration>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
         let text: Option<String> = Option::deserialize(deserializer)?;
-        text.map(|t| humantime::parse_duration(&t).map_err(serde::de::Error::custom))
-            .transpose()
+        text.map(|t| humantime::parse_duration(&t).map_err(serde::de::Error::custom)).transpose()
     }
 }
 
@@ -131,10 +123,7 @@ pub struct NodeConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read the configuration file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("configuration file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{key}: {message}")]
@@ -147,39 +136,20 @@ impl NodeConfig {
     pub fn build(args: ServeArgs) -> Result<Self, ConfigError> {
         let file = match &args.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
-                toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
-                    path: path.clone(),
-                    message: e.message().to_owned(),
-                })?
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+                toml::from_str::<FileConfig>(&text)
+                    .map_err(|e| ConfigError::Parse { path: path.clone(), message: e.message().to_owned() })?
             }
             None => FileConfig::default(),
         };
         let config = Self {
-            http: args
-                .http
-                .or(file.http)
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
-            grpc: args
-                .grpc
-                .or(file.grpc)
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051))),
-            data_dir: args
-                .data_dir
-                .or(file.data_dir)
-                .unwrap_or_else(|| PathBuf::from("./bazaar-data")),
+            http: args.http.or(file.http).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            grpc: args.grpc.or(file.grpc).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051))),
+            data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("./bazaar-data")),
             admin_key: args.admin_key.or(file.admin_key),
-            idle_timeout: args
-                .idle_timeout
-                .or(file.idle_timeout)
-                .unwrap_or(Duration::from_secs(300)),
-            max_event_age: args
-                .max_event_age
-                .or(file.max_event_age)
-                .unwrap_or(Duration::from_secs(7 * 24 * 3600)),
+            idle_timeout: args.idle_timeout.or(file.idle_timeout).unwrap_or(Duration::from_secs(300)),
+            max_event_age: args.max_event_age.or(file.max_event_age).unwrap_or(Duration::from_secs(7 * 24 * 3600)),
             checkpoint_interval: args
                 .checkpoint_interval
                 .or(file.checkpoint_interval)
@@ -189,10 +159,7 @@ impl NodeConfig {
                 .actor_threads
                 .or(file.actor_threads)
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
-            max_body_bytes: args
-                .max_body_bytes
-                .or(file.max_body_bytes)
-                .unwrap_or(1 << 20),
+            max_body_bytes: args.max_body_bytes.or(file.max_body_bytes).unwrap_or(1 << 20),
             log_format: match args.log_format.or(file.log_format) {
                 Some(LogFormatArg::Json) => LogFormat::Json,
                 _ => LogFormat::Text,
@@ -204,12 +171,7 @@ impl NodeConfig {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key, message: &str| {
-            Err(ConfigError::Invalid {
-                key,
-                message: message.into(),
-            })
-        };
+        let invalid = |key, message: &str| Err(ConfigError::Invalid { key, message: message.into() });
         if let Some(key) = &self.admin_key {
             if key.len() < 16 {
                 return invalid("admin_key", "must be at least 16 characters");
@@ -245,16 +207,9 @@ mod tests {
     fn flags_override_the_file_and_defaults_fill_the_rest() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("bazaar.toml");
-        std::fs::write(
-            &path,
-            "http = \"127.0.0.1:9000\"\nidle_timeout = \"2m\"\nsnapshot_every = 10\n",
-        )
-        .expect("write");
-        let args = ServeArgs {
-            config: Some(path),
-            snapshot_every: Some(20),
-            ..ServeArgs::default()
-        };
+        std::fs::write(&path, "http = \"127.0.0.1:9000\"\nidle_timeout = \"2m\"\nsnapshot_every = 10\n")
+            .expect("write");
+        let args = ServeArgs { config: Some(path), snapshot_every: Some(20), ..ServeArgs::default() };
         let config = NodeConfig::build(args).expect("valid");
         assert_eq!(config.http, "127.0.0.1:9000".parse().expect("addr"));
         assert_eq!(config.idle_timeout, Duration::from_secs(120));
@@ -267,26 +222,14 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("bazaar.toml");
         std::fs::write(&path, "htp = \"127.0.0.1:9000\"\n").expect("write");
-        let error = NodeConfig::build(ServeArgs {
-            config: Some(path),
-            ..ServeArgs::default()
-        })
-        .expect_err("unknown key");
+        let error =
+            NodeConfig::build(ServeArgs { config: Some(path), ..ServeArgs::default() }).expect_err("unknown key");
         assert!(error.to_string().contains("htp"), "{error}");
-        let error = NodeConfig::build(ServeArgs {
-            admin_key: Some("short".into()),
-            ..ServeArgs::default()
-        })
-        .expect_err("short key");
-        assert_eq!(
-            error.to_string(),
-            "admin_key: must be at least 16 characters"
-        );
-        let error = NodeConfig::build(ServeArgs {
-            actor_threads: Some(0),
-            ..ServeArgs::default()
-        })
-        .expect_err("no threads");
+        let error = NodeConfig::build(ServeArgs { admin_key: Some("short".into()), ..ServeArgs::default() })
+            .expect_err("short key");
+        assert_eq!(error.to_string(), "admin_key: must be at least 16 characters");
+        let error =
+            NodeConfig::build(ServeArgs { actor_threads: Some(0), ..ServeArgs::default() }).expect_err("no threads");
         assert!(error.to_string().starts_with("actor_threads:"), "{error}");
     }
 }

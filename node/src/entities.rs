@@ -88,27 +88,13 @@ impl Entity for CustomerEntity {
 
     fn dedupe(command: &CustomerCommand) -> Option<Dedupe> {
         match command {
-            CustomerCommand::Event {
-                event, fingerprint, ..
-            } => Some(Dedupe {
-                scope: "event",
-                id: event.event_id.to_string(),
-                fingerprint: *fingerprint,
-            }),
-            CustomerCommand::ReserveSpin {
-                request_id,
-                fingerprint,
-                ..
+            CustomerCommand::Event { event, fingerprint, .. } => {
+                Some(Dedupe { scope: "event", id: event.event_id.to_string(), fingerprint: *fingerprint })
             }
-            | CustomerCommand::SettleSpin {
-                request_id,
-                fingerprint,
-                ..
-            } => Some(Dedupe {
-                scope: "spin",
-                id: request_id.to_string(),
-                fingerprint: *fingerprint,
-            }),
+            CustomerCommand::ReserveSpin { request_id, fingerprint, .. }
+            | CustomerCommand::SettleSpin { request_id, fingerprint, .. } => {
+                Some(Dedupe { scope: "spin", id: request_id.to_string(), fingerprint: *fingerprint })
+            }
             CustomerCommand::View => None,
         }
     }
@@ -146,10 +132,7 @@ impl Entity for CustomerEntity {
                 }
                 for status in &outcome.missions {
                     if status.completed {
-                        env.metrics
-                            .mission_completions
-                            .with_label_values(&[tenant, status.mission.as_str()])
-                            .inc();
+                        env.metrics.mission_completions.with_label_values(&[tenant, status.mission.as_str()]).inc();
                     }
                 }
                 let mut handled = Handled::changed(CustomerAnswer::Event(EventAnswer {
@@ -164,29 +147,21 @@ impl Entity for CustomerEntity {
                 handled.outbox = deliveries.iter().map(OutboxMessage::record).collect();
                 Ok(handled)
             }
-            CustomerCommand::ReserveSpin {
-                wheel,
-                def,
-                request_id,
-                ..
-            } => {
+            CustomerCommand::ReserveSpin { wheel, def, request_id, .. } => {
                 let customer_id = Id::parse(&env.key.id).map_err(ServiceError::internal)?;
-                let draw =
-                    OutboxMessage::wheel_draw(tenant, &wheel, &customer_id, &request_id, env.now);
+                let draw = OutboxMessage::wheel_draw(tenant, &wheel, &customer_id, &request_id, env.now);
                 if customer.pending_spins.contains_key(&request_id) {
                     // A retry of a spin whose draw is not settled yet.
                     return Ok(Handled::read(CustomerAnswer::Reserved(draw)));
                 }
-                customer
-                    .reserve_spin(&wheel, &def, &request_id, env.now)
-                    .map_err(|refusal| {
-                        let reason = match refusal {
-                            SpinRefusal::NoEntitlement { .. } => "no_entitlement",
-                            SpinRefusal::NotEnoughPoints { .. } => "not_enough_points",
-                            SpinRefusal::DailyLimit { .. } => "daily_limit",
-                        };
-                        ServiceError::refused(reason, refusal.to_string())
-                    })?;
+                customer.reserve_spin(&wheel, &def, &request_id, env.now).map_err(|refusal| {
+                    let reason = match refusal {
+                        SpinRefusal::NoEntitlement { .. } => "no_entitlement",
+                        SpinRefusal::NotEnoughPoints { .. } => "not_enough_points",
+                        SpinRefusal::DailyLimit { .. } => "daily_limit",
+                    };
+                    ServiceError::refused(reason, refusal.to_string())
+                })?;
                 let mut handled = Handled::changed(CustomerAnswer::Reserved(draw.clone()));
                 // The final answer, written when the spin settles, is the
                 // idempotency record; the reservation is not.
@@ -194,17 +169,10 @@ impl Entity for CustomerEntity {
                 handled.outbox = vec![draw.record()];
                 Ok(handled)
             }
-            CustomerCommand::SettleSpin {
-                wheel,
-                request_id,
-                draw,
-                ..
-            } => {
+            CustomerCommand::SettleSpin { wheel, request_id, draw, .. } => {
                 let prize = draw.as_ref().map(|d| (&d.prize, d.draw_id.as_str()));
                 if !customer.settle_spin(&request_id, prize, env.now) {
-                    return Err(ServiceError::internal(format!(
-                        "spin {request_id} is not pending"
-                    )));
+                    return Err(ServiceError::internal(format!("spin {request_id} is not pending")));
                 }
                 Ok(Handled::changed(CustomerAnswer::Spin(SpinAnswer {
                     wheel,
@@ -212,9 +180,7 @@ impl Entity for CustomerEntity {
                     points_balance: customer.points_balance,
                 })))
             }
-            CustomerCommand::View => Ok(Handled::read(CustomerAnswer::View(Box::new(
-                customer.clone(),
-            )))),
+            CustomerCommand::View => Ok(Handled::read(CustomerAnswer::View(Box::new(customer.clone())))),
         }
     }
 }
@@ -228,10 +194,7 @@ pub struct WheelEntity;
 #[allow(clippy::large_enum_variant)]
 #[derive(Clone)]
 pub enum WheelCommand {
-    Draw {
-        message: OutboxMessage,
-        def: WheelDef,
-    },
+    Draw { message: OutboxMessage, def: WheelDef },
     View,
 }
 
@@ -261,56 +224,28 @@ impl Entity for WheelEntity {
 
     fn dedupe(command: &WheelCommand) -> Option<Dedupe> {
         match command {
-            WheelCommand::Draw { message, .. } => Some(Dedupe {
-                scope: "msg",
-                id: message.id.clone(),
-                fingerprint: message.fingerprint(),
-            }),
+            WheelCommand::Draw { message, .. } => {
+                Some(Dedupe { scope: "msg", id: message.id.clone(), fingerprint: message.fingerprint() })
+            }
             WheelCommand::View => None,
         }
     }
 
-    fn handle(
-        state: &mut WheelState,
-        env: &mut Env<'_>,
-        command: WheelCommand,
-    ) -> ServiceResult<Handled<WheelAnswer>> {
+    fn handle(state: &mut WheelState, env: &mut Env<'_>, command: WheelCommand) -> ServiceResult<Handled<WheelAnswer>> {
         match command {
             WheelCommand::Draw { message, def } => {
-                let crate::outbox::Payload::WheelDraw {
-                    customer,
-                    request_id,
-                    at,
-                    ..
-                } = &message.payload
-                else {
-                    return Err(ServiceError::internal(
-                        "a wheel received a message that is not a draw",
-                    ));
+                let crate::outbox::Payload::WheelDraw { customer, request_id, at, .. } = &message.payload else {
+                    return Err(ServiceError::internal("a wheel received a message that is not a draw"));
                 };
                 let wheel = Id::parse(&env.key.id).map_err(ServiceError::internal)?;
                 let Ok(draw) = state.draw(&wheel, &def, env.rng) else {
                     return Ok(Handled::read(WheelAnswer::Exhausted));
                 };
-                let audit = DrawAudit {
-                    kind: "wheel_draw",
-                    wheel: &env.key.id,
-                    customer,
-                    request_id,
-                    at: *at,
-                    draw: &draw,
-                };
-                let audit_key = key(&[
-                    &env.key.tenant,
-                    "wheel",
-                    &env.key.id,
-                    &format!("{:012}", state.draws),
-                ]);
+                let audit =
+                    DrawAudit { kind: "wheel_draw", wheel: &env.key.id, customer, request_id, at: *at, draw: &draw };
+                let audit_key = key(&[&env.key.tenant, "wheel", &env.key.id, &format!("{:012}", state.draws)]);
                 let mut handled = Handled::changed(WheelAnswer::Drawn(draw.clone()));
-                handled.audit = vec![(
-                    audit_key,
-                    serde_json::to_vec(&audit).map_err(ServiceError::internal)?,
-                )];
+                handled.audit = vec![(audit_key, serde_json::to_vec(&audit).map_err(ServiceError::internal)?)];
                 Ok(handled)
             }
             WheelCommand::View => Ok(Handled::read(WheelAnswer::State(state.clone()))),
@@ -338,7 +273,14 @@ pub enum JackpotCommand {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum JackpotAnswer {
     State(Option<JackpotState>),
-    Contributed(ContributionOutcome),
+    /// A contribution's outcome and the pool after it, with its position
+    /// in the jackpot's history (for live watchers).
+    Contributed {
+        outcome: ContributionOutcome,
+        cycle: u64,
+        contributed_minor: i64,
+        pool_minor: i64,
+    },
 }
 
 /// The audit record of a hit.
@@ -360,11 +302,9 @@ impl Entity for JackpotEntity {
 
     fn dedupe(command: &JackpotCommand) -> Option<Dedupe> {
         match command {
-            JackpotCommand::Contribute { message, .. } => Some(Dedupe {
-                scope: "msg",
-                id: message.id.clone(),
-                fingerprint: message.fingerprint(),
-            }),
+            JackpotCommand::Contribute { message, .. } => {
+                Some(Dedupe { scope: "msg", id: message.id.clone(), fingerprint: message.fingerprint() })
+            }
             JackpotCommand::Ensure { .. } | JackpotCommand::View => None,
         }
     }
@@ -381,34 +321,20 @@ impl Entity for JackpotEntity {
                     return Ok(Handled::read(JackpotAnswer::State(state.clone())));
                 }
                 let started = JackpotState::start(&def, env.rng);
-                env.metrics
-                    .jackpot_pool
-                    .with_label_values(&labels)
-                    .set(started.pool_minor);
+                env.metrics.jackpot_pool.with_label_values(&labels).set(started.pool_minor);
                 *state = Some(started);
                 let mut handled = Handled::changed(JackpotAnswer::State(state.clone()));
                 handled.remember = false;
                 Ok(handled)
             }
             JackpotCommand::Contribute { message, def } => {
-                let crate::outbox::Payload::Contribution {
-                    customer,
-                    amount_minor,
-                    at,
-                    ..
-                } = &message.payload
-                else {
-                    return Err(ServiceError::internal(
-                        "a jackpot received a message that is not a contribution",
-                    ));
+                let crate::outbox::Payload::Contribution { customer, amount_minor, at, .. } = &message.payload else {
+                    return Err(ServiceError::internal("a jackpot received a message that is not a contribution"));
                 };
                 let jackpot = state.get_or_insert_with(|| JackpotState::start(&def, env.rng));
                 let pool_before = jackpot.pool_minor;
                 let outcome = jackpot.contribute(&def, customer, *amount_minor, *at, env.rng);
-                env.metrics
-                    .jackpot_pool
-                    .with_label_values(&labels)
-                    .set(jackpot.pool_minor);
+                env.metrics.jackpot_pool.with_label_values(&labels).set(jackpot.pool_minor);
                 env.metrics
                     .jackpot_contributed
                     .with_label_values(&labels)
@@ -424,18 +350,15 @@ impl Entity for JackpotEntity {
                         contributed_minor: outcome.contributed_minor,
                         hit,
                     };
-                    let audit_key = key(&[
-                        &env.key.tenant,
-                        "jackpot",
-                        &env.key.id,
-                        &format!("{:012}", hit.cycle),
-                    ]);
-                    audit.push((
-                        audit_key,
-                        serde_json::to_vec(&record).map_err(ServiceError::internal)?,
-                    ));
+                    let audit_key = key(&[&env.key.tenant, "jackpot", &env.key.id, &format!("{:012}", hit.cycle)]);
+                    audit.push((audit_key, serde_json::to_vec(&record).map_err(ServiceError::internal)?));
                 }
-                let mut handled = Handled::changed(JackpotAnswer::Contributed(outcome));
+                let mut handled = Handled::changed(JackpotAnswer::Contributed {
+                    outcome,
+                    cycle: jackpot.cycle,
+                    contributed_minor: jackpot.books.contributed_minor,
+                    pool_minor: jackpot.pool_minor,
+                });
                 handled.audit = audit;
                 Ok(handled)
             }
@@ -458,14 +381,8 @@ pub enum LeaderboardCommand {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum LeaderboardAnswer {
     Scored(i64),
-    Top {
-        entries: Vec<Entry>,
-        members: u64,
-    },
-    Around {
-        me: Option<Entry>,
-        around: Vec<Entry>,
-    },
+    Top { entries: Vec<Entry>, members: u64 },
+    Around { me: Option<Entry>, around: Vec<Entry> },
 }
 
 impl Entity for LeaderboardEntity {
@@ -476,11 +393,9 @@ impl Entity for LeaderboardEntity {
 
     fn dedupe(command: &LeaderboardCommand) -> Option<Dedupe> {
         match command {
-            LeaderboardCommand::Score { message } => Some(Dedupe {
-                scope: "msg",
-                id: message.id.clone(),
-                fingerprint: message.fingerprint(),
-            }),
+            LeaderboardCommand::Score { message } => {
+                Some(Dedupe { scope: "msg", id: message.id.clone(), fingerprint: message.fingerprint() })
+            }
             _ => None,
         }
     }
@@ -492,29 +407,21 @@ impl Entity for LeaderboardEntity {
     ) -> ServiceResult<Handled<LeaderboardAnswer>> {
         match command {
             LeaderboardCommand::Score { message } => {
-                let crate::outbox::Payload::Score {
-                    customer, delta, ..
-                } = &message.payload
-                else {
-                    return Err(ServiceError::internal(
-                        "a leaderboard received a message that is not a score",
-                    ));
+                let crate::outbox::Payload::Score { customer, delta, .. } = &message.payload else {
+                    return Err(ServiceError::internal("a leaderboard received a message that is not a score"));
                 };
                 let score = board.add(customer, *delta);
                 let mut handled = Handled::changed(LeaderboardAnswer::Scored(score));
                 handled.op = Some(encode(&(customer, *delta)));
                 Ok(handled)
             }
-            LeaderboardCommand::Top { count } => Ok(Handled::read(LeaderboardAnswer::Top {
-                entries: board.top(count),
-                members: board.len() as u64,
-            })),
-            LeaderboardCommand::Around { customer, count } => {
-                Ok(Handled::read(LeaderboardAnswer::Around {
-                    me: board.rank(&customer),
-                    around: board.around(&customer, count),
-                }))
+            LeaderboardCommand::Top { count } => {
+                Ok(Handled::read(LeaderboardAnswer::Top { entries: board.top(count), members: board.len() as u64 }))
             }
+            LeaderboardCommand::Around { customer, count } => Ok(Handled::read(LeaderboardAnswer::Around {
+                me: board.rank(&customer),
+                around: board.around(&customer, count),
+            })),
         }
     }
 

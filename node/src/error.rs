@@ -61,10 +61,9 @@ impl Code {
     /// The gRPC status code of this code.
     pub fn grpc_code(self) -> tonic::Code {
         match self {
-            Self::InvalidArgument
-            | Self::MalformedJson
-            | Self::UnsupportedMediaType
-            | Self::PayloadTooLarge => tonic::Code::InvalidArgument,
+            Self::InvalidArgument | Self::MalformedJson | Self::UnsupportedMediaType | Self::PayloadTooLarge => {
+                tonic::Code::InvalidArgument
+            }
             Self::Unauthenticated => tonic::Code::Unauthenticated,
             Self::PermissionDenied => tonic::Code::PermissionDenied,
             Self::NotFound => tonic::Code::NotFound,
@@ -79,10 +78,7 @@ impl Code {
     /// The HTTP status of this code.
     pub fn http_status(self) -> u16 {
         match self {
-            Self::InvalidArgument
-            | Self::MalformedJson
-            | Self::UnsupportedMediaType
-            | Self::PayloadTooLarge => 400,
+            Self::InvalidArgument | Self::MalformedJson | Self::UnsupportedMediaType | Self::PayloadTooLarge => 400,
             Self::Unauthenticated => 401,
             Self::PermissionDenied => 403,
             Self::NotFound => 404,
@@ -106,21 +102,11 @@ pub struct ServiceError {
 
 impl ServiceError {
     pub fn new(code: Code, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            field: None,
-            message: message.into(),
-            reason: None,
-        }
+        Self { code, field: None, message: message.into(), reason: None }
     }
 
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            code: Code::InvalidArgument,
-            field: Some(field.into()),
-            message: message.into(),
-            reason: None,
-        }
+        Self { code: Code::InvalidArgument, field: Some(field.into()), message: message.into(), reason: None }
     }
 
     pub fn not_found(what: &str, id: &str) -> Self {
@@ -128,12 +114,7 @@ impl ServiceError {
     }
 
     pub fn refused(reason: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            code: Code::FailedPrecondition,
-            field: None,
-            message: message.into(),
-            reason: Some(reason),
-        }
+        Self { code: Code::FailedPrecondition, field: None, message: message.into(), reason: Some(reason) }
     }
 
     pub fn internal(message: impl fmt::Display) -> Self {

@@ -11,7 +11,7 @@
 use crate::api;
 use crate::error::ServiceError;
 use crate::http::from_json_value;
-use crate::service::Service;
+use crate::service::{JackpotEvent, Service};
 use bazaar_proto::v1 as pb;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -40,10 +40,8 @@ fn key<T>(request: &Request<T>) -> Option<String> {
 pub fn status(error: ServiceError) -> Status {
     let mut details = ErrorDetails::new();
     if error.code.grpc_code() == tonic::Code::InvalidArgument {
-        details.add_bad_request_violation(
-            error.field.clone().unwrap_or_else(|| "request".into()),
-            error.message.clone(),
-        );
+        details
+            .add_bad_request_violation(error.field.clone().unwrap_or_else(|| "request".into()), error.message.clone());
     }
     let reason = error.reason.unwrap_or(error.code.as_str());
     details.set_error_info(reason, "bazaar", std::collections::HashMap::new());
@@ -104,9 +102,7 @@ fn wheel_json(wheel: &pb::PutWheelRequest) -> Value {
         "earn": wheel.earn.as_ref().map(|e| json!({"min_purchase_minor": e.min_purchase_minor, "spins": e.spins})),
     });
     match wheel.cost {
-        Some(pb::put_wheel_request::Cost::CostEntitlements(n)) => {
-            body["cost"] = json!({"entitlements": n})
-        }
+        Some(pb::put_wheel_request::Cost::CostEntitlements(n)) => body["cost"] = json!({"entitlements": n}),
         Some(pb::put_wheel_request::Cost::CostPoints(n)) => body["cost"] = json!({"points": n}),
         None => {}
     }
@@ -166,11 +162,7 @@ fn event_result(answer: api::EventAnswer) -> pb::EventResult {
         points_earned: answer.points_earned,
         points_balance: answer.points_balance,
         tier: answer.tier.unwrap_or_default(),
-        spins_granted: answer
-            .spins_granted
-            .into_iter()
-            .map(|(w, n)| (w.to_string(), n))
-            .collect(),
+        spins_granted: answer.spins_granted.into_iter().map(|(w, n)| (w.to_string(), n)).collect(),
         missions: answer.missions.into_iter().map(mission_progress).collect(),
         coupons: answer.coupons,
         jackpots: answer
@@ -223,11 +215,7 @@ fn won_prize(prize: bazaar_games::wheel::WonPrize) -> pb::WonPrize {
 }
 
 fn entry(entry: bazaar_games::leaderboard::Entry) -> pb::Entry {
-    pb::Entry {
-        rank: entry.rank,
-        customer: entry.customer.to_string(),
-        score: entry.score,
-    }
+    pb::Entry { rank: entry.rank, customer: entry.customer.to_string(), score: entry.score }
 }
 
 fn jackpot(answer: api::JackpotAnswer) -> pb::Jackpot {
@@ -244,15 +232,27 @@ fn jackpot(answer: api::JackpotAnswer) -> pb::Jackpot {
             contributed_minor: answer.books.contributed_minor,
             paid_minor: answer.books.paid_minor,
         }),
-        last_hit: answer.last_hit.map(|hit| pb::Hit {
-            cycle: hit.cycle,
-            customer: hit.customer.to_string(),
-            amount_minor: hit.amount_minor,
-            at: hit.at,
-            trigger_minor: hit.trigger_minor,
-            salt: hit.salt,
-            commitment: hit.commitment,
-        }),
+        last_hit: answer.last_hit.map(hit_message),
+    }
+}
+
+fn hit_message(hit: api::HitAnswer) -> pb::Hit {
+    pb::Hit {
+        cycle: hit.cycle,
+        customer: hit.customer.to_string(),
+        amount_minor: hit.amount_minor,
+        at: hit.at,
+        trigger_minor: hit.trigger_minor,
+        salt: hit.salt,
+        commitment: hit.commitment,
+    }
+}
+
+fn leaderboard(answer: api::LeaderboardAnswer) -> pb::Leaderboard {
+    pb::Leaderboard {
+        leaderboard: answer.leaderboard.to_string(),
+        members: answer.members,
+        entries: answer.entries.into_iter().map(entry).collect(),
     }
 }
 
@@ -264,29 +264,16 @@ fn customer(answer: api::CustomerAnswer) -> pb::Customer {
         points_spent: answer.points_spent,
         tier: answer.tier.unwrap_or_default(),
         wallet_minor: answer.wallet_minor,
-        spins: answer
-            .spins
-            .into_iter()
-            .map(|(w, n)| (w.to_string(), n))
-            .collect(),
+        spins: answer.spins.into_iter().map(|(w, n)| (w.to_string(), n)).collect(),
         coupons: answer
             .coupons
             .into_iter()
-            .map(|c| pb::Coupon {
-                code: c.code,
-                source: c.source.to_string(),
-                at: c.at,
-            })
+            .map(|c| pb::Coupon { code: c.code, source: c.source.to_string(), at: c.at })
             .collect(),
         items: answer
             .items
             .into_iter()
-            .map(|i| pb::Item {
-                item: i.item,
-                wheel: i.wheel.to_string(),
-                draw_id: i.draw_id,
-                at: i.at,
-            })
+            .map(|i| pb::Item { item: i.item, wheel: i.wheel.to_string(), draw_id: i.draw_id, at: i.at })
             .collect(),
         missions: answer.missions.into_iter().map(mission_progress).collect(),
         stats: Some(pb::Stats {
@@ -301,60 +288,33 @@ fn customer(answer: api::CustomerAnswer) -> pb::Customer {
 }
 
 fn tenant(answer: api::TenantAnswer) -> pb::Tenant {
-    pb::Tenant {
-        id: answer.id,
-        name: answer.name,
-        currency: answer.currency,
-        created_at: answer.created_at,
-    }
+    pb::Tenant { id: answer.id, name: answer.name, currency: answer.currency, created_at: answer.created_at }
 }
 
 fn version<T: serde::Serialize>(answer: api::DefinitionAnswer<T>) -> pb::DefinitionVersion {
-    pb::DefinitionVersion {
-        id: answer.id,
-        version: answer.version,
-    }
+    pb::DefinitionVersion { id: answer.id, version: answer.version }
 }
 
 // -------------------------------------------------------------- services
 
 #[tonic::async_trait]
 impl pb::tenant_service_server::TenantService for Grpc {
-    async fn create_tenant(
-        &self,
-        request: Request<pb::CreateTenantRequest>,
-    ) -> GrpcResult<pb::Tenant> {
+    async fn create_tenant(&self, request: Request<pb::CreateTenantRequest>) -> GrpcResult<pb::Tenant> {
         let key = key(&request);
         let r = request.into_inner();
-        let body = api::CreateTenant {
-            id: r.id,
-            name: r.name,
-            currency: r.currency,
-        };
-        reply(
-            self.service
-                .create_tenant(key.as_deref(), body)
-                .await
-                .map(tenant),
-        )
+        let body = api::CreateTenant { id: r.id, name: r.name, currency: r.currency };
+        reply(self.service.create_tenant(key.as_deref(), body).await.map(tenant))
     }
 
     async fn get_tenant(&self, request: Request<pb::GetTenantRequest>) -> GrpcResult<pb::Tenant> {
         let key = key(&request);
-        reply(
-            self.service
-                .get_tenant(key.as_deref(), &request.into_inner().tenant)
-                .map(tenant),
-        )
+        reply(self.service.get_tenant(key.as_deref(), &request.into_inner().tenant).map(tenant))
     }
 
     async fn create_key(&self, request: Request<pb::CreateKeyRequest>) -> GrpcResult<pb::ApiKey> {
         let key = key(&request);
         let r = request.into_inner();
-        let created = self
-            .service
-            .create_key(key.as_deref(), &r.tenant, api::CreateKey { role: r.role })
-            .await;
+        let created = self.service.create_key(key.as_deref(), &r.tenant, api::CreateKey { role: r.role }).await;
         reply(created.map(|k| pb::ApiKey {
             key: k.key,
             key_id: k.key_id,
@@ -366,58 +326,37 @@ impl pb::tenant_service_server::TenantService for Grpc {
 
 #[tonic::async_trait]
 impl pb::catalog_service_server::CatalogService for Grpc {
-    async fn put_store(
-        &self,
-        request: Request<pb::PutStoreRequest>,
-    ) -> GrpcResult<pb::DefinitionVersion> {
+    async fn put_store(&self, request: Request<pb::PutStoreRequest>) -> GrpcResult<pb::DefinitionVersion> {
         let key = key(&request);
         let r = request.into_inner();
         let result = async {
             let body = from_json_value(json!({"name": r.name, "category": r.category}))?;
-            self.service
-                .put_store(key.as_deref(), &r.tenant, &r.store, body)
-                .await
-                .map(version)
+            self.service.put_store(key.as_deref(), &r.tenant, &r.store, body).await.map(version)
         };
         reply(result.await)
     }
 
-    async fn put_campaign(
-        &self,
-        request: Request<pb::PutCampaignRequest>,
-    ) -> GrpcResult<pb::DefinitionVersion> {
+    async fn put_campaign(&self, request: Request<pb::PutCampaignRequest>) -> GrpcResult<pb::DefinitionVersion> {
         let key = key(&request);
         let r = request.into_inner();
         let result = async {
             let body = from_json_value(campaign_json(&r))?;
-            self.service
-                .put_campaign(key.as_deref(), &r.tenant, &r.campaign, body)
-                .await
-                .map(version)
+            self.service.put_campaign(key.as_deref(), &r.tenant, &r.campaign, body).await.map(version)
         };
         reply(result.await)
     }
 
-    async fn put_wheel(
-        &self,
-        request: Request<pb::PutWheelRequest>,
-    ) -> GrpcResult<pb::DefinitionVersion> {
+    async fn put_wheel(&self, request: Request<pb::PutWheelRequest>) -> GrpcResult<pb::DefinitionVersion> {
         let key = key(&request);
         let r = request.into_inner();
         let result = async {
             let body = from_json_value(wheel_json(&r))?;
-            self.service
-                .put_wheel(key.as_deref(), &r.tenant, &r.wheel, body)
-                .await
-                .map(version)
+            self.service.put_wheel(key.as_deref(), &r.tenant, &r.wheel, body).await.map(version)
         };
         reply(result.await)
     }
 
-    async fn put_jackpot(
-        &self,
-        request: Request<pb::PutJackpotRequest>,
-    ) -> GrpcResult<pb::DefinitionVersion> {
+    async fn put_jackpot(&self, request: Request<pb::PutJackpotRequest>) -> GrpcResult<pb::DefinitionVersion> {
         let key = key(&request);
         let r = request.into_inner();
         let result = async {
@@ -426,34 +365,22 @@ impl pb::catalog_service_server::CatalogService for Grpc {
                 "contribution_bps": r.contribution_bps, "reserve_bps": r.reserve_bps,
                 "min_purchase_minor": r.min_purchase_minor,
             }))?;
-            self.service
-                .put_jackpot(key.as_deref(), &r.tenant, &r.jackpot, body)
-                .await
-                .map(version)
+            self.service.put_jackpot(key.as_deref(), &r.tenant, &r.jackpot, body).await.map(version)
         };
         reply(result.await)
     }
 
-    async fn put_mission(
-        &self,
-        request: Request<pb::PutMissionRequest>,
-    ) -> GrpcResult<pb::DefinitionVersion> {
+    async fn put_mission(&self, request: Request<pb::PutMissionRequest>) -> GrpcResult<pb::DefinitionVersion> {
         let key = key(&request);
         let r = request.into_inner();
         let result = async {
             let body = from_json_value(mission_json(&r))?;
-            self.service
-                .put_mission(key.as_deref(), &r.tenant, &r.mission, body)
-                .await
-                .map(version)
+            self.service.put_mission(key.as_deref(), &r.tenant, &r.mission, body).await.map(version)
         };
         reply(result.await)
     }
 
-    async fn put_leaderboard(
-        &self,
-        request: Request<pb::PutLeaderboardRequest>,
-    ) -> GrpcResult<pb::DefinitionVersion> {
+    async fn put_leaderboard(&self, request: Request<pb::PutLeaderboardRequest>) -> GrpcResult<pb::DefinitionVersion> {
         let key = key(&request);
         let r = request.into_inner();
         let result = async {
@@ -461,10 +388,7 @@ impl pb::catalog_service_server::CatalogService for Grpc {
             let body = from_json_value(
                 json!({"campaign": r.campaign, "metric": metric_json(r.metric), "top_size": top_size}),
             )?;
-            self.service
-                .put_leaderboard(key.as_deref(), &r.tenant, &r.leaderboard, body)
-                .await
-                .map(version)
+            self.service.put_leaderboard(key.as_deref(), &r.tenant, &r.leaderboard, body).await.map(version)
         };
         reply(result.await)
     }
@@ -472,39 +396,20 @@ impl pb::catalog_service_server::CatalogService for Grpc {
 
 #[tonic::async_trait]
 impl pb::event_service_server::EventService for Grpc {
-    async fn record_event(
-        &self,
-        request: Request<pb::RecordEventRequest>,
-    ) -> GrpcResult<pb::EventResult> {
+    async fn record_event(&self, request: Request<pb::RecordEventRequest>) -> GrpcResult<pb::EventResult> {
         let key = key(&request);
         let r = request.into_inner();
         let tenant = r.tenant.clone();
-        reply(
-            self.service
-                .record_event(key.as_deref(), &tenant, event_request(r))
-                .await
-                .map(event_result),
-        )
+        reply(self.service.record_event(key.as_deref(), &tenant, event_request(r)).await.map(event_result))
     }
 
-    async fn record_events(
-        &self,
-        request: Request<pb::RecordEventsRequest>,
-    ) -> GrpcResult<pb::RecordEventsResponse> {
+    async fn record_events(&self, request: Request<pb::RecordEventsRequest>) -> GrpcResult<pb::RecordEventsResponse> {
         let key = key(&request);
         let r = request.into_inner();
-        let events: Vec<Value> = r
-            .events
-            .into_iter()
-            .map(|e| serde_json::to_value(event_request(e)).unwrap_or_default())
-            .collect();
-        let results = self
-            .service
-            .record_batch(key.as_deref(), &r.tenant, api::BatchRequest { events })
-            .await;
-        reply(results.map(|results| pb::RecordEventsResponse {
-            results: results.into_iter().map(outcome).collect(),
-        }))
+        let events: Vec<Value> =
+            r.events.into_iter().map(|e| serde_json::to_value(event_request(e)).unwrap_or_default()).collect();
+        let results = self.service.record_batch(key.as_deref(), &r.tenant, api::BatchRequest { events }).await;
+        reply(results.map(|results| pb::RecordEventsResponse { results: results.into_iter().map(outcome).collect() }))
     }
 
     type StreamEventsStream = ReceiverStream<Result<pb::EventOutcome, Status>>;
@@ -515,10 +420,7 @@ impl pb::event_service_server::EventService for Grpc {
     ) -> GrpcResult<Self::StreamEventsStream> {
         let key = key(&request);
         // Authenticate once, up front: a stream with a bad key ends at once.
-        self.service
-            .tenancy
-            .authenticate(key.as_deref())
-            .map_err(status)?;
+        self.service.tenancy.authenticate(key.as_deref()).map_err(status)?;
         let mut inbound = request.into_inner();
         let (pending_tx, mut pending_rx) = tokio::sync::mpsc::channel(STREAM_WINDOW);
         let (out_tx, out_rx) = tokio::sync::mpsc::channel(STREAM_WINDOW);
@@ -538,9 +440,7 @@ impl pb::event_service_server::EventService for Grpc {
                 let (service, key) = (service.clone(), key.clone());
                 let task = tokio::spawn(async move {
                     let tenant = next.tenant.clone();
-                    service
-                        .record_event(key.as_deref(), &tenant, event_request(next))
-                        .await
+                    service.record_event(key.as_deref(), &tenant, event_request(next)).await
                 });
                 if pending_tx.send(Ok(task)).await.is_err() {
                     break;
@@ -570,14 +470,8 @@ impl pb::game_service_server::GameService for Grpc {
     async fn spin(&self, request: Request<pb::SpinRequest>) -> GrpcResult<pb::SpinResult> {
         let key = key(&request);
         let r = request.into_inner();
-        let body = api::SpinRequest {
-            customer: r.customer,
-            request_id: r.request_id,
-        };
-        let answer = self
-            .service
-            .spin(key.as_deref(), &r.tenant, &r.wheel, body)
-            .await;
+        let body = api::SpinRequest { customer: r.customer, request_id: r.request_id };
+        let answer = self.service.spin(key.as_deref(), &r.tenant, &r.wheel, body).await;
         reply(answer.map(|a| pb::SpinResult {
             request_id: a.request_id.to_string(),
             duplicate: a.duplicate,
@@ -589,36 +483,18 @@ impl pb::game_service_server::GameService for Grpc {
         }))
     }
 
-    async fn get_jackpot(
-        &self,
-        request: Request<pb::GetJackpotRequest>,
-    ) -> GrpcResult<pb::Jackpot> {
+    async fn get_jackpot(&self, request: Request<pb::GetJackpotRequest>) -> GrpcResult<pb::Jackpot> {
         let key = key(&request);
         let r = request.into_inner();
-        reply(
-            self.service
-                .jackpot(key.as_deref(), &r.tenant, &r.jackpot)
-                .await
-                .map(jackpot),
-        )
+        reply(self.service.jackpot(key.as_deref(), &r.tenant, &r.jackpot).await.map(jackpot))
     }
 
-    async fn get_leaderboard(
-        &self,
-        request: Request<pb::GetLeaderboardRequest>,
-    ) -> GrpcResult<pb::Leaderboard> {
+    async fn get_leaderboard(&self, request: Request<pb::GetLeaderboardRequest>) -> GrpcResult<pb::Leaderboard> {
         let key = key(&request);
         let r = request.into_inner();
         let top = (r.top != 0).then_some(r.top);
-        let answer = self
-            .service
-            .leaderboard(key.as_deref(), &r.tenant, &r.leaderboard, top)
-            .await;
-        reply(answer.map(|a| pb::Leaderboard {
-            leaderboard: a.leaderboard.to_string(),
-            members: a.members,
-            entries: a.entries.into_iter().map(entry).collect(),
-        }))
+        let answer = self.service.leaderboard(key.as_deref(), &r.tenant, &r.leaderboard, top).await;
+        reply(answer.map(leaderboard))
     }
 
     async fn get_rank(&self, request: Request<pb::GetRankRequest>) -> GrpcResult<pb::Rank> {
@@ -626,13 +502,7 @@ impl pb::game_service_server::GameService for Grpc {
         let r = request.into_inner();
         let answer = self
             .service
-            .leaderboard_around(
-                key.as_deref(),
-                &r.tenant,
-                &r.leaderboard,
-                &r.customer,
-                Some(r.around),
-            )
+            .leaderboard_around(key.as_deref(), &r.tenant, &r.leaderboard, &r.customer, Some(r.around))
             .await;
         reply(answer.map(|a| pb::Rank {
             leaderboard: a.leaderboard.to_string(),
@@ -643,45 +513,76 @@ impl pb::game_service_server::GameService for Grpc {
         }))
     }
 
-    async fn get_audit(
+    type WatchJackpotStream = ReceiverStream<Result<pb::JackpotUpdate, Status>>;
+
+    async fn watch_jackpot(&self, request: Request<pb::WatchJackpotRequest>) -> GrpcResult<Self::WatchJackpotStream> {
+        let key = key(&request);
+        let r = request.into_inner();
+        let last = (!r.last_event_id.is_empty()).then_some(r.last_event_id.as_str());
+        let mut events =
+            self.service.watch_jackpot(key.as_deref(), &r.tenant, &r.jackpot, last).await.map_err(status)?;
+        let (sender, receiver) = tokio::sync::mpsc::channel(STREAM_WINDOW);
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                let id = event.id();
+                let update = match event {
+                    JackpotEvent::Pool { pool_minor, cycle, .. } => {
+                        pb::jackpot_update::Update::Pool(pb::Pool { pool_minor, cycle })
+                    }
+                    JackpotEvent::Hit(hit) => pb::jackpot_update::Update::Hit(hit_message(hit)),
+                };
+                if sender.send(Ok(pb::JackpotUpdate { id, update: Some(update) })).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+
+    type WatchLeaderboardStream = ReceiverStream<Result<pb::Leaderboard, Status>>;
+
+    async fn watch_leaderboard(
         &self,
-        request: Request<pb::GetAuditRequest>,
-    ) -> GrpcResult<pb::AuditRecords> {
+        request: Request<pb::WatchLeaderboardRequest>,
+    ) -> GrpcResult<Self::WatchLeaderboardStream> {
+        let key = key(&request);
+        let r = request.into_inner();
+        let top = (r.top != 0).then_some(r.top);
+        let mut updates =
+            self.service.watch_leaderboard(key.as_deref(), &r.tenant, &r.leaderboard, top).await.map_err(status)?;
+        let (sender, receiver) = tokio::sync::mpsc::channel(STREAM_WINDOW);
+        tokio::spawn(async move {
+            while let Some(board) = updates.recv().await {
+                if sender.send(Ok(leaderboard(board))).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+
+    async fn get_audit(&self, request: Request<pb::GetAuditRequest>) -> GrpcResult<pb::AuditRecords> {
         let key = key(&request);
         let r = request.into_inner();
         let after = (r.after != 0).then_some(r.after);
         let limit = (r.limit != 0).then_some(r.limit);
-        let answer = self
-            .service
-            .audit(key.as_deref(), &r.tenant, &r.kind, &r.id, after, limit);
-        reply(answer.map(|a| pb::AuditRecords {
-            records: a.records.iter().map(Value::to_string).collect(),
-        }))
+        let answer = self.service.audit(key.as_deref(), &r.tenant, &r.kind, &r.id, after, limit);
+        reply(answer.map(|a| pb::AuditRecords { records: a.records.iter().map(Value::to_string).collect() }))
     }
 }
 
 #[tonic::async_trait]
 impl pb::customer_service_server::CustomerService for Grpc {
-    async fn get_customer(
-        &self,
-        request: Request<pb::GetCustomerRequest>,
-    ) -> GrpcResult<pb::Customer> {
+    async fn get_customer(&self, request: Request<pb::GetCustomerRequest>) -> GrpcResult<pb::Customer> {
         let key = key(&request);
         let r = request.into_inner();
-        reply(
-            self.service
-                .customer(key.as_deref(), &r.tenant, &r.customer)
-                .await
-                .map(customer),
-        )
+        reply(self.service.customer(key.as_deref(), &r.tenant, &r.customer).await.map(customer))
     }
 }
 
 /// The full gRPC router: the five services, server reflection (v1 and
 /// v1alpha, for older grpcurl) and the health service.
-pub async fn router(
-    service: Arc<Service>,
-) -> Result<tonic::service::Routes, Box<dyn std::error::Error + Send + Sync>> {
+pub async fn router(service: Arc<Service>) -> Result<tonic::service::Routes, Box<dyn std::error::Error + Send + Sync>> {
     use pb::catalog_service_server::CatalogServiceServer;
     use pb::customer_service_server::CustomerServiceServer;
     use pb::event_service_server::EventServiceServer;
@@ -721,26 +622,14 @@ mod tests {
 
     #[test]
     fn invalid_arguments_carry_a_field_violation() {
-        let error = status(ServiceError::invalid(
-            "segments[1].weight",
-            "must be between 0 and 10^6",
-        ));
+        let error = status(ServiceError::invalid("segments[1].weight", "must be between 0 and 10^6"));
         assert_eq!(error.code(), tonic::Code::InvalidArgument);
         let details = error.get_error_details();
         let bad_request = details.bad_request().expect("a BadRequest detail");
         assert_eq!(bad_request.field_violations[0].field, "segments[1].weight");
         let refused = status(ServiceError::refused("daily_limit", "come back tomorrow"));
         assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
-        assert_eq!(
-            refused
-                .get_error_details()
-                .error_info()
-                .map(|i| i.reason.as_str()),
-            Some("daily_limit")
-        );
-        assert_eq!(
-            status(ServiceError::new(Code::IdempotencyConflict, "x")).code(),
-            tonic::Code::Aborted
-        );
+        assert_eq!(refused.get_error_details().error_info().map(|i| i.reason.as_str()), Some("daily_limit"));
+        assert_eq!(status(ServiceError::new(Code::IdempotencyConflict, "x")).code(), tonic::Code::Aborted);
     }
 }

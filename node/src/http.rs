@@ -8,18 +8,22 @@
 
 use crate::api;
 use crate::error::{Code, ServiceError};
-use crate::service::Service;
+use crate::service::{JackpotEvent, Service};
 use axum::body::Bytes;
 use axum::extract::{FromRequest, MatchedPath, Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
@@ -41,19 +45,12 @@ pub fn router(state: AppState) -> Router {
         .route(&format!("{tenant}/stores/{{id}}"), put(put_store))
         .route(&format!("{tenant}/campaigns/{{id}}"), put(put_campaign))
         .route(&format!("{tenant}/wheels/{{id}}"), put(put_wheel))
-        .route(
-            &format!("{tenant}/jackpots/{{id}}"),
-            put(put_jackpot).get(get_jackpot),
-        )
+        .route(&format!("{tenant}/jackpots/{{id}}"), put(put_jackpot).get(get_jackpot))
         .route(&format!("{tenant}/missions/{{id}}"), put(put_mission))
-        .route(
-            &format!("{tenant}/leaderboards/{{id}}"),
-            put(put_leaderboard).get(get_leaderboard),
-        )
-        .route(
-            &format!("{tenant}/leaderboards/{{id}}/customers/{{customer}}"),
-            get(get_around),
-        )
+        .route(&format!("{tenant}/leaderboards/{{id}}"), put(put_leaderboard).get(get_leaderboard))
+        .route(&format!("{tenant}/leaderboards/{{id}}/customers/{{customer}}"), get(get_around))
+        .route(&format!("{tenant}/jackpots/{{id}}/stream"), get(stream_jackpot))
+        .route(&format!("{tenant}/leaderboards/{{id}}/stream"), get(stream_leaderboard))
         .route(&format!("{tenant}/events"), post(record_event))
         .route(&format!("{tenant}/events/batch"), post(record_batch))
         .route(&format!("{tenant}/wheels/{{id}}/spins"), post(spin))
@@ -74,10 +71,8 @@ pub fn router(state: AppState) -> Router {
 /// Records every request's latency by route, method and status code.
 async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let route =
+        request.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let method = request.method().as_str().to_owned();
     let response = next.run(request).await;
     state
@@ -129,8 +124,7 @@ pub fn error_json(error: &ServiceError) -> serde_json::Value {
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
         let error = self.0;
-        let status = StatusCode::from_u16(error.code.http_status())
-            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = StatusCode::from_u16(error.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         if error.code == Code::Internal {
             tracing::error!(message = %error.message, "internal error");
         }
@@ -144,14 +138,10 @@ impl IntoResponse for HttpError {
         };
         let mut response = (status, Json(body)).into_response();
         if error.code == Code::Unavailable {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if error.code == Code::Unauthenticated {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }
@@ -161,12 +151,7 @@ type HttpResult<T> = Result<T, HttpError>;
 
 /// The bearer key of a request, if any.
 fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
+    headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ").map(str::trim)
 }
 
 /// A JSON body: declared as JSON, within the size limit, every field known.
@@ -176,15 +161,9 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = HttpError;
 
     async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
-        let content_type = request
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        let is_json = content_type
-            .split(';')
-            .next()
-            .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"));
+        let content_type = request.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let is_json =
+            content_type.split(';').next().is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"));
         if !is_json {
             return Err(ServiceError {
                 code: Code::UnsupportedMediaType,
@@ -194,14 +173,12 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
             }
             .into());
         }
-        let body = axum::body::to_bytes(request.into_body(), state.max_body_bytes)
-            .await
-            .map_err(|_| ServiceError {
-                code: Code::PayloadTooLarge,
-                field: Some("body".into()),
-                message: format!("must be at most {} bytes", state.max_body_bytes),
-                reason: None,
-            })?;
+        let body = axum::body::to_bytes(request.into_body(), state.max_body_bytes).await.map_err(|_| ServiceError {
+            code: Code::PayloadTooLarge,
+            field: Some("body".into()),
+            message: format!("must be at most {} bytes", state.max_body_bytes),
+            reason: None,
+        })?;
         from_json_bytes(&body).map(JsonBody).map_err(HttpError)
     }
 }
@@ -230,31 +207,14 @@ fn json_error(error: serde_path_to_error::Error<serde_json::Error>) -> ServiceEr
         };
     }
     let message = inner.to_string();
-    let message = message
-        .rfind(" at line ")
-        .map_or(message.as_str(), |at| &message[..at])
-        .to_owned();
+    let message = message.rfind(" at line ").map_or(message.as_str(), |at| &message[..at]).to_owned();
     // The path names the unknown field itself, but only the object that
     // misses a field: name the missing field too.
     let mut field = if path == "." { String::new() } else { path };
-    if let Some(missing) = message
-        .strip_prefix("missing field `")
-        .and_then(|rest| rest.split('`').next())
-    {
-        field = if field.is_empty() {
-            missing.to_owned()
-        } else {
-            format!("{field}.{missing}")
-        };
+    if let Some(missing) = message.strip_prefix("missing field `").and_then(|rest| rest.split('`').next()) {
+        field = if field.is_empty() { missing.to_owned() } else { format!("{field}.{missing}") };
     }
-    ServiceError::invalid(
-        if field.is_empty() {
-            "body".to_owned()
-        } else {
-            field
-        },
-        message,
-    )
+    ServiceError::invalid(if field.is_empty() { "body".to_owned() } else { field }, message)
 }
 
 /// Reads an optional non-negative integer query parameter.
@@ -297,10 +257,7 @@ async fn create_key(
     Path(tenant): Path<String>,
     JsonBody(body): JsonBody<api::CreateKey>,
 ) -> HttpResult<Response> {
-    let key = s
-        .service
-        .create_key(bearer(&headers), &tenant, body)
-        .await?;
+    let key = s.service.create_key(bearer(&headers), &tenant, body).await?;
     Ok((StatusCode::CREATED, Json(key)).into_response())
 }
 
@@ -312,11 +269,7 @@ macro_rules! put_definition {
             Path((tenant, id)): Path<(String, String)>,
             JsonBody(body): JsonBody<$body>,
         ) -> HttpResult<Json<api::DefinitionAnswer<$body>>> {
-            Ok(Json(
-                s.service
-                    .$method(bearer(&headers), &tenant, &id, body)
-                    .await?,
-            ))
+            Ok(Json(s.service.$method(bearer(&headers), &tenant, &id, body).await?))
         }
     };
 }
@@ -326,11 +279,7 @@ put_definition!(put_campaign, put_campaign, api::CampaignBody);
 put_definition!(put_wheel, put_wheel, bazaar_games::wheel::WheelDef);
 put_definition!(put_jackpot, put_jackpot, bazaar_games::jackpot::JackpotDef);
 put_definition!(put_mission, put_mission, api::MissionBody);
-put_definition!(
-    put_leaderboard,
-    put_leaderboard,
-    bazaar_games::leaderboard::LeaderboardDef
-);
+put_definition!(put_leaderboard, put_leaderboard, bazaar_games::leaderboard::LeaderboardDef);
 
 async fn record_event(
     State(s): State<AppState>,
@@ -338,11 +287,7 @@ async fn record_event(
     Path(tenant): Path<String>,
     JsonBody(body): JsonBody<api::EventRequest>,
 ) -> HttpResult<Json<api::EventAnswer>> {
-    Ok(Json(
-        s.service
-            .record_event(bearer(&headers), &tenant, body)
-            .await?,
-    ))
+    Ok(Json(s.service.record_event(bearer(&headers), &tenant, body).await?))
 }
 
 async fn record_batch(
@@ -351,10 +296,7 @@ async fn record_batch(
     Path(tenant): Path<String>,
     JsonBody(body): JsonBody<api::BatchRequest>,
 ) -> HttpResult<Json<serde_json::Value>> {
-    let results = s
-        .service
-        .record_batch(bearer(&headers), &tenant, body)
-        .await?;
+    let results = s.service.record_batch(bearer(&headers), &tenant, body).await?;
     let results: Vec<serde_json::Value> = results
         .into_iter()
         .map(|result| match result {
@@ -371,11 +313,7 @@ async fn spin(
     Path((tenant, wheel)): Path<(String, String)>,
     JsonBody(body): JsonBody<api::SpinRequest>,
 ) -> HttpResult<Json<api::SpinAnswer>> {
-    Ok(Json(
-        s.service
-            .spin(bearer(&headers), &tenant, &wheel, body)
-            .await?,
-    ))
+    Ok(Json(s.service.spin(bearer(&headers), &tenant, &wheel, body).await?))
 }
 
 async fn get_customer(
@@ -383,9 +321,7 @@ async fn get_customer(
     headers: HeaderMap,
     Path((tenant, id)): Path<(String, String)>,
 ) -> HttpResult<Json<api::CustomerAnswer>> {
-    Ok(Json(
-        s.service.customer(bearer(&headers), &tenant, &id).await?,
-    ))
+    Ok(Json(s.service.customer(bearer(&headers), &tenant, &id).await?))
 }
 
 async fn get_jackpot(
@@ -393,9 +329,7 @@ async fn get_jackpot(
     headers: HeaderMap,
     Path((tenant, id)): Path<(String, String)>,
 ) -> HttpResult<Json<api::JackpotAnswer>> {
-    Ok(Json(
-        s.service.jackpot(bearer(&headers), &tenant, &id).await?,
-    ))
+    Ok(Json(s.service.jackpot(bearer(&headers), &tenant, &id).await?))
 }
 
 async fn get_leaderboard(
@@ -405,11 +339,7 @@ async fn get_leaderboard(
     RawQuery(query): RawQuery,
 ) -> HttpResult<Json<api::LeaderboardAnswer>> {
     let top = query_u32(&query, "top")?;
-    Ok(Json(
-        s.service
-            .leaderboard(bearer(&headers), &tenant, &id, top)
-            .await?,
-    ))
+    Ok(Json(s.service.leaderboard(bearer(&headers), &tenant, &id, top).await?))
 }
 
 async fn get_around(
@@ -419,11 +349,7 @@ async fn get_around(
     RawQuery(query): RawQuery,
 ) -> HttpResult<Json<api::AroundAnswer>> {
     let around = query_u32(&query, "around")?;
-    Ok(Json(
-        s.service
-            .leaderboard_around(bearer(&headers), &tenant, &id, &customer, around)
-            .await?,
-    ))
+    Ok(Json(s.service.leaderboard_around(bearer(&headers), &tenant, &id, &customer, around).await?))
 }
 
 async fn get_audit(
@@ -434,14 +360,51 @@ async fn get_audit(
 ) -> HttpResult<Json<api::AuditAnswer>> {
     let after = query_u32(&query, "after")?;
     let limit = query_u32(&query, "limit")?;
-    Ok(Json(s.service.audit(
-        bearer(&headers),
-        &tenant,
-        &kind,
-        &id,
-        after,
-        limit,
-    )?))
+    Ok(Json(s.service.audit(bearer(&headers), &tenant, &kind, &id, after, limit)?))
+}
+
+/// Server-Sent Events of a jackpot: `pool` (coalesced to ten a second) and
+/// `hit`, each with an id a reconnecting client sends back as
+/// `Last-Event-ID` to get the current state and the hits it missed.
+async fn stream_jackpot(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path((tenant, id)): Path<(String, String)>,
+) -> HttpResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    let last_event_id = headers.get("last-event-id").and_then(|v| v.to_str().ok());
+    let events = s.service.watch_jackpot(bearer(&headers), &tenant, &id, last_event_id).await?;
+    let stream = ReceiverStream::new(events).map(|event| {
+        let id = event.id();
+        let sse = match event {
+            JackpotEvent::Pool { pool_minor, cycle, .. } => {
+                Event::default().event("pool").json_data(serde_json::json!({"pool_minor": pool_minor, "cycle": cycle}))
+            }
+            JackpotEvent::Hit(hit) => Event::default().event("hit").json_data(hit),
+        };
+        Ok(sse.map_or_else(|_| Event::default().comment("unencodable event"), |e| e.id(id)))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// Server-Sent Events of a leaderboard's top entries: `top` now and on
+/// every change.
+async fn stream_leaderboard(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path((tenant, id)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+) -> HttpResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    let top = query_u32(&query, "top")?;
+    let updates = s.service.watch_leaderboard(bearer(&headers), &tenant, &id, top).await?;
+    let mut sequence = 0u64;
+    let stream = ReceiverStream::new(updates).map(move |board| {
+        sequence += 1;
+        Ok(Event::default()
+            .event("top")
+            .json_data(board)
+            .map_or_else(|_| Event::default().comment("unencodable event"), |e| e.id(sequence.to_string())))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
 async fn healthz() -> &'static str {
@@ -457,14 +420,7 @@ async fn readyz(State(s): State<AppState>) -> Response {
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        s.service.metrics.render(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.service.metrics.render()).into_response()
 }
 
 async fn not_found() -> HttpError {
@@ -472,10 +428,8 @@ async fn not_found() -> HttpError {
 }
 
 async fn method_not_allowed() -> Response {
-    let error = ServiceError::new(
-        Code::InvalidArgument,
-        "this method is not allowed on this endpoint; see docs/api.md",
-    );
+    let error =
+        ServiceError::new(Code::InvalidArgument, "this method is not allowed on this endpoint; see docs/api.md");
     let mut response = HttpError(error).into_response();
     *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
     response

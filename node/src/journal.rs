@@ -109,30 +109,14 @@ pub const CHECKPOINT_KEY: &[u8] = b"journal_checkpoint";
 
 impl Journal {
     /// Starts the writer thread, appending from batch `next_seq` on.
-    pub fn start(
-        store: Store,
-        metrics: Arc<Metrics>,
-        next_seq: u64,
-    ) -> (Self, std::thread::JoinHandle<()>) {
-        let (durable, _) = watch::channel(Durability {
-            ticket: 0,
-            failed: false,
-        });
+    pub fn start(store: Store, metrics: Arc<Metrics>, next_seq: u64) -> (Self, std::thread::JoinHandle<()>) {
+        let (durable, _) = watch::channel(Durability { ticket: 0, failed: false });
         let shared = Arc::new(Shared {
-            queue: Mutex::new(Queue {
-                next_ticket: 1,
-                ops: Vec::new(),
-                closed: false,
-            }),
+            queue: Mutex::new(Queue { next_ticket: 1, ops: Vec::new(), closed: false }),
             wake: Condvar::new(),
             durable,
         });
-        let writer = Writer {
-            store,
-            metrics,
-            shared: shared.clone(),
-            next_seq,
-        };
+        let writer = Writer { store, metrics, shared: shared.clone(), next_seq };
         let thread = std::thread::Builder::new()
             .name("journal-writer".into())
             .spawn(move || writer.run())
@@ -164,17 +148,9 @@ impl Journal {
 
     /// Queues a snapshot; the receiver fires once it is written (after every
     /// entry queued before it).
-    pub fn snapshot(
-        &self,
-        key: Vec<u8>,
-        snapshot: &Snapshot,
-    ) -> StorageResult<oneshot::Receiver<()>> {
+    pub fn snapshot(&self, key: Vec<u8>, snapshot: &Snapshot) -> StorageResult<oneshot::Receiver<()>> {
         let (done, written) = oneshot::channel();
-        self.push(Op::Snapshot {
-            key,
-            value: encode(snapshot),
-            done: Some(done),
-        })?;
+        self.push(Op::Snapshot { key, value: encode(snapshot), done: Some(done) })?;
         Ok(written)
     }
 
@@ -201,16 +177,11 @@ impl Journal {
     /// Waits until `ticket` is durable.
     pub async fn durable(&self, ticket: Ticket) -> StorageResult<()> {
         let mut receiver = self.shared.durable.subscribe();
-        let state = receiver
-            .wait_for(|d| ticket <= d.ticket || d.failed)
-            .await
-            .map_err(|_| writer_gone())?;
+        let state = receiver.wait_for(|d| ticket <= d.ticket || d.failed).await.map_err(|_| writer_gone())?;
         if ticket <= state.ticket {
             Ok(())
         } else {
-            Err(StorageError::Unavailable(
-                "the node's storage failed; retry on another node or after a restart".into(),
-            ))
+            Err(StorageError::Unavailable("the node's storage failed; retry on another node or after a restart".into()))
         }
     }
 
@@ -289,9 +260,7 @@ impl Writer {
                 }
                 Op::Marker(reply) => after_flush.push(AfterFlush::Marker(reply)),
                 Op::Checkpoint { upto, done } => {
-                    self.store
-                        .meta
-                        .insert(CHECKPOINT_KEY, &upto.to_be_bytes())?;
+                    self.store.meta.insert(CHECKPOINT_KEY, &upto.to_be_bytes())?;
                     for old in self.store.journal.range(..upto.to_be_bytes()).keys() {
                         self.store.journal.remove(old?)?;
                     }
@@ -300,19 +269,13 @@ impl Writer {
             }
         }
         if !entries.is_empty() {
-            self.store
-                .journal
-                .insert(self.next_seq.to_be_bytes(), encode(&entries))?;
+            self.store.journal.insert(self.next_seq.to_be_bytes(), encode(&entries))?;
             self.next_seq += 1;
         }
         self.store.flush()?;
         if !entries.is_empty() {
-            self.metrics
-                .journal_flush_seconds
-                .observe(started.elapsed().as_secs_f64());
-            self.metrics
-                .journal_batch_entries
-                .observe(entries.len() as f64);
+            self.metrics.journal_flush_seconds.observe(started.elapsed().as_secs_f64());
+            self.metrics.journal_batch_entries.observe(entries.len() as f64);
         }
         let indexed = index(&self.store, &entries)?;
         self.metrics.outbox_backlog.add(indexed);
@@ -348,11 +311,7 @@ pub fn index(store: &Store, entries: &[JournalEntry]) -> StorageResult<i64> {
             store.seen.insert(key.as_slice(), value.as_slice())?;
         }
         for (key, value) in &entry.outbox {
-            if store
-                .outbox
-                .insert(key.as_slice(), value.as_slice())?
-                .is_none()
-            {
+            if store.outbox.insert(key.as_slice(), value.as_slice())?.is_none() {
                 outbox_added += 1;
             }
         }
@@ -370,10 +329,7 @@ pub type Batch = (u64, Vec<JournalEntry>);
 pub fn read_tail(store: &Store) -> StorageResult<(u64, Vec<Batch>)> {
     let checkpoint = match store.meta.get(CHECKPOINT_KEY)? {
         Some(bytes) => u64::from_be_bytes(
-            bytes
-                .as_ref()
-                .try_into()
-                .map_err(|_| StorageError::Codec("journal checkpoint is not 8 bytes".into()))?,
+            bytes.as_ref().try_into().map_err(|_| StorageError::Codec("journal checkpoint is not 8 bytes".into()))?,
         ),
         None => 0,
     };
@@ -381,9 +337,7 @@ pub fn read_tail(store: &Store) -> StorageResult<(u64, Vec<Batch>)> {
     for item in store.journal.range(checkpoint.to_be_bytes()..) {
         let (key, value) = item?;
         let seq = u64::from_be_bytes(
-            key.as_ref()
-                .try_into()
-                .map_err(|_| StorageError::Codec("journal key is not 8 bytes".into()))?,
+            key.as_ref().try_into().map_err(|_| StorageError::Codec("journal key is not 8 bytes".into()))?,
         );
         batches.push((seq, decode::<Vec<JournalEntry>>(&value)?));
     }
@@ -411,9 +365,7 @@ mod tests {
         let store = Store::open(dir.path()).expect("open");
         let metrics = Arc::new(Metrics::new().expect("metrics"));
         let (journal, thread) = Journal::start(store.clone(), metrics.clone(), 0);
-        let tickets: Vec<Ticket> = (0..50)
-            .map(|n| journal.submit(entry(n)).expect("open"))
-            .collect();
+        let tickets: Vec<Ticket> = (0..50).map(|n| journal.submit(entry(n)).expect("open")).collect();
         assert_eq!(tickets, (1..=50).collect::<Vec<_>>());
         journal.durable(50).await.expect("durable");
         assert!(store.seen.get(b"t/event/e-49").expect("read").is_some());
@@ -430,9 +382,6 @@ mod tests {
         assert_eq!((checkpoint, batches.len()), (marker, 0));
         journal.close();
         thread.join().expect("writer exits cleanly");
-        assert!(
-            journal.submit(entry(99)).is_err(),
-            "closed journal refuses entries"
-        );
+        assert!(journal.submit(entry(99)).is_err(), "closed journal refuses entries");
     }
 }

@@ -23,6 +23,7 @@ pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod journal;
+pub mod live;
 pub mod outbox;
 pub mod recovery;
 pub mod service;
@@ -52,21 +53,11 @@ const REDELIVERY_INTERVAL: Duration = Duration::from_secs(2);
 /// snapshot, and the journal flushes and closes.
 ///
 /// Must run inside an actix `System` (the binary's `main` makes one).
-pub async fn serve(
-    config: NodeConfig,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.data_dir).with_context(|| {
-        format!(
-            "cannot create the data directory {}",
-            config.data_dir.display()
-        )
-    })?;
+pub async fn serve(config: NodeConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create the data directory {}", config.data_dir.display()))?;
     let store = Store::open(&config.data_dir).with_context(|| {
-        format!(
-            "cannot open the data directory {} (is another bazaar using it?)",
-            config.data_dir.display()
-        )
+        format!("cannot open the data directory {} (is another bazaar using it?)", config.data_dir.display())
     })?;
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);
     let report = recovery::recover(&store, &metrics).context("recovering the journal")?;
@@ -81,8 +72,7 @@ pub async fn serve(
         idle_timeout: config.idle_timeout,
         snapshot_every: config.snapshot_every,
     });
-    let tenancy = Tenancy::load(store.clone(), config.admin_key.as_deref())
-        .context("loading tenants and keys")?;
+    let tenancy = Tenancy::load(store.clone(), config.admin_key.as_deref()).context("loading tenants and keys")?;
     let service = Arc::new(Service {
         customers: Registry::new(node.clone(), handles.clone()),
         wheels: Registry::new(node.clone(), handles.clone()),
@@ -92,26 +82,18 @@ pub async fn serve(
         journal: journal.clone(),
         metrics,
         tenancy,
-        config: ServiceConfig {
-            max_event_age: config.max_event_age,
-        },
+        live: live::Live::default(),
+        config: ServiceConfig { max_event_age: config.max_event_age },
         ready: false.into(),
     });
 
     if service.tenancy.needs_generated_admin()? {
-        let key = service
-            .tenancy
-            .generate_admin()
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let key = service.tenancy.generate_admin().await.map_err(|e| anyhow::anyhow!("{e}"))?;
         println!("bazaar: created the first admin key (shown once, keep it safe):\n  {key}");
     }
     let redelivered = service.redeliver(Duration::ZERO).await;
     if 0 < redelivered {
-        tracing::info!(
-            redelivered,
-            "delivered outbox messages left by the last run"
-        );
+        tracing::info!(redelivered, "delivered outbox messages left by the last run");
     }
 
     let grpc_listener = tokio::net::TcpListener::bind(config.grpc)
@@ -124,10 +106,7 @@ pub async fn serve(
     let address = listener.local_addr()?;
     // The gRPC line comes first: scripts wait for the HTTP line as "ready".
     println!("bazaar gRPC listening on {grpc_address}");
-    println!(
-        "bazaar listening on http://{address} (data in {})",
-        config.data_dir.display()
-    );
+    println!("bazaar listening on http://{address} (data in {})", config.data_dir.display());
     std::io::stdout().flush()?;
     tracing::info!(%address, %grpc_address, data_dir = %config.data_dir.display(), "node ready");
     service.ready.store(true, Ordering::SeqCst);
@@ -138,35 +117,17 @@ pub async fn serve(
         shutdown.await;
         let _ = stop.send(true);
     });
-    let housekeeping = tokio::spawn(housekeeping(
-        service.clone(),
-        config.checkpoint_interval,
-        stopping.clone(),
-    ));
+    let housekeeping = tokio::spawn(housekeeping(service.clone(), config.checkpoint_interval, stopping.clone()));
 
-    let routes = grpc::router(service.clone())
-        .await
-        .map_err(|e| anyhow::anyhow!("setting up gRPC: {e}"))?;
-    let grpc_server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_routes(routes)
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-                stopped(stopping.clone()),
-            ),
-    );
-    let app = http::router(http::AppState {
-        service: service.clone(),
-        max_body_bytes: config.max_body_bytes,
-    });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(stopped(stopping))
-        .await
-        .context("serving HTTP")?;
-    grpc_server
-        .await
-        .context("joining the gRPC server")?
-        .context("serving gRPC")?;
+    let routes = grpc::router(service.clone()).await.map_err(|e| anyhow::anyhow!("setting up gRPC: {e}"))?;
+    let grpc_server =
+        tokio::spawn(tonic::transport::Server::builder().add_routes(routes).serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            stopped(stopping.clone()),
+        ));
+    let app = http::router(http::AppState { service: service.clone(), max_body_bytes: config.max_body_bytes });
+    axum::serve(listener, app).with_graceful_shutdown(stopped(stopping)).await.context("serving HTTP")?;
+    grpc_server.await.context("joining the gRPC server")?.context("serving gRPC")?;
 
     tracing::info!("shutting down: requests drained, writing snapshots");
     service.ready.store(false, Ordering::SeqCst);
@@ -192,11 +153,7 @@ async fn stopped(mut stopping: tokio::sync::watch::Receiver<bool>) {
 }
 
 /// Checkpoints and outbox redelivery, until told to stop.
-async fn housekeeping(
-    service: Arc<Service>,
-    checkpoint_interval: Duration,
-    stop: tokio::sync::watch::Receiver<bool>,
-) {
+async fn housekeeping(service: Arc<Service>, checkpoint_interval: Duration, stop: tokio::sync::watch::Receiver<bool>) {
     let mut checkpoint = tokio::time::interval(checkpoint_interval);
     let mut redeliver = tokio::time::interval(REDELIVERY_INTERVAL);
     checkpoint.tick().await;

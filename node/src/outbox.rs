@@ -17,26 +17,12 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Payload {
     /// A purchase's contribution to a jackpot.
-    Contribution {
-        jackpot: Id,
-        customer: Id,
-        amount_minor: i64,
-        at: UnixMillis,
-    },
+    Contribution { jackpot: Id, customer: Id, amount_minor: i64, at: UnixMillis },
     /// A change of a customer's leaderboard score.
-    Score {
-        leaderboard: Id,
-        customer: Id,
-        delta: i64,
-    },
+    Score { leaderboard: Id, customer: Id, delta: i64 },
     /// A reserved spin asking its wheel to draw; the draw is settled back
     /// to the customer.
-    WheelDraw {
-        wheel: Id,
-        customer: Id,
-        request_id: Id,
-        at: UnixMillis,
-    },
+    WheelDraw { wheel: Id, customer: Id, request_id: Id, at: UnixMillis },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,42 +51,20 @@ impl OutboxMessage {
             tenant: tenant.to_owned(),
             id: format!("{event_id}>jackpot:{jackpot}"),
             created_at: now,
-            payload: Payload::Contribution {
-                jackpot: jackpot.clone(),
-                customer: customer.clone(),
-                amount_minor,
-                at,
-            },
+            payload: Payload::Contribution { jackpot: jackpot.clone(), customer: customer.clone(), amount_minor, at },
         }
     }
 
-    pub fn score(
-        tenant: &str,
-        event_id: &Id,
-        leaderboard: &Id,
-        customer: &Id,
-        delta: i64,
-        now: UnixMillis,
-    ) -> Self {
+    pub fn score(tenant: &str, event_id: &Id, leaderboard: &Id, customer: &Id, delta: i64, now: UnixMillis) -> Self {
         Self {
             tenant: tenant.to_owned(),
             id: format!("{event_id}>leaderboard:{leaderboard}"),
             created_at: now,
-            payload: Payload::Score {
-                leaderboard: leaderboard.clone(),
-                customer: customer.clone(),
-                delta,
-            },
+            payload: Payload::Score { leaderboard: leaderboard.clone(), customer: customer.clone(), delta },
         }
     }
 
-    pub fn wheel_draw(
-        tenant: &str,
-        wheel: &Id,
-        customer: &Id,
-        request_id: &Id,
-        at: UnixMillis,
-    ) -> Self {
+    pub fn wheel_draw(tenant: &str, wheel: &Id, customer: &Id, request_id: &Id, at: UnixMillis) -> Self {
         Self {
             tenant: tenant.to_owned(),
             id: format!("spin:{request_id}"),

@@ -36,22 +36,14 @@ pub struct RecoveryReport {
 pub fn recover(store: &Store, metrics: &Metrics) -> StorageResult<RecoveryReport> {
     let started = Instant::now();
     let (checkpoint, batches) = journal::read_tail(store)?;
-    let mut report = RecoveryReport {
-        next_seq: checkpoint,
-        batches: batches.len(),
-        entries: 0,
-        entities: 0,
-    };
+    let mut report = RecoveryReport { next_seq: checkpoint, batches: batches.len(), entries: 0, entities: 0 };
     let mut tails: BTreeMap<String, Vec<(u64, Vec<u8>)>> = BTreeMap::new();
     for (seq, entries) in &batches {
         journal::index(store, entries)?;
         report.entries += entries.len();
         report.next_seq = seq + 1;
         for entry in entries {
-            tails
-                .entry(entry.entity.clone())
-                .or_default()
-                .push((entry.entity_seq, entry.change.clone()));
+            tails.entry(entry.entity.clone()).or_default().push((entry.entity_seq, entry.change.clone()));
         }
     }
     report.entities = tails.len();
@@ -61,25 +53,17 @@ pub fn recover(store: &Store, metrics: &Metrics) -> StorageResult<RecoveryReport
             Some("wheel") => replay::<WheelEntity>(store, entity, changes)?,
             Some("jackpot") => replay::<JackpotEntity>(store, entity, changes)?,
             Some("leaderboard") => replay::<LeaderboardEntity>(store, entity, changes)?,
-            _ => {
-                return Err(StorageError::Codec(format!(
-                    "journal entry for unknown entity {entity:?}"
-                )))
-            }
+            _ => return Err(StorageError::Codec(format!("journal entry for unknown entity {entity:?}"))),
         }
     }
     if !batches.is_empty() {
-        store
-            .meta
-            .insert(CHECKPOINT_KEY, &report.next_seq.to_be_bytes())?;
+        store.meta.insert(CHECKPOINT_KEY, &report.next_seq.to_be_bytes())?;
         for (seq, _) in &batches {
             store.journal.remove(seq.to_be_bytes())?;
         }
         store.flush()?;
     }
-    metrics
-        .outbox_backlog
-        .set(i64::try_from(store.outbox.len()).unwrap_or(i64::MAX));
+    metrics.outbox_backlog.set(i64::try_from(store.outbox.len()).unwrap_or(i64::MAX));
     if 0 < report.entries {
         tracing::info!(
             batches = report.batches,
@@ -106,12 +90,7 @@ fn replay<E: Entity>(store: &Store, entity: &str, changes: &[(u64, Vec<u8>)]) ->
             covered = *entity_seq;
         }
     }
-    let snapshot = Snapshot {
-        entity_seq: covered,
-        state: encode(&state),
-    };
-    store
-        .snapshots
-        .insert(entity.as_bytes(), encode(&snapshot))?;
+    let snapshot = Snapshot { entity_seq: covered, state: encode(&state) };
+    store.snapshots.insert(entity.as_bytes(), encode(&snapshot))?;
     Ok(())
 }

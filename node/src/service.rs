@@ -12,6 +12,7 @@ use crate::api::{self, parse_id};
 use crate::entities::*;
 use crate::error::{Code, ServiceError, ServiceResult};
 use crate::journal::{Journal, Ticket};
+use crate::live::{Live, PoolUpdate};
 use crate::outbox::{OutboxMessage, Payload};
 use crate::storage::{decode, Store};
 use crate::tenancy::{DefKind, Principal, Role, Tenancy, Tenant, TenantEntry};
@@ -26,6 +27,19 @@ use serde::Serialize;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// What delivering one outbox message produced: the receiver's ticket, the
+/// jackpot result for the event's answer, and what watchers learn once it
+/// is durable.
+#[derive(Default)]
+struct Delivery {
+    ticket: Option<Ticket>,
+    jackpot: Option<api::JackpotResult>,
+    pool: Option<(Id, PoolUpdate)>,
+    /// Only for a first delivery: a retry's hit was published already.
+    hit: Option<(Id, api::HitAnswer)>,
+    leaderboard: Option<Id>,
+}
 
 /// Settings of the service layer.
 #[derive(Clone, Debug)]
@@ -44,6 +58,8 @@ pub struct Service {
     pub jackpots: Arc<Registry<JackpotEntity>>,
     pub leaderboards: Arc<Registry<LeaderboardEntity>>,
     pub config: ServiceConfig,
+    /// Live updates for watchers.
+    pub live: Live,
     /// False until recovery is done and while shutting down.
     pub ready: AtomicBool,
 }
@@ -74,8 +90,7 @@ impl Service {
         self.tenancy.authenticate(key)?.require_admin()?;
         let id = parse_id("id", &request.id)?;
         bazaar_games::campaign::Campaign::validate_name("name", &request.name)?;
-        if request.currency.len() != 3 || !request.currency.chars().all(|c| c.is_ascii_uppercase())
-        {
+        if request.currency.len() != 3 || !request.currency.chars().all(|c| c.is_ascii_uppercase()) {
             return Err(ServiceError::invalid(
                 "currency",
                 "must be an ISO 4217 code of three capital letters, such as EUR",
@@ -83,12 +98,7 @@ impl Service {
         }
         let tenant = self
             .tenancy
-            .create_tenant(Tenant {
-                id,
-                name: request.name,
-                currency: request.currency,
-                created_at: now_millis(),
-            })
+            .create_tenant(Tenant { id, name: request.name, currency: request.currency, created_at: now_millis() })
             .await?;
         tracing::info!(tenant = %tenant.id, "tenant created");
         Ok(tenant_answer(&tenant))
@@ -106,9 +116,8 @@ impl Service {
         request: api::CreateKey,
     ) -> ServiceResult<api::KeyAnswer> {
         let (principal, entry) = self.authorise(key, tenant, &[Role::Operator])?;
-        let role = Role::parse(&request.role).ok_or_else(|| {
-            ServiceError::invalid("role", "must be one of admin, operator, pos, display")
-        })?;
+        let role = Role::parse(&request.role)
+            .ok_or_else(|| ServiceError::invalid("role", "must be one of admin, operator, pos, display"))?;
         if role == Role::Admin {
             principal.require_admin()?;
         }
@@ -116,12 +125,7 @@ impl Service {
         let created = self.tenancy.create_key(role, tenant_id.clone()).await?;
         let key_id = created.split('_').nth(1).unwrap_or_default().to_owned();
         tracing::info!(tenant = %entry.tenant.id, role = role.as_str(), key_id, "API key created");
-        Ok(api::KeyAnswer {
-            key: created,
-            key_id,
-            role: role.as_str().into(),
-            tenant: tenant_id.map(String::from),
-        })
+        Ok(api::KeyAnswer { key: created, key_id, role: role.as_str().into(), tenant: tenant_id.map(String::from) })
     }
 
     /// Authenticates `key` and checks it may act on `tenant` in one of
@@ -133,8 +137,7 @@ impl Service {
         roles: &[Role],
     ) -> ServiceResult<(Principal, Arc<TenantEntry>)> {
         let principal = self.tenancy.authenticate(key)?;
-        let tenant_id =
-            Id::parse(tenant).map_err(|e| ServiceError::invalid("tenant", e.to_string()))?;
+        let tenant_id = Id::parse(tenant).map_err(|e| ServiceError::invalid("tenant", e.to_string()))?;
         principal.require(&tenant_id, roles)?;
         Ok((principal, self.tenancy.tenant(&tenant_id)?))
     }
@@ -158,11 +161,7 @@ impl Service {
         let catalog = build(&id, &entry.catalog())?;
         let version = self.tenancy.put_def(&entry, kind, &id, catalog).await?;
         tracing::info!(tenant = %entry.tenant.id, kind = kind.as_str(), id = %id, version, "definition stored");
-        Ok(api::DefinitionAnswer {
-            id: id.to_string(),
-            version,
-            definition: body.clone(),
-        })
+        Ok(api::DefinitionAnswer { id: id.to_string(), version, definition: body.clone() })
     }
 
     pub async fn put_store(
@@ -191,12 +190,8 @@ impl Service {
         self.put_definition(key, tenant, DefKind::Campaign, id, &body, |id, catalog| {
             let campaign = body.to_domain()?;
             if let Some(stores) = &campaign.stores {
-                if let Some((index, unknown)) = body
-                    .stores
-                    .iter()
-                    .flatten()
-                    .enumerate()
-                    .find(|(_, s)| !catalog.stores.contains_key(*s))
+                if let Some((index, unknown)) =
+                    body.stores.iter().flatten().enumerate().find(|(_, s)| !catalog.stores.contains_key(*s))
                 {
                     return Err(not_defined(&format!("stores[{index}]"), "store", unknown));
                 }
@@ -253,10 +248,7 @@ impl Service {
         let jackpot_id = parse_id("jackpot", id)?;
         let reply = self
             .jackpots
-            .call(
-                &entity(&tenant_id, EntityKind::Jackpot, &jackpot_id),
-                JackpotCommand::Ensure { def: body },
-            )
+            .call(&entity(&tenant_id, EntityKind::Jackpot, &jackpot_id), JackpotCommand::Ensure { def: body })
             .await?;
         self.durable(reply.ticket).await?;
         Ok(answer)
@@ -275,20 +267,12 @@ impl Service {
             for (index, step) in mission.steps.iter().enumerate() {
                 if let Some(store) = &step.store {
                     if !catalog.stores.contains_key(store) {
-                        return Err(not_defined(
-                            &format!("steps[{index}].store"),
-                            "store",
-                            store,
-                        ));
+                        return Err(not_defined(&format!("steps[{index}].store"), "store", store));
                     }
                 }
                 if let Some(spins) = step.reward.as_ref().and_then(|r| r.spins.as_ref()) {
                     if !catalog.wheels.contains_key(&spins.wheel) {
-                        return Err(not_defined(
-                            &format!("steps[{index}].reward.spins.wheel"),
-                            "wheel",
-                            &spins.wheel,
-                        ));
+                        return Err(not_defined(&format!("steps[{index}].reward.spins.wheel"), "wheel", &spins.wheel));
                     }
                 }
             }
@@ -311,20 +295,13 @@ impl Service {
         id: &str,
         body: LeaderboardDef,
     ) -> ServiceResult<api::DefinitionAnswer<LeaderboardDef>> {
-        self.put_definition(
-            key,
-            tenant,
-            DefKind::Leaderboard,
-            id,
-            &body,
-            |id, catalog| {
-                body.validate()?;
-                require_campaign(catalog, &body.campaign)?;
-                let mut next = catalog.clone();
-                next.leaderboards.insert(id.clone(), body.clone());
-                Ok(next)
-            },
-        )
+        self.put_definition(key, tenant, DefKind::Leaderboard, id, &body, |id, catalog| {
+            body.validate()?;
+            require_campaign(catalog, &body.campaign)?;
+            let mut next = catalog.clone();
+            next.leaderboards.insert(id.clone(), body.clone());
+            Ok(next)
+        })
         .await
     }
 
@@ -360,53 +337,32 @@ impl Service {
         let customer_key = entity(tenant, EntityKind::Customer, &event.customer);
         let reply = self
             .customers
-            .call(
-                &customer_key,
-                CustomerCommand::Event {
-                    event: event.clone(),
-                    fingerprint,
-                    catalog: catalog.clone(),
-                },
-            )
+            .call(&customer_key, CustomerCommand::Event { event: event.clone(), fingerprint, catalog: catalog.clone() })
             .await?;
-        let Reply {
-            answer: CustomerAnswer::Event(answer),
-            duplicate,
-            ticket,
-        } = reply
-        else {
-            return Err(ServiceError::internal(
-                "a customer answered an event with something else",
-            ));
+        let Reply { answer: CustomerAnswer::Event(answer), duplicate, ticket } = reply else {
+            return Err(ServiceError::internal("a customer answered an event with something else"));
         };
         let mut last_ticket = ticket;
-        let mut jackpots = Vec::new();
+        let mut deliveries = Vec::new();
         for message in &answer.deliveries {
-            let (result, ticket) = self.deliver(message, &catalog).await?;
-            last_ticket = last_ticket.max(ticket);
-            if let Some(result) = result {
-                jackpots.push(result);
-            }
+            let delivery = self.deliver(message, &catalog).await?;
+            last_ticket = last_ticket.max(delivery.ticket);
+            deliveries.push(delivery);
         }
         self.durable(last_ticket).await?;
         for message in &answer.deliveries {
             self.journal.outbox_ack(message.storage_key())?;
         }
+        for delivery in &deliveries {
+            self.publish(tenant.as_str(), delivery);
+        }
+        let jackpots = deliveries.into_iter().filter_map(|d| d.jackpot).collect();
         if duplicate {
-            self.metrics
-                .events_duplicate
-                .with_label_values(&[tenant.as_str()])
-                .inc();
+            self.metrics.events_duplicate.with_label_values(&[tenant.as_str()]).inc();
         } else {
-            self.metrics
-                .events_ingested
-                .with_label_values(&[tenant.as_str(), kind_label(&kind)])
-                .inc();
+            self.metrics.events_ingested.with_label_values(&[tenant.as_str(), kind_label(&kind)]).inc();
             for status in answer.missions.iter().filter(|m| 0 < m.step) {
-                self.metrics
-                    .mission_steps
-                    .with_label_values(&[tenant.as_str(), status.mission.as_str()])
-                    .inc();
+                self.metrics.mission_steps.with_label_values(&[tenant.as_str(), status.mission.as_str()]).inc();
             }
         }
         Ok(api::EventAnswer {
@@ -432,10 +388,7 @@ impl Service {
     ) -> ServiceResult<Vec<Result<api::EventAnswer, ServiceError>>> {
         let (_, entry) = self.authorise(key, tenant, &[Role::Pos])?;
         if api::MAX_BATCH < request.events.len() {
-            return Err(ServiceError::invalid(
-                "events",
-                format!("must hold at most {} events", api::MAX_BATCH),
-            ));
+            return Err(ServiceError::invalid("events", format!("must hold at most {} events", api::MAX_BATCH)));
         }
         let mut tasks = tokio::task::JoinSet::new();
         for (index, value) in request.events.into_iter().enumerate() {
@@ -464,72 +417,78 @@ impl Service {
         }
         Ok(results
             .into_iter()
-            .map(|r| {
-                r.unwrap_or_else(|| Err(ServiceError::internal("an event of the batch was lost")))
-            })
+            .map(|r| r.unwrap_or_else(|| Err(ServiceError::internal("an event of the batch was lost"))))
             .collect())
     }
 
-    /// Delivers one outbox message to its receiver; returns the jackpot
-    /// result for contributions and the receiver's ticket.
-    async fn deliver(
-        &self,
-        message: &OutboxMessage,
-        catalog: &Catalog,
-    ) -> ServiceResult<(Option<api::JackpotResult>, Option<Ticket>)> {
+    /// Delivers one outbox message to its receiver.
+    async fn deliver(&self, message: &OutboxMessage, catalog: &Catalog) -> ServiceResult<Delivery> {
         let tenant = parse_id("tenant", &message.tenant)?;
         match &message.payload {
             Payload::Contribution { jackpot, .. } => {
                 let Some(def) = catalog.jackpots.get(jackpot) else {
-                    return Ok((None, None));
+                    return Ok(Delivery::default());
                 };
                 let reply = self
                     .jackpots
                     .call(
                         &entity(&tenant, EntityKind::Jackpot, jackpot),
-                        JackpotCommand::Contribute {
-                            message: message.clone(),
-                            def: def.clone(),
-                        },
+                        JackpotCommand::Contribute { message: message.clone(), def: def.clone() },
                     )
                     .await?;
-                let JackpotAnswer::Contributed(outcome) = reply.answer else {
-                    return Err(ServiceError::internal(
-                        "a jackpot answered a contribution with something else",
-                    ));
+                let JackpotAnswer::Contributed { outcome, cycle, contributed_minor, pool_minor } = reply.answer else {
+                    return Err(ServiceError::internal("a jackpot answered a contribution with something else"));
                 };
-                if let Some(hit) = &outcome.hit {
-                    if !reply.duplicate {
+                let hit = match &outcome.hit {
+                    Some(hit) if !reply.duplicate => {
                         tracing::info!(tenant = %tenant, jackpot = %jackpot, cycle = hit.cycle, customer = %hit.customer,
                             amount_minor = hit.amount_minor, "jackpot hit");
+                        Some((jackpot.clone(), api::HitAnswer::from(hit)))
                     }
-                }
-                let result = api::JackpotResult {
-                    jackpot: jackpot.clone(),
-                    contributed_minor: outcome.contributed_minor,
-                    won_minor: outcome.won_minor,
+                    _ => None,
                 };
-                Ok((Some(result), reply.ticket))
+                Ok(Delivery {
+                    ticket: reply.ticket,
+                    jackpot: Some(api::JackpotResult {
+                        jackpot: jackpot.clone(),
+                        contributed_minor: outcome.contributed_minor,
+                        won_minor: outcome.won_minor,
+                    }),
+                    pool: Some((jackpot.clone(), PoolUpdate { cycle, contributed_minor, pool_minor })),
+                    hit,
+                    leaderboard: None,
+                })
             }
             Payload::Score { leaderboard, .. } => {
                 if !catalog.leaderboards.contains_key(leaderboard) {
-                    return Ok((None, None));
+                    return Ok(Delivery::default());
                 }
                 let reply = self
                     .leaderboards
                     .call(
                         &entity(&tenant, EntityKind::Leaderboard, leaderboard),
-                        LeaderboardCommand::Score {
-                            message: message.clone(),
-                        },
+                        LeaderboardCommand::Score { message: message.clone() },
                     )
                     .await?;
-                Ok((None, reply.ticket))
+                Ok(Delivery { ticket: reply.ticket, leaderboard: Some(leaderboard.clone()), ..Delivery::default() })
             }
             Payload::WheelDraw { .. } => {
                 let (_, ticket) = self.settle_draw(message, catalog).await?;
-                Ok((None, ticket))
+                Ok(Delivery { ticket, ..Delivery::default() })
             }
+        }
+    }
+
+    /// Tells watchers what a durable delivery changed.
+    fn publish(&self, tenant: &str, delivery: &Delivery) {
+        if let Some((jackpot, update)) = &delivery.pool {
+            self.live.publish_pool(tenant, jackpot.as_str(), update.clone());
+        }
+        if let Some((jackpot, hit)) = &delivery.hit {
+            self.live.publish_hit(tenant, jackpot.as_str(), hit.clone());
+        }
+        if let Some(leaderboard) = &delivery.leaderboard {
+            self.live.publish_leaderboard(tenant, leaderboard.as_str());
         }
     }
 
@@ -540,13 +499,7 @@ impl Service {
         message: &OutboxMessage,
         catalog: &Catalog,
     ) -> ServiceResult<(Reply<CustomerAnswer>, Option<Ticket>)> {
-        let Payload::WheelDraw {
-            wheel,
-            customer,
-            request_id,
-            ..
-        } = &message.payload
-        else {
+        let Payload::WheelDraw { wheel, customer, request_id, .. } = &message.payload else {
             return Err(ServiceError::internal("not a draw request"));
         };
         let tenant = parse_id("tenant", &message.tenant)?;
@@ -556,19 +509,14 @@ impl Service {
                     .wheels
                     .call(
                         &entity(&tenant, EntityKind::Wheel, wheel),
-                        WheelCommand::Draw {
-                            message: message.clone(),
-                            def: def.clone(),
-                        },
+                        WheelCommand::Draw { message: message.clone(), def: def.clone() },
                     )
                     .await?;
                 match reply.answer {
                     WheelAnswer::Drawn(draw) => (Some(draw), reply.ticket),
                     WheelAnswer::Exhausted => (None, reply.ticket),
                     WheelAnswer::State(_) => {
-                        return Err(ServiceError::internal(
-                            "a wheel answered a draw with its state",
-                        ))
+                        return Err(ServiceError::internal("a wheel answered a draw with its state"))
                     }
                 }
             }
@@ -604,10 +552,7 @@ impl Service {
         let customer = parse_id("customer", &request.customer)?;
         let request_id = parse_id("request_id", &request.request_id)?;
         let catalog = entry.catalog();
-        let def = catalog
-            .wheels
-            .get(&wheel)
-            .ok_or_else(|| ServiceError::not_found("wheel", wheel.as_str()))?;
+        let def = catalog.wheels.get(&wheel).ok_or_else(|| ServiceError::not_found("wheel", wheel.as_str()))?;
         let tenant_id = &entry.tenant.id;
         let reserved = self
             .customers
@@ -626,19 +571,13 @@ impl Service {
             CustomerAnswer::Reserved(message) => {
                 let (reply, ticket) = self.settle_draw(&message, &catalog).await?;
                 let CustomerAnswer::Spin(settled) = reply.answer else {
-                    return Err(ServiceError::internal(
-                        "a customer answered a settlement with something else",
-                    ));
+                    return Err(ServiceError::internal("a customer answered a settlement with something else"));
                 };
                 self.durable(ticket.max(reserved.ticket)).await?;
                 self.journal.outbox_ack(message.storage_key())?;
                 (settled, reply.duplicate, ticket)
             }
-            _ => {
-                return Err(ServiceError::internal(
-                    "a customer answered a spin with something else",
-                ))
-            }
+            _ => return Err(ServiceError::internal("a customer answered a spin with something else")),
         };
         self.durable(ticket).await?;
         let Some(draw) = settled.draw else {
@@ -648,10 +587,7 @@ impl Service {
             ));
         };
         if !duplicate {
-            self.metrics
-                .spins
-                .with_label_values(&[tenant_id.as_str(), wheel.as_str(), prize_kind(&draw.prize)])
-                .inc();
+            self.metrics.spins.with_label_values(&[tenant_id.as_str(), wheel.as_str(), prize_kind(&draw.prize)]).inc();
         }
         Ok(api::SpinAnswer {
             request_id,
@@ -676,34 +612,19 @@ impl Service {
         let customer = parse_id("customer", customer)?;
         let reply = self
             .customers
-            .call(
-                &entity(&entry.tenant.id, EntityKind::Customer, &customer),
-                CustomerCommand::View,
-            )
+            .call(&entity(&entry.tenant.id, EntityKind::Customer, &customer), CustomerCommand::View)
             .await?;
         let CustomerAnswer::View(state) = reply.answer else {
-            return Err(ServiceError::internal(
-                "a customer answered a view with something else",
-            ));
+            return Err(ServiceError::internal("a customer answered a view with something else"));
         };
         if state.stats.events == 0 && state.pending_spins.is_empty() && state.spins.is_empty() {
             return Err(ServiceError::not_found("customer", customer.as_str()));
         }
-        Ok(api::CustomerAnswer::new(
-            customer,
-            &state,
-            &entry.catalog().missions,
-        ))
+        Ok(api::CustomerAnswer::new(customer, &state, &entry.catalog().missions))
     }
 
-    pub async fn jackpot(
-        &self,
-        key: Option<&str>,
-        tenant: &str,
-        jackpot: &str,
-    ) -> ServiceResult<api::JackpotAnswer> {
-        let (_, entry) =
-            self.authorise(key, tenant, &[Role::Operator, Role::Pos, Role::Display])?;
+    pub async fn jackpot(&self, key: Option<&str>, tenant: &str, jackpot: &str) -> ServiceResult<api::JackpotAnswer> {
+        let (_, entry) = self.authorise(key, tenant, &[Role::Operator, Role::Pos, Role::Display])?;
         let jackpot = parse_id("jackpot", jackpot)?;
         let def = entry
             .catalog()
@@ -713,17 +634,12 @@ impl Service {
             .ok_or_else(|| ServiceError::not_found("jackpot", jackpot.as_str()))?;
         let reply = self
             .jackpots
-            .call(
-                &entity(&entry.tenant.id, EntityKind::Jackpot, &jackpot),
-                JackpotCommand::Ensure { def },
-            )
+            .call(&entity(&entry.tenant.id, EntityKind::Jackpot, &jackpot), JackpotCommand::Ensure { def })
             .await?;
         self.durable(reply.ticket).await?;
         match reply.answer {
             JackpotAnswer::State(Some(state)) => Ok(api::JackpotAnswer::new(jackpot, &state)),
-            _ => Err(ServiceError::internal(
-                "a jackpot answered a view without its state",
-            )),
+            _ => Err(ServiceError::internal("a jackpot answered a view without its state")),
         }
     }
 
@@ -733,8 +649,7 @@ impl Service {
         tenant: &str,
         leaderboard: &str,
     ) -> ServiceResult<(Arc<TenantEntry>, Id, LeaderboardDef)> {
-        let (_, entry) =
-            self.authorise(key, tenant, &[Role::Operator, Role::Pos, Role::Display])?;
+        let (_, entry) = self.authorise(key, tenant, &[Role::Operator, Role::Pos, Role::Display])?;
         let id = parse_id("leaderboard", leaderboard)?;
         let def = entry
             .catalog()
@@ -761,20 +676,14 @@ impl Service {
             .leaderboards
             .call(
                 &entity(&entry.tenant.id, EntityKind::Leaderboard, &id),
-                LeaderboardCommand::Top {
-                    count: count as usize,
-                },
+                LeaderboardCommand::Top { count: count as usize },
             )
             .await?;
         match reply.answer {
-            LeaderboardAnswer::Top { entries, members } => Ok(api::LeaderboardAnswer {
-                leaderboard: id,
-                members,
-                entries,
-            }),
-            _ => Err(ServiceError::internal(
-                "a leaderboard answered top-N with something else",
-            )),
+            LeaderboardAnswer::Top { entries, members } => {
+                Ok(api::LeaderboardAnswer { leaderboard: id, members, entries })
+            }
+            _ => Err(ServiceError::internal("a leaderboard answered top-N with something else")),
         }
     }
 
@@ -796,10 +705,7 @@ impl Service {
             .leaderboards
             .call(
                 &entity(&entry.tenant.id, EntityKind::Leaderboard, &id),
-                LeaderboardCommand::Around {
-                    customer: customer.clone(),
-                    count: count as usize,
-                },
+                LeaderboardCommand::Around { customer: customer.clone(), count: count as usize },
             )
             .await?;
         match reply.answer {
@@ -810,9 +716,7 @@ impl Service {
                 score: me.map_or(0, |e| e.score),
                 around,
             }),
-            _ => Err(ServiceError::internal(
-                "a leaderboard answered around-me with something else",
-            )),
+            _ => Err(ServiceError::internal("a leaderboard answered around-me with something else")),
         }
     }
 
@@ -839,23 +743,160 @@ impl Service {
         if limit == 0 || 1_000 < limit {
             return Err(ServiceError::invalid("limit", "must be between 1 and 1000"));
         }
-        let tenant_id = entry.tenant.id.as_str();
-        let prefix = crate::storage::key(&[tenant_id, kind, game.as_str(), ""]);
-        let start = crate::storage::key(&[
-            tenant_id,
-            kind,
-            game.as_str(),
-            &format!("{:012}", after.map_or(0, |a| a + 1)),
-        ]);
+        let records =
+            self.audit_records(entry.tenant.id.as_str(), kind, game.as_str(), after.unwrap_or(0), limit as usize)?;
+        Ok(api::AuditAnswer { records })
+    }
+
+    /// Up to `limit` audit records of one game after draw or cycle `after`.
+    fn audit_records(
+        &self,
+        tenant: &str,
+        kind: &str,
+        game: &str,
+        after: u32,
+        limit: usize,
+    ) -> ServiceResult<Vec<serde_json::Value>> {
+        let prefix = crate::storage::key(&[tenant, kind, game, ""]);
+        let start = crate::storage::key(&[tenant, kind, game, &format!("{:012}", u64::from(after) + 1)]);
         let mut records = Vec::new();
         for item in self.store.audit.range(start..) {
             let (storage_key, value) = item.map_err(crate::storage::StorageError::from)?;
-            if !storage_key.starts_with(&prefix) || records.len() == limit as usize {
+            if !storage_key.starts_with(&prefix) || records.len() == limit {
                 break;
             }
             records.push(serde_json::from_slice(&value).map_err(ServiceError::internal)?);
         }
-        Ok(api::AuditAnswer { records })
+        Ok(records)
+    }
+
+    // ------------------------------------------------------- live streams
+
+    /// A jackpot's live updates: its current pool first, then the hits a
+    /// reconnecting watcher missed (from `last_event_id`), then every pool
+    /// change (at most ten a second, always the latest) and every hit.
+    /// The stream ends when the receiver is dropped.
+    pub async fn watch_jackpot(
+        self: &Arc<Self>,
+        key: Option<&str>,
+        tenant: &str,
+        jackpot: &str,
+        last_event_id: Option<&str>,
+    ) -> ServiceResult<tokio::sync::mpsc::Receiver<JackpotEvent>> {
+        let current = self.jackpot(key, tenant, jackpot).await?;
+        let tenant = current_tenant(tenant)?;
+        let jackpot = current.jackpot.clone();
+        let live_pool = PoolUpdate {
+            cycle: current.cycle,
+            contributed_minor: current.books.contributed_minor,
+            pool_minor: current.pool_minor,
+        };
+        self.live.publish_pool(&tenant, jackpot.as_str(), live_pool);
+        let mut pool = self.live.watch_pool(&tenant, jackpot.as_str());
+        let mut hits = self.live.watch_hits(&tenant, jackpot.as_str());
+        let (sender, receiver) = tokio::sync::mpsc::channel(WATCH_BUFFER);
+        let first = pool.borrow_and_update().clone();
+        let _ = sender.send(JackpotEvent::pool(&first)).await;
+        if let Some(seen_cycle) = last_event_id.and_then(cycle_seen) {
+            for hit in self.missed_hits(&tenant, jackpot.as_str(), seen_cycle, current.cycle) {
+                let _ = sender.send(JackpotEvent::Hit(hit)).await;
+            }
+        }
+        let service = self.clone();
+        tokio::spawn(async move {
+            let mut last_hit_cycle = current.cycle.saturating_sub(1);
+            loop {
+                tokio::select! {
+                    () = sender.closed() => return,
+                    hit = hits.recv() => match hit {
+                        Ok(hit) => {
+                            last_hit_cycle = last_hit_cycle.max(hit.cycle);
+                            if sender.send(JackpotEvent::Hit(hit)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            // Fell behind: catch up on hits from the audit.
+                            let now = pool.borrow().cycle;
+                            for hit in service.missed_hits(&tenant, jackpot.as_str(), last_hit_cycle + 1, now) {
+                                last_hit_cycle = hit.cycle;
+                                if sender.send(JackpotEvent::Hit(hit)).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    },
+                    changed = pool.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        let update = pool.borrow_and_update().clone();
+                        if sender.send(JackpotEvent::pool(&update)).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(COALESCE).await;
+                    }
+                }
+            }
+        });
+        Ok(receiver)
+    }
+
+    /// Hits of cycles `from..until`, from the audit.
+    fn missed_hits(&self, tenant: &str, jackpot: &str, from: u64, until: u64) -> Vec<api::HitAnswer> {
+        let after = u32::try_from(from.saturating_sub(1)).unwrap_or(u32::MAX);
+        let records = self.audit_records(tenant, "jackpot", jackpot, after, 1_000).unwrap_or_default();
+        records
+            .into_iter()
+            .filter_map(|record| serde_json::from_value::<bazaar_games::jackpot::Hit>(record["hit"].clone()).ok())
+            .filter(|hit| hit.cycle < until)
+            .map(|hit| api::HitAnswer::from(&hit))
+            .collect()
+    }
+
+    /// A leaderboard's top entries now, then whenever they change (checked
+    /// at most ten times a second).
+    pub async fn watch_leaderboard(
+        self: &Arc<Self>,
+        key: Option<&str>,
+        tenant: &str,
+        leaderboard: &str,
+        top: Option<u32>,
+    ) -> ServiceResult<tokio::sync::mpsc::Receiver<api::LeaderboardAnswer>> {
+        let first = self.leaderboard(key, tenant, leaderboard, top).await?;
+        let tenant_id = current_tenant(tenant)?;
+        let mut changes = self.live.watch_leaderboard(&tenant_id, first.leaderboard.as_str());
+        changes.borrow_and_update();
+        let (sender, receiver) = tokio::sync::mpsc::channel(WATCH_BUFFER);
+        let _ = sender.send(first.clone()).await;
+        let service = self.clone();
+        let (key, tenant, leaderboard) = (key.map(str::to_owned), tenant.to_owned(), leaderboard.to_owned());
+        tokio::spawn(async move {
+            let mut last = first;
+            loop {
+                tokio::select! {
+                    () = sender.closed() => return,
+                    changed = changes.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(COALESCE).await;
+                        changes.borrow_and_update();
+                        let Ok(now) = service.leaderboard(key.as_deref(), &tenant, &leaderboard, top).await else {
+                            return;
+                        };
+                        if now.entries != last.entries {
+                            if sender.send(now.clone()).await.is_err() {
+                                return;
+                            }
+                            last = now;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(receiver)
     }
 
     // ---------------------------------------------------- housekeeping
@@ -871,10 +912,7 @@ impl Service {
             .outbox
             .iter()
             .values()
-            .filter_map(|v| {
-                v.ok()
-                    .and_then(|bytes| decode::<OutboxMessage>(&bytes).ok())
-            })
+            .filter_map(|v| v.ok().and_then(|bytes| decode::<OutboxMessage>(&bytes).ok()))
             .filter(|m| m.created_at <= cutoff)
             .collect();
         for message in pending {
@@ -885,10 +923,11 @@ impl Service {
                 continue;
             };
             match self.deliver(&message, &entry.catalog()).await {
-                Ok((_, ticket)) => {
-                    if self.durable(ticket).await.is_ok()
+                Ok(delivery) => {
+                    if self.durable(delivery.ticket).await.is_ok()
                         && self.journal.outbox_ack(message.storage_key()).is_ok()
                     {
+                        self.publish(&message.tenant, &delivery);
                         delivered += 1;
                     }
                 }
@@ -912,6 +951,53 @@ impl Service {
     }
 }
 
+/// The most updates a watcher may have waiting before the stream stops
+/// producing (it then skips to the latest pool value).
+const WATCH_BUFFER: usize = 16;
+
+/// The shortest time between two pool updates or leaderboard checks sent to
+/// one watcher: at most ten a second.
+const COALESCE: Duration = Duration::from_millis(100);
+
+/// One update of a jackpot stream, with its event id: `<cycle>.<contributed
+/// minor>` for pools, `hit-<cycle>` for hits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JackpotEvent {
+    Pool { id: String, pool_minor: i64, cycle: u64 },
+    Hit(api::HitAnswer),
+}
+
+impl JackpotEvent {
+    fn pool(update: &PoolUpdate) -> Self {
+        Self::Pool {
+            id: format!("{}.{}", update.cycle, update.contributed_minor),
+            pool_minor: update.pool_minor,
+            cycle: update.cycle,
+        }
+    }
+
+    pub fn id(&self) -> String {
+        match self {
+            Self::Pool { id, .. } => id.clone(),
+            Self::Hit(hit) => format!("hit-{}", hit.cycle),
+        }
+    }
+}
+
+/// The first cycle whose hit a watcher has not seen, from its last event
+/// id: after a pool event of cycle c, the hits of cycles c and later; after
+/// hit-c, those after c.
+fn cycle_seen(last_event_id: &str) -> Option<u64> {
+    if let Some(cycle) = last_event_id.strip_prefix("hit-") {
+        return cycle.parse::<u64>().ok().map(|c| c + 1);
+    }
+    last_event_id.split('.').next()?.parse().ok()
+}
+
+fn current_tenant(tenant: &str) -> ServiceResult<String> {
+    Ok(parse_id("tenant", tenant)?.to_string())
+}
+
 fn tenant_answer(tenant: &Tenant) -> api::TenantAnswer {
     api::TenantAnswer {
         id: tenant.id.to_string(),
@@ -933,20 +1019,14 @@ fn require_campaign(catalog: &Catalog, campaign: &Id) -> ServiceResult<()> {
 fn not_defined(field: &str, what: &str, id: &Id) -> ServiceError {
     ServiceError::invalid(
         field,
-        format!(
-            "names {what} {:?}, which is not defined in this tenant; define it first",
-            id.as_str()
-        ),
+        format!("names {what} {:?}, which is not defined in this tenant; define it first", id.as_str()),
     )
 }
 
 /// A request names an entity that does not exist: 404 naming the field.
 fn not_found_field(field: &str, what: &str, id: &Id) -> ServiceError {
-    ServiceError::new(
-        Code::NotFound,
-        format!("{what} {:?} does not exist in this tenant", id.as_str()),
-    )
-    .with_field(field)
+    ServiceError::new(Code::NotFound, format!("{what} {:?} does not exist in this tenant", id.as_str()))
+        .with_field(field)
 }
 
 fn spin_fingerprint(customer: &Id, wheel: &Id) -> u64 {

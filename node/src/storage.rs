@@ -43,8 +43,7 @@ pub type StorageResult<T> = Result<T, StorageError>;
 pub fn encode<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(64);
     bytes.push(FORMAT_VERSION);
-    bincode::serialize_into(&mut bytes, value)
-        .expect("bincode serialises every type stored by Bazaar into a Vec");
+    bincode::serialize_into(&mut bytes, value).expect("bincode serialises every type stored by Bazaar into a Vec");
     bytes
 }
 
@@ -77,10 +76,7 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the database in `dir`.
     pub fn open(dir: &Path) -> StorageResult<Self> {
-        let db = sled::Config::new()
-            .path(dir)
-            .mode(sled::Mode::HighThroughput)
-            .open()?;
+        let db = sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).open()?;
         Ok(Self {
             journal: db.open_tree("journal")?,
             snapshots: db.open_tree("snapshots")?,
@@ -118,10 +114,7 @@ mod tests {
     fn values_carry_their_format_version() {
         let bytes = encode(&(42u64, "x".to_owned()));
         assert_eq!(bytes[0], FORMAT_VERSION);
-        assert_eq!(
-            decode::<(u64, String)>(&bytes).expect("round trip"),
-            (42, "x".to_owned())
-        );
+        assert_eq!(decode::<(u64, String)>(&bytes).expect("round trip"), (42, "x".to_owned()));
         let mut newer = bytes.clone();
         newer[0] = FORMAT_VERSION + 1;
         let error = decode::<(u64, String)>(&newer).expect_err("newer format refused");
@@ -134,18 +127,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         {
             let store = Store::open(dir.path()).expect("open");
-            store
-                .defs
-                .insert(key(&["t", "tenant"]), encode(&"mall"))
-                .expect("insert");
+            store.defs.insert(key(&["t", "tenant"]), encode(&"mall")).expect("insert");
             store.flush().expect("flush");
         }
         let store = Store::open(dir.path()).expect("reopen");
-        let value = store
-            .defs
-            .get(key(&["t", "tenant"]))
-            .expect("get")
-            .expect("present");
+        let value = store.defs.get(key(&["t", "tenant"])).expect("get").expect("present");
         assert_eq!(decode::<String>(&value).expect("decode"), "mall");
     }
 }

@@ -83,11 +83,7 @@ impl Principal {
             let allowed: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
             return Err(ServiceError::new(
                 Code::PermissionDenied,
-                format!(
-                    "a {} key may not do this; it needs one of: admin, {}",
-                    self.role.as_str(),
-                    allowed.join(", ")
-                ),
+                format!("a {} key may not do this; it needs one of: admin, {}", self.role.as_str(), allowed.join(", ")),
             ));
         }
         Ok(())
@@ -97,10 +93,7 @@ impl Principal {
         if self.role == Role::Admin {
             Ok(())
         } else {
-            Err(ServiceError::new(
-                Code::PermissionDenied,
-                "only an admin key may do this",
-            ))
+            Err(ServiceError::new(Code::PermissionDenied, "only an admin key may do this"))
         }
     }
 }
@@ -143,14 +136,8 @@ pub enum DefKind {
 }
 
 impl DefKind {
-    pub const ALL: [DefKind; 6] = [
-        Self::Store,
-        Self::Campaign,
-        Self::Wheel,
-        Self::Jackpot,
-        Self::Mission,
-        Self::Leaderboard,
-    ];
+    pub const ALL: [DefKind; 6] =
+        [Self::Store, Self::Campaign, Self::Wheel, Self::Jackpot, Self::Mission, Self::Leaderboard];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -189,11 +176,7 @@ impl TenantEntry {
     }
 
     pub fn version(&self, kind: DefKind, id: &Id) -> u64 {
-        self.versions
-            .read()
-            .get(&(kind.as_str(), id.clone()))
-            .copied()
-            .unwrap_or(0)
+        self.versions.read().get(&(kind.as_str(), id.clone())).copied().unwrap_or(0)
     }
 }
 
@@ -238,11 +221,7 @@ impl Tenancy {
         let mut versions = HashMap::new();
         let tenant = entry.tenant.id.as_str();
         for kind in DefKind::ALL {
-            for item in self
-                .store
-                .defs
-                .scan_prefix(key(&["def", tenant, kind.as_str(), ""]))
-            {
+            for item in self.store.defs.scan_prefix(key(&["def", tenant, kind.as_str(), ""])) {
                 let (storage_key, value) = item?;
                 let id_text = std::str::from_utf8(&storage_key)
                     .ok()
@@ -273,10 +252,7 @@ impl Tenancy {
     /// Makes and stores the first admin key; returns it (shown once).
     pub async fn generate_admin(&self) -> ServiceResult<String> {
         let key = self.create_key(Role::Admin, None).await?;
-        self.store
-            .meta
-            .insert(GENERATED_ADMIN, &[1])
-            .map_err(StorageError::from)?;
+        self.store.meta.insert(GENERATED_ADMIN, &[1]).map_err(StorageError::from)?;
         self.store.flush_async().await?;
         Ok(key)
     }
@@ -284,14 +260,10 @@ impl Tenancy {
     /// Identifies the caller from a bearer key.
     pub fn authenticate(&self, presented: Option<&str>) -> ServiceResult<Principal> {
         let unauthenticated = |message: &str| ServiceError::new(Code::Unauthenticated, message);
-        let presented = presented.ok_or_else(|| {
-            unauthenticated("missing API key: send `Authorization: Bearer <key>`")
-        })?;
+        let presented =
+            presented.ok_or_else(|| unauthenticated("missing API key: send `Authorization: Bearer <key>`"))?;
         let hash: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-        if let Some(key_id) = presented
-            .strip_prefix("bzk_")
-            .and_then(|rest| rest.split('_').next())
-        {
+        if let Some(key_id) = presented.strip_prefix("bzk_").and_then(|rest| rest.split('_').next()) {
             if let Some(record) = self.keys.read().get(key_id) {
                 if bool::from(record.hash.ct_eq(&hash)) {
                     return Ok(Principal {
@@ -304,11 +276,7 @@ impl Tenancy {
         }
         if let Some(admin) = &self.bootstrap_admin {
             if bool::from(admin.ct_eq(&hash)) {
-                return Ok(Principal {
-                    role: Role::Admin,
-                    tenant: None,
-                    key_id: "bootstrap".into(),
-                });
+                return Ok(Principal { role: Role::Admin, tenant: None, key_id: "bootstrap".into() });
             }
         }
         Err(unauthenticated("unknown API key"))
@@ -329,21 +297,14 @@ impl Tenancy {
             tenant,
             created_at: crate::actor::now_millis(),
         };
-        self.store
-            .defs
-            .insert(key(&["key", &key_id]), encode(&record))
-            .map_err(StorageError::from)?;
+        self.store.defs.insert(key(&["key", &key_id]), encode(&record)).map_err(StorageError::from)?;
         self.store.flush_async().await?;
         self.keys.write().insert(key_id, record);
         Ok(presented)
     }
 
     pub fn tenant(&self, id: &Id) -> ServiceResult<Arc<TenantEntry>> {
-        self.tenants
-            .read()
-            .get(id)
-            .cloned()
-            .ok_or_else(|| ServiceError::not_found("tenant", id.as_str()))
+        self.tenants.read().get(id).cloned().ok_or_else(|| ServiceError::not_found("tenant", id.as_str()))
     }
 
     pub fn tenant_ids(&self) -> Vec<Id> {
@@ -365,38 +326,19 @@ impl Tenancy {
             ));
         }
         self.store.flush_async().await?;
-        self.tenants.write().insert(
-            tenant.id.clone(),
-            Arc::new(TenantEntry::new(tenant.clone())),
-        );
+        self.tenants.write().insert(tenant.id.clone(), Arc::new(TenantEntry::new(tenant.clone())));
         Ok(tenant)
     }
 
     /// Stores the definition `kind`/`id` of `catalog` and swaps `catalog`
     /// in; returns the definition's new version. The caller holds the
     /// tenant's write lock and has validated the catalog (references exist).
-    pub async fn put_def(
-        &self,
-        entry: &TenantEntry,
-        kind: DefKind,
-        id: &Id,
-        catalog: Catalog,
-    ) -> ServiceResult<u64> {
+    pub async fn put_def(&self, entry: &TenantEntry, kind: DefKind, id: &Id, catalog: Catalog) -> ServiceResult<u64> {
         let version = entry.version(kind, id) + 1;
         let updated_at = crate::actor::now_millis();
-        fn stored<T: Serialize>(
-            version: u64,
-            updated_at: i64,
-            def: Option<&T>,
-        ) -> ServiceResult<Vec<u8>> {
-            let def = def.ok_or_else(|| {
-                ServiceError::internal("the new catalog lacks the definition being stored")
-            })?;
-            Ok(encode(&StoredDef {
-                version,
-                updated_at,
-                def,
-            }))
+        fn stored<T: Serialize>(version: u64, updated_at: i64, def: Option<&T>) -> ServiceResult<Vec<u8>> {
+            let def = def.ok_or_else(|| ServiceError::internal("the new catalog lacks the definition being stored"))?;
+            Ok(encode(&StoredDef { version, updated_at, def }))
         }
         let value = match kind {
             DefKind::Store => stored(version, updated_at, catalog.stores.get(id))?,
@@ -408,17 +350,11 @@ impl Tenancy {
         };
         self.store
             .defs
-            .insert(
-                key(&["def", entry.tenant.id.as_str(), kind.as_str(), id.as_str()]),
-                value,
-            )
+            .insert(key(&["def", entry.tenant.id.as_str(), kind.as_str(), id.as_str()]), value)
             .map_err(StorageError::from)?;
         self.store.flush_async().await?;
         *entry.catalog.write() = Arc::new(catalog);
-        entry
-            .versions
-            .write()
-            .insert((kind.as_str(), id.clone()), version);
+        entry.versions.write().insert((kind.as_str(), id.clone()), version);
         Ok(version)
     }
 }
@@ -441,73 +377,37 @@ mod tests {
     async fn keys_authenticate_only_as_themselves() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(dir.path()).expect("open");
-        let tenancy =
-            Tenancy::load(store.clone(), Some("bootstrap-admin-key-0123456789")).expect("load");
+        let tenancy = Tenancy::load(store.clone(), Some("bootstrap-admin-key-0123456789")).expect("load");
         let mall = Id::parse("mall").expect("valid");
-        let pos = tenancy
-            .create_key(Role::Pos, Some(mall.clone()))
-            .await
-            .expect("created");
+        let pos = tenancy.create_key(Role::Pos, Some(mall.clone())).await.expect("created");
         let principal = tenancy.authenticate(Some(&pos)).expect("known key");
-        assert_eq!(
-            (principal.role, principal.tenant.clone()),
-            (Role::Pos, Some(mall.clone()))
-        );
+        assert_eq!((principal.role, principal.tenant.clone()), (Role::Pos, Some(mall.clone())));
         let mut forged = pos.clone();
         forged.pop();
         forged.push(if pos.ends_with('0') { '1' } else { '0' });
-        assert_eq!(
-            tenancy.authenticate(Some(&forged)).map_err(|e| e.code),
-            Err(Code::Unauthenticated)
-        );
-        assert_eq!(
-            tenancy.authenticate(None).map_err(|e| e.code),
-            Err(Code::Unauthenticated)
-        );
-        let admin = tenancy
-            .authenticate(Some("bootstrap-admin-key-0123456789"))
-            .expect("bootstrap admin");
+        assert_eq!(tenancy.authenticate(Some(&forged)).map_err(|e| e.code), Err(Code::Unauthenticated));
+        assert_eq!(tenancy.authenticate(None).map_err(|e| e.code), Err(Code::Unauthenticated));
+        let admin = tenancy.authenticate(Some("bootstrap-admin-key-0123456789")).expect("bootstrap admin");
         assert_eq!(admin.role, Role::Admin);
         // Keys survive a restart, and only their hashes are stored.
         drop(tenancy);
-        let raw: Vec<u8> = store
-            .defs
-            .iter()
-            .values()
-            .flat_map(|v| v.expect("read").to_vec())
-            .collect();
+        let raw: Vec<u8> = store.defs.iter().values().flat_map(|v| v.expect("read").to_vec()).collect();
         let secret = pos.rsplit('_').next().expect("secret part");
         assert!(!raw.windows(secret.len()).any(|w| w == secret.as_bytes()));
         let reloaded = Tenancy::load(store, None).expect("reload");
         assert!(reloaded.authenticate(Some(&pos)).is_ok());
-        assert!(reloaded
-            .authenticate(Some("bootstrap-admin-key-0123456789"))
-            .is_err());
+        assert!(reloaded.authenticate(Some("bootstrap-admin-key-0123456789")).is_err());
     }
 
     #[test]
     fn roles_and_tenants_are_enforced() {
         let mall = Id::parse("mall").expect("valid");
         let other = Id::parse("other").expect("valid");
-        let pos = Principal {
-            role: Role::Pos,
-            tenant: Some(mall.clone()),
-            key_id: "k".into(),
-        };
+        let pos = Principal { role: Role::Pos, tenant: Some(mall.clone()), key_id: "k".into() };
         assert!(pos.require(&mall, &[Role::Pos]).is_ok());
-        assert_eq!(
-            pos.require(&other, &[Role::Pos]).map_err(|e| e.code),
-            Err(Code::PermissionDenied)
-        );
-        assert_eq!(
-            pos.require(&mall, &[Role::Operator]).map_err(|e| e.code),
-            Err(Code::PermissionDenied)
-        );
-        let admin = Principal {
-            role: Role::Admin,
-            tenant: None,
-            key_id: "k".into(),
-        };
+        assert_eq!(pos.require(&other, &[Role::Pos]).map_err(|e| e.code), Err(Code::PermissionDenied));
+        assert_eq!(pos.require(&mall, &[Role::Operator]).map_err(|e| e.code), Err(Code::PermissionDenied));
+        let admin = Principal { role: Role::Admin, tenant: None, key_id: "k".into() };
         assert!(admin.require(&other, &[]).is_ok());
     }
 }

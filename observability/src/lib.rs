@@ -6,8 +6,7 @@
 //! updates these along an event's way; `/metrics` renders [`Metrics::render`].
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// The metrics of one node, registered in their own registry (so tests can
@@ -46,52 +45,32 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
-        let latency_buckets = vec![
-            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-            2.5,
-        ];
+        let latency_buckets =
+            vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
         let metrics = Self {
             events_ingested: IntCounterVec::new(
-                Opts::new(
-                    "bazaar_events_ingested_total",
-                    "Events applied, by tenant and kind",
-                ),
+                Opts::new("bazaar_events_ingested_total", "Events applied, by tenant and kind"),
                 &["tenant", "kind"],
             )?,
             events_duplicate: IntCounterVec::new(
-                Opts::new(
-                    "bazaar_events_duplicate_total",
-                    "Events answered as retries of an earlier event id",
-                ),
+                Opts::new("bazaar_events_duplicate_total", "Events answered as retries of an earlier event id"),
                 &["tenant"],
             )?,
             http_request_duration: HistogramVec::new(
-                HistogramOpts::new(
-                    "bazaar_http_request_duration_seconds",
-                    "HTTP request latency",
-                )
-                .buckets(latency_buckets.clone()),
+                HistogramOpts::new("bazaar_http_request_duration_seconds", "HTTP request latency")
+                    .buckets(latency_buckets.clone()),
                 &["route", "method", "code"],
             )?,
             spins: IntCounterVec::new(
-                Opts::new(
-                    "bazaar_spins_total",
-                    "Wheel spins, by tenant, wheel and prize kind",
-                ),
+                Opts::new("bazaar_spins_total", "Wheel spins, by tenant, wheel and prize kind"),
                 &["tenant", "wheel", "prize_kind"],
             )?,
             jackpot_pool: IntGaugeVec::new(
-                Opts::new(
-                    "bazaar_jackpot_pool_minor",
-                    "Current jackpot pool in minor units",
-                ),
+                Opts::new("bazaar_jackpot_pool_minor", "Current jackpot pool in minor units"),
                 &["tenant", "jackpot"],
             )?,
             jackpot_contributed: IntCounterVec::new(
-                Opts::new(
-                    "bazaar_jackpot_contributed_minor_total",
-                    "Contributions to jackpots in minor units",
-                ),
+                Opts::new("bazaar_jackpot_contributed_minor_total", "Contributions to jackpots in minor units"),
                 &["tenant", "jackpot"],
             )?,
             jackpot_hits: IntCounterVec::new(
@@ -99,10 +78,7 @@ impl Metrics {
                 &["tenant", "jackpot"],
             )?,
             mission_steps: IntCounterVec::new(
-                Opts::new(
-                    "bazaar_mission_steps_completed_total",
-                    "Mission steps completed",
-                ),
+                Opts::new("bazaar_mission_steps_completed_total", "Mission steps completed"),
                 &["tenant", "mission"],
             )?,
             mission_completions: IntCounterVec::new(
@@ -114,17 +90,11 @@ impl Metrics {
                 &["kind"],
             )?,
             activations: IntCounterVec::new(
-                Opts::new(
-                    "bazaar_actor_activations_total",
-                    "Actor activations, by entity kind",
-                ),
+                Opts::new("bazaar_actor_activations_total", "Actor activations, by entity kind"),
                 &["kind"],
             )?,
             passivations: IntCounterVec::new(
-                Opts::new(
-                    "bazaar_actor_passivations_total",
-                    "Actor passivations, by entity kind",
-                ),
+                Opts::new("bazaar_actor_passivations_total", "Actor passivations, by entity kind"),
                 &["kind"],
             )?,
             outbox_backlog: IntGauge::new(
@@ -132,20 +102,12 @@ impl Metrics {
                 "Cross-entity messages journaled and not yet acknowledged",
             )?,
             journal_flush_seconds: Histogram::with_opts(
-                HistogramOpts::new(
-                    "bazaar_journal_flush_seconds",
-                    "Duration of one journal group commit",
-                )
-                .buckets(latency_buckets),
+                HistogramOpts::new("bazaar_journal_flush_seconds", "Duration of one journal group commit")
+                    .buckets(latency_buckets),
             )?,
             journal_batch_entries: Histogram::with_opts(
-                HistogramOpts::new(
-                    "bazaar_journal_batch_entries",
-                    "Journal entries per group commit",
-                )
-                .buckets(vec![
-                    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
-                ]),
+                HistogramOpts::new("bazaar_journal_batch_entries", "Journal entries per group commit")
+                    .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0]),
             )?,
             registry,
         };
@@ -200,10 +162,7 @@ pub fn init_tracing(format: LogFormat, filter: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(colour);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour);
     // A second initialisation (tests starting several nodes) keeps the first.
     let _ = match format {
         LogFormat::Text => builder.try_init(),
@@ -218,26 +177,11 @@ mod tests {
     #[test]
     fn renders_prometheus_text_with_our_names() {
         let metrics = Metrics::new().expect("metrics register once");
-        metrics
-            .events_ingested
-            .with_label_values(&["mall", "purchase"])
-            .inc_by(3);
-        metrics
-            .jackpot_pool
-            .with_label_values(&["mall", "j"])
-            .set(1_250);
+        metrics.events_ingested.with_label_values(&["mall", "purchase"]).inc_by(3);
+        metrics.jackpot_pool.with_label_values(&["mall", "j"]).set(1_250);
         let text = metrics.render();
-        assert!(
-            text.contains("bazaar_events_ingested_total{kind=\"purchase\",tenant=\"mall\"} 3"),
-            "{text}"
-        );
-        assert!(
-            text.contains("# TYPE bazaar_jackpot_pool_minor gauge"),
-            "{text}"
-        );
-        assert!(
-            text.contains("bazaar_jackpot_pool_minor{jackpot=\"j\",tenant=\"mall\"} 1250"),
-            "{text}"
-        );
+        assert!(text.contains("bazaar_events_ingested_total{kind=\"purchase\",tenant=\"mall\"} 3"), "{text}");
+        assert!(text.contains("# TYPE bazaar_jackpot_pool_minor gauge"), "{text}");
+        assert!(text.contains("bazaar_jackpot_pool_minor{jackpot=\"j\",tenant=\"mall\"} 1250"), "{text}");
     }
 }

@@ -5,11 +5,7 @@
 //! [`FILE_DESCRIPTOR_SET`] is what server reflection serves, so `grpcurl`
 //! lists and calls every method with no `.proto` at hand.
 
-#![allow(
-    clippy::doc_markdown,
-    clippy::large_enum_variant,
-    clippy::derive_partial_eq_without_eq
-)]
+#![allow(clippy::doc_markdown, clippy::large_enum_variant, clippy::derive_partial_eq_without_eq)]
 
 pub mod v1 {
     //! `bazaar.v1`: the services, messages and enums of the public API.

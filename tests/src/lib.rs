@@ -24,17 +24,12 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// The `bazaar` binary cargo built for this test run.
 pub fn binary() -> PathBuf {
     let test_exe = std::env::current_exe().expect("the test knows its own path");
-    let profile_dir = test_exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("tests run from target/<profile>/deps");
+    let profile_dir = test_exe.parent().and_then(Path::parent).expect("tests run from target/<profile>/deps");
     let binary = profile_dir.join("bazaar");
-    let built = std::fs::metadata(&binary)
-        .and_then(|m| m.modified())
-        .unwrap_or_else(|_| panic!("{} is missing: run the tests with scripts/test (or `cargo build --bin bazaar` first)", binary.display()));
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ sits in the repo root");
+    let built = std::fs::metadata(&binary).and_then(|m| m.modified()).unwrap_or_else(|_| {
+        panic!("{} is missing: run the tests with scripts/test (or `cargo build --bin bazaar` first)", binary.display())
+    });
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the repo root");
     if let Some(newer) = newest_source(root).filter(|(changed, _)| built < *changed) {
         panic!(
             "{} is older than {}: rebuild it with `cargo build --bin bazaar` (scripts/test does)",
@@ -49,10 +44,8 @@ pub fn binary() -> PathBuf {
 /// from, so a stale binary is refused rather than tested.
 fn newest_source(root: &Path) -> Option<(std::time::SystemTime, PathBuf)> {
     let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
-    let mut stack: Vec<PathBuf> = ["games", "cluster", "observability", "node"]
-        .iter()
-        .map(|c| root.join(c).join("src"))
-        .collect();
+    let mut stack: Vec<PathBuf> =
+        ["games", "cluster", "observability", "node"].iter().map(|c| root.join(c).join("src")).collect();
     while let Some(dir) = stack.pop() {
         let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;
@@ -115,11 +108,8 @@ impl Node {
 
     /// Starts the process (again) on the same data directory.
     fn launch(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("the node's log file opens");
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("the node's log file opens");
         let mut command = Command::new(binary());
         command
             .arg("serve")
@@ -162,11 +152,7 @@ impl Node {
                 self.grpc = format!("http://{}", rest.trim());
             }
             if let Some(rest) = line.strip_prefix("bazaar listening on ") {
-                self.url = rest
-                    .split_whitespace()
-                    .next()
-                    .expect("an address follows")
-                    .to_owned();
+                self.url = rest.split_whitespace().next().expect("an address follows").to_owned();
                 break;
             }
             self.banner.push(line);
@@ -215,9 +201,7 @@ impl Node {
         Client {
             base: self.url.clone(),
             key: key.map(str::to_owned),
-            agent: ureq::AgentBuilder::new()
-                .timeout(Duration::from_secs(30))
-                .build(),
+            agent: ureq::AgentBuilder::new().timeout(Duration::from_secs(30)).build(),
         }
     }
 
@@ -235,6 +219,44 @@ impl Drop for Node {
         }
         if std::thread::panicking() {
             eprintln!("--- node log ---\n{}", self.log_tail());
+        }
+    }
+}
+
+/// One Server-Sent Event.
+#[derive(Debug, Clone, Default)]
+pub struct SseEvent {
+    pub event: String,
+    pub id: String,
+    pub data: Value,
+}
+
+/// The events of an open stream; dropping it closes the connection (at the
+/// next event or keep-alive).
+pub struct SseStream {
+    events: mpsc::Receiver<SseEvent>,
+}
+
+impl SseStream {
+    /// The next event, or panics after `within`.
+    #[track_caller]
+    pub fn next(&self, within: Duration) -> SseEvent {
+        self.events.recv_timeout(within).unwrap_or_else(|e| panic!("no event within {within:?}: {e}"))
+    }
+
+    /// Events until one named `name` arrives (which is returned last).
+    #[track_caller]
+    pub fn until(&self, name: &str, within: Duration) -> Vec<SseEvent> {
+        let deadline = std::time::Instant::now() + within;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let event = self.next(left);
+            let done = event.event == name;
+            seen.push(event);
+            if done {
+                return seen;
+            }
         }
     }
 }
@@ -261,17 +283,8 @@ impl Answer {
         assert_eq!(self.status, status, "unexpected answer: {}", self.text);
         let error = &self.body["error"];
         assert_eq!(error["code"], code, "unexpected error: {}", self.text);
-        assert_eq!(
-            error["field"].as_str(),
-            field,
-            "unexpected field: {}",
-            self.text
-        );
-        assert!(
-            error["message"].as_str().is_some_and(|m| !m.is_empty()),
-            "no message: {}",
-            self.text
-        );
+        assert_eq!(error["field"].as_str(), field, "unexpected field: {}", self.text);
+        assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()), "no message: {}", self.text);
         self.body
     }
 }
@@ -286,9 +299,7 @@ pub struct Client {
 
 impl Client {
     fn request(&self, method: &str, path: &str) -> ureq::Request {
-        let mut request = self
-            .agent
-            .request(method, &format!("{}{}", self.base, path));
+        let mut request = self.agent.request(method, &format!("{}{}", self.base, path));
         if let Some(key) = &self.key {
             request = request.set("Authorization", &format!("Bearer {key}"));
         }
@@ -309,6 +320,43 @@ impl Client {
         let text = response.into_string().map_err(|e| e.to_string())?;
         let body = serde_json::from_str(&text).unwrap_or(Value::Null);
         Ok(Answer { status, body, text })
+    }
+
+    /// Opens a Server-Sent Events stream; `last_event_id` resumes one.
+    pub fn sse(&self, path: &str, last_event_id: Option<&str>) -> SseStream {
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(10))
+            .timeout_read(Duration::from_secs(30))
+            .build();
+        let mut request = agent.get(&format!("{}{}", self.base, path)).set("Accept", "text/event-stream");
+        if let Some(key) = &self.key {
+            request = request.set("Authorization", &format!("Bearer {key}"));
+        }
+        if let Some(id) = last_event_id {
+            request = request.set("Last-Event-ID", id);
+        }
+        let response = request.call().unwrap_or_else(|e| panic!("the stream opens: {e}"));
+        assert_eq!(response.header("content-type"), Some("text/event-stream"));
+        let (sender, events) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut event = SseEvent::default();
+            for line in BufReader::new(response.into_reader()).lines() {
+                let Ok(line) = line else { return };
+                if line.is_empty() {
+                    if !event.event.is_empty() && sender.send(std::mem::take(&mut event)).is_err() {
+                        return;
+                    }
+                    event = SseEvent::default();
+                } else if let Some(name) = line.strip_prefix("event:") {
+                    event.event = name.trim().to_owned();
+                } else if let Some(id) = line.strip_prefix("id:") {
+                    event.id = id.trim().to_owned();
+                } else if let Some(data) = line.strip_prefix("data:") {
+                    event.data = serde_json::from_str(data.trim()).unwrap_or(Value::Null);
+                }
+            }
+        });
+        SseStream { events }
     }
 
     /// A POST whose transport may fail (the node may be gone).
@@ -340,9 +388,7 @@ impl Client {
 
 /// A tool the install script linked into `target/test-tools/`, or from PATH.
 pub fn tool(name: &str) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ sits in the repo root");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the repo root");
     let linked = root.join("target").join("test-tools").join(name);
     if linked.exists() {
         return linked;
@@ -353,9 +399,7 @@ pub fn tool(name: &str) -> PathBuf {
 /// SHA-256 commitment of API.md: hex of SHA-256 over "<trigger>:<salt>".
 pub fn commitment(trigger_minor: i64, salt_hex: &str) -> String {
     use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(
-        format!("{trigger_minor}:{salt_hex}").as_bytes(),
-    ))
+    hex::encode(sha2::Sha256::digest(format!("{trigger_minor}:{salt_hex}").as_bytes()))
 }
 
 /// A mall set up through the API: a tenant with keys for every role, four
@@ -376,15 +420,10 @@ impl Mall {
     pub fn create(node: &Node, tenant: &str, jackpot: Value) -> Self {
         let admin = node.admin();
         admin
-            .post(
-                "/v1/tenants",
-                json!({"id": tenant, "name": format!("{tenant} mall"), "currency": "EUR"}),
-            )
+            .post("/v1/tenants", json!({"id": tenant, "name": format!("{tenant} mall"), "currency": "EUR"}))
             .expect(201);
         let key = |role: &str| {
-            let answer = admin
-                .post(&format!("/v1/tenants/{tenant}/keys"), json!({"role": role}))
-                .expect(201);
+            let answer = admin.post(&format!("/v1/tenants/{tenant}/keys"), json!({"role": role})).expect(201);
             answer["key"].as_str().expect("a key").to_owned()
         };
         let (pos_key, display_key) = (key("pos"), key("display"));
@@ -397,12 +436,7 @@ impl Mall {
             display_key: Some(display_key),
         };
         let op = &mall.operator;
-        for (store, category) in [
-            ("s-1", "fashion"),
-            ("s-2", "fashion"),
-            ("s-3", "food"),
-            ("s-4", "food"),
-        ] {
+        for (store, category) in [("s-1", "fashion"), ("s-2", "fashion"), ("s-3", "food"), ("s-4", "food")] {
             op.put(
                 &mall.path(&format!("stores/{store}")),
                 json!({"name": format!("Shop {store}"), "category": category}),
@@ -444,22 +478,20 @@ impl Mall {
             }),
         )
         .expect(200);
-        op.put(
-            &mall.path("leaderboards/lb-spend"),
-            json!({"campaign": "bf", "metric": "spend", "top_size": 10}),
-        )
-        .expect(200);
-        op.put(
-            &mall.path("leaderboards/lb-points"),
-            json!({"campaign": "bf", "metric": "points"}),
-        )
-        .expect(200);
+        op.put(&mall.path("leaderboards/lb-spend"), json!({"campaign": "bf", "metric": "spend", "top_size": 10}))
+            .expect(200);
+        op.put(&mall.path("leaderboards/lb-points"), json!({"campaign": "bf", "metric": "points"})).expect(200);
         mall
     }
 
     /// The pos key, to reconnect after a restart.
     pub fn pos_key(&self) -> Option<&str> {
         self.pos_key.as_deref()
+    }
+
+    /// The display key.
+    pub fn display_key(&self) -> &str {
+        self.display_key.as_deref().expect("a display key")
     }
 
     /// A display client on `node` (after a restart the URL changes).

@@ -15,30 +15,19 @@ fn a_mall_runs_its_games_from_first_purchase_to_jackpot_hit() {
     let before = mall.display.get(&mall.path("jackpots/j-mall")).expect(200);
     assert_eq!(before["cycle"], 1);
     assert_eq!(before["pool_minor"], 10_000);
-    let first_commitment = before["commitment"]
-        .as_str()
-        .expect("a commitment")
-        .to_owned();
+    let first_commitment = before["commitment"].as_str().expect("a commitment").to_owned();
     assert_eq!(first_commitment.len(), 64);
     assert_books_balance(&before);
 
     // One purchase: points by the earning formula, a spin from the wheel's
     // earning rule, a contribution, mission progress.
-    let answer = pos
-        .post(
-            &mall.path("events"),
-            Mall::purchase("till-1-000001", "c-42", "s-1", 125_000),
-        )
-        .expect(200);
+    let answer = pos.post(&mall.path("events"), Mall::purchase("till-1-000001", "c-42", "s-1", 125_000)).expect(200);
     assert_eq!(answer["duplicate"], false);
     assert_eq!(answer["points_earned"], 1_250);
     assert_eq!(answer["points_balance"], 1_250);
     assert_eq!(answer["tier"], "silver");
     assert_eq!(answer["spins_granted"], json!({"w-main": 1}));
-    assert_eq!(
-        answer["missions"],
-        json!([{"mission": "m-3shops", "step": 0, "completed": false}])
-    );
+    assert_eq!(answer["missions"], json!([{"mission": "m-3shops", "step": 0, "completed": false}]));
     // Whether it also hit depends on the hidden trigger: every answer's win
     // is accounted for below.
     assert_eq!(answer["jackpots"][0]["jackpot"], "j-mall");
@@ -47,49 +36,28 @@ fn a_mall_runs_its_games_from_first_purchase_to_jackpot_hit() {
     record(&mut hits, "c-42", &answer);
 
     // The same event again: the same answer, marked duplicate, nothing added.
-    let retry = pos
-        .post(
-            &mall.path("events"),
-            Mall::purchase("till-1-000001", "c-42", "s-1", 125_000),
-        )
-        .expect(200);
+    let retry = pos.post(&mall.path("events"), Mall::purchase("till-1-000001", "c-42", "s-1", 125_000)).expect(200);
     assert_eq!(retry["duplicate"], true);
     let mut first = answer.clone();
     first["duplicate"] = json!(true);
     assert_eq!(retry, first);
     // The same id with another body is a conflict.
-    pos.post(
-        &mall.path("events"),
-        Mall::purchase("till-1-000001", "c-42", "s-1", 1),
-    )
-    .expect_error(409, "idempotency_conflict", None);
+    pos.post(&mall.path("events"), Mall::purchase("till-1-000001", "c-42", "s-1", 1)).expect_error(
+        409,
+        "idempotency_conflict",
+        None,
+    );
 
     // Store multipliers, visit bonus, mission completion with its reward.
-    let food = pos
-        .post(
-            &mall.path("events"),
-            Mall::purchase("till-2-000001", "c-42", "s-4", 1_000),
-        )
-        .expect(200);
+    let food = pos.post(&mall.path("events"), Mall::purchase("till-2-000001", "c-42", "s-4", 1_000)).expect(200);
     assert_eq!(food["points_earned"], 30);
     record(&mut hits, "c-42", &food);
     let visit = pos
-        .post(
-            &mall.path("events"),
-            json!({"event_id": "door-1", "customer": "c-42", "store": "s-2", "kind": "visit"}),
-        )
+        .post(&mall.path("events"), json!({"event_id": "door-1", "customer": "c-42", "store": "s-2", "kind": "visit"}))
         .expect(200);
     assert_eq!(visit["points_earned"], 5);
-    let third = pos
-        .post(
-            &mall.path("events"),
-            Mall::purchase("till-3-000001", "c-42", "s-3", 2_000),
-        )
-        .expect(200);
-    assert_eq!(
-        third["missions"],
-        json!([{"mission": "m-3shops", "step": 1, "completed": true}])
-    );
+    let third = pos.post(&mall.path("events"), Mall::purchase("till-3-000001", "c-42", "s-3", 2_000)).expect(200);
+    assert_eq!(third["missions"], json!([{"mission": "m-3shops", "step": 1, "completed": true}]));
     assert_eq!(third["points_earned"], 20 + 300);
     assert_eq!(third["spins_granted"], json!({"w-main": 2}));
     record(&mut hits, "c-42", &third);
@@ -105,11 +73,7 @@ fn a_mall_runs_its_games_from_first_purchase_to_jackpot_hit() {
         let answer = pos.post(&mall.path("events"), event).expect(200);
         record(&mut hits, &customer, &answer);
     }
-    assert_eq!(
-        hits.len(),
-        2,
-        "the pool passes the cap within 200 purchases, so it must hit"
-    );
+    assert_eq!(hits.len(), 2, "the pool passes the cap within 200 purchases, so it must hit");
     let paid_in_answers: i64 = hits.iter().map(|(_, won)| won).sum();
     let after = mall.display.get(&mall.path("jackpots/j-mall")).expect(200);
     assert_books_balance(&after);
@@ -127,31 +91,18 @@ fn a_mall_runs_its_games_from_first_purchase_to_jackpot_hit() {
     assert_eq!(trigger, hits[1].1);
     assert!(10_000 < trigger && trigger <= 100_000);
     assert_ne!(after["commitment"], last_hit["commitment"]);
-    assert_ne!(
-        last_hit["commitment"],
-        first_commitment.as_str(),
-        "each cycle commits anew"
-    );
+    assert_ne!(last_hit["commitment"], first_commitment.as_str(), "each cycle commits anew");
 
     // Spins: three entitlements, a daily limit of three.
     let mut draw_ids = Vec::new();
     for n in 1..=3 {
         let spin = pos
-            .post(
-                &mall.path("wheels/w-main/spins"),
-                json!({"customer": "c-42", "request_id": format!("spin-{n}")}),
-            )
+            .post(&mall.path("wheels/w-main/spins"), json!({"customer": "c-42", "request_id": format!("spin-{n}")}))
             .expect(200);
-        assert_ne!(
-            spin["segment"], "tv",
-            "a zero-weight segment is never drawn"
-        );
+        assert_ne!(spin["segment"], "tv", "a zero-weight segment is never drawn");
         draw_ids.push(spin["draw_id"].as_str().expect("draw id").to_owned());
         let again = pos
-            .post(
-                &mall.path("wheels/w-main/spins"),
-                json!({"customer": "c-42", "request_id": format!("spin-{n}")}),
-            )
+            .post(&mall.path("wheels/w-main/spins"), json!({"customer": "c-42", "request_id": format!("spin-{n}")}))
             .expect(200);
         assert_eq!(again["duplicate"], true);
         assert_eq!(again["draw_id"], spin["draw_id"]);
@@ -159,17 +110,11 @@ fn a_mall_runs_its_games_from_first_purchase_to_jackpot_hit() {
     draw_ids.dedup();
     assert_eq!(draw_ids.len(), 3, "each spin is its own draw");
     let refused = pos
-        .post(
-            &mall.path("wheels/w-main/spins"),
-            json!({"customer": "c-42", "request_id": "spin-4"}),
-        )
+        .post(&mall.path("wheels/w-main/spins"), json!({"customer": "c-42", "request_id": "spin-4"}))
         .expect_error(409, "failed_precondition", None);
     assert_eq!(refused["error"]["reason"], "daily_limit");
     let nobody = pos
-        .post(
-            &mall.path("wheels/w-main/spins"),
-            json!({"customer": "c-newcomer", "request_id": "spin-x"}),
-        )
+        .post(&mall.path("wheels/w-main/spins"), json!({"customer": "c-newcomer", "request_id": "spin-x"}))
         .expect_error(409, "failed_precondition", None);
     assert_eq!(nobody["error"]["reason"], "no_entitlement");
 
@@ -180,49 +125,25 @@ fn a_mall_runs_its_games_from_first_purchase_to_jackpot_hit() {
     assert_eq!(customer["stats"]["purchases"], 3);
     assert_eq!(customer["stats"]["visits"], 1);
     assert_eq!(customer["stats"]["spend_minor"], 128_000);
-    assert_eq!(
-        customer["missions"],
-        json!([{"mission": "m-3shops", "step": 1, "completed": true}])
-    );
+    assert_eq!(customer["missions"], json!([{"mission": "m-3shops", "step": 1, "completed": true}]));
     assert!(customer["stats"]["first_purchase_at"].as_str().is_some());
-    assert_eq!(
-        customer["spins"],
-        json!({}),
-        "all three entitlements were spent"
-    );
+    assert_eq!(customer["spins"], json!({}), "all three entitlements were spent");
     let balance = customer["points_balance"].as_i64().expect("balance");
     assert!(1_250 + 30 + 5 + 320 <= balance, "{customer}");
-    pos.get(&mall.path("customers/nobody"))
-        .expect_error(404, "not_found", None);
+    pos.get(&mall.path("customers/nobody")).expect_error(404, "not_found", None);
 
     // Leaderboards: spend, with ties broken by who got there first.
-    let top = mall
-        .display
-        .get(&mall.path("leaderboards/lb-spend?top=3"))
-        .expect(200);
+    let top = mall.display.get(&mall.path("leaderboards/lb-spend?top=3")).expect(200);
     let entries = top["entries"].as_array().expect("entries");
     assert_eq!(entries.len(), 3);
     assert_eq!(entries[0]["rank"], 1);
-    let scores: Vec<i64> = entries
-        .iter()
-        .map(|e| e["score"].as_i64().expect("score"))
-        .collect();
+    let scores: Vec<i64> = entries.iter().map(|e| e["score"].as_i64().expect("score")).collect();
     assert!(scores.windows(2).all(|w| w[1] <= w[0]), "{top}");
-    let around = mall
-        .display
-        .get(&mall.path("leaderboards/lb-spend/customers/c-42?around=1"))
-        .expect(200);
+    let around = mall.display.get(&mall.path("leaderboards/lb-spend/customers/c-42?around=1")).expect(200);
     assert_eq!(around["score"], 128_000);
     let rank = around["rank"].as_u64().expect("ranked");
-    assert!(around["around"]
-        .as_array()
-        .expect("around")
-        .iter()
-        .any(|e| e["rank"] == rank && e["customer"] == "c-42"));
-    let unranked = mall
-        .display
-        .get(&mall.path("leaderboards/lb-spend/customers/nobody"))
-        .expect(200);
+    assert!(around["around"].as_array().expect("around").iter().any(|e| e["rank"] == rank && e["customer"] == "c-42"));
+    let unranked = mall.display.get(&mall.path("leaderboards/lb-spend/customers/nobody")).expect(200);
     assert_eq!(unranked["rank"], Value::Null);
 }
 
@@ -237,10 +158,7 @@ fn batches_answer_each_event_in_order_and_one_bad_event_rejects_only_itself() {
         {"event_id": "b-4", "customer": "c-4", "kind": "teleport"},
         Mall::purchase("b-1", "c-1", "s-1", 5_000),
     ]});
-    let answer = mall
-        .pos
-        .post(&mall.path("events/batch"), events)
-        .expect(200);
+    let answer = mall.pos.post(&mall.path("events/batch"), events).expect(200);
     let results = answer["results"].as_array().expect("results");
     assert_eq!(results.len(), 5);
     assert_eq!(results[0]["points_earned"], 50);
@@ -249,35 +167,22 @@ fn batches_answer_each_event_in_order_and_one_bad_event_rejects_only_itself() {
     assert_eq!(results[3]["error"]["field"], "events[3].kind");
     assert_eq!(results[4]["event_id"], "b-1");
     // The bad events changed nothing; the good ones are all there.
-    mall.pos
-        .get(&mall.path("customers/c-2"))
-        .expect_error(404, "not_found", None);
-    assert_eq!(
-        mall.pos.get(&mall.path("customers/c-3")).expect(200)["stats"]["spend_minor"],
-        7_000
+    mall.pos.get(&mall.path("customers/c-2")).expect_error(404, "not_found", None);
+    assert_eq!(mall.pos.get(&mall.path("customers/c-3")).expect(200)["stats"]["spend_minor"], 7_000);
+    assert_eq!(mall.pos.get(&mall.path("customers/c-1")).expect(200)["stats"]["purchases"], 1);
+    let too_many: Vec<Value> = (0..1_001).map(|n| Mall::purchase(&format!("x-{n}"), "c-9", "s-1", 100)).collect();
+    mall.pos.post(&mall.path("events/batch"), json!({"events": too_many})).expect_error(
+        400,
+        "invalid_argument",
+        Some("events"),
     );
-    assert_eq!(
-        mall.pos.get(&mall.path("customers/c-1")).expect(200)["stats"]["purchases"],
-        1
-    );
-    let too_many: Vec<Value> = (0..1_001)
-        .map(|n| Mall::purchase(&format!("x-{n}"), "c-9", "s-1", 100))
-        .collect();
-    mall.pos
-        .post(&mall.path("events/batch"), json!({"events": too_many}))
-        .expect_error(400, "invalid_argument", Some("events"));
 }
 
 #[test]
 fn health_readiness_and_metrics_are_served() {
     let node = Node::start(&[]);
     let mall = Mall::create(&node, "mall", default_jackpot());
-    mall.pos
-        .post(
-            &mall.path("events"),
-            Mall::purchase("m-1", "c-1", "s-1", 5_000),
-        )
-        .expect(200);
+    mall.pos.post(&mall.path("events"), Mall::purchase("m-1", "c-1", "s-1", 5_000)).expect(200);
     let anonymous = node.client(None);
     assert_eq!(anonymous.get("/healthz").status, 200);
     assert_eq!(anonymous.get("/readyz").status, 200);
@@ -292,13 +197,8 @@ fn health_readiness_and_metrics_are_served() {
     ] {
         assert!(metrics.text.contains(expected), "missing {expected:?} in:\n{}", metrics.text);
     }
-    assert!(
-        !metrics.text.contains("c-1"),
-        "customers never appear as labels"
-    );
-    anonymous
-        .get("/v1/nothing-here")
-        .expect_error(404, "not_found", None);
+    assert!(!metrics.text.contains("c-1"), "customers never appear as labels");
+    anonymous.get("/v1/nothing-here").expect_error(404, "not_found", None);
 }
 
 /// Notes a jackpot win in an event's answer.
@@ -317,55 +217,33 @@ fn every_draw_and_every_hit_is_audited_and_rechecks() {
     let mall = Mall::create(&node, "mall", hot);
     let mut hits = Vec::new();
     for n in 0..40 {
-        let answer = mall
-            .pos
-            .post(
-                &mall.path("events"),
-                Mall::purchase(&format!("e-{n}"), "c-1", "s-1", 20_000),
-            )
-            .expect(200);
+        let answer =
+            mall.pos.post(&mall.path("events"), Mall::purchase(&format!("e-{n}"), "c-1", "s-1", 20_000)).expect(200);
         record(&mut hits, "c-1", &answer);
     }
     let mut spins = Vec::new();
     for n in 0..3 {
         let spin = mall
             .pos
-            .post(
-                &mall.path("wheels/w-main/spins"),
-                json!({"customer": "c-1", "request_id": format!("r-{n}")}),
-            )
+            .post(&mall.path("wheels/w-main/spins"), json!({"customer": "c-1", "request_id": format!("r-{n}")}))
             .expect(200);
         spins.push(spin);
     }
 
-    let hit_records = mall
-        .operator
-        .get(&mall.path("audit/jackpots/j-mall"))
-        .expect(200)["records"]
-        .clone();
+    let hit_records = mall.operator.get(&mall.path("audit/jackpots/j-mall")).expect(200)["records"].clone();
     let hit_records = hit_records.as_array().expect("records");
     assert_eq!(hit_records.len(), hits.len());
     for (record, (customer, won)) in hit_records.iter().zip(&hits) {
         let hit = &record["hit"];
         assert_eq!(hit["customer"], customer.as_str());
         assert_eq!(hit["amount_minor"], *won);
-        assert_eq!(
-            hit["amount_minor"], hit["trigger_minor"],
-            "the hit pays exactly the trigger"
-        );
+        assert_eq!(hit["amount_minor"], hit["trigger_minor"], "the hit pays exactly the trigger");
         let trigger = hit["trigger_minor"].as_i64().expect("trigger");
-        assert_eq!(
-            hit["commitment"],
-            commitment(trigger, hit["salt"].as_str().expect("salt")).as_str()
-        );
+        assert_eq!(hit["commitment"], commitment(trigger, hit["salt"].as_str().expect("salt")).as_str());
         assert!(1000 < trigger && trigger <= 5000);
     }
 
-    let draw_records = mall
-        .operator
-        .get(&mall.path("audit/wheels/w-main"))
-        .expect(200)["records"]
-        .clone();
+    let draw_records = mall.operator.get(&mall.path("audit/wheels/w-main")).expect(200)["records"].clone();
     let draw_records = draw_records.as_array().expect("records");
     assert_eq!(draw_records.len(), 3);
     for (record, spin) in draw_records.iter().zip(&spins) {
@@ -391,18 +269,8 @@ fn every_draw_and_every_hit_is_audited_and_rechecks() {
         assert_eq!(draw["prize"], spin["prize"]);
     }
     // Paging, and who may read the audit.
-    let page = mall
-        .operator
-        .get(&mall.path("audit/wheels/w-main?after=1&limit=1"))
-        .expect(200);
-    assert_eq!(
-        page["records"][0]["draw"]["draw_id"],
-        draw_records[1]["draw"]["draw_id"]
-    );
-    mall.pos
-        .get(&mall.path("audit/wheels/w-main"))
-        .expect_error(403, "permission_denied", None);
-    mall.operator
-        .get(&mall.path("audit/stores/s-1"))
-        .expect_error(404, "not_found", None);
+    let page = mall.operator.get(&mall.path("audit/wheels/w-main?after=1&limit=1")).expect(200);
+    assert_eq!(page["records"][0]["draw"]["draw_id"], draw_records[1]["draw"]["draw_id"]);
+    mall.pos.get(&mall.path("audit/wheels/w-main")).expect_error(403, "permission_denied", None);
+    mall.operator.get(&mall.path("audit/stores/s-1")).expect_error(404, "not_found", None);
 }

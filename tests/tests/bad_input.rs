@@ -23,8 +23,7 @@ fn bad_events_name_the_field_and_change_nothing() {
     let pos = &mall.pos;
     let events = mall.path("events");
     let check = |overrides: Value, field: &str| {
-        pos.post(&events, event(overrides))
-            .expect_error(400, "invalid_argument", Some(field));
+        pos.post(&events, event(overrides)).expect_error(400, "invalid_argument", Some(field));
     };
     check(json!({"event_id": ""}), "event_id");
     check(json!({"event_id": "x".repeat(129)}), "event_id");
@@ -36,10 +35,7 @@ fn bad_events_name_the_field_and_change_nothing() {
     check(json!({"kind": "refund"}), "kind");
     check(json!({"kind": "custom:"}), "kind");
     check(json!({"amount_minor": -1}), "amount_minor");
-    check(
-        json!({"amount_minor": 10_000_000_000_000_i64}),
-        "amount_minor",
-    );
+    check(json!({"amount_minor": 10_000_000_000_000_i64}), "amount_minor");
     check(json!({"amount_minor": 12.5}), "amount_minor");
     check(json!({"amount_minor": "100"}), "amount_minor");
     check(json!({"amount_minor": null}), "amount_minor");
@@ -49,39 +45,39 @@ fn bad_events_name_the_field_and_change_nothing() {
     check(json!({"coupon": "FREE"}), "coupon");
 
     // Unknown store: a reference to something that does not exist.
-    pos.post(&events, event(json!({"store": "s-99"})))
-        .expect_error(404, "not_found", Some("store"));
+    pos.post(&events, event(json!({"store": "s-99"}))).expect_error(404, "not_found", Some("store"));
 
     // Transport-level rules.
-    pos.raw("POST", &events, Some("application/json"), "{\"event_id\": ")
-        .expect_error(400, "malformed_json", Some("body"));
-    pos.raw(
-        "POST",
-        &events,
-        Some("text/plain"),
-        &event(json!({})).to_string(),
-    )
-    .expect_error(400, "unsupported_media_type", Some("content-type"));
-    pos.raw("POST", &events, None, &event(json!({})).to_string())
-        .expect_error(400, "unsupported_media_type", Some("content-type"));
+    pos.raw("POST", &events, Some("application/json"), "{\"event_id\": ").expect_error(
+        400,
+        "malformed_json",
+        Some("body"),
+    );
+    pos.raw("POST", &events, Some("text/plain"), &event(json!({})).to_string()).expect_error(
+        400,
+        "unsupported_media_type",
+        Some("content-type"),
+    );
+    pos.raw("POST", &events, None, &event(json!({})).to_string()).expect_error(
+        400,
+        "unsupported_media_type",
+        Some("content-type"),
+    );
     let huge = event(json!({"event_id": "big", "padding": "x".repeat(5_000)}));
-    pos.raw("POST", &events, Some("application/json"), &huge.to_string())
-        .expect_error(400, "payload_too_large", Some("body"));
-    pos.get(&mall.path("leaderboards/lb-spend?top=many"))
-        .expect_error(400, "invalid_argument", Some("top"));
-    pos.get(&mall.path("leaderboards/lb-spend?top=0"))
-        .expect_error(400, "invalid_argument", Some("top"));
+    pos.raw("POST", &events, Some("application/json"), &huge.to_string()).expect_error(
+        400,
+        "payload_too_large",
+        Some("body"),
+    );
+    pos.get(&mall.path("leaderboards/lb-spend?top=many")).expect_error(400, "invalid_argument", Some("top"));
+    pos.get(&mall.path("leaderboards/lb-spend?top=0")).expect_error(400, "invalid_argument", Some("top"));
 
     // None of it was applied: the customer does not exist, the jackpot and
     // the leaderboard never moved.
-    pos.get(&mall.path("customers/c-1"))
-        .expect_error(404, "not_found", None);
+    pos.get(&mall.path("customers/c-1")).expect_error(404, "not_found", None);
     let jackpot = pos.get(&mall.path("jackpots/j-mall")).expect(200);
     assert_eq!(jackpot["books"]["contributed_minor"], 0);
-    assert_eq!(
-        pos.get(&mall.path("leaderboards/lb-spend")).expect(200)["members"],
-        0
-    );
+    assert_eq!(pos.get(&mall.path("leaderboards/lb-spend")).expect(200)["members"], 0);
 
     // And a valid event with the same id is accepted afterwards.
     pos.post(&events, event(json!({}))).expect(200);
@@ -93,15 +89,10 @@ fn bad_definitions_name_the_field_and_keep_the_old_version() {
     let mall = Mall::create(&node, "mall", default_jackpot());
     let op = &mall.operator;
     let check = |path: &str, body: Value, field: &str| {
-        op.put(&mall.path(path), body)
-            .expect_error(400, "invalid_argument", Some(field));
+        op.put(&mall.path(path), body).expect_error(400, "invalid_argument", Some(field));
     };
     let wheel = |segments: Value| json!({"campaign": "bf", "cost": {"entitlements": 1}, "segments": segments});
-    check(
-        "wheels/w2",
-        wheel(json!([{"label": "a", "weight": 0, "prize": {"points": 1}}])),
-        "segments",
-    );
+    check("wheels/w2", wheel(json!([{"label": "a", "weight": 0, "prize": {"points": 1}}])), "segments");
     check("wheels/w2", wheel(json!([])), "segments");
     check(
         "wheels/w2",
@@ -110,11 +101,7 @@ fn bad_definitions_name_the_field_and_keep_the_old_version() {
         ),
         "segments[1].weight",
     );
-    check(
-        "wheels/w2",
-        wheel(json!([{"label": "a", "weight": 1, "prize": {"jewels": 1}}])),
-        "segments[0].prize",
-    );
+    check("wheels/w2", wheel(json!([{"label": "a", "weight": 1, "prize": {"jewels": 1}}])), "segments[0].prize");
     check(
         "wheels/w2",
         json!({"campaign": "nope", "cost": {"entitlements": 1}, "segments": [{"label": "a", "weight": 1, "prize": {"points": 1}}]}),
@@ -127,36 +114,12 @@ fn bad_definitions_name_the_field_and_keep_the_old_version() {
         }
         body
     };
-    check(
-        "jackpots/j-mall",
-        jackpot(json!({"cap_minor": 10_000})),
-        "cap_minor",
-    );
-    check(
-        "jackpots/j-mall",
-        jackpot(json!({"cap_minor": 5_000})),
-        "cap_minor",
-    );
-    check(
-        "jackpots/j-mall",
-        jackpot(json!({"contribution_bps": 10_001})),
-        "contribution_bps",
-    );
-    check(
-        "jackpots/j-mall",
-        jackpot(json!({"reserve_bps": 10_000})),
-        "reserve_bps",
-    );
-    check(
-        "jackpots/j-mall",
-        jackpot(json!({"seed_minor": -1})),
-        "seed_minor",
-    );
-    check(
-        "jackpots/j-mall",
-        jackpot(json!({"surprise": true})),
-        "surprise",
-    );
+    check("jackpots/j-mall", jackpot(json!({"cap_minor": 10_000})), "cap_minor");
+    check("jackpots/j-mall", jackpot(json!({"cap_minor": 5_000})), "cap_minor");
+    check("jackpots/j-mall", jackpot(json!({"contribution_bps": 10_001})), "contribution_bps");
+    check("jackpots/j-mall", jackpot(json!({"reserve_bps": 10_000})), "reserve_bps");
+    check("jackpots/j-mall", jackpot(json!({"seed_minor": -1})), "seed_minor");
+    check("jackpots/j-mall", jackpot(json!({"surprise": true})), "surprise");
     let campaign = |overrides: Value| {
         let mut body = json!({"name": "X", "starts_at": "2026-01-01T00:00:00Z", "ends_at": "2027-01-01T00:00:00Z",
                               "earning": {"points_per_unit_minor": 100}});
@@ -165,31 +128,13 @@ fn bad_definitions_name_the_field_and_keep_the_old_version() {
         }
         body
     };
+    check("campaigns/c2", campaign(json!({"ends_at": "2025-01-01T00:00:00Z"})), "ends_at");
+    check("campaigns/c2", campaign(json!({"starts_at": "soon"})), "starts_at");
+    check("campaigns/c2", campaign(json!({"stores": ["s-1", "s-404"]})), "stores[1]");
+    check("campaigns/c2", campaign(json!({"earning": {"points_per_unit_minor": 0}})), "earning.points_per_unit_minor");
     check(
         "campaigns/c2",
-        campaign(json!({"ends_at": "2025-01-01T00:00:00Z"})),
-        "ends_at",
-    );
-    check(
-        "campaigns/c2",
-        campaign(json!({"starts_at": "soon"})),
-        "starts_at",
-    );
-    check(
-        "campaigns/c2",
-        campaign(json!({"stores": ["s-1", "s-404"]})),
-        "stores[1]",
-    );
-    check(
-        "campaigns/c2",
-        campaign(json!({"earning": {"points_per_unit_minor": 0}})),
-        "earning.points_per_unit_minor",
-    );
-    check(
-        "campaigns/c2",
-        campaign(
-            json!({"earning": {"points_per_unit_minor": 100, "tier_multipliers_pct": {"gold": 20000}}}),
-        ),
+        campaign(json!({"earning": {"points_per_unit_minor": 100, "tier_multipliers_pct": {"gold": 20000}}})),
         "earning.tier_multipliers_pct.gold",
     );
     check("campaigns/bad id", campaign(json!({})), "campaign");
@@ -203,62 +148,36 @@ fn bad_definitions_name_the_field_and_keep_the_old_version() {
         json!({"campaign": "bf", "name": "M", "steps": [{"kind": "purchase"}], "reward": {"spins": {"wheel": "w-404", "count": 1}}}),
         "reward.spins.wheel",
     );
-    check(
-        "leaderboards/l2",
-        json!({"campaign": "bf", "metric": "speed"}),
-        "metric",
+    check("leaderboards/l2", json!({"campaign": "bf", "metric": "speed"}), "metric");
+    check("leaderboards/l2", json!({"campaign": "bf", "metric": "spend", "top_size": 0}), "top_size");
+    check("stores/s-9", json!({"name": "", "category": "food"}), "name");
+    mall.operator.raw("PUT", &mall.path("stores/s-9"), Some("application/json"), "{\"name\": \"x\"").expect_error(
+        400,
+        "malformed_json",
+        Some("body"),
     );
-    check(
-        "leaderboards/l2",
-        json!({"campaign": "bf", "metric": "spend", "top_size": 0}),
-        "top_size",
-    );
-    check(
-        "stores/s-9",
-        json!({"name": "", "category": "food"}),
-        "name",
-    );
-    mall.operator
-        .raw(
-            "PUT",
-            &mall.path("stores/s-9"),
-            Some("application/json"),
-            "{\"name\": \"x\"",
-        )
-        .expect_error(400, "malformed_json", Some("body"));
 
     // The jackpot kept its first definition: a purchase contributes 10%.
-    let answer = mall
-        .pos
-        .post(
-            &mall.path("events"),
-            Mall::purchase("e-1", "c-1", "s-1", 5_000),
-        )
-        .expect(200);
+    let answer = mall.pos.post(&mall.path("events"), Mall::purchase("e-1", "c-1", "s-1", 5_000)).expect(200);
     assert_eq!(answer["jackpots"][0]["contributed_minor"], 500);
     // Tenants: bad ids, bad currency, duplicates.
     let admin = node.admin();
-    admin
-        .post(
-            "/v1/tenants",
-            json!({"id": "", "name": "X", "currency": "EUR"}),
-        )
-        .expect_error(400, "invalid_argument", Some("id"));
-    admin
-        .post(
-            "/v1/tenants",
-            json!({"id": "t2", "name": "X", "currency": "euro"}),
-        )
-        .expect_error(400, "invalid_argument", Some("currency"));
-    admin
-        .post(
-            "/v1/tenants",
-            json!({"id": "mall", "name": "X", "currency": "EUR"}),
-        )
-        .expect_error(409, "already_exists", None);
-    admin
-        .post(&mall.path("keys"), json!({"role": "superuser"}))
-        .expect_error(400, "invalid_argument", Some("role"));
+    admin.post("/v1/tenants", json!({"id": "", "name": "X", "currency": "EUR"})).expect_error(
+        400,
+        "invalid_argument",
+        Some("id"),
+    );
+    admin.post("/v1/tenants", json!({"id": "t2", "name": "X", "currency": "euro"})).expect_error(
+        400,
+        "invalid_argument",
+        Some("currency"),
+    );
+    admin.post("/v1/tenants", json!({"id": "mall", "name": "X", "currency": "EUR"})).expect_error(
+        409,
+        "already_exists",
+        None,
+    );
+    admin.post(&mall.path("keys"), json!({"role": "superuser"})).expect_error(400, "invalid_argument", Some("role"));
 }
 
 #[test]
@@ -266,30 +185,21 @@ fn unknown_entities_are_404_and_limits_are_409() {
     let node = Node::start(&[]);
     let mall = Mall::create(&node, "mall", default_jackpot());
     let admin = node.admin();
-    admin
-        .get("/v1/tenants/atlantis")
-        .expect_error(404, "not_found", None);
-    admin
-        .post(
-            "/v1/tenants/atlantis/events",
-            Mall::purchase("e", "c", "s-1", 1),
-        )
-        .expect_error(404, "not_found", None);
+    admin.get("/v1/tenants/atlantis").expect_error(404, "not_found", None);
+    admin.post("/v1/tenants/atlantis/events", Mall::purchase("e", "c", "s-1", 1)).expect_error(404, "not_found", None);
     let pos = &mall.pos;
-    pos.post(
-        &mall.path("wheels/w-404/spins"),
-        json!({"customer": "c-1", "request_id": "r-1"}),
-    )
-    .expect_error(404, "not_found", None);
-    pos.get(&mall.path("jackpots/j-404"))
-        .expect_error(404, "not_found", None);
-    pos.get(&mall.path("leaderboards/l-404"))
-        .expect_error(404, "not_found", None);
-    pos.post(
-        &mall.path("wheels/w-main/spins"),
-        json!({"customer": "c 1", "request_id": "r-1"}),
-    )
-    .expect_error(400, "invalid_argument", Some("customer"));
+    pos.post(&mall.path("wheels/w-404/spins"), json!({"customer": "c-1", "request_id": "r-1"})).expect_error(
+        404,
+        "not_found",
+        None,
+    );
+    pos.get(&mall.path("jackpots/j-404")).expect_error(404, "not_found", None);
+    pos.get(&mall.path("leaderboards/l-404")).expect_error(404, "not_found", None);
+    pos.post(&mall.path("wheels/w-main/spins"), json!({"customer": "c 1", "request_id": "r-1"})).expect_error(
+        400,
+        "invalid_argument",
+        Some("customer"),
+    );
 
     // A wheel whose only prize has a stock of one: the second spin finds
     // it gone, answers 409 and refunds the spin.
@@ -300,43 +210,25 @@ fn unknown_entities_are_404_and_limits_are_409() {
                    "segments": [{"label": "tv", "weight": 1, "prize": {"item": "TV"}, "stock": 1}]}),
         )
         .expect(200);
-    pos.post(
-        &mall.path("events"),
-        Mall::purchase("e-1", "c-1", "s-1", 50_000),
-    )
-    .expect(200);
-    let won = pos
-        .post(
-            &mall.path("wheels/w-tv/spins"),
-            json!({"customer": "c-1", "request_id": "r-1"}),
-        )
-        .expect(200);
+    pos.post(&mall.path("events"), Mall::purchase("e-1", "c-1", "s-1", 50_000)).expect(200);
+    let won = pos.post(&mall.path("wheels/w-tv/spins"), json!({"customer": "c-1", "request_id": "r-1"})).expect(200);
     assert_eq!(won["prize"], json!({"item": "TV"}));
     assert_eq!(won["points_balance"], 400);
-    let gone = pos
-        .post(
-            &mall.path("wheels/w-tv/spins"),
-            json!({"customer": "c-1", "request_id": "r-2"}),
-        )
-        .expect_error(409, "failed_precondition", None);
+    let gone = pos.post(&mall.path("wheels/w-tv/spins"), json!({"customer": "c-1", "request_id": "r-2"})).expect_error(
+        409,
+        "failed_precondition",
+        None,
+    );
     assert_eq!(gone["error"]["reason"], "out_of_stock");
     let customer = pos.get(&mall.path("customers/c-1")).expect(200);
-    assert_eq!(
-        customer["points_balance"], 400,
-        "the failed spin was refunded"
-    );
+    assert_eq!(customer["points_balance"], 400, "the failed spin was refunded");
     assert_eq!(customer["items"].as_array().map(Vec::len), Some(1));
     // Not enough points.
-    pos.post(
-        &mall.path("events"),
-        Mall::purchase("e-2", "c-2", "s-1", 5_000),
-    )
-    .expect(200);
-    let poor = pos
-        .post(
-            &mall.path("wheels/w-tv/spins"),
-            json!({"customer": "c-2", "request_id": "r-3"}),
-        )
-        .expect_error(409, "failed_precondition", None);
+    pos.post(&mall.path("events"), Mall::purchase("e-2", "c-2", "s-1", 5_000)).expect(200);
+    let poor = pos.post(&mall.path("wheels/w-tv/spins"), json!({"customer": "c-2", "request_id": "r-3"})).expect_error(
+        409,
+        "failed_precondition",
+        None,
+    );
     assert_eq!(poor["error"]["reason"], "not_enough_points");
 }

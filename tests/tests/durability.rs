@@ -40,15 +40,8 @@ fn acknowledged_events_survive_kill_9_and_are_applied_exactly_once() {
                 }
                 let event_id = format!("till-{client}-{n:05}");
                 let customer = format!("c-{}", (client * 31 + n) % CUSTOMERS);
-                let body = Mall::purchase(
-                    &event_id,
-                    &customer,
-                    &format!("s-{}", n % 4 + 1),
-                    amount(client, n),
-                );
-                sent.lock()
-                    .expect("lock")
-                    .insert(event_id.clone(), body.clone());
+                let body = Mall::purchase(&event_id, &customer, &format!("s-{}", n % 4 + 1), amount(client, n));
+                sent.lock().expect("lock").insert(event_id.clone(), body.clone());
                 match pos.try_post(&path, body) {
                     Ok(answer) if answer.status == 200 => {
                         acked.lock().expect("lock").insert(event_id, answer.body);
@@ -72,54 +65,35 @@ fn acknowledged_events_survive_kill_9_and_are_applied_exactly_once() {
     }
     let acked = acked.lock().expect("lock").clone();
     let sent = sent.lock().expect("lock").clone();
-    assert!(
-        400 <= acked.len(),
-        "only {} events were acknowledged before the kill",
-        acked.len()
-    );
+    assert!(400 <= acked.len(), "only {} events were acknowledged before the kill", acked.len());
 
     node.restart();
     let pos = node.client(mall.pos_key());
     // Every acknowledged event is there: its retry is a duplicate with the
     // very same answer.
     for (event_id, first) in &acked {
-        let retry = pos
-            .post(&mall.path("events"), sent[event_id].clone())
-            .expect(200);
-        assert_eq!(
-            retry["duplicate"], true,
-            "{event_id} was acknowledged but lost"
-        );
+        let retry = pos.post(&mall.path("events"), sent[event_id].clone()).expect(200);
+        assert_eq!(retry["duplicate"], true, "{event_id} was acknowledged but lost");
         let mut expected = first.clone();
         expected["duplicate"] = json!(true);
-        assert_eq!(
-            retry, expected,
-            "{event_id} answers differently after the crash"
-        );
+        assert_eq!(retry, expected, "{event_id} answers differently after the crash");
     }
     // Events in flight at the kill may or may not have been applied; after
     // their retry, each is applied exactly once.
-    let mut answers: BTreeMap<&String, Value> =
-        acked.iter().map(|(id, a)| (id, a.clone())).collect();
+    let mut answers: BTreeMap<&String, Value> = acked.iter().map(|(id, a)| (id, a.clone())).collect();
     for (event_id, body) in &sent {
         if !acked.contains_key(event_id) {
-            answers.insert(
-                event_id,
-                pos.post(&mall.path("events"), body.clone()).expect(200),
-            );
+            answers.insert(event_id, pos.post(&mall.path("events"), body.clone()).expect(200));
         }
     }
     // Per customer, the spend is exactly the sum of the events sent.
     let mut spend: BTreeMap<String, i64> = BTreeMap::new();
     for body in sent.values() {
-        *spend
-            .entry(body["customer"].as_str().expect("customer").to_owned())
-            .or_default() += body["amount_minor"].as_i64().expect("amount");
+        *spend.entry(body["customer"].as_str().expect("customer").to_owned()).or_default() +=
+            body["amount_minor"].as_i64().expect("amount");
     }
     for (customer, total) in &spend {
-        let view = pos
-            .get(&mall.path(&format!("customers/{customer}")))
-            .expect(200);
+        let view = pos.get(&mall.path(&format!("customers/{customer}"))).expect(200);
         assert_eq!(view["stats"]["spend_minor"], *total, "{customer}");
     }
     // The jackpot paid what the answers say it paid, once per cycle, and its
@@ -131,37 +105,16 @@ fn acknowledged_events_survive_kill_9_and_are_applied_exactly_once() {
         .map(|a| a["jackpots"][0]["won_minor"].as_i64().expect("won_minor"))
         .filter(|won| 0 < *won)
         .collect();
-    let contributed: i64 = answers
-        .values()
-        .map(|a| {
-            a["jackpots"][0]["contributed_minor"]
-                .as_i64()
-                .expect("contributed")
-        })
-        .sum();
+    let contributed: i64 =
+        answers.values().map(|a| a["jackpots"][0]["contributed_minor"].as_i64().expect("contributed")).sum();
     assert!(2 <= wins.len(), "a hot jackpot hits many times: {jackpot}");
-    assert_eq!(
-        jackpot["books"]["paid_minor"],
-        wins.iter().sum::<i64>(),
-        "paid twice or lost a hit"
-    );
+    assert_eq!(jackpot["books"]["paid_minor"], wins.iter().sum::<i64>(), "paid twice or lost a hit");
     assert_eq!(jackpot["books"]["contributed_minor"], contributed);
-    assert_eq!(
-        jackpot["cycle"],
-        wins.len() as i64 + 1,
-        "one winner per cycle"
-    );
+    assert_eq!(jackpot["cycle"], wins.len() as i64 + 1, "one winner per cycle");
     // The leaderboard saw every purchase exactly once too.
-    let board = mall
-        .display_on(&node)
-        .get(&mall.path("leaderboards/lb-spend?top=1000"))
-        .expect(200);
-    let board_total: i64 = board["entries"]
-        .as_array()
-        .expect("entries")
-        .iter()
-        .map(|e| e["score"].as_i64().expect("score"))
-        .sum();
+    let board = mall.display_on(&node).get(&mall.path("leaderboards/lb-spend?top=1000")).expect(200);
+    let board_total: i64 =
+        board["entries"].as_array().expect("entries").iter().map(|e| e["score"].as_i64().expect("score")).sum();
     assert_eq!(board_total, spend.values().sum::<i64>());
 }
 
@@ -171,10 +124,7 @@ fn graceful_shutdown_passivation_and_restart_keep_everything() {
     let mall = Mall::create(&node, "mall", hot_jackpot());
     for n in 0..30 {
         mall.pos
-            .post(
-                &mall.path("events"),
-                Mall::purchase(&format!("e-{n}"), &format!("c-{}", n % 3), "s-1", 5_000),
-            )
+            .post(&mall.path("events"), Mall::purchase(&format!("e-{n}"), &format!("c-{}", n % 3), "s-1", 5_000))
             .expect(200);
     }
     // Idle entities leave memory, and come back with their state.
@@ -204,16 +154,8 @@ fn graceful_shutdown_passivation_and_restart_keep_everything() {
     let pos = node.client(mall.pos_key());
     assert_eq!(pos.get(&mall.path("customers/c-0")).expect(200), customer);
     let display = mall.display_on(&node);
-    assert_eq!(
-        display.get(&mall.path("jackpots/j-mall")).expect(200),
-        jackpot_before
-    );
-    let retry = pos
-        .post(
-            &mall.path("events"),
-            Mall::purchase("e-0", "c-0", "s-1", 5_000),
-        )
-        .expect(200);
+    assert_eq!(display.get(&mall.path("jackpots/j-mall")).expect(200), jackpot_before);
+    let retry = pos.post(&mall.path("events"), Mall::purchase("e-0", "c-0", "s-1", 5_000)).expect(200);
     assert_eq!(retry["duplicate"], true);
 }
 
@@ -223,25 +165,12 @@ fn a_node_without_an_admin_key_makes_one_once() {
     let key = node
         .banner
         .iter()
-        .find_map(|line| {
-            line.trim()
-                .strip_prefix("bzk_")
-                .map(|rest| format!("bzk_{rest}"))
-        })
+        .find_map(|line| line.trim().strip_prefix("bzk_").map(|rest| format!("bzk_{rest}")))
         .unwrap_or_else(|| panic!("the first start prints an admin key: {:?}", node.banner));
     let admin = node.client(Some(&key));
-    admin
-        .post(
-            "/v1/tenants",
-            json!({"id": "mall", "name": "Mall", "currency": "EUR"}),
-        )
-        .expect(201);
+    admin.post("/v1/tenants", json!({"id": "mall", "name": "Mall", "currency": "EUR"})).expect(201);
     node.terminate();
     node.restart();
-    assert!(
-        !node.banner.iter().any(|l| l.contains("bzk_")),
-        "the key is printed once: {:?}",
-        node.banner
-    );
+    assert!(!node.banner.iter().any(|l| l.contains("bzk_")), "the key is printed once: {:?}", node.banner);
     node.client(Some(&key)).get("/v1/tenants/mall").expect(200);
 }

@@ -19,19 +19,13 @@ use tonic_types::StatusExt;
 
 fn with_key<T>(key: &str, message: T) -> Request<T> {
     let mut request = Request::new(message);
-    let value: MetadataValue<_> = format!("Bearer {key}")
-        .parse()
-        .expect("a valid header value");
+    let value: MetadataValue<_> = format!("Bearer {key}").parse().expect("a valid header value");
     request.metadata_mut().insert("authorization", value);
     request
 }
 
 async fn channel(node: &Node) -> Channel {
-    Channel::from_shared(node.grpc.clone())
-        .expect("a valid URI")
-        .connect()
-        .await
-        .expect("gRPC connects")
+    Channel::from_shared(node.grpc.clone()).expect("a valid URI").connect().await.expect("gRPC connects")
 }
 
 fn purchase(event_id: &str, customer: &str, amount_minor: i64) -> pb::RecordEventRequest {
@@ -53,24 +47,14 @@ async fn mall(node: &Node, channel: &Channel) -> (String, String, String) {
     tenants
         .create_tenant(with_key(
             admin,
-            pb::CreateTenantRequest {
-                id: "mall".into(),
-                name: "Mall".into(),
-                currency: "EUR".into(),
-            },
+            pb::CreateTenantRequest { id: "mall".into(), name: "Mall".into(), currency: "EUR".into() },
         ))
         .await
         .expect("tenant created");
     let mut keys = Vec::new();
     for role in ["operator", "pos", "display"] {
         let key = tenants
-            .create_key(with_key(
-                admin,
-                pb::CreateKeyRequest {
-                    tenant: "mall".into(),
-                    role: role.into(),
-                },
-            ))
+            .create_key(with_key(admin, pb::CreateKeyRequest { tenant: "mall".into(), role: role.into() }))
             .await
             .expect("key created")
             .into_inner();
@@ -106,10 +90,7 @@ async fn mall(node: &Node, channel: &Channel) -> (String, String, String) {
                     event_bonus: [("visit".to_owned(), 5)].into_iter().collect(),
                     ..pb::Earning::default()
                 }),
-                tiers: vec![pb::Tier {
-                    name: "silver".into(),
-                    min_points: 100,
-                }],
+                tiers: vec![pb::Tier { name: "silver".into(), min_points: 100 }],
             },
         ))
         .await
@@ -133,10 +114,7 @@ async fn mall(node: &Node, channel: &Channel) -> (String, String, String) {
                     segment("ten", 3, pb::prize::Kind::Points(10)),
                     segment("again", 1, pb::prize::Kind::Nothing(true)),
                 ],
-                earn: Some(pb::SpinEarning {
-                    min_purchase_minor: 1_000,
-                    spins: 1,
-                }),
+                earn: Some(pb::SpinEarning { min_purchase_minor: 1_000, spins: 1 }),
             },
         ))
         .await
@@ -167,15 +145,8 @@ async fn mall(node: &Node, channel: &Channel) -> (String, String, String) {
                 mission: "m".into(),
                 campaign: "bf".into(),
                 name: "Two purchases".into(),
-                steps: vec![pb::Step {
-                    kind: "purchase".into(),
-                    count: 2,
-                    ..pb::Step::default()
-                }],
-                reward: Some(pb::Reward {
-                    points: 100,
-                    ..pb::Reward::default()
-                }),
+                steps: vec![pb::Step { kind: "purchase".into(), count: 2, ..pb::Step::default() }],
+                reward: Some(pb::Reward { points: 100, ..pb::Reward::default() }),
                 ..pb::PutMissionRequest::default()
             },
         ))
@@ -218,92 +189,54 @@ async fn the_api_flow_over_grpc_gives_the_same_answers_as_http() {
         assert_eq!(result.points_earned, if n == 1 { 200 + 100 } else { 200 });
         won += result.jackpots[0].won_minor;
     }
-    assert!(
-        0 < won,
-        "a jackpot capped at 50.00 fed 20.00 per purchase hits"
-    );
+    assert!(0 < won, "a jackpot capped at 50.00 fed 20.00 per purchase hits");
 
     // The same event over HTTP is a duplicate with the same answer.
-    let first = events
-        .record_event(with_key(&pos, purchase("g-0", "c-1", 20_000)))
-        .await
-        .expect("retry")
-        .into_inner();
+    let first = events.record_event(with_key(&pos, purchase("g-0", "c-1", 20_000))).await.expect("retry").into_inner();
     assert!(first.duplicate);
     let http = node.client(Some(&pos));
     let over_http = http
-        .post("/v1/tenants/mall/events", json!({"event_id": "g-0", "customer": "c-1", "store": "s-1", "kind": "purchase", "amount_minor": 20_000}))
+        .post(
+            "/v1/tenants/mall/events",
+            json!({"event_id": "g-0", "customer": "c-1", "store": "s-1", "kind": "purchase", "amount_minor": 20_000}),
+        )
         .expect(200);
     assert_eq!(over_http["duplicate"], true);
     assert_eq!(over_http["points_earned"], first.points_earned);
     assert_eq!(over_http["points_balance"], first.points_balance);
-    assert_eq!(
-        over_http["jackpots"][0]["contributed_minor"],
-        first.jackpots[0].contributed_minor
-    );
-    assert_eq!(
-        over_http["jackpots"][0]["won_minor"],
-        first.jackpots[0].won_minor
-    );
+    assert_eq!(over_http["jackpots"][0]["contributed_minor"], first.jackpots[0].contributed_minor);
+    assert_eq!(over_http["jackpots"][0]["won_minor"], first.jackpots[0].won_minor);
     assert_eq!(over_http["missions"][0]["step"], first.missions[0].step);
 
     // Reads agree between transports.
     let jackpot = games
-        .get_jackpot(with_key(
-            &display,
-            pb::GetJackpotRequest {
-                tenant: "mall".into(),
-                jackpot: "j".into(),
-            },
-        ))
+        .get_jackpot(with_key(&display, pb::GetJackpotRequest { tenant: "mall".into(), jackpot: "j".into() }))
         .await
         .expect("jackpot")
         .into_inner();
-    let jackpot_http = node
-        .client(Some(&display))
-        .get("/v1/tenants/mall/jackpots/j")
-        .expect(200);
+    let jackpot_http = node.client(Some(&display)).get("/v1/tenants/mall/jackpots/j").expect(200);
     assert_books_balance(&jackpot_http);
     assert_eq!(jackpot_http["pool_minor"], jackpot.pool_minor);
     assert_eq!(jackpot_http["cycle"], jackpot.cycle);
     assert_eq!(jackpot_http["commitment"], jackpot.commitment.as_str());
-    assert_eq!(
-        jackpot_http["books"]["paid_minor"],
-        jackpot.books.expect("books").paid_minor
-    );
+    assert_eq!(jackpot_http["books"]["paid_minor"], jackpot.books.expect("books").paid_minor);
     let hit = jackpot.last_hit.expect("a hit");
-    assert_eq!(
-        bazaar_tests::commitment(hit.trigger_minor, &hit.salt),
-        hit.commitment
-    );
+    assert_eq!(bazaar_tests::commitment(hit.trigger_minor, &hit.salt), hit.commitment);
 
     let customer = customers
-        .get_customer(with_key(
-            &pos,
-            pb::GetCustomerRequest {
-                tenant: "mall".into(),
-                customer: "c-1".into(),
-            },
-        ))
+        .get_customer(with_key(&pos, pb::GetCustomerRequest { tenant: "mall".into(), customer: "c-1".into() }))
         .await
         .expect("customer")
         .into_inner();
     let customer_http = http.get("/v1/tenants/mall/customers/c-1").expect(200);
     assert_eq!(customer_http["points_balance"], customer.points_balance);
-    assert_eq!(
-        customer_http["stats"]["spend_minor"],
-        customer.stats.as_ref().expect("stats").spend_minor
-    );
+    assert_eq!(customer_http["stats"]["spend_minor"], customer.stats.as_ref().expect("stats").spend_minor);
     assert_eq!(customer.stats.expect("stats").purchases, 30);
 
     let board = games
         .get_leaderboard(with_key(
             &display,
-            pb::GetLeaderboardRequest {
-                tenant: "mall".into(),
-                leaderboard: "lb".into(),
-                top: 5,
-            },
+            pb::GetLeaderboardRequest { tenant: "mall".into(), leaderboard: "lb".into(), top: 5 },
         ))
         .await
         .expect("leaderboard")
@@ -313,12 +246,7 @@ async fn the_api_flow_over_grpc_gives_the_same_answers_as_http() {
     let rank = games
         .get_rank(with_key(
             &display,
-            pb::GetRankRequest {
-                tenant: "mall".into(),
-                leaderboard: "lb".into(),
-                customer: "c-1".into(),
-                around: 1,
-            },
+            pb::GetRankRequest { tenant: "mall".into(), leaderboard: "lb".into(), customer: "c-1".into(), around: 1 },
         ))
         .await
         .expect("rank")
@@ -326,34 +254,16 @@ async fn the_api_flow_over_grpc_gives_the_same_answers_as_http() {
     assert_eq!(rank.rank, Some(1));
 
     // A spin, retried.
-    let spin = pb::SpinRequest {
-        tenant: "mall".into(),
-        wheel: "w".into(),
-        customer: "c-1".into(),
-        request_id: "r-1".into(),
-    };
-    let first_spin = games
-        .spin(with_key(&pos, spin.clone()))
-        .await
-        .expect("spin")
-        .into_inner();
-    let again = games
-        .spin(with_key(&pos, spin))
-        .await
-        .expect("spin again")
-        .into_inner();
+    let spin =
+        pb::SpinRequest { tenant: "mall".into(), wheel: "w".into(), customer: "c-1".into(), request_id: "r-1".into() };
+    let first_spin = games.spin(with_key(&pos, spin.clone())).await.expect("spin").into_inner();
+    let again = games.spin(with_key(&pos, spin)).await.expect("spin again").into_inner();
     assert!(again.duplicate);
     assert_eq!(again.draw_id, first_spin.draw_id);
     let audit = games
         .get_audit(with_key(
             &operator,
-            pb::GetAuditRequest {
-                tenant: "mall".into(),
-                kind: "wheels".into(),
-                id: "w".into(),
-                after: 0,
-                limit: 0,
-            },
+            pb::GetAuditRequest { tenant: "mall".into(), kind: "wheels".into(), id: "w".into(), after: 0, limit: 0 },
         ))
         .await
         .expect("audit")
@@ -372,45 +282,22 @@ async fn errors_map_to_grpc_codes_with_field_violations() {
 
     let mut bad = purchase("e-1", "c-1", -5);
     bad.amount_minor = Some(-5);
-    let error = events
-        .record_event(with_key(&pos, bad))
-        .await
-        .expect_err("negative amount");
+    let error = events.record_event(with_key(&pos, bad)).await.expect_err("negative amount");
     assert_eq!(error.code(), Code::InvalidArgument);
-    let violations = error
-        .get_error_details()
-        .bad_request()
-        .expect("a BadRequest")
-        .field_violations
-        .clone();
+    let violations = error.get_error_details().bad_request().expect("a BadRequest").field_violations.clone();
     assert_eq!(violations[0].field, "amount_minor");
 
-    let error = events
-        .record_event(Request::new(purchase("e-1", "c-1", 5)))
-        .await
-        .expect_err("no key");
+    let error = events.record_event(Request::new(purchase("e-1", "c-1", 5))).await.expect_err("no key");
     assert_eq!(error.code(), Code::Unauthenticated);
-    let error = events
-        .record_event(with_key(&display, purchase("e-1", "c-1", 5)))
-        .await
-        .expect_err("display key");
+    let error = events.record_event(with_key(&display, purchase("e-1", "c-1", 5))).await.expect_err("display key");
     assert_eq!(error.code(), Code::PermissionDenied);
     let mut other_tenant = purchase("e-1", "c-1", 5);
     other_tenant.tenant = "elsewhere".into();
-    let error = events
-        .record_event(with_key(&pos, other_tenant))
-        .await
-        .expect_err("other tenant");
+    let error = events.record_event(with_key(&pos, other_tenant)).await.expect_err("other tenant");
     assert_eq!(error.code(), Code::PermissionDenied);
 
-    events
-        .record_event(with_key(&pos, purchase("e-1", "c-1", 5_000)))
-        .await
-        .expect("recorded");
-    let error = events
-        .record_event(with_key(&pos, purchase("e-1", "c-1", 6_000)))
-        .await
-        .expect_err("conflict");
+    events.record_event(with_key(&pos, purchase("e-1", "c-1", 5_000))).await.expect("recorded");
+    let error = events.record_event(with_key(&pos, purchase("e-1", "c-1", 6_000))).await.expect_err("conflict");
     assert_eq!(error.code(), Code::Aborted);
 
     let spin = |id: &str| pb::SpinRequest {
@@ -419,32 +306,13 @@ async fn errors_map_to_grpc_codes_with_field_violations() {
         customer: "c-1".into(),
         request_id: id.into(),
     };
-    games
-        .spin(with_key(&pos, spin("r-1")))
-        .await
-        .expect("one spin a day");
-    let error = games
-        .spin(with_key(&pos, spin("r-2")))
-        .await
-        .expect_err("daily limit");
+    games.spin(with_key(&pos, spin("r-1"))).await.expect("one spin a day");
+    let error = games.spin(with_key(&pos, spin("r-2"))).await.expect_err("daily limit");
     assert_eq!(error.code(), Code::FailedPrecondition);
-    assert_eq!(
-        error
-            .get_error_details()
-            .error_info()
-            .map(|i| i.reason.clone()),
-        Some("daily_limit".to_owned())
-    );
+    assert_eq!(error.get_error_details().error_info().map(|i| i.reason.clone()), Some("daily_limit".to_owned()));
     let mut unknown = spin("r-3");
     unknown.wheel = "w-404".into();
-    assert_eq!(
-        games
-            .spin(with_key(&pos, unknown))
-            .await
-            .expect_err("unknown wheel")
-            .code(),
-        Code::NotFound
-    );
+    assert_eq!(games.spin(with_key(&pos, unknown)).await.expect_err("unknown wheel").code(), Code::NotFound);
 
     let zero = pb::PutWheelRequest {
         tenant: "mall".into(),
@@ -454,27 +322,14 @@ async fn errors_map_to_grpc_codes_with_field_violations() {
         segments: vec![pb::Segment {
             label: "x".into(),
             weight: 0,
-            prize: Some(pb::Prize {
-                kind: Some(pb::prize::Kind::Points(1)),
-            }),
+            prize: Some(pb::Prize { kind: Some(pb::prize::Kind::Points(1)) }),
             stock: None,
         }],
         ..pb::PutWheelRequest::default()
     };
-    let error = catalog
-        .put_wheel(with_key(&operator, zero))
-        .await
-        .expect_err("zero weights");
+    let error = catalog.put_wheel(with_key(&operator, zero)).await.expect_err("zero weights");
     assert_eq!(error.code(), Code::InvalidArgument);
-    assert_eq!(
-        error
-            .get_error_details()
-            .bad_request()
-            .expect("a BadRequest")
-            .field_violations[0]
-            .field,
-        "segments"
-    );
+    assert_eq!(error.get_error_details().bad_request().expect("a BadRequest").field_violations[0].field, "segments");
     let jackpot = pb::PutJackpotRequest {
         tenant: "mall".into(),
         jackpot: "j2".into(),
@@ -484,19 +339,8 @@ async fn errors_map_to_grpc_codes_with_field_violations() {
         contribution_bps: 20_000,
         ..pb::PutJackpotRequest::default()
     };
-    let error = catalog
-        .put_jackpot(with_key(&operator, jackpot))
-        .await
-        .expect_err("cap not above seed");
-    assert_eq!(
-        error
-            .get_error_details()
-            .bad_request()
-            .expect("a BadRequest")
-            .field_violations[0]
-            .field,
-        "cap_minor"
-    );
+    let error = catalog.put_jackpot(with_key(&operator, jackpot)).await.expect_err("cap not above seed");
+    assert_eq!(error.get_error_details().bad_request().expect("a BadRequest").field_violations[0].field, "cap_minor");
 }
 
 #[tokio::test]
@@ -506,18 +350,11 @@ async fn batches_and_streams_answer_every_event_in_order() {
     let (_, pos, _) = mall(&node, &channel).await;
     let mut events = EventServiceClient::new(channel.clone());
 
-    let mut batch: Vec<pb::RecordEventRequest> = (0..20)
-        .map(|n| purchase(&format!("b-{n}"), &format!("c-{}", n % 3), 1_500))
-        .collect();
+    let mut batch: Vec<pb::RecordEventRequest> =
+        (0..20).map(|n| purchase(&format!("b-{n}"), &format!("c-{}", n % 3), 1_500)).collect();
     batch[7].kind = "teleport".into();
     let results = events
-        .record_events(with_key(
-            &pos,
-            pb::RecordEventsRequest {
-                tenant: "mall".into(),
-                events: batch,
-            },
-        ))
+        .record_events(with_key(&pos, pb::RecordEventsRequest { tenant: "mall".into(), events: batch }))
         .await
         .expect("batch")
         .into_inner()
@@ -547,11 +384,7 @@ async fn batches_and_streams_answer_every_event_in_order() {
     let mut request = Request::new(tokio_stream::iter(requests));
     let value: MetadataValue<_> = format!("Bearer {pos}").parse().expect("header");
     request.metadata_mut().insert("authorization", value);
-    let mut answers = events
-        .stream_events(request)
-        .await
-        .expect("stream opens")
-        .into_inner();
+    let mut answers = events.stream_events(request).await.expect("stream opens").into_inner();
     let mut n = 0;
     while let Some(outcome) = answers.message().await.expect("stream answers") {
         match outcome.outcome.expect("an outcome") {
@@ -566,35 +399,15 @@ async fn batches_and_streams_answer_every_event_in_order() {
         n += 1;
     }
     assert_eq!(n, 300, "every event is answered");
-    let board = node
-        .client(Some(&pos))
-        .get("/v1/tenants/mall/leaderboards/lb?top=100")
-        .expect(200);
-    let total: i64 = board["entries"]
-        .as_array()
-        .expect("entries")
-        .iter()
-        .map(|e| e["score"].as_i64().expect("score"))
-        .sum();
-    let expected: i64 = 19 * 1_500
-        + (0..300)
-            .filter(|n| *n != 100)
-            .map(|n| 1_000 + n)
-            .sum::<i64>();
+    let board = node.client(Some(&pos)).get("/v1/tenants/mall/leaderboards/lb?top=100").expect(200);
+    let total: i64 =
+        board["entries"].as_array().expect("entries").iter().map(|e| e["score"].as_i64().expect("score")).sum();
+    let expected: i64 = 19 * 1_500 + (0..300).filter(|n| *n != 100).map(|n| 1_000 + n).sum::<i64>();
     assert_eq!(total, expected);
 
     let mut bad_key = Request::new(tokio_stream::iter(vec![purchase("x", "c", 1)]));
-    bad_key
-        .metadata_mut()
-        .insert("authorization", "Bearer nope".parse().expect("header"));
-    assert_eq!(
-        events
-            .stream_events(bad_key)
-            .await
-            .expect_err("bad key")
-            .code(),
-        Code::Unauthenticated
-    );
+    bad_key.metadata_mut().insert("authorization", "Bearer nope".parse().expect("header"));
+    assert_eq!(events.stream_events(bad_key).await.expect_err("bad key").code(), Code::Unauthenticated);
 }
 
 #[test]
@@ -608,11 +421,7 @@ fn grpcurl_lists_describes_and_calls_through_reflection() {
             .output()
             .expect("grpcurl runs (scripts/install-test-tools.sh installs it)");
         let text = String::from_utf8_lossy(&output.stdout).into_owned();
-        assert!(
-            output.status.success(),
-            "grpcurl {args:?} failed: {text}{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        assert!(output.status.success(), "grpcurl {args:?} failed: {text}{}", String::from_utf8_lossy(&output.stderr));
         text
     };
     let services = grpcurl(&[&address, "list"]);
@@ -624,10 +433,7 @@ fn grpcurl_lists_describes_and_calls_through_reflection() {
         "bazaar.v1.CustomerService",
         "grpc.health.v1.Health",
     ] {
-        assert!(
-            services.contains(service),
-            "{service} missing from:\n{services}"
-        );
+        assert!(services.contains(service), "{service} missing from:\n{services}");
     }
     let described = grpcurl(&[&address, "describe", "bazaar.v1.EventService"]);
     assert!(described.contains("rpc StreamEvents"), "{described}");

@@ -38,14 +38,10 @@ struct Args {
 
 fn main() -> Result<(), String> {
     let args = Args::parse();
-    let agent = ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(30))
-        .build();
+    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(30)).build();
     let admin = format!("Bearer {}", args.admin_key);
-    let run = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_err(|e| e.to_string())?
-        .as_millis();
+    let run =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_err(|e| e.to_string())?.as_millis();
     let tenant = format!("quick-{run}");
     let base = format!("{}/v1/tenants/{tenant}", args.url);
     let put = |path: &str, body: serde_json::Value| -> Result<(), String> {
@@ -62,10 +58,7 @@ fn main() -> Result<(), String> {
         .send_json(json!({"id": tenant, "name": "quick loop", "currency": "EUR"}))
         .map_err(|e| format!("creating the tenant: {e}"))?;
     for store in 0..4 {
-        put(
-            &format!("stores/s-{store}"),
-            json!({"name": format!("Shop {store}"), "category": "retail"}),
-        )?;
+        put(&format!("stores/s-{store}"), json!({"name": format!("Shop {store}"), "category": "retail"}))?;
     }
     put(
         "campaigns/c",
@@ -77,10 +70,7 @@ fn main() -> Result<(), String> {
         json!({"campaign": "c", "seed_minor": 100000, "cap_minor": 10000000, "contribution_bps": 100,
                "reserve_bps": 1000, "min_purchase_minor": 100}),
     )?;
-    put(
-        "leaderboards/l",
-        json!({"campaign": "c", "metric": "spend"}),
-    )?;
+    put("leaderboards/l", json!({"campaign": "c", "metric": "spend"}))?;
 
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
@@ -108,11 +98,7 @@ fn main() -> Result<(), String> {
         .collect();
     let mut latencies = Vec::new();
     for worker in workers {
-        latencies.extend(
-            worker
-                .join()
-                .map_err(|_| "a client thread panicked".to_string())??,
-        );
+        latencies.extend(worker.join().map_err(|_| "a client thread panicked".to_string())??);
     }
     let elapsed = started.elapsed();
     latencies.sort();
