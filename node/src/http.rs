@@ -56,6 +56,8 @@ pub fn router(state: AppState) -> Router {
         .route(&format!("{tenant}/wheels/{{id}}/spins"), post(spin))
         .route(&format!("{tenant}/customers/{{id}}"), get(get_customer))
         .route(&format!("{tenant}/audit/{{kind}}/{{id}}"), get(get_audit))
+        .route("/display/{tenant}", get(display_page))
+        .route("/display/assets/{file}", get(display_asset))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -68,19 +70,26 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Records every request's latency by route, method and status code.
+/// Records every request's latency by route, method and status code, and
+/// logs it (at debug level: method, path, status, latency and the request
+/// id that the answer echoes; never headers, so never a key).
 async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let route =
         request.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = request.method().as_str().to_owned();
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let request_id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
     let response = next.run(request).await;
+    let elapsed = started.elapsed();
     state
         .service
         .metrics
         .http_request_duration
-        .with_label_values(&[&route, &method, response.status().as_str()])
-        .observe(started.elapsed().as_secs_f64());
+        .with_label_values(&[&route, method.as_str(), response.status().as_str()])
+        .observe(elapsed.as_secs_f64());
+    tracing::debug!(%method, path, status = response.status().as_u16(), elapsed_us = elapsed.as_micros() as u64,
+        request_id, "request");
     response
 }
 
@@ -405,6 +414,41 @@ async fn stream_leaderboard(
             .map_or_else(|_| Event::default().comment("unencodable event"), |e| e.id(sequence.to_string())))
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// The live display page and its assets, embedded in the binary.
+const DISPLAY_HTML: &str = include_str!("../assets/display.html");
+const DISPLAY_JS: &str = include_str!("../assets/display.js");
+const DISPLAY_CSS: &str = include_str!("../assets/display.css");
+
+/// The headers of the display: nothing but this origin may be loaded or
+/// contacted, and no referrer leaves the page.
+fn display_headers(content_type: &'static str) -> [(header::HeaderName, &'static str); 5] {
+    [
+        (header::CONTENT_TYPE, content_type),
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+        ),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::CACHE_CONTROL, "no-cache"),
+    ]
+}
+
+/// `/display/{tenant}?jackpot=J&leaderboard=L#key=K`: the in-store screen.
+/// The page needs no key to load; it reads the display key from the URL
+/// fragment and sends it as a header to the API.
+async fn display_page(Path(_tenant): Path<String>) -> Response {
+    (display_headers("text/html; charset=utf-8"), DISPLAY_HTML).into_response()
+}
+
+async fn display_asset(Path(file): Path<String>) -> Response {
+    match file.as_str() {
+        "display.js" => (display_headers("text/javascript; charset=utf-8"), DISPLAY_JS).into_response(),
+        "display.css" => (display_headers("text/css; charset=utf-8"), DISPLAY_CSS).into_response(),
+        _ => HttpError(ServiceError::new(Code::NotFound, "no such asset")).into_response(),
+    }
 }
 
 async fn healthz() -> &'static str {

@@ -105,7 +105,8 @@ impl Service {
     }
 
     pub fn get_tenant(&self, key: Option<&str>, tenant: &str) -> ServiceResult<api::TenantAnswer> {
-        let (_, entry) = self.authorise(key, tenant, &[Role::Operator])?;
+        // Name and currency only: screens and tills format money with them.
+        let (_, entry) = self.authorise(key, tenant, &[Role::Operator, Role::Pos, Role::Display])?;
         Ok(tenant_answer(&entry.tenant))
     }
 

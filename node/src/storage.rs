@@ -130,7 +130,18 @@ mod tests {
             store.defs.insert(key(&["t", "tenant"]), encode(&"mall")).expect("insert");
             store.flush().expect("flush");
         }
-        let store = Store::open(dir.path()).expect("reopen");
+        // sled's background flusher may hold the directory's lock for a
+        // moment after the last handle is dropped; a new process never
+        // meets it, a reopen in the same process may.
+        let mut reopened = Store::open(dir.path());
+        for _ in 0..50 {
+            if reopened.is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            reopened = Store::open(dir.path());
+        }
+        let store = reopened.expect("reopen");
         let value = store.defs.get(key(&["t", "tenant"])).expect("get").expect("present");
         assert_eq!(decode::<String>(&value).expect("decode"), "mall");
     }

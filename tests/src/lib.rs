@@ -121,7 +121,7 @@ impl Node {
             .arg(self.data.path().join("db"))
             .args(&self.extra_args)
             .env_remove("BAZAAR_ADMIN_KEY")
-            .env("RUST_LOG", "info")
+            .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log));

@@ -18,7 +18,7 @@ const OPERATIONS: &[Operation] = &[
     Operation {
         name: "read tenant",
         allowed_status: 200,
-        roles: &["operator"],
+        roles: &["operator", "pos", "display"],
         call: |c, t, _| c.get(&format!("/v1/tenants/{t}")).status,
     },
     Operation {
