@@ -170,6 +170,11 @@ impl NodeConfig {
         Ok(config)
     }
 
+    /// Every setting at its default (data in `./bazaar-data`).
+    pub fn defaults() -> Self {
+        Self::build(ServeArgs::default()).expect("the defaults are valid")
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key, message: &str| Err(ConfigError::Invalid { key, message: message.into() });
         if let Some(key) = &self.admin_key {

@@ -18,6 +18,7 @@
 pub mod actor;
 pub mod api;
 pub mod config;
+pub mod demo;
 pub mod entities;
 pub mod error;
 pub mod grpc;
@@ -54,6 +55,23 @@ const REDELIVERY_INTERVAL: Duration = Duration::from_secs(2);
 ///
 /// Must run inside an actix `System` (the binary's `main` makes one).
 pub async fn serve(config: NodeConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    serve_with(config, shutdown, None).await
+}
+
+/// Where a node listens, once it does.
+#[derive(Clone, Copy, Debug)]
+pub struct Listening {
+    pub http: std::net::SocketAddr,
+    pub grpc: std::net::SocketAddr,
+}
+
+/// [`serve`], telling `ready` where the node listens once it accepts
+/// requests (`bazaar demo` runs a node in-process this way).
+pub async fn serve_with(
+    config: NodeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    ready: Option<tokio::sync::oneshot::Sender<Listening>>,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create the data directory {}", config.data_dir.display()))?;
     let store = Store::open(&config.data_dir).with_context(|| {
@@ -110,6 +128,9 @@ pub async fn serve(config: NodeConfig, shutdown: impl Future<Output = ()> + Send
     std::io::stdout().flush()?;
     tracing::info!(%address, %grpc_address, data_dir = %config.data_dir.display(), "node ready");
     service.ready.store(true, Ordering::SeqCst);
+    if let Some(ready) = ready {
+        let _ = ready.send(Listening { http: address, grpc: grpc_address });
+    }
 
     // One shutdown signal for both servers and the housekeeping task.
     let (stop, stopping) = tokio::sync::watch::channel(false);

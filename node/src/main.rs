@@ -14,6 +14,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start-up: boxing the larger variant would gain nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run a node: the HTTP/JSON API on an embedded sled database.
@@ -23,11 +25,38 @@ enum Command {
     /// stops accepting, finishes in-flight requests, writes snapshots and
     /// flushes.
     Serve(ServeArgs),
+    /// Start a node with a sample mall and simulated shoppers, and watch it
+    /// live: the jackpot growing and hitting, the top 10, events per second.
+    ///
+    /// The node runs in a temporary directory that is deleted afterwards
+    /// (unless --keep, which leaves it running and prints its URLs and keys).
+    Demo(bazaar_node::demo::DemoArgs),
+}
+
+/// The actix system every node runs in: actors on their arbiters, servers
+/// on a multi-threaded tokio runtime.
+fn system() -> actix_rt::SystemRunner {
+    actix_rt::System::with_tokio_rt(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("the OS provides threads and timers for the runtime")
+    })
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Demo(args) => {
+            bazaar_observability::init_tracing(bazaar_observability::LogFormat::Text, "warn");
+            match system().block_on(bazaar_node::demo::run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("bazaar demo: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Serve(args) => {
             let config = match NodeConfig::build(args) {
                 Ok(config) => config,
@@ -37,13 +66,7 @@ fn main() -> ExitCode {
                 }
             };
             bazaar_observability::init_tracing(config.log_format, &config.log);
-            let system = actix_rt::System::with_tokio_rt(|| {
-                tokio::runtime::Builder::new_multi_thread()
-                    .enable_all()
-                    .build()
-                    .expect("the OS provides threads and timers for the runtime")
-            });
-            match system.block_on(bazaar_node::serve(config, shutdown_signal())) {
+            match system().block_on(bazaar_node::serve(config, shutdown_signal())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     eprintln!("bazaar: {error:#}");
