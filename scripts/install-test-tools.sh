@@ -5,7 +5,8 @@
 # The tests need cargo-nextest (the test runner), curl (the README
 # walk-through test runs the README's curl commands), grpcurl (a real gRPC
 # client against server reflection), and Debian's Chromium driven by
-# Playwright (the display page test), each from a package registry as
+# Playwright (the display page test) and promtool (checks a real scrape),
+# each from a package registry as
 # ../shared/TOOLS.md describes. Playwright never downloads a browser here:
 # the test launches /usr/bin/chromium. Tools that live outside PATH are linked into
 # target/test-tools/, where the tests look first.
@@ -51,4 +52,11 @@ fi
 if ! python3 -c 'import playwright.sync_api' >/dev/null 2>&1; then
     echo "install-test-tools: installing playwright (PyPI)" >&2
     python3 -m pip install --quiet --disable-pip-version-check playwright
+fi
+
+if ! command -v promtool >/dev/null 2>&1; then
+    echo "install-test-tools: installing promtool (Debian prometheus)" >&2
+    apt_install prometheus
+    # Only promtool is wanted: never leave the Prometheus server running.
+    pkill -x prometheus 2>/dev/null || true
 fi

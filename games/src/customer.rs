@@ -112,6 +112,8 @@ pub struct EventOutcome {
     pub spins_granted: BTreeMap<Id, u32>,
     pub missions: Vec<MissionStatus>,
     pub coupons_won: Vec<String>,
+    /// Missions in which this event completed a step (once per step).
+    pub steps_completed: Vec<Id>,
     /// Jackpots this purchase is eligible to feed.
     pub jackpots: Vec<Id>,
     /// Score changes for leaderboards, non-zero only.
@@ -184,6 +186,9 @@ impl Customer {
                 step: advance.steps_done,
                 completed: advance.mission_completed,
             });
+            if advance.step_completed {
+                outcome.steps_completed.push(mission_id.clone());
+            }
             if advance.mission_completed {
                 *missions_completed.entry(def.campaign.clone()).or_insert(0) += 1;
             }

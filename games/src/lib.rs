@@ -16,6 +16,7 @@
 pub mod campaign;
 pub mod catalog;
 pub mod customer;
+pub mod engagement;
 pub mod event;
 pub mod ids;
 pub mod jackpot;

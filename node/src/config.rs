@@ -45,6 +45,9 @@ pub struct ServeArgs {
     /// dropped; bounds recovery time [default: 30s].
     #[arg(long, env = "BAZAAR_CHECKPOINT_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub checkpoint_interval: Option<Duration>,
+    /// How often the engagement ratios are recomputed [default: 60s].
+    #[arg(long, env = "BAZAAR_ENGAGEMENT_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub engagement_interval: Option<Duration>,
     /// An active entity writes a snapshot after this many changes
     /// [default: 1000].
     #[arg(long, env = "BAZAAR_SNAPSHOT_EVERY", value_name = "N")]
@@ -84,6 +87,8 @@ struct FileConfig {
     max_event_age: Option<Duration>,
     #[serde(default, with = "humantime_serde_opt")]
     checkpoint_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    engagement_interval: Option<Duration>,
     snapshot_every: Option<u32>,
     actor_threads: Option<usize>,
     max_body_bytes: Option<usize>,
@@ -112,6 +117,7 @@ pub struct NodeConfig {
     pub idle_timeout: Duration,
     pub max_event_age: Duration,
     pub checkpoint_interval: Duration,
+    pub engagement_interval: Duration,
     pub snapshot_every: u32,
     pub actor_threads: usize,
     pub max_body_bytes: usize,
@@ -154,6 +160,10 @@ impl NodeConfig {
                 .checkpoint_interval
                 .or(file.checkpoint_interval)
                 .unwrap_or(Duration::from_secs(30)),
+            engagement_interval: args
+                .engagement_interval
+                .or(file.engagement_interval)
+                .unwrap_or(Duration::from_secs(60)),
             snapshot_every: args.snapshot_every.or(file.snapshot_every).unwrap_or(1_000),
             actor_threads: args
                 .actor_threads
@@ -190,6 +200,9 @@ impl NodeConfig {
         }
         if self.checkpoint_interval < Duration::from_millis(100) {
             return invalid("checkpoint_interval", "must be at least 100ms");
+        }
+        if self.engagement_interval < Duration::from_millis(100) {
+            return invalid("engagement_interval", "must be at least 100ms");
         }
         if self.snapshot_every == 0 {
             return invalid("snapshot_every", "must be at least 1");

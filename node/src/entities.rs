@@ -130,6 +130,9 @@ impl Entity for CustomerEntity {
                         env.now,
                     ));
                 }
+                for mission in &outcome.steps_completed {
+                    env.metrics.mission_steps.with_label_values(&[tenant, mission.as_str()]).inc();
+                }
                 for status in &outcome.missions {
                     if status.completed {
                         env.metrics.mission_completions.with_label_values(&[tenant, status.mission.as_str()]).inc();

@@ -138,7 +138,12 @@ pub async fn serve_with(
         shutdown.await;
         let _ = stop.send(true);
     });
-    let housekeeping = tokio::spawn(housekeeping(service.clone(), config.checkpoint_interval, stopping.clone()));
+    let housekeeping = tokio::spawn(housekeeping(
+        service.clone(),
+        config.checkpoint_interval,
+        config.engagement_interval,
+        stopping.clone(),
+    ));
 
     let routes = grpc::router(service.clone()).await.map_err(|e| anyhow::anyhow!("setting up gRPC: {e}"))?;
     let grpc_server =
@@ -174,9 +179,15 @@ async fn stopped(mut stopping: tokio::sync::watch::Receiver<bool>) {
 }
 
 /// Checkpoints and outbox redelivery, until told to stop.
-async fn housekeeping(service: Arc<Service>, checkpoint_interval: Duration, stop: tokio::sync::watch::Receiver<bool>) {
+async fn housekeeping(
+    service: Arc<Service>,
+    checkpoint_interval: Duration,
+    engagement_interval: Duration,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
     let mut checkpoint = tokio::time::interval(checkpoint_interval);
     let mut redeliver = tokio::time::interval(REDELIVERY_INTERVAL);
+    let mut engagement = tokio::time::interval(engagement_interval);
     checkpoint.tick().await;
     redeliver.tick().await;
     let stop = stopped(stop);
@@ -191,6 +202,14 @@ async fn housekeeping(service: Arc<Service>, checkpoint_interval: Duration, stop
             }
             _ = redeliver.tick() => {
                 service.redeliver(REDELIVERY_INTERVAL).await;
+            }
+            _ = engagement.tick() => {
+                let service = service.clone();
+                match tokio::task::spawn_blocking(move || service.refresh_engagement()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => tracing::warn!(%error, "engagement refresh failed; will retry"),
+                    Err(error) => tracing::warn!(%error, "engagement refresh panicked"),
+                }
             }
         }
     }

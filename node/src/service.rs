@@ -362,9 +362,6 @@ impl Service {
             self.metrics.events_duplicate.with_label_values(&[tenant.as_str()]).inc();
         } else {
             self.metrics.events_ingested.with_label_values(&[tenant.as_str(), kind_label(&kind)]).inc();
-            for status in answer.missions.iter().filter(|m| 0 < m.step) {
-                self.metrics.mission_steps.with_label_values(&[tenant.as_str(), status.mission.as_str()]).inc();
-            }
         }
         Ok(api::EventAnswer {
             event_id: event.event_id,
@@ -938,6 +935,37 @@ impl Service {
             }
         }
         delivered
+    }
+
+    /// Recomputes the engagement gauges of every tenant from the customers'
+    /// snapshots (blocking: run it off the async threads). Customers active
+    /// in memory count as of their last snapshot, at most a checkpoint
+    /// interval old.
+    pub fn refresh_engagement(&self) -> ServiceResult<()> {
+        use bazaar_games::engagement::{Tally, KINDS, WINDOWS};
+        let now = now_millis();
+        for tenant in self.tenancy.tenant_ids() {
+            let mut tallies = [Tally::default(); WINDOWS.len()];
+            let prefix = crate::storage::key(&[tenant.as_str(), EntityKind::Customer.as_str(), ""]);
+            for item in self.store.snapshots.scan_prefix(prefix) {
+                let (_, value) = item.map_err(crate::storage::StorageError::from)?;
+                let snapshot: crate::journal::Snapshot = decode(&value)?;
+                let customer: bazaar_games::customer::Customer = decode(&snapshot.state)?;
+                for (tally, (_, length)) in tallies.iter_mut().zip(WINDOWS) {
+                    tally.add(&customer, now, length);
+                }
+            }
+            for (tally, (window, _)) in tallies.iter().zip(WINDOWS) {
+                let labels = |kind: &'static str| [tenant.as_str(), window, kind];
+                self.metrics.engagement_customers.with_label_values(&labels("active")).set(tally.active as i64);
+                for kind in KINDS {
+                    self.metrics.engagement_ratio.with_label_values(&labels(kind)).set(tally.ratio(kind));
+                    self.metrics.engagement_customers.with_label_values(&labels(kind)).set(tally.count(kind) as i64);
+                }
+            }
+        }
+        self.metrics.engagement_refreshes.inc();
+        Ok(())
     }
 
     /// Snapshots every active actor and drops the journal they cover.

@@ -6,7 +6,8 @@
 //! updates these along an event's way; `/metrics` renders [`Metrics::render`].
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// The metrics of one node, registered in their own registry (so tests can
@@ -36,6 +37,14 @@ pub struct Metrics {
     pub passivations: IntCounterVec,
     /// Cross-entity messages journaled but not yet acknowledged.
     pub outbox_backlog: IntGauge,
+    /// Share of customers active in a window who played a game, progressed
+    /// in a mission, won a reward, or any of these; refreshed on a schedule.
+    pub engagement_ratio: GaugeVec,
+    /// The counts behind the ratios: customers active in the window
+    /// (`kind="active"`) and those who did each kind of engaged thing.
+    pub engagement_customers: IntGaugeVec,
+    /// Engagement refreshes done.
+    pub engagement_refreshes: IntCounter,
     /// Time of one journal group commit (write and flush).
     pub journal_flush_seconds: Histogram,
     /// Entries per group commit.
@@ -97,6 +106,24 @@ impl Metrics {
                 Opts::new("bazaar_actor_passivations_total", "Actor passivations, by entity kind"),
                 &["kind"],
             )?,
+            engagement_ratio: GaugeVec::new(
+                Opts::new(
+                    "bazaar_engagement_ratio",
+                    "Share of customers active in the window who played, progressed in a mission, won a reward, or any",
+                ),
+                &["tenant", "window", "kind"],
+            )?,
+            engagement_customers: IntGaugeVec::new(
+                Opts::new(
+                    "bazaar_engagement_customers",
+                    "Customers active in the window (kind=active) and those engaged in each way",
+                ),
+                &["tenant", "window", "kind"],
+            )?,
+            engagement_refreshes: IntCounter::new(
+                "bazaar_engagement_refreshes_total",
+                "Engagement ratio refreshes done",
+            )?,
             outbox_backlog: IntGauge::new(
                 "bazaar_outbox_backlog",
                 "Cross-entity messages journaled and not yet acknowledged",
@@ -130,6 +157,9 @@ impl Metrics {
         r.register(Box::new(self.activations.clone()))?;
         r.register(Box::new(self.passivations.clone()))?;
         r.register(Box::new(self.outbox_backlog.clone()))?;
+        r.register(Box::new(self.engagement_ratio.clone()))?;
+        r.register(Box::new(self.engagement_customers.clone()))?;
+        r.register(Box::new(self.engagement_refreshes.clone()))?;
         r.register(Box::new(self.journal_flush_seconds.clone()))?;
         r.register(Box::new(self.journal_batch_entries.clone()))?;
         Ok(())
