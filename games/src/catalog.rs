@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 /// A shop in a tenant (a mall's tenant has many).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StoreDef {
     pub name: String,
     pub category: Id,

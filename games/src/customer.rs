@@ -99,6 +99,7 @@ pub struct Customer {
 
 /// A mission's state after an event, as the event's answer reports it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MissionStatus {
     pub mission: Id,
     pub step: usize,

@@ -75,6 +75,20 @@ impl From<EventKind> for String {
     }
 }
 
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for EventKind {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .pattern(Some("^(purchase|visit|profile_completed|referral|custom:[a-z0-9_-]{1,64})$"))
+            .description(Some("purchase, visit, profile_completed, referral or custom:<name>"))
+            .into()
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for EventKind {}
+
 /// One validated event about one customer.
 ///
 /// The transport layer builds it only after checking every field, so the

@@ -73,6 +73,22 @@ impl AsRef<str> for Id {
     }
 }
 
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for Id {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .min_length(Some(1))
+            .max_length(Some(MAX_ID_LEN))
+            .pattern(Some("^[A-Za-z0-9._:-]+$"))
+            .description(Some("An id: 1-128 characters from [A-Za-z0-9._:-]"))
+            .into()
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for Id {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

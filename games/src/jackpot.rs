@@ -27,6 +27,7 @@ pub const BPS_WHOLE: i64 = 10_000;
 /// contribution rules apply to the next contribution.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JackpotDef {
     pub campaign: Id,
     pub seed_minor: i64,

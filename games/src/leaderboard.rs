@@ -20,6 +20,7 @@ use wabi_tree::OSBTreeSet;
 /// What a leaderboard ranks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Metric {
     /// Points earned under the leaderboard's campaign.
     Points,
@@ -33,6 +34,7 @@ pub enum Metric {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LeaderboardDef {
     pub campaign: Id,
     pub metric: Metric,
@@ -59,6 +61,7 @@ impl LeaderboardDef {
 
 /// One row of a leaderboard answer; `rank` starts at 1.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Entry {
     pub rank: u64,
     pub customer: Id,

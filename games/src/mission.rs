@@ -17,6 +17,7 @@ use std::collections::BTreeSet;
 /// add up.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Reward {
     #[serde(default)]
     pub points: i64,
@@ -30,6 +31,7 @@ pub struct Reward {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SpinReward {
     pub wheel: Id,
     pub count: u32,
@@ -60,6 +62,7 @@ impl Reward {
 /// One step's condition.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Step {
     pub kind: EventKind,
     #[serde(default)]

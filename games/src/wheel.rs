@@ -18,6 +18,7 @@ pub const MAX_SEGMENTS: usize = 64;
 /// What one spin costs the customer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum SpinCost {
     /// Spin entitlements of this wheel, earned from purchases or missions.
     Entitlements(u32),
@@ -28,6 +29,7 @@ pub enum SpinCost {
 /// A prize a segment awards.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Prize {
     Points(i64),
     /// Free spins of this same wheel.
@@ -45,6 +47,7 @@ pub enum Prize {
 /// One segment of the wheel.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Segment {
     pub label: String,
     pub weight: u32,
@@ -58,6 +61,7 @@ pub struct Segment {
 /// `min_purchase_minor` under the wheel's campaign grants `spins`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SpinEarning {
     pub min_purchase_minor: i64,
     pub spins: u32,
@@ -66,6 +70,7 @@ pub struct SpinEarning {
 /// A wheel's definition.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WheelDef {
     pub campaign: Id,
     pub cost: SpinCost,
@@ -142,6 +147,7 @@ impl WheelDef {
 /// A prize as won, with a coupon's unique code filled in.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum WonPrize {
     Points(i64),
     Spins(u32),

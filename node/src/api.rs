@@ -40,7 +40,7 @@ pub fn format_time(millis: UnixMillis) -> String {
 
 // ------------------------------------------------------------ tenants, keys
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(utoipa::ToSchema, Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTenant {
     pub id: String,
@@ -48,7 +48,7 @@ pub struct CreateTenant {
     pub currency: String,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(utoipa::ToSchema, Clone, Debug, Serialize)]
 pub struct TenantAnswer {
     pub id: String,
     pub name: String,
@@ -56,13 +56,13 @@ pub struct TenantAnswer {
     pub created_at: String,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(utoipa::ToSchema, Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateKey {
     pub role: String,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(utoipa::ToSchema, Clone, Debug, Serialize)]
 pub struct KeyAnswer {
     pub key: String,
     pub key_id: String,
@@ -73,7 +73,7 @@ pub struct KeyAnswer {
 // ------------------------------------------------------------- definitions
 
 /// `PUT .../campaigns/{c}`: the campaign with times as RFC 3339.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(utoipa::ToSchema, Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CampaignBody {
     pub name: String,
@@ -102,7 +102,7 @@ impl CampaignBody {
 }
 
 /// `PUT .../missions/{m}`.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(utoipa::ToSchema, Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MissionBody {
     pub campaign: Id,
@@ -134,19 +134,20 @@ impl MissionBody {
     }
 }
 
-/// A definition as answered: its id, version and body.
-#[derive(Clone, Debug, Serialize)]
+/// A definition as answered: its id, its version, and the definition as
+/// stored. The definition is nested, not merged with id and version, so the
+/// answer's schema stays exact (definitions refuse unknown fields).
+#[derive(utoipa::ToSchema, Clone, Debug, Serialize)]
 pub struct DefinitionAnswer<T: Serialize> {
     pub id: String,
     pub version: u64,
-    #[serde(flatten)]
     pub definition: T,
 }
 
 // ------------------------------------------------------------------ events
 
 /// One event as a till sends it.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(utoipa::ToSchema, Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EventRequest {
     pub event_id: String,
@@ -215,23 +216,25 @@ impl EventRequest {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(utoipa::ToSchema, Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchRequest {
+    /// Up to 1,000 events; each is checked on its own.
+    #[schema(value_type = Vec<EventRequest>)]
     pub events: Vec<serde_json::Value>,
 }
 
 /// The most events one batch may carry.
 pub const MAX_BATCH: usize = 1_000;
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(utoipa::ToSchema, Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct JackpotResult {
     pub jackpot: Id,
     pub contributed_minor: i64,
     pub won_minor: i64,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(utoipa::ToSchema, Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct EventAnswer {
     pub event_id: Id,
     pub duplicate: bool,
@@ -246,14 +249,14 @@ pub struct EventAnswer {
 
 // ------------------------------------------------------------------- spins
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(utoipa::ToSchema, Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SpinRequest {
     pub customer: String,
     pub request_id: String,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(utoipa::ToSchema, Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SpinAnswer {
     pub request_id: Id,
     pub duplicate: bool,
@@ -266,7 +269,7 @@ pub struct SpinAnswer {
 
 // --------------------------------------------------------------- read views
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(utoipa::ToSchema, Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct HitAnswer {
     pub cycle: u64,
     pub customer: Id,
@@ -291,7 +294,7 @@ impl From<&Hit> for HitAnswer {
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(utoipa::ToSchema, Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct BooksAnswer {
     pub seeded_minor: i64,
     pub contributed_minor: i64,
@@ -310,7 +313,7 @@ impl From<Books> for BooksAnswer {
 
 /// A jackpot as the public sees it: never the running cycle's trigger or
 /// salt, only their commitment.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(utoipa::ToSchema, Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct JackpotAnswer {
     pub jackpot: Id,
     pub pool_minor: i64,
@@ -339,14 +342,14 @@ impl JackpotAnswer {
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(utoipa::ToSchema, Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LeaderboardAnswer {
     pub leaderboard: Id,
     pub members: u64,
     pub entries: Vec<Entry>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(utoipa::ToSchema, Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AroundAnswer {
     pub leaderboard: Id,
     pub customer: Id,
@@ -358,12 +361,13 @@ pub struct AroundAnswer {
 
 /// Audit records, oldest first: wheel draws (with the available weights
 /// and the roll) or jackpot hits (with the revealed trigger and salt).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(utoipa::ToSchema, Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct AuditAnswer {
+    #[schema(value_type = Vec<Object>)]
     pub records: Vec<serde_json::Value>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(utoipa::ToSchema, Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct StatsAnswer {
     pub first_purchase_at: Option<String>,
     pub last_purchase_at: Option<String>,
@@ -373,14 +377,14 @@ pub struct StatsAnswer {
     pub events: u64,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(utoipa::ToSchema, Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CouponAnswer {
     pub code: String,
     pub source: Id,
     pub at: String,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(utoipa::ToSchema, Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ItemAnswer {
     pub item: String,
     pub wheel: Id,
@@ -388,7 +392,7 @@ pub struct ItemAnswer {
     pub at: String,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(utoipa::ToSchema, Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CustomerAnswer {
     pub customer: Id,
     pub points_balance: i64,

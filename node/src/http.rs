@@ -7,6 +7,7 @@
 //! into the API's error shape with the offending field's path.
 
 use crate::api;
+use crate::api::DefinitionAnswer;
 use crate::error::{Code, ServiceError};
 use crate::service::{JackpotEvent, Service};
 use axum::body::Bytes;
@@ -18,7 +19,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
-use serde::Serialize;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
@@ -58,6 +58,7 @@ pub fn router(state: AppState) -> Router {
         .route(&format!("{tenant}/audit/{{kind}}/{{id}}"), get(get_audit))
         .route("/display/{tenant}", get(display_page))
         .route("/display/assets/{file}", get(display_asset))
+        .route("/v1/openapi.json", get(openapi_json))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -95,6 +96,89 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
 
 // ------------------------------------------------------------- plumbing
 
+/// The error responses every endpoint documents, and the batch answer's
+/// shape, for the OpenAPI document.
+pub(crate) mod errors {
+    use serde::Serialize;
+
+    /// `{"error": {...}}`.
+    #[derive(Serialize, utoipa::ToSchema)]
+    pub struct ErrorBody {
+        pub error: ErrorDetail,
+    }
+
+    #[derive(Serialize, utoipa::ToSchema)]
+    pub struct ErrorDetail {
+        /// invalid_argument, malformed_json, unsupported_media_type, payload_too_large, unauthenticated,
+        /// permission_denied, not_found, already_exists, idempotency_conflict, failed_precondition,
+        /// unavailable, internal.
+        pub code: String,
+        /// The offending field's path, when one field is at fault.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub field: Option<String>,
+        pub message: String,
+        /// For 409s: no_entitlement, not_enough_points, daily_limit, out_of_stock.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub reason: Option<String>,
+    }
+
+    impl From<&crate::error::ServiceError> for ErrorBody {
+        fn from(error: &crate::error::ServiceError) -> Self {
+            Self {
+                error: ErrorDetail {
+                    code: error.code.as_str().to_owned(),
+                    field: error.field.clone(),
+                    message: error.message.clone(),
+                    reason: error.reason.map(str::to_owned),
+                },
+            }
+        }
+    }
+
+    /// One result of a batch: an event's answer, or `{"error": {...}}`.
+    #[derive(Serialize, utoipa::ToSchema)]
+    #[serde(untagged)]
+    pub enum BatchResult {
+        Answer(crate::api::EventAnswer),
+        Error(ErrorBody),
+    }
+
+    #[derive(Serialize, utoipa::ToSchema)]
+    pub struct BatchAnswer {
+        pub results: Vec<BatchResult>,
+    }
+
+    /// What any endpoint may answer besides success.
+    #[derive(utoipa::IntoResponses)]
+    #[allow(dead_code)]
+    pub enum Errors {
+        /// A field broke a rule, the body is not JSON, not declared as JSON, or too large.
+        #[response(status = 400)]
+        BadRequest(ErrorBody),
+        /// No key or an unknown key.
+        #[response(status = 401)]
+        Unauthenticated(ErrorBody),
+        /// The key may not do this, or not in this tenant.
+        #[response(status = 403)]
+        PermissionDenied(ErrorBody),
+        /// The tenant, game, customer or store does not exist.
+        #[response(status = 404)]
+        NotFound(ErrorBody),
+        /// The method is not allowed on this path.
+        #[response(status = 405)]
+        MethodNotAllowed(ErrorBody),
+        /// Already exists, an idempotency conflict, or a game's refusal.
+        #[response(status = 409)]
+        Conflict(ErrorBody),
+        /// A bug; logged with the request id.
+        #[response(status = 500)]
+        Internal(ErrorBody),
+        /// Storage failed or the node is stopping: retry.
+        #[response(status = 503)]
+        Unavailable(ErrorBody),
+    }
+}
+
 /// An error as the HTTP API renders it.
 pub struct HttpError(pub ServiceError);
 
@@ -104,32 +188,6 @@ impl From<ServiceError> for HttpError {
     }
 }
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: ErrorDetail<'a>,
-}
-
-#[derive(Serialize)]
-struct ErrorDetail<'a> {
-    code: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    field: Option<&'a str>,
-    message: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reason: Option<&'static str>,
-}
-
-/// The error object of API.md, also used per item in batch answers.
-pub fn error_json(error: &ServiceError) -> serde_json::Value {
-    serde_json::to_value(ErrorDetail {
-        code: error.code.as_str(),
-        field: error.field.as_deref(),
-        message: &error.message,
-        reason: error.reason,
-    })
-    .unwrap_or_default()
-}
-
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
         let error = self.0;
@@ -137,14 +195,7 @@ impl IntoResponse for HttpError {
         if error.code == Code::Internal {
             tracing::error!(message = %error.message, "internal error");
         }
-        let body = ErrorBody {
-            error: ErrorDetail {
-                code: error.code.as_str(),
-                field: error.field.as_deref(),
-                message: &error.message,
-                reason: error.reason,
-            },
-        };
+        let body = errors::ErrorBody::from(&error);
         let mut response = (status, Json(body)).into_response();
         if error.code == Code::Unavailable {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -243,7 +294,9 @@ fn query_u32(raw: &Option<String>, name: &str) -> Result<Option<u32>, ServiceErr
 
 // ------------------------------------------------------------- handlers
 
-async fn create_tenant(
+#[utoipa::path(post, path = "/v1/tenants", tag = "tenants", request_body = api::CreateTenant,
+    responses((status = 201, description = "The tenant", body = api::TenantAnswer), errors::Errors), security(("bearer" = [])))]
+pub(crate) async fn create_tenant(
     State(s): State<AppState>,
     headers: HeaderMap,
     JsonBody(body): JsonBody<api::CreateTenant>,
@@ -252,7 +305,9 @@ async fn create_tenant(
     Ok((StatusCode::CREATED, Json(tenant)).into_response())
 }
 
-async fn get_tenant(
+#[utoipa::path(get, path = "/v1/tenants/{tenant}", tag = "tenants", params(("tenant" = String, Path, description = "The tenant id")),
+    responses((status = 200, description = "The tenant", body = api::TenantAnswer), errors::Errors), security(("bearer" = [])))]
+pub(crate) async fn get_tenant(
     State(s): State<AppState>,
     headers: HeaderMap,
     Path(tenant): Path<String>,
@@ -260,7 +315,9 @@ async fn get_tenant(
     Ok(Json(s.service.get_tenant(bearer(&headers), &tenant)?))
 }
 
-async fn create_key(
+#[utoipa::path(post, path = "/v1/tenants/{tenant}/keys", tag = "tenants", params(("tenant" = String, Path, description = "The tenant id")), request_body = api::CreateKey,
+    responses((status = 201, description = "The key, shown only here", body = api::KeyAnswer), errors::Errors), security(("bearer" = [])))]
+pub(crate) async fn create_key(
     State(s): State<AppState>,
     headers: HeaderMap,
     Path(tenant): Path<String>,
@@ -271,8 +328,13 @@ async fn create_key(
 }
 
 macro_rules! put_definition {
-    ($name:ident, $method:ident, $body:ty) => {
-        async fn $name(
+    ($name:ident, $method:ident, $body:ty, $path:literal, $what:literal) => {
+        #[utoipa::path(put, path = $path, tag = "definitions",
+            params(("tenant" = String, Path, description = "The tenant id"), ("id" = String, Path, description = $what)),
+            request_body = $body,
+            responses((status = 200, description = "The definition with its version", body = DefinitionAnswer<$body>), errors::Errors),
+            security(("bearer" = [])))]
+        pub(crate) async fn $name(
             State(s): State<AppState>,
             headers: HeaderMap,
             Path((tenant, id)): Path<(String, String)>,
@@ -283,14 +345,46 @@ macro_rules! put_definition {
     };
 }
 
-put_definition!(put_store, put_store, bazaar_games::catalog::StoreDef);
-put_definition!(put_campaign, put_campaign, api::CampaignBody);
-put_definition!(put_wheel, put_wheel, bazaar_games::wheel::WheelDef);
-put_definition!(put_jackpot, put_jackpot, bazaar_games::jackpot::JackpotDef);
-put_definition!(put_mission, put_mission, api::MissionBody);
-put_definition!(put_leaderboard, put_leaderboard, bazaar_games::leaderboard::LeaderboardDef);
+put_definition!(
+    put_store,
+    put_store,
+    bazaar_games::catalog::StoreDef,
+    "/v1/tenants/{tenant}/stores/{id}",
+    "The store id"
+);
+put_definition!(
+    put_campaign,
+    put_campaign,
+    api::CampaignBody,
+    "/v1/tenants/{tenant}/campaigns/{id}",
+    "The campaign id"
+);
+put_definition!(
+    put_wheel,
+    put_wheel,
+    bazaar_games::wheel::WheelDef,
+    "/v1/tenants/{tenant}/wheels/{id}",
+    "The wheel id"
+);
+put_definition!(
+    put_jackpot,
+    put_jackpot,
+    bazaar_games::jackpot::JackpotDef,
+    "/v1/tenants/{tenant}/jackpots/{id}",
+    "The jackpot id"
+);
+put_definition!(put_mission, put_mission, api::MissionBody, "/v1/tenants/{tenant}/missions/{id}", "The mission id");
+put_definition!(
+    put_leaderboard,
+    put_leaderboard,
+    bazaar_games::leaderboard::LeaderboardDef,
+    "/v1/tenants/{tenant}/leaderboards/{id}",
+    "The leaderboard id"
+);
 
-async fn record_event(
+#[utoipa::path(post, path = "/v1/tenants/{tenant}/events", tag = "events", params(("tenant" = String, Path, description = "The tenant id")), request_body = api::EventRequest,
+    responses((status = 200, description = "What the event earned, once durable", body = api::EventAnswer), errors::Errors), security(("bearer" = [])))]
+pub(crate) async fn record_event(
     State(s): State<AppState>,
     headers: HeaderMap,
     Path(tenant): Path<String>,
@@ -299,24 +393,29 @@ async fn record_event(
     Ok(Json(s.service.record_event(bearer(&headers), &tenant, body).await?))
 }
 
-async fn record_batch(
+#[utoipa::path(post, path = "/v1/tenants/{tenant}/events/batch", tag = "events", params(("tenant" = String, Path, description = "The tenant id")), request_body = api::BatchRequest,
+    responses((status = 200, description = "One result per event, in order", body = errors::BatchAnswer), errors::Errors), security(("bearer" = [])))]
+pub(crate) async fn record_batch(
     State(s): State<AppState>,
     headers: HeaderMap,
     Path(tenant): Path<String>,
     JsonBody(body): JsonBody<api::BatchRequest>,
-) -> HttpResult<Json<serde_json::Value>> {
+) -> HttpResult<Json<errors::BatchAnswer>> {
     let results = s.service.record_batch(bearer(&headers), &tenant, body).await?;
-    let results: Vec<serde_json::Value> = results
+    let results = results
         .into_iter()
         .map(|result| match result {
-            Ok(answer) => serde_json::to_value(answer).unwrap_or_default(),
-            Err(error) => serde_json::json!({ "error": error_json(&error) }),
+            Ok(answer) => errors::BatchResult::Answer(answer),
+            Err(error) => errors::BatchResult::Error(errors::ErrorBody::from(&error)),
         })
         .collect();
-    Ok(Json(serde_json::json!({ "results": results })))
+    Ok(Json(errors::BatchAnswer { results }))
 }
 
-async fn spin(
+#[utoipa::path(post, path = "/v1/tenants/{tenant}/wheels/{id}/spins", tag = "games", params(("tenant" = String, Path, description = "The tenant id"), ("id" = String, Path, description = "The wheel id")),
+    request_body = api::SpinRequest,
+    responses((status = 200, description = "The prize", body = api::SpinAnswer), errors::Errors), security(("bearer" = [])))]
+pub(crate) async fn spin(
     State(s): State<AppState>,
     headers: HeaderMap,
     Path((tenant, wheel)): Path<(String, String)>,
@@ -325,7 +424,9 @@ async fn spin(
     Ok(Json(s.service.spin(bearer(&headers), &tenant, &wheel, body).await?))
 }
 
-async fn get_customer(
+#[utoipa::path(get, path = "/v1/tenants/{tenant}/customers/{id}", tag = "customers", params(("tenant" = String, Path, description = "The tenant id"), ("id" = String, Path, description = "The customer id")),
+    responses((status = 200, description = "The customer", body = api::CustomerAnswer), errors::Errors), security(("bearer" = [])))]
+pub(crate) async fn get_customer(
     State(s): State<AppState>,
     headers: HeaderMap,
     Path((tenant, id)): Path<(String, String)>,
@@ -333,7 +434,9 @@ async fn get_customer(
     Ok(Json(s.service.customer(bearer(&headers), &tenant, &id).await?))
 }
 
-async fn get_jackpot(
+#[utoipa::path(get, path = "/v1/tenants/{tenant}/jackpots/{id}", tag = "games", params(("tenant" = String, Path, description = "The tenant id"), ("id" = String, Path, description = "The jackpot id")),
+    responses((status = 200, description = "The jackpot and its books", body = api::JackpotAnswer), errors::Errors), security(("bearer" = [])))]
+pub(crate) async fn get_jackpot(
     State(s): State<AppState>,
     headers: HeaderMap,
     Path((tenant, id)): Path<(String, String)>,
@@ -341,7 +444,10 @@ async fn get_jackpot(
     Ok(Json(s.service.jackpot(bearer(&headers), &tenant, &id).await?))
 }
 
-async fn get_leaderboard(
+#[utoipa::path(get, path = "/v1/tenants/{tenant}/leaderboards/{id}", tag = "games", params(("tenant" = String, Path, description = "The tenant id"), ("id" = String, Path, description = "The leaderboard id"),
+        ("top" = Option<u32>, Query, description = "Entries, 1-1000 (default: the board's top_size)")),
+    responses((status = 200, description = "The top entries", body = api::LeaderboardAnswer), errors::Errors), security(("bearer" = [])))]
+pub(crate) async fn get_leaderboard(
     State(s): State<AppState>,
     headers: HeaderMap,
     Path((tenant, id)): Path<(String, String)>,
@@ -351,7 +457,11 @@ async fn get_leaderboard(
     Ok(Json(s.service.leaderboard(bearer(&headers), &tenant, &id, top).await?))
 }
 
-async fn get_around(
+#[utoipa::path(get, path = "/v1/tenants/{tenant}/leaderboards/{id}/customers/{customer}", tag = "games",
+    params(("tenant" = String, Path, description = "The tenant id"), ("id" = String, Path, description = "The leaderboard id"), ("customer" = String, Path, description = "The customer id"),
+        ("around" = Option<u32>, Query, description = "Entries above and below, 0-100 (default 2)")),
+    responses((status = 200, description = "The customer's rank and neighbours", body = api::AroundAnswer), errors::Errors), security(("bearer" = [])))]
+pub(crate) async fn get_around(
     State(s): State<AppState>,
     headers: HeaderMap,
     Path((tenant, id, customer)): Path<(String, String, String)>,
@@ -361,7 +471,12 @@ async fn get_around(
     Ok(Json(s.service.leaderboard_around(bearer(&headers), &tenant, &id, &customer, around).await?))
 }
 
-async fn get_audit(
+#[utoipa::path(get, path = "/v1/tenants/{tenant}/audit/{kind}/{id}", tag = "games",
+    params(("tenant" = String, Path, description = "The tenant id"), ("kind" = String, Path, description = "wheels or jackpots"), ("id" = String, Path, description = "The wheel or jackpot id"),
+        ("after" = Option<u32>, Query, description = "Records after this draw number or cycle"),
+        ("limit" = Option<u32>, Query, description = "At most this many, 1-1000 (default 100)")),
+    responses((status = 200, description = "Draws or hits with what re-checks them", body = api::AuditAnswer), errors::Errors), security(("bearer" = [])))]
+pub(crate) async fn get_audit(
     State(s): State<AppState>,
     headers: HeaderMap,
     Path((tenant, kind, id)): Path<(String, String, String)>,
@@ -375,7 +490,11 @@ async fn get_audit(
 /// Server-Sent Events of a jackpot: `pool` (coalesced to ten a second) and
 /// `hit`, each with an id a reconnecting client sends back as
 /// `Last-Event-ID` to get the current state and the hits it missed.
-async fn stream_jackpot(
+#[utoipa::path(get, path = "/v1/tenants/{tenant}/jackpots/{id}/stream", tag = "streams",
+    params(("tenant" = String, Path, description = "The tenant id"), ("id" = String, Path, description = "The jackpot id"), ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event")),
+    responses((status = 200, description = "Server-Sent Events: `pool` {pool_minor, cycle} and `hit` (a HitAnswer)", content_type = "text/event-stream", body = String), errors::Errors),
+    security(("bearer" = [])))]
+pub(crate) async fn stream_jackpot(
     State(s): State<AppState>,
     headers: HeaderMap,
     Path((tenant, id)): Path<(String, String)>,
@@ -397,7 +516,11 @@ async fn stream_jackpot(
 
 /// Server-Sent Events of a leaderboard's top entries: `top` now and on
 /// every change.
-async fn stream_leaderboard(
+#[utoipa::path(get, path = "/v1/tenants/{tenant}/leaderboards/{id}/stream", tag = "streams",
+    params(("tenant" = String, Path, description = "The tenant id"), ("id" = String, Path, description = "The leaderboard id"), ("top" = Option<u32>, Query, description = "Entries, 1-1000")),
+    responses((status = 200, description = "Server-Sent Events: `top` (a LeaderboardAnswer) now and on every change", content_type = "text/event-stream", body = String), errors::Errors),
+    security(("bearer" = [])))]
+pub(crate) async fn stream_leaderboard(
     State(s): State<AppState>,
     headers: HeaderMap,
     Path((tenant, id)): Path<(String, String)>,
@@ -414,6 +537,13 @@ async fn stream_leaderboard(
             .map_or_else(|_| Event::default().comment("unencodable event"), |e| e.id(sequence.to_string())))
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// The OpenAPI 3.1 document of this API, generated from the handlers.
+async fn openapi_json() -> Response {
+    static DOCUMENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let document = DOCUMENT.get_or_init(crate::openapi::json);
+    ([(header::CONTENT_TYPE, "application/json")], document.clone()).into_response()
 }
 
 /// The live display page and its assets, embedded in the binary.
@@ -451,11 +581,15 @@ async fn display_asset(Path(file): Path<String>) -> Response {
     }
 }
 
-async fn healthz() -> &'static str {
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "The process is up", content_type = "text/plain", body = String)))]
+pub(crate) async fn healthz() -> &'static str {
     "ok\n"
 }
 
-async fn readyz(State(s): State<AppState>) -> Response {
+#[utoipa::path(get, path = "/readyz", tag = "operations", responses(
+    (status = 200, description = "Recovered and storage works", content_type = "text/plain", body = String),
+    (status = 503, description = "Starting, storage failed, or shutting down", content_type = "text/plain", body = String)))]
+pub(crate) async fn readyz(State(s): State<AppState>) -> Response {
     if s.service.is_ready() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
@@ -463,7 +597,8 @@ async fn readyz(State(s): State<AppState>) -> Response {
     }
 }
 
-async fn metrics(State(s): State<AppState>) -> Response {
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Prometheus text format (docs/metrics.md)", content_type = "text/plain", body = String)))]
+pub(crate) async fn metrics(State(s): State<AppState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.service.metrics.render()).into_response()
 }
 

@@ -31,6 +31,9 @@ enum Command {
     /// The node runs in a temporary directory that is deleted afterwards
     /// (unless --keep, which leaves it running and prints its URLs and keys).
     Demo(bazaar_node::demo::DemoArgs),
+    /// Print the OpenAPI 3.1 document of the HTTP API (the same as
+    /// GET /v1/openapi.json), e.g. to refresh docs/openapi.json.
+    Openapi,
 }
 
 /// The actix system every node runs in: actors on their arbiters, servers
@@ -47,6 +50,10 @@ fn system() -> actix_rt::SystemRunner {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Openapi => {
+            println!("{}", bazaar_node::openapi::json());
+            ExitCode::SUCCESS
+        }
         Command::Demo(args) => {
             bazaar_observability::init_tracing(bazaar_observability::LogFormat::Text, "warn");
             match system().block_on(bazaar_node::demo::run(args)) {
