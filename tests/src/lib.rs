@@ -265,6 +265,8 @@ impl SseStream {
 #[derive(Debug, Clone)]
 pub struct Answer {
     pub status: u16,
+    /// The `x-request-id` the node echoed.
+    pub request_id: Option<String>,
     pub body: Value,
     pub text: String,
 }
@@ -317,9 +319,10 @@ impl Client {
             Err(error) => return Err(error.to_string()),
         };
         let status = response.status();
+        let request_id = response.header("x-request-id").map(str::to_owned);
         let text = response.into_string().map_err(|e| e.to_string())?;
         let body = serde_json::from_str(&text).unwrap_or(Value::Null);
-        Ok(Answer { status, body, text })
+        Ok(Answer { status, request_id, body, text })
     }
 
     /// Opens a Server-Sent Events stream; `last_event_id` resumes one.

@@ -174,3 +174,20 @@ fn a_node_without_an_admin_key_makes_one_once() {
     assert!(!node.banner.iter().any(|l| l.contains("bzk_")), "the key is printed once: {:?}", node.banner);
     node.client(Some(&key)).get("/v1/tenants/mall").expect(200);
 }
+
+#[test]
+fn json_logs_carry_the_request_id_the_answer_echoes() {
+    let mut node = Node::start(&["--log-format", "json"]);
+    let answer = node.admin().post("/v1/tenants", json!({"id": "mall", "name": "Mall", "currency": "EUR"}));
+    let request_id = answer.request_id.clone().expect("the answer echoes a request id");
+    assert_eq!(answer.expect(201)["id"], "mall");
+    assert!(node.terminate().success());
+    let log = std::fs::read_to_string(node.data.path().join("node.log")).expect("the node log");
+    let line = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["message"] == "tenant created")
+        .unwrap_or_else(|| panic!("no JSON line for the tenant in:\n{log}"));
+    assert_eq!(line["span"]["request_id"], request_id.as_str());
+    assert_eq!(line["tenant"], "mall");
+}
