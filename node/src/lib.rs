@@ -25,6 +25,7 @@ pub mod grpc;
 pub mod http;
 pub mod journal;
 pub mod live;
+pub mod loadgen;
 pub mod openapi;
 pub mod outbox;
 pub mod recovery;

@@ -31,6 +31,10 @@ enum Command {
     /// The node runs in a temporary directory that is deleted afterwards
     /// (unless --keep, which leaves it running and prints its URLs and keys).
     Demo(bazaar_node::demo::DemoArgs),
+    /// Send a mall's workload to a running node and measure it: events per
+    /// second, latency percentiles (HDR), errors; a JSON report with
+    /// --report; --verify checks books and points against what was sent.
+    Loadgen(bazaar_node::loadgen::LoadgenArgs),
     /// Print the OpenAPI 3.1 document of the HTTP API (the same as
     /// GET /v1/openapi.json), e.g. to refresh docs/openapi.json.
     Openapi,
@@ -50,6 +54,17 @@ fn system() -> actix_rt::SystemRunner {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Loadgen(args) => {
+            bazaar_observability::init_tracing(bazaar_observability::LogFormat::Text, "warn");
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build();
+            match runtime.map_err(anyhow::Error::from).and_then(|r| r.block_on(bazaar_node::loadgen::run(args))) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("bazaar loadgen: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Openapi => {
             println!("{}", bazaar_node::openapi::json());
             ExitCode::SUCCESS

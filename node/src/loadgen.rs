@@ -1,0 +1,718 @@
+//! `bazaar loadgen`: a mall's workload against a running node, over the
+//! public API, measured honestly.
+//!
+//! N stores, M customers drawn Zipf-like (a few regulars, a long tail),
+//! purchases of realistic amounts and some visits, all feeding one shared
+//! jackpot and a leaderboard. Transports: unary gRPC (default), HTTP
+//! (`--http`), and batches (`--batch N`: the gRPC bidirectional stream, or
+//! `POST .../events/batch`). Closed loop with `--clients`, or open loop at
+//! `--rate`, where latency is measured from each request's intended send
+//! time so a stalled server cannot hide behind a slowed client
+//! (coordinated omission). Latencies go into an HDR histogram; the end is a
+//! table and a JSON report. `--verify` checks the jackpot's books and
+//! customers' points against exactly what was acknowledged.
+
+use anyhow::{bail, Context as _};
+use bazaar_proto::v1 as pb;
+use clap::Args;
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Mutex;
+use tonic::transport::Channel;
+
+/// `bazaar loadgen` flags.
+#[derive(Args, Debug, Clone)]
+pub struct LoadgenArgs {
+    /// A node's gRPC address (HOST:PORT); the default transport.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:50051")]
+    pub grpc: String,
+    /// Send over HTTP to this base URL (http://HOST:PORT) instead of gRPC.
+    #[arg(long, value_name = "URL")]
+    pub http: Option<String>,
+    /// An admin key of the node (for --setup and --verify).
+    #[arg(long, env = "BAZAAR_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: String,
+    /// Create a fresh tenant with stores, a campaign, a jackpot and a
+    /// leaderboard through the API first; otherwise use --tenant as it is.
+    #[arg(long)]
+    pub setup: bool,
+    /// The tenant to send to (with --setup: its prefix).
+    #[arg(long, default_value = "loadgen")]
+    pub tenant: String,
+    /// Concurrent clients (closed loop: each sends when it has its answer).
+    #[arg(long, default_value_t = 64)]
+    pub clients: usize,
+    /// Open loop: this many events per second in all, whatever the answers.
+    #[arg(long)]
+    pub rate: Option<u32>,
+    /// How long to send.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Stop after this many events instead.
+    #[arg(long)]
+    pub events: Option<u64>,
+    /// Events per request: above 1, the gRPC bidirectional stream (or the
+    /// HTTP batch endpoint) carries them.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Stores of the tenant to spread purchases over.
+    #[arg(long, default_value_t = 20)]
+    pub stores: usize,
+    /// Customers, drawn Zipf-like.
+    #[arg(long, default_value_t = 100_000)]
+    pub customers: u64,
+    /// Write the JSON report here.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
+    /// Afterwards, check the jackpot's books and a sample of customers'
+    /// points against what was acknowledged (needs --setup).
+    #[arg(long)]
+    pub verify: bool,
+    /// The node's /metrics URL, to report the server's own figures.
+    #[arg(long, value_name = "URL")]
+    pub metrics: Option<String>,
+}
+
+/// Points per purchase and the jackpot rule of the --setup tenant: what
+/// --verify recomputes.
+const POINTS_PER_UNIT_MINOR: i64 = 100;
+const CONTRIBUTION_BPS: i64 = 100;
+const MIN_PURCHASE_MINOR: i64 = 1_000;
+const VISIT_BONUS: i64 = 5;
+
+/// One generated event.
+#[derive(Clone, Debug)]
+struct Generated {
+    event_id: String,
+    customer: String,
+    store: String,
+    purchase: bool,
+    amount_minor: i64,
+}
+
+impl Generated {
+    fn json(&self) -> Value {
+        let mut event = json!({"event_id": self.event_id, "customer": self.customer, "store": self.store,
+                               "kind": if self.purchase { "purchase" } else { "visit" }});
+        if self.purchase {
+            event["amount_minor"] = json!(self.amount_minor);
+        }
+        event
+    }
+
+    fn proto(&self, tenant: &str) -> pb::RecordEventRequest {
+        pb::RecordEventRequest {
+            tenant: tenant.to_owned(),
+            event_id: self.event_id.clone(),
+            customer: self.customer.clone(),
+            store: Some(self.store.clone()),
+            kind: if self.purchase { "purchase" } else { "visit" }.to_owned(),
+            amount_minor: self.purchase.then_some(self.amount_minor),
+            at: None,
+        }
+    }
+}
+
+/// What the clients share.
+struct Shared {
+    sent: AtomicU64,
+    acknowledged: AtomicU64,
+    next: AtomicU64,
+    errors: Mutex<BTreeMap<String, u64>>,
+    latencies: Mutex<Histogram<u64>>,
+    /// Per customer: the points and jackpot contributions acknowledged.
+    ledger: Mutex<HashMap<String, (i64, i64)>>,
+    won_minor: AtomicU64,
+}
+
+enum Transport {
+    Grpc(Channel),
+    Http(ureq::Agent, String),
+}
+
+/// Runs the load; prints the table and writes the report.
+pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
+    if args.clients == 0 || args.batch == 0 || 1_000 < args.batch {
+        bail!("--clients must be at least 1 and --batch between 1 and 1000");
+    }
+    if args.verify && !args.setup {
+        bail!("--verify needs --setup: it recomputes what a tenant it made should hold");
+    }
+    let run_id = chrono::Utc::now().format("%Y%m%d%H%M%S").to_string();
+    let tenant = if args.setup { format!("{}-{run_id}", args.tenant) } else { args.tenant.clone() };
+    let transport = match &args.http {
+        Some(url) => Transport::Http(ureq::AgentBuilder::new().timeout(Duration::from_secs(30)).build(), url.clone()),
+        None => Transport::Grpc(
+            Channel::from_shared(format!("http://{}", args.grpc))?
+                .connect()
+                .await
+                .with_context(|| format!("cannot reach the node's gRPC API at {}", args.grpc))?,
+        ),
+    };
+    let pos_key = if args.setup { set_up(&transport, &args, &tenant).await? } else { args.admin_key.clone() };
+
+    let shared = Arc::new(Shared {
+        sent: AtomicU64::new(0),
+        acknowledged: AtomicU64::new(0),
+        next: AtomicU64::new(0),
+        errors: Mutex::new(BTreeMap::new()),
+        latencies: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).context("histogram bounds")?),
+        ledger: Mutex::new(HashMap::new()),
+        won_minor: AtomicU64::new(0),
+    });
+    let progress = progress_bar(&args);
+    let started = Instant::now();
+    let mut clients = Vec::new();
+    for client in 0..args.clients {
+        let context = Client {
+            id: client,
+            shared: shared.clone(),
+            args: args.clone(),
+            tenant: tenant.clone(),
+            key: pos_key.clone(),
+            run_id: run_id.clone(),
+            started,
+        };
+        let transport = match &transport {
+            Transport::Grpc(channel) => Transport::Grpc(channel.clone()),
+            Transport::Http(agent, url) => Transport::Http(agent.clone(), url.clone()),
+        };
+        clients.push(tokio::spawn(context.run(transport)));
+    }
+    let ticker = {
+        let (shared, progress) = (shared.clone(), progress.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let acknowledged = shared.acknowledged.load(Ordering::Relaxed);
+                progress.set_position(started.elapsed().as_secs().min(progress.length().unwrap_or(u64::MAX)));
+                progress.set_message(format!(
+                    "{acknowledged} acknowledged, {:.0}/s",
+                    acknowledged as f64 / started.elapsed().as_secs_f64()
+                ));
+            }
+        })
+    };
+    for client in clients {
+        client.await.context("a client task failed")??;
+    }
+    let elapsed = started.elapsed();
+    ticker.abort();
+    progress.finish_and_clear();
+
+    let report = report(&args, &shared, elapsed, &tenant).await?;
+    print_table(&report);
+    if args.verify {
+        let verdict = verify(&transport, &args, &tenant, &shared).await?;
+        println!("verify: {verdict}");
+    }
+    if let Some(path) = &args.report {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("report written to {}", path.display());
+    }
+    Ok(())
+}
+
+fn progress_bar(args: &LoadgenArgs) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(
+        Some(args.duration.as_secs().max(1)),
+        if std::io::stderr().is_terminal() { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() },
+    );
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {bar:40.cyan/blue} {pos}/{len}s {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+/// One client's loop.
+struct Client {
+    id: usize,
+    shared: Arc<Shared>,
+    args: LoadgenArgs,
+    tenant: String,
+    key: String,
+    run_id: String,
+    started: Instant,
+}
+
+impl Client {
+    async fn run(self, transport: Transport) -> anyhow::Result<()> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.id as u64 * 7_919 + 1);
+        let deadline = self.started + self.args.duration;
+        let interval = self.args.rate.map(|rate| Duration::from_secs_f64(self.args.batch as f64 / f64::from(rate)));
+        let mut stream = match &transport {
+            Transport::Grpc(channel) if 1 < self.args.batch => Some(open_stream(channel.clone(), &self.key).await?),
+            _ => None,
+        };
+        loop {
+            let slot = self.shared.next.fetch_add(1, Ordering::Relaxed);
+            let first = slot * self.args.batch as u64;
+            if self.args.events.is_some_and(|limit| limit <= first) {
+                return Ok(());
+            }
+            // Open loop: each batch has an intended time; latency counts
+            // from it, so queueing behind a slow answer is measured.
+            let intended = match interval {
+                Some(interval) => self.started + interval.mul_f64(slot as f64),
+                None => Instant::now(),
+            };
+            if deadline <= intended || (interval.is_none() && deadline <= Instant::now()) {
+                return Ok(());
+            }
+            if let Some(wait) = intended.checked_duration_since(Instant::now()) {
+                tokio::time::sleep(wait).await;
+            }
+            let count = match self.args.events {
+                Some(limit) => (limit - first).min(self.args.batch as u64) as usize,
+                None => self.args.batch,
+            };
+            let events: Vec<Generated> = (0..count).map(|n| self.generate(&mut rng, first + n as u64)).collect();
+            self.shared.sent.fetch_add(events.len() as u64, Ordering::Relaxed);
+            let results = match (&transport, stream.as_mut()) {
+                (Transport::Grpc(_), Some(stream)) => stream.send(&self.tenant, &events).await,
+                (Transport::Grpc(channel), None) => {
+                    unary_grpc(channel.clone(), &self.key, &self.tenant, &events[0]).await
+                }
+                (Transport::Http(agent, url), _) => {
+                    http(agent.clone(), url, &self.key, &self.tenant, events.clone()).await
+                }
+            };
+            let micros = u64::try_from(intended.elapsed().as_micros()).unwrap_or(u64::MAX).max(1);
+            self.shared.latencies.lock().await.saturating_record(micros);
+            self.account(&events, results).await;
+        }
+    }
+
+    fn generate(&self, rng: &mut impl Rng, n: u64) -> Generated {
+        let u: f64 = rng.gen();
+        let purchase = rng.gen::<f64>() < 0.9;
+        Generated {
+            event_id: format!("lg-{}-{n}", self.run_id),
+            customer: format!("c-{}", ((u * u) * self.args.customers as f64) as u64),
+            store: format!("s-{}", rng.gen_range(0..self.args.stores.max(1))),
+            purchase,
+            amount_minor: if purchase { 500 + (rng.gen::<f64>().powi(3) * 29_500.0) as i64 } else { 0 },
+        }
+    }
+
+    /// Counts what was acknowledged, and what it means for --verify.
+    async fn account(&self, events: &[Generated], results: Result<Vec<Outcome>, String>) {
+        let outcomes = match results {
+            Ok(outcomes) => outcomes,
+            Err(code) => {
+                *self.shared.errors.lock().await.entry(code).or_insert(0) += events.len() as u64;
+                return;
+            }
+        };
+        let mut ledger = self.shared.ledger.lock().await;
+        for (event, outcome) in events.iter().zip(outcomes) {
+            match outcome {
+                Outcome::Acknowledged { won_minor } => {
+                    self.shared.acknowledged.fetch_add(1, Ordering::Relaxed);
+                    self.shared.won_minor.fetch_add(u64::try_from(won_minor).unwrap_or(0), Ordering::Relaxed);
+                    let entry = ledger.entry(event.customer.clone()).or_insert((0, 0));
+                    if event.purchase {
+                        entry.0 += event.amount_minor / POINTS_PER_UNIT_MINOR;
+                        if MIN_PURCHASE_MINOR <= event.amount_minor {
+                            entry.1 += event.amount_minor * CONTRIBUTION_BPS / 10_000;
+                        }
+                    } else {
+                        entry.0 += VISIT_BONUS;
+                    }
+                }
+                Outcome::Error(code) => *self.shared.errors.lock().await.entry(code).or_insert(0) += 1,
+            }
+        }
+    }
+}
+
+/// What the node answered for one event.
+enum Outcome {
+    Acknowledged { won_minor: i64 },
+    Error(String),
+}
+
+fn with_key<T>(key: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Ok(value) = format!("Bearer {key}").parse() {
+        request.metadata_mut().insert("authorization", value);
+    }
+    request
+}
+
+fn won(result: &pb::EventResult) -> i64 {
+    result.jackpots.iter().map(|j| j.won_minor).sum()
+}
+
+async fn unary_grpc(channel: Channel, key: &str, tenant: &str, event: &Generated) -> Result<Vec<Outcome>, String> {
+    let mut client = pb::event_service_client::EventServiceClient::new(channel);
+    match client.record_event(with_key(key, event.proto(tenant))).await {
+        Ok(answer) => Ok(vec![Outcome::Acknowledged { won_minor: won(answer.get_ref()) }]),
+        Err(status) => Ok(vec![Outcome::Error(format!("grpc:{:?}", status.code()))]),
+    }
+}
+
+/// One client's bidirectional event stream.
+struct EventStream {
+    requests: tokio::sync::mpsc::Sender<pb::RecordEventRequest>,
+    answers: tonic::Streaming<pb::EventOutcome>,
+}
+
+async fn open_stream(channel: Channel, key: &str) -> anyhow::Result<EventStream> {
+    let (requests, receiver) = tokio::sync::mpsc::channel(1_024);
+    let mut client = pb::event_service_client::EventServiceClient::new(channel);
+    let answers = client
+        .stream_events(with_key(key, tokio_stream::wrappers::ReceiverStream::new(receiver)))
+        .await
+        .context("opening the event stream")?
+        .into_inner();
+    Ok(EventStream { requests, answers })
+}
+
+impl EventStream {
+    async fn send(&mut self, tenant: &str, events: &[Generated]) -> Result<Vec<Outcome>, String> {
+        for event in events {
+            self.requests.send(event.proto(tenant)).await.map_err(|_| "stream:closed".to_owned())?;
+        }
+        let mut outcomes = Vec::with_capacity(events.len());
+        for _ in events {
+            match self.answers.message().await {
+                Ok(Some(pb::EventOutcome { outcome: Some(pb::event_outcome::Outcome::Result(result)) })) => {
+                    outcomes.push(Outcome::Acknowledged { won_minor: won(&result) })
+                }
+                Ok(Some(pb::EventOutcome { outcome: Some(pb::event_outcome::Outcome::Error(error)) })) => {
+                    outcomes.push(Outcome::Error(error.code))
+                }
+                Ok(_) => return Err("stream:ended".to_owned()),
+                Err(status) => return Err(format!("grpc:{:?}", status.code())),
+            }
+        }
+        Ok(outcomes)
+    }
+}
+
+async fn http(
+    agent: ureq::Agent,
+    url: &str,
+    key: &str,
+    tenant: &str,
+    events: Vec<Generated>,
+) -> Result<Vec<Outcome>, String> {
+    let (url, key, tenant) = (url.to_owned(), key.to_owned(), tenant.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let batch = 1 < events.len();
+        let path = if batch { "events/batch" } else { "events" };
+        let body = if batch {
+            json!({"events": events.iter().map(Generated::json).collect::<Vec<_>>()})
+        } else {
+            events[0].json()
+        };
+        let response = agent
+            .post(&format!("{url}/v1/tenants/{tenant}/{path}"))
+            .set("Authorization", &format!("Bearer {key}"))
+            .send_json(body);
+        let answer: Value = match response {
+            Ok(response) => response.into_json().map_err(|e| format!("http:{}", e.kind()))?,
+            Err(ureq::Error::Status(status, _)) => return Err(format!("http:{status}")),
+            Err(error) => return Err(format!("http:{}", error.kind())),
+        };
+        let outcome = |answer: &Value| match answer.get("error") {
+            Some(error) => Outcome::Error(error["code"].as_str().unwrap_or("unknown").to_owned()),
+            None => Outcome::Acknowledged {
+                won_minor: answer["jackpots"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|j| j["won_minor"].as_i64())
+                    .sum(),
+            },
+        };
+        Ok(if batch {
+            answer["results"].as_array().into_iter().flatten().map(outcome).collect()
+        } else {
+            vec![outcome(&answer)]
+        })
+    })
+    .await
+    .map_err(|_| "client:panicked".to_owned())?
+}
+
+/// Creates the tenant the load goes to; returns a pos key.
+async fn set_up(transport: &Transport, args: &LoadgenArgs, tenant: &str) -> anyhow::Result<String> {
+    let admin = args.admin_key.as_str();
+    let campaign = json!({"name": "Load", "starts_at": "2020-01-01T00:00:00Z", "ends_at": "2099-01-01T00:00:00Z",
+                          "earning": {"points_per_unit_minor": POINTS_PER_UNIT_MINOR, "event_bonus": {"visit": VISIT_BONUS}}});
+    let jackpot = json!({"campaign": "c", "seed_minor": 100_000, "cap_minor": 5_000_000, "contribution_bps": CONTRIBUTION_BPS,
+                         "reserve_bps": 2_000, "min_purchase_minor": MIN_PURCHASE_MINOR});
+    match transport {
+        Transport::Http(agent, url) => {
+            let agent = agent.clone();
+            let (url, tenant, admin, stores) = (url.clone(), tenant.to_owned(), admin.to_owned(), args.stores);
+            tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
+                let call = |method: &str, path: &str, body: Value| -> anyhow::Result<Value> {
+                    agent
+                        .request(method, &format!("{url}{path}"))
+                        .set("Authorization", &format!("Bearer {admin}"))
+                        .send_json(body)
+                        .map_err(|e| anyhow::anyhow!("{method} {path}: {e}"))?
+                        .into_json()
+                        .map_err(Into::into)
+                };
+                call("POST", "/v1/tenants", json!({"id": tenant, "name": "Load test", "currency": "EUR"}))?;
+                let base = format!("/v1/tenants/{tenant}");
+                for store in 0..stores {
+                    call(
+                        "PUT",
+                        &format!("{base}/stores/s-{store}"),
+                        json!({"name": format!("Shop {store}"), "category": "retail"}),
+                    )?;
+                }
+                call("PUT", &format!("{base}/campaigns/c"), campaign)?;
+                call("PUT", &format!("{base}/jackpots/j"), jackpot)?;
+                call("PUT", &format!("{base}/leaderboards/l"), json!({"campaign": "c", "metric": "spend"}))?;
+                let key = call("POST", &format!("{base}/keys"), json!({"role": "pos"}))?;
+                Ok(key["key"].as_str().unwrap_or_default().to_owned())
+            })
+            .await?
+        }
+        Transport::Grpc(channel) => {
+            let mut tenants = pb::tenant_service_client::TenantServiceClient::new(channel.clone());
+            let mut catalog = pb::catalog_service_client::CatalogServiceClient::new(channel.clone());
+            let t = tenant.to_owned();
+            tenants
+                .create_tenant(with_key(
+                    admin,
+                    pb::CreateTenantRequest { id: t.clone(), name: "Load test".into(), currency: "EUR".into() },
+                ))
+                .await?;
+            for store in 0..args.stores {
+                catalog
+                    .put_store(with_key(
+                        admin,
+                        pb::PutStoreRequest {
+                            tenant: t.clone(),
+                            store: format!("s-{store}"),
+                            name: format!("Shop {store}"),
+                            category: "retail".into(),
+                        },
+                    ))
+                    .await?;
+            }
+            catalog
+                .put_campaign(with_key(
+                    admin,
+                    pb::PutCampaignRequest {
+                        tenant: t.clone(),
+                        campaign: "c".into(),
+                        name: "Load".into(),
+                        starts_at: campaign["starts_at"].as_str().unwrap_or_default().into(),
+                        ends_at: campaign["ends_at"].as_str().unwrap_or_default().into(),
+                        stores: None,
+                        earning: Some(pb::Earning {
+                            points_per_unit_minor: POINTS_PER_UNIT_MINOR,
+                            event_bonus: [("visit".to_owned(), VISIT_BONUS)].into_iter().collect(),
+                            ..pb::Earning::default()
+                        }),
+                        tiers: Vec::new(),
+                    },
+                ))
+                .await?;
+            catalog
+                .put_jackpot(with_key(
+                    admin,
+                    pb::PutJackpotRequest {
+                        tenant: t.clone(),
+                        jackpot: "j".into(),
+                        campaign: "c".into(),
+                        seed_minor: 100_000,
+                        cap_minor: 5_000_000,
+                        contribution_bps: CONTRIBUTION_BPS as u32,
+                        reserve_bps: 2_000,
+                        min_purchase_minor: MIN_PURCHASE_MINOR,
+                    },
+                ))
+                .await?;
+            catalog
+                .put_leaderboard(with_key(
+                    admin,
+                    pb::PutLeaderboardRequest {
+                        tenant: t.clone(),
+                        leaderboard: "l".into(),
+                        campaign: "c".into(),
+                        metric: pb::Metric::Spend.into(),
+                        top_size: 10,
+                    },
+                ))
+                .await?;
+            let key =
+                tenants.create_key(with_key(admin, pb::CreateKeyRequest { tenant: t, role: "pos".into() })).await?;
+            Ok(key.into_inner().key)
+        }
+    }
+}
+
+async fn report(args: &LoadgenArgs, shared: &Shared, elapsed: Duration, tenant: &str) -> anyhow::Result<Value> {
+    let latencies = shared.latencies.lock().await;
+    let ms = |quantile: f64| latencies.value_at_quantile(quantile) as f64 / 1_000.0;
+    let acknowledged = shared.acknowledged.load(Ordering::Relaxed);
+    let server = match &args.metrics {
+        Some(url) => server_figures(url).await.unwrap_or_else(|error| json!({"error": error.to_string()})),
+        None => Value::Null,
+    };
+    Ok(json!({
+        "transport": if args.http.is_some() { "http" } else { "grpc" },
+        "mode": if args.rate.is_some() { "open" } else { "closed" },
+        "clients": args.clients,
+        "rate": args.rate,
+        "batch": args.batch,
+        "tenant": tenant,
+        "seconds": elapsed.as_secs_f64(),
+        "sent": shared.sent.load(Ordering::Relaxed),
+        "acknowledged": acknowledged,
+        "throughput_per_s": acknowledged as f64 / elapsed.as_secs_f64(),
+        "latency_ms": {"p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "p999": ms(0.999), "max": latencies.max() as f64 / 1_000.0},
+        "latency_per": if 1 < args.batch { "batch" } else { "event" },
+        "errors": *shared.errors.lock().await,
+        "server": server,
+    }))
+}
+
+/// The server's own figures, from its /metrics.
+async fn server_figures(url: &str) -> anyhow::Result<Value> {
+    let url = url.to_owned();
+    let text = tokio::task::spawn_blocking(move || ureq::get(&url).call()?.into_string().map_err(anyhow::Error::from))
+        .await??;
+    let sum = |name: &str| -> f64 {
+        text.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+    };
+    let batches = sum("bazaar_journal_batch_entries_count");
+    Ok(json!({
+        "events_ingested": sum("bazaar_events_ingested_total{"),
+        "journal_flushes": batches,
+        "entries_per_flush": if 0.0 < batches { sum("bazaar_journal_batch_entries_sum") / batches } else { 0.0 },
+        "mean_flush_ms": if 0.0 < batches { 1_000.0 * sum("bazaar_journal_flush_seconds_sum") / batches } else { 0.0 },
+        "outbox_backlog": sum("bazaar_outbox_backlog"),
+    }))
+}
+
+fn print_table(report: &Value) {
+    let latency = &report["latency_ms"];
+    println!(
+        "{:<22} {} ({}, {} clients, batch {})",
+        "transport",
+        report["transport"].as_str().unwrap_or("?"),
+        report["mode"].as_str().unwrap_or("?"),
+        report["clients"],
+        report["batch"]
+    );
+    println!("{:<22} {} / {}", "sent / acknowledged", report["sent"], report["acknowledged"]);
+    println!("{:<22} {:.0}", "events per second", report["throughput_per_s"].as_f64().unwrap_or(0.0));
+    println!(
+        "{:<22} p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+        format!("latency ms (per {})", report["latency_per"].as_str().unwrap_or("event")),
+        latency["p50"].as_f64().unwrap_or(0.0),
+        latency["p90"].as_f64().unwrap_or(0.0),
+        latency["p99"].as_f64().unwrap_or(0.0),
+        latency["p999"].as_f64().unwrap_or(0.0),
+        latency["max"].as_f64().unwrap_or(0.0)
+    );
+    println!("{:<22} {}", "errors", report["errors"]);
+    if !report["server"].is_null() {
+        println!("{:<22} {}", "server", report["server"]);
+    }
+}
+
+/// Checks the jackpot's books and a sample of customers against what was
+/// acknowledged.
+async fn verify(transport: &Transport, args: &LoadgenArgs, tenant: &str, shared: &Shared) -> anyhow::Result<String> {
+    let ledger = shared.ledger.lock().await.clone();
+    let contributed: i64 = ledger.values().map(|(_, c)| c).sum();
+    let won = i64::try_from(shared.won_minor.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
+    let admin = args.admin_key.clone();
+    let sample: Vec<(String, i64)> = ledger.iter().take(200).map(|(c, (points, _))| (c.clone(), *points)).collect();
+    let (jackpot, balances) = match transport {
+        Transport::Http(agent, url) => {
+            let (agent, url, tenant) = (agent.clone(), url.clone(), tenant.to_owned());
+            let customers: Vec<String> = sample.iter().map(|(c, _)| c.clone()).collect();
+            tokio::task::spawn_blocking(move || -> anyhow::Result<(Value, Vec<i64>)> {
+                let get = |path: &str| -> anyhow::Result<Value> {
+                    Ok(agent
+                        .get(&format!("{url}/v1/tenants/{tenant}/{path}"))
+                        .set("Authorization", &format!("Bearer {admin}"))
+                        .call()?
+                        .into_json()?)
+                };
+                let jackpot = get("jackpots/j")?;
+                let balances = customers
+                    .iter()
+                    .map(|c| get(&format!("customers/{c}")).map(|v| v["points_balance"].as_i64().unwrap_or(-1)))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                Ok((jackpot, balances))
+            })
+            .await??
+        }
+        Transport::Grpc(channel) => {
+            let mut games = pb::game_service_client::GameServiceClient::new(channel.clone());
+            let mut customers = pb::customer_service_client::CustomerServiceClient::new(channel.clone());
+            let j = games
+                .get_jackpot(with_key(&admin, pb::GetJackpotRequest { tenant: tenant.into(), jackpot: "j".into() }))
+                .await?
+                .into_inner();
+            let books = j.books.unwrap_or_default();
+            let jackpot = json!({"pool_minor": j.pool_minor, "reserve_minor": j.reserve_minor,
+                "books": {"seeded_minor": books.seeded_minor, "contributed_minor": books.contributed_minor, "paid_minor": books.paid_minor}});
+            let mut balances = Vec::new();
+            for (customer, _) in &sample {
+                let view = customers
+                    .get_customer(with_key(
+                        &admin,
+                        pb::GetCustomerRequest { tenant: tenant.into(), customer: customer.clone() },
+                    ))
+                    .await?
+                    .into_inner();
+                balances.push(view.points_balance);
+            }
+            (jackpot, balances)
+        }
+    };
+    let n = |v: &Value| v.as_i64().unwrap_or(i64::MIN);
+    let books = &jackpot["books"];
+    let balanced = n(&books["seeded_minor"]) + n(&books["contributed_minor"])
+        == n(&jackpot["pool_minor"]) + n(&jackpot["reserve_minor"]) + n(&books["paid_minor"]);
+    let mut problems = Vec::new();
+    if !balanced {
+        problems.push(format!("the jackpot's books do not balance: {jackpot}"));
+    }
+    if n(&books["contributed_minor"]) != contributed {
+        problems.push(format!(
+            "contributed {} but acknowledged contributions sum to {contributed}",
+            books["contributed_minor"]
+        ));
+    }
+    if n(&books["paid_minor"]) != won {
+        problems.push(format!("paid {} but acknowledged wins sum to {won}", books["paid_minor"]));
+    }
+    for ((customer, expected), actual) in sample.iter().zip(&balances) {
+        if expected != actual {
+            problems.push(format!("{customer} holds {actual} points, its acknowledged events earned {expected}"));
+        }
+    }
+    if problems.is_empty() {
+        Ok(format!(
+            "ok: books balance, contributions {contributed} and wins {won} match what was acknowledged, {} customers' points match",
+            sample.len()
+        ))
+    } else {
+        bail!("verification failed:\n  {}", problems.join("\n  "))
+    }
+}

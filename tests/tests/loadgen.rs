@@ -1,0 +1,54 @@
+//! `bazaar loadgen` against a real node, over each transport: every event
+//! sent is acknowledged, the report holds the fields scripts rely on, and
+//! --verify finds the jackpot's books and customers' points exactly as
+//! acknowledged.
+
+use bazaar_tests::{binary, Node, ADMIN_KEY};
+use std::process::Command;
+
+fn loadgen(node: &Node, extra: &[&str]) -> serde_json::Value {
+    let report = node.data.path().join(format!("report-{}.json", extra.join("-").replace(['/', ':'], "_")));
+    let address = node.grpc.trim_start_matches("http://").to_owned();
+    let output = Command::new(binary())
+        .args(["loadgen", "--grpc", &address, "--admin-key", ADMIN_KEY, "--setup", "--verify"])
+        .args(["--duration", "2s", "--customers", "300"])
+        .arg("--metrics")
+        .arg(format!("{}/metrics", node.url))
+        .arg("--report")
+        .arg(&report)
+        .args(extra)
+        .output()
+        .expect("loadgen runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "loadgen {extra:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("verify: ok"), "{stdout}");
+    serde_json::from_str(&std::fs::read_to_string(&report).expect("a report")).expect("JSON")
+}
+
+#[test]
+fn loadgen_measures_and_verifies_over_every_transport() {
+    let node = Node::start(&[]);
+    let http = node.url.clone();
+    for (extra, transport, mode) in [
+        (vec!["--clients", "8"], "grpc", "closed"),
+        (vec!["--clients", "2", "--batch", "50"], "grpc", "closed"),
+        (vec!["--http", &http, "--clients", "4", "--rate", "200"], "http", "open"),
+        (vec!["--http", &http, "--clients", "2", "--batch", "20"], "http", "closed"),
+    ] {
+        let report = loadgen(&node, &extra);
+        assert_eq!(report["transport"], transport, "{report}");
+        assert_eq!(report["mode"], mode, "{report}");
+        assert!(0 < report["sent"].as_u64().expect("sent"), "{report}");
+        assert_eq!(report["sent"], report["acknowledged"], "{report}");
+        assert_eq!(report["errors"], serde_json::json!({}), "{report}");
+        for key in ["p50", "p90", "p99", "p999", "max"] {
+            assert!(0.0 < report["latency_ms"][key].as_f64().expect("latency"), "{report}");
+        }
+        assert!(0.0 < report["throughput_per_s"].as_f64().expect("throughput"));
+        assert!(0.0 < report["server"]["journal_flushes"].as_f64().expect("server figures"), "{report}");
+    }
+}
