@@ -24,6 +24,7 @@ pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod journal;
+pub mod limits;
 pub mod live;
 pub mod loadgen;
 pub mod openapi;

@@ -76,6 +76,10 @@ pub struct LoadgenArgs {
     /// points against what was acknowledged (needs --setup).
     #[arg(long)]
     pub verify: bool,
+    /// With --setup: no jackpot, so purchases feed only the leaderboard
+    /// (the leaderboard-only scenario).
+    #[arg(long)]
+    pub no_jackpot: bool,
     /// The node's /metrics URL, to report the server's own figures.
     #[arg(long, value_name = "URL")]
     pub metrics: Option<String>,
@@ -452,8 +456,10 @@ async fn set_up(transport: &Transport, args: &LoadgenArgs, tenant: &str) -> anyh
     let admin = args.admin_key.as_str();
     let campaign = json!({"name": "Load", "starts_at": "2020-01-01T00:00:00Z", "ends_at": "2099-01-01T00:00:00Z",
                           "earning": {"points_per_unit_minor": POINTS_PER_UNIT_MINOR, "event_bonus": {"visit": VISIT_BONUS}}});
-    let jackpot = json!({"campaign": "c", "seed_minor": 100_000, "cap_minor": 5_000_000, "contribution_bps": CONTRIBUTION_BPS,
-                         "reserve_bps": 2_000, "min_purchase_minor": MIN_PURCHASE_MINOR});
+    let jackpot = (!args.no_jackpot).then(|| {
+        json!({"campaign": "c", "seed_minor": 100_000, "cap_minor": 5_000_000, "contribution_bps": CONTRIBUTION_BPS,
+               "reserve_bps": 2_000, "min_purchase_minor": MIN_PURCHASE_MINOR})
+    });
     match transport {
         Transport::Http(agent, url) => {
             let agent = agent.clone();
@@ -478,7 +484,9 @@ async fn set_up(transport: &Transport, args: &LoadgenArgs, tenant: &str) -> anyh
                     )?;
                 }
                 call("PUT", &format!("{base}/campaigns/c"), campaign)?;
-                call("PUT", &format!("{base}/jackpots/j"), jackpot)?;
+                if let Some(jackpot) = jackpot {
+                    call("PUT", &format!("{base}/jackpots/j"), jackpot)?;
+                }
                 call("PUT", &format!("{base}/leaderboards/l"), json!({"campaign": "c", "metric": "spend"}))?;
                 let key = call("POST", &format!("{base}/keys"), json!({"role": "pos"}))?;
                 Ok(key["key"].as_str().unwrap_or_default().to_owned())
@@ -527,21 +535,23 @@ async fn set_up(transport: &Transport, args: &LoadgenArgs, tenant: &str) -> anyh
                     },
                 ))
                 .await?;
-            catalog
-                .put_jackpot(with_key(
-                    admin,
-                    pb::PutJackpotRequest {
-                        tenant: t.clone(),
-                        jackpot: "j".into(),
-                        campaign: "c".into(),
-                        seed_minor: 100_000,
-                        cap_minor: 5_000_000,
-                        contribution_bps: CONTRIBUTION_BPS as u32,
-                        reserve_bps: 2_000,
-                        min_purchase_minor: MIN_PURCHASE_MINOR,
-                    },
-                ))
-                .await?;
+            if !args.no_jackpot {
+                catalog
+                    .put_jackpot(with_key(
+                        admin,
+                        pb::PutJackpotRequest {
+                            tenant: t.clone(),
+                            jackpot: "j".into(),
+                            campaign: "c".into(),
+                            seed_minor: 100_000,
+                            cap_minor: 5_000_000,
+                            contribution_bps: CONTRIBUTION_BPS as u32,
+                            reserve_bps: 2_000,
+                            min_purchase_minor: MIN_PURCHASE_MINOR,
+                        },
+                    ))
+                    .await?;
+            }
             catalog
                 .put_leaderboard(with_key(
                     admin,
@@ -642,7 +652,7 @@ async fn verify(transport: &Transport, args: &LoadgenArgs, tenant: &str, shared:
     let sample: Vec<(String, i64)> = ledger.iter().take(200).map(|(c, (points, _))| (c.clone(), *points)).collect();
     let (jackpot, balances) = match transport {
         Transport::Http(agent, url) => {
-            let (agent, url, tenant) = (agent.clone(), url.clone(), tenant.to_owned());
+            let (agent, url, tenant, no_jackpot) = (agent.clone(), url.clone(), tenant.to_owned(), args.no_jackpot);
             let customers: Vec<String> = sample.iter().map(|(c, _)| c.clone()).collect();
             tokio::task::spawn_blocking(move || -> anyhow::Result<(Value, Vec<i64>)> {
                 let get = |path: &str| -> anyhow::Result<Value> {
@@ -652,7 +662,7 @@ async fn verify(transport: &Transport, args: &LoadgenArgs, tenant: &str, shared:
                         .call()?
                         .into_json()?)
                 };
-                let jackpot = get("jackpots/j")?;
+                let jackpot = if no_jackpot { Value::Null } else { get("jackpots/j")? };
                 let balances = customers
                     .iter()
                     .map(|c| get(&format!("customers/{c}")).map(|v| v["points_balance"].as_i64().unwrap_or(-1)))
@@ -664,13 +674,18 @@ async fn verify(transport: &Transport, args: &LoadgenArgs, tenant: &str, shared:
         Transport::Grpc(channel) => {
             let mut games = pb::game_service_client::GameServiceClient::new(channel.clone());
             let mut customers = pb::customer_service_client::CustomerServiceClient::new(channel.clone());
-            let j = games
-                .get_jackpot(with_key(&admin, pb::GetJackpotRequest { tenant: tenant.into(), jackpot: "j".into() }))
-                .await?
-                .into_inner();
-            let books = j.books.unwrap_or_default();
-            let jackpot = json!({"pool_minor": j.pool_minor, "reserve_minor": j.reserve_minor,
-                "books": {"seeded_minor": books.seeded_minor, "contributed_minor": books.contributed_minor, "paid_minor": books.paid_minor}});
+            let jackpot = if args.no_jackpot {
+                Value::Null
+            } else {
+                let j = games
+                    .get_jackpot(with_key(&admin, pb::GetJackpotRequest { tenant: tenant.into(), jackpot: "j".into() }))
+                    .await?
+                    .into_inner();
+                let books = j.books.unwrap_or_default();
+                let jackpot = json!({"pool_minor": j.pool_minor, "reserve_minor": j.reserve_minor,
+                    "books": {"seeded_minor": books.seeded_minor, "contributed_minor": books.contributed_minor, "paid_minor": books.paid_minor}});
+                jackpot
+            };
             let mut balances = Vec::new();
             for (customer, _) in &sample {
                 let view = customers
@@ -690,16 +705,18 @@ async fn verify(transport: &Transport, args: &LoadgenArgs, tenant: &str, shared:
     let balanced = n(&books["seeded_minor"]) + n(&books["contributed_minor"])
         == n(&jackpot["pool_minor"]) + n(&jackpot["reserve_minor"]) + n(&books["paid_minor"]);
     let mut problems = Vec::new();
-    if !balanced {
+    if args.no_jackpot {
+        // No jackpot: only the customers' points are checked.
+    } else if !balanced {
         problems.push(format!("the jackpot's books do not balance: {jackpot}"));
     }
-    if n(&books["contributed_minor"]) != contributed {
+    if !args.no_jackpot && n(&books["contributed_minor"]) != contributed {
         problems.push(format!(
             "contributed {} but acknowledged contributions sum to {contributed}",
             books["contributed_minor"]
         ));
     }
-    if n(&books["paid_minor"]) != won {
+    if !args.no_jackpot && n(&books["paid_minor"]) != won {
         problems.push(format!("paid {} but acknowledged wins sum to {won}", books["paid_minor"]));
     }
     for ((customer, expected), actual) in sample.iter().zip(&balances) {

@@ -35,6 +35,9 @@ enum Command {
     /// second, latency percentiles (HDR), errors; a JSON report with
     /// --report; --verify checks books and points against what was sent.
     Loadgen(bazaar_node::loadgen::LoadgenArgs),
+    /// Measure this machine's limits (fsync, sled group commit, no-op gRPC
+    /// and HTTP), to report Bazaar's figures as ratios to them.
+    Limits(bazaar_node::limits::LimitsArgs),
     /// Print the OpenAPI 3.1 document of the HTTP API (the same as
     /// GET /v1/openapi.json), e.g. to refresh docs/openapi.json.
     Openapi,
@@ -61,6 +64,16 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     eprintln!("bazaar loadgen: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Limits(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build();
+            match runtime.map_err(anyhow::Error::from).and_then(|r| r.block_on(bazaar_node::limits::run(args))) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("bazaar limits: {error:#}");
                     ExitCode::FAILURE
                 }
             }

@@ -1,0 +1,172 @@
+//! `bazaar limits`: this machine's ceilings, measured now, so every Bazaar
+//! figure can be reported as a ratio to them (absolute numbers on a shared
+//! machine move from run to run).
+//!
+//! - the disk's fsync rate (4 KiB write + fdatasync, back to back);
+//! - sled group commit for the journal's write pattern: one value of
+//!   `group` entries of ~300 bytes per flush, as the journal writes it;
+//! - the transport ceilings, same client, same concurrency: a no-op unary
+//!   gRPC call (the standard health check on a tonic server doing nothing
+//!   else) and a no-op HTTP request (axum), both in this process on
+//!   loopback.
+
+use anyhow::Context as _;
+use clap::Args;
+use serde_json::{json, Value};
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Args, Debug, Clone)]
+pub struct LimitsArgs {
+    /// Directory on the disk to measure (default: a temporary directory).
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 5)]
+    pub seconds: u64,
+    /// Concurrent clients for the transport ceilings.
+    #[arg(long, default_value_t = 64)]
+    pub clients: usize,
+    /// Journal entries per group commit, for the sled measurement.
+    #[arg(long, default_value_t = 64)]
+    pub group: usize,
+    /// Write the JSON report here.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
+}
+
+pub async fn run(args: LimitsArgs) -> anyhow::Result<()> {
+    let temp = tempfile::tempdir()?;
+    let dir = args.dir.clone().unwrap_or_else(|| temp.path().to_path_buf());
+    let window = Duration::from_secs(args.seconds.max(1));
+    let (group, seconds) = (args.group.max(1), window);
+    let fsync = tokio::task::spawn_blocking({
+        let dir = dir.clone();
+        move || fsync_rate(&dir, seconds)
+    })
+    .await??;
+    println!("fsync: {fsync:.0}/s");
+    let sled = tokio::task::spawn_blocking({
+        let dir = dir.clone();
+        move || sled_group_commit(&dir, group, seconds)
+    })
+    .await??;
+    println!("sled group commit ({group} entries per flush): {:.0} entries/s, {:.0} flushes/s", sled.0, sled.1);
+    let grpc = grpc_noop(args.clients, window).await?;
+    println!("no-op unary gRPC, {} clients: {grpc:.0} calls/s", args.clients);
+    let http = http_noop(args.clients, window).await?;
+    println!("no-op HTTP, {} clients: {http:.0} requests/s", args.clients);
+    let report = json!({
+        "seconds_per_measurement": args.seconds,
+        "clients": args.clients,
+        "fsync_per_s": fsync,
+        "sled_group_commit": {"entries_per_flush": group, "entries_per_s": sled.0, "flushes_per_s": sled.1},
+        "noop_unary_grpc_per_s": grpc,
+        "noop_http_per_s": http,
+    });
+    if let Some(path) = &args.report {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn fsync_rate(dir: &std::path::Path, window: Duration) -> anyhow::Result<f64> {
+    let path = dir.join("fsync-probe");
+    let mut file = std::fs::File::create(&path)?;
+    let block = vec![7u8; 4096];
+    let started = Instant::now();
+    let mut count = 0u64;
+    while started.elapsed() < window {
+        file.write_all(&block)?;
+        file.sync_data()?;
+        count += 1;
+    }
+    let rate = count as f64 / started.elapsed().as_secs_f64();
+    drop(file);
+    std::fs::remove_file(path)?;
+    Ok(rate)
+}
+
+fn sled_group_commit(dir: &std::path::Path, group: usize, window: Duration) -> anyhow::Result<(f64, f64)> {
+    let db = sled::Config::new().path(dir.join("sled-probe")).mode(sled::Mode::HighThroughput).open()?;
+    let tree = db.open_tree("journal")?;
+    let value = vec![42u8; 300 * group];
+    let started = Instant::now();
+    let mut flushes = 0u64;
+    while started.elapsed() < window {
+        tree.insert(flushes.to_be_bytes(), value.as_slice())?;
+        db.flush()?;
+        flushes += 1;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    drop(tree);
+    drop(db);
+    let _ = std::fs::remove_dir_all(dir.join("sled-probe"));
+    Ok((flushes as f64 * group as f64 / elapsed, flushes as f64 / elapsed))
+}
+
+/// Calls per second of the standard health check, on a tonic server that
+/// does nothing else.
+async fn grpc_noop(clients: usize, window: Duration) -> anyhow::Result<f64> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let channel = tonic::transport::Channel::from_shared(format!("http://{address}"))?.connect().await?;
+    let count = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + window;
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (channel, count) = (channel.clone(), count.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+            while Instant::now() < deadline {
+                if client.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.is_ok() {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    let started = Instant::now();
+    for task in tasks {
+        task.await?;
+    }
+    server.abort();
+    Ok(count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Requests per second of a no-op axum handler, with the HTTP client the
+/// load generator uses (ureq, keep-alive, one connection per client).
+async fn http_noop(clients: usize, window: Duration) -> anyhow::Result<f64> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let app = axum::Router::new().route("/noop", axum::routing::post(|| async { axum::Json(Value::Null) }));
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let count = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + window;
+    let started = Instant::now();
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let count = count.clone();
+            std::thread::spawn(move || {
+                let agent = ureq::AgentBuilder::new().build();
+                while Instant::now() < deadline {
+                    if agent.post(&format!("http://{address}/noop")).send_json(json!({"event_id": "x"})).is_ok() {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| drop(t.join()))).await?;
+    server.abort();
+    Ok(count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}
