@@ -304,13 +304,24 @@ enum AfterFlush {
 
 /// Writes the derived indexes of `entries`; returns how many outbox
 /// messages it added.
+///
+/// An outbox message whose receiver applied it in this same batch (the
+/// receiver's idempotency record for the message is here too) is durable
+/// together with its cause: no crash can separate them, so it can never
+/// need redelivery and is not indexed. With inline delivery that is most
+/// messages, which saves an insert and a delete per message.
 pub fn index(store: &Store, entries: &[JournalEntry]) -> StorageResult<i64> {
+    let applied: std::collections::HashSet<&[u8]> =
+        entries.iter().filter_map(|entry| entry.seen.as_ref()).map(|(key, _)| key.as_slice()).collect();
     let mut outbox_added = 0;
     for entry in entries {
         if let Some((key, value)) = &entry.seen {
             store.seen.insert(key.as_slice(), value.as_slice())?;
         }
         for (key, value) in &entry.outbox {
+            if crate::outbox::receipt_key(key).is_some_and(|receipt| applied.contains(receipt.as_slice())) {
+                continue;
+            }
             if store.outbox.insert(key.as_slice(), value.as_slice())?.is_none() {
                 outbox_added += 1;
             }
@@ -357,6 +368,22 @@ mod tests {
             outbox: vec![(format!("t/m-{n}").into_bytes(), vec![2])],
             audit: Vec::new(),
         }
+    }
+
+    #[test]
+    fn messages_applied_in_the_same_batch_are_not_indexed() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("open");
+        let cause = entry(1);
+        let mut receiver = entry(2);
+        // The receiver of the cause's message applied it: its record is here.
+        receiver.seen = Some((b"t/msg/m-1".to_vec(), vec![1]));
+        receiver.outbox.clear();
+        assert_eq!(index(&store, &[cause.clone(), receiver]).expect("indexed"), 0);
+        assert!(store.outbox.get(b"t/m-1").expect("read").is_none());
+        // Alone, the message waits in the outbox for its receiver.
+        assert_eq!(index(&store, &[cause]).expect("indexed"), 1);
+        assert!(store.outbox.get(b"t/m-1").expect("read").is_some());
     }
 
     #[tokio::test]

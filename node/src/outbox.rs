@@ -14,6 +14,18 @@ use crate::storage::{encode, key};
 use bazaar_games::{Id, UnixMillis};
 use serde::{Deserialize, Serialize};
 
+/// The key of the idempotency record a receiver writes when it applies
+/// the message stored under `outbox_key` (`tenant/id` → `tenant/msg/id`).
+pub fn receipt_key(outbox_key: &[u8]) -> Option<Vec<u8>> {
+    let slash = outbox_key.iter().position(|b| *b == b'/')?;
+    let (tenant, id) = (&outbox_key[..slash], &outbox_key[slash + 1..]);
+    let mut key = Vec::with_capacity(outbox_key.len() + 4);
+    key.extend_from_slice(tenant);
+    key.extend_from_slice(b"/msg/");
+    key.extend_from_slice(id);
+    Some(key)
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Payload {
     /// A purchase's contribution to a jackpot.
