@@ -151,10 +151,20 @@ pub async fn serve_with(
     let routes = grpc::router(service.clone()).await.map_err(|e| anyhow::anyhow!("setting up gRPC: {e}"))?;
     let grpc_server =
         tokio::spawn(tonic::transport::Server::builder().add_routes(routes).serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            // Answers are small writes: without TCP_NODELAY, Nagle's algorithm
+            // holds one back until the client's delayed ACK (40 ms) arrives.
+            tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(grpc_listener), |stream| {
+                stream.inspect(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                })
+            }),
             stopped(stopping.clone()),
         ));
     let app = http::router(http::AppState { service: service.clone(), max_body_bytes: config.max_body_bytes });
+    // Small answers, sent at once (see the gRPC listener above).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app).with_graceful_shutdown(stopped(stopping)).await.context("serving HTTP")?;
     grpc_server.await.context("joining the gRPC server")?.context("serving gRPC")?;
 

@@ -136,4 +136,32 @@ async fn grpc_watchers_see_the_pool_and_the_hit() {
     };
     assert_eq!(hit.cycle, 1);
     assert_eq!(commitment(hit.trigger_minor, &hit.salt), hit.commitment);
+    drop(updates);
+
+    // A watcher that reconnects after the first hit gets the current pool
+    // first, then the hits it missed since (all of them, in order).
+    let now = mall.display.get(&mall.path("jackpots/j-mall")).expect(200);
+    let current_cycle = now["cycle"].as_u64().expect("cycle");
+    let mut request = tonic::Request::new(pb::WatchJackpotRequest {
+        tenant: "mall".into(),
+        jackpot: "j-mall".into(),
+        last_event_id: "hit-1".into(),
+    });
+    request.metadata_mut().insert("authorization", key.parse().expect("header"));
+    let mut resumed = games.watch_jackpot(request).await.expect("watching again").into_inner();
+    let first = resumed.message().await.expect("an update").expect("open");
+    match first.update {
+        Some(pb::jackpot_update::Update::Pool(pool)) => {
+            assert_eq!(pool.cycle, current_cycle);
+            assert_eq!(Some(pool.pool_minor), now["pool_minor"].as_i64());
+        }
+        other => panic!("the current pool comes first, not {other:?}"),
+    }
+    for cycle in 2..current_cycle {
+        let update = resumed.message().await.expect("an update").expect("open");
+        assert!(
+            matches!(&update.update, Some(pb::jackpot_update::Update::Hit(hit)) if hit.cycle == cycle),
+            "missed hit {cycle} expected, got {update:?}"
+        );
+    }
 }
