@@ -104,6 +104,7 @@ pub async fn serve_with(
         metrics,
         tenancy,
         live: live::Live::default(),
+        in_flight: service::KeyedLock::default(),
         config: ServiceConfig { max_event_age: config.max_event_age },
         ready: false.into(),
     });

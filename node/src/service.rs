@@ -41,6 +41,41 @@ struct Delivery {
     leaderboard: Option<Id>,
 }
 
+/// Serialises work per key (an event id): holders of the same key run one
+/// after the other, different keys in parallel. Entries live only while
+/// held or awaited.
+#[derive(Default)]
+pub struct KeyedLock {
+    locks: parking_lot::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Held while a key is in use; frees the key's entry when the last user
+/// leaves.
+pub struct KeyedGuard<'a> {
+    owner: &'a KeyedLock,
+    key: String,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl KeyedLock {
+    pub async fn acquire(&self, key: String) -> KeyedGuard<'_> {
+        let lock = self.locks.lock().entry(key.clone()).or_default().clone();
+        let guard = lock.lock_owned().await;
+        KeyedGuard { owner: self, key, guard: Some(guard) }
+    }
+}
+
+impl Drop for KeyedGuard<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut locks = self.owner.locks.lock();
+        // Only the map still holds it: nobody uses or awaits the key.
+        if locks.get(&self.key).is_some_and(|lock| Arc::strong_count(lock) == 1) {
+            locks.remove(&self.key);
+        }
+    }
+}
+
 /// Settings of the service layer.
 #[derive(Clone, Debug)]
 pub struct ServiceConfig {
@@ -60,6 +95,8 @@ pub struct Service {
     pub config: ServiceConfig,
     /// Live updates for watchers.
     pub live: Live,
+    /// Event ids being recorded right now.
+    pub in_flight: KeyedLock,
     /// False until recovery is done and while shutting down.
     pub ready: AtomicBool,
 }
@@ -333,6 +370,10 @@ impl Service {
             }
         }
         let tenant = &entry.tenant.id;
+        // One request per event id at a time: a second request with the
+        // same id, even for another customer (another actor), waits and then
+        // meets the first one's idempotency record.
+        let _in_flight = self.in_flight.acquire(format!("{tenant}/{}", event.event_id)).await;
         let fingerprint = request.fingerprint(&event);
         let kind = event.kind.to_string();
         let customer_key = entity(tenant, EntityKind::Customer, &event.customer);

@@ -274,3 +274,36 @@ fn every_draw_and_every_hit_is_audited_and_rechecks() {
     mall.pos.get(&mall.path("audit/wheels/w-main")).expect_error(403, "permission_denied", None);
     mall.operator.get(&mall.path("audit/stores/s-1")).expect_error(404, "not_found", None);
 }
+
+/// Regression (a race noticed during the single-node issue): the same
+/// event id sent at once for two different customers reaches two different
+/// actors; it must be applied once, and the other request refused.
+#[test]
+fn one_event_id_sent_at_once_for_two_customers_is_applied_once() {
+    let node = Node::start(&[]);
+    let mall = Mall::create(&node, "mall", default_jackpot());
+    let mut statuses = Vec::new();
+    for round in 0..20 {
+        let event_id = format!("race-{round}");
+        let threads: Vec<_> = ["c-a", "c-b"]
+            .into_iter()
+            .map(|customer| {
+                let (pos, path, event_id) = (mall.pos.clone(), mall.path("events"), event_id.clone());
+                std::thread::spawn(move || pos.post(&path, Mall::purchase(&event_id, customer, "s-1", 1_000)).status)
+            })
+            .collect();
+        let mut pair: Vec<u16> = threads.into_iter().map(|t| t.join().expect("the request thread")).collect();
+        pair.sort_unstable();
+        statuses.push(pair);
+    }
+    assert!(statuses.iter().all(|pair| pair == &[200, 409]), "{statuses:?}");
+    let purchases = |customer: &str| {
+        let view = mall.pos.get(&mall.path(&format!("customers/{customer}")));
+        if view.status == 404 {
+            0
+        } else {
+            view.expect(200)["stats"]["purchases"].as_u64().expect("purchases")
+        }
+    };
+    assert_eq!(purchases("c-a") + purchases("c-b"), 20, "each event id counted once");
+}
