@@ -111,7 +111,8 @@ function showLeaderboard(board) {
     item.dataset.customer = entry.customer;
     const score = document.createElement("span");
     score.className = "score";
-    score.textContent = entry.score.toLocaleString();
+    // Spend is money (minor units); other metrics are counts.
+    score.textContent = board.metric === "spend" ? money(entry.score) : entry.score.toLocaleString();
     item.append(entry.customer, score);
     list.append(item);
   }

@@ -345,6 +345,8 @@ impl JackpotAnswer {
 #[derive(utoipa::ToSchema, Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LeaderboardAnswer {
     pub leaderboard: Id,
+    /// What the scores count (spend scores are minor units).
+    pub metric: bazaar_games::leaderboard::Metric,
     pub members: u64,
     pub entries: Vec<Entry>,
 }

@@ -253,6 +253,13 @@ fn leaderboard(answer: api::LeaderboardAnswer) -> pb::Leaderboard {
         leaderboard: answer.leaderboard.to_string(),
         members: answer.members,
         entries: answer.entries.into_iter().map(entry).collect(),
+        metric: match answer.metric {
+            bazaar_games::leaderboard::Metric::Points => pb::Metric::Points,
+            bazaar_games::leaderboard::Metric::Spend => pb::Metric::Spend,
+            bazaar_games::leaderboard::Metric::Purchases => pb::Metric::Purchases,
+            bazaar_games::leaderboard::Metric::Missions => pb::Metric::Missions,
+        }
+        .into(),
     }
 }
 

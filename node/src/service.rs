@@ -720,7 +720,7 @@ impl Service {
             .await?;
         match reply.answer {
             LeaderboardAnswer::Top { entries, members } => {
-                Ok(api::LeaderboardAnswer { leaderboard: id, members, entries })
+                Ok(api::LeaderboardAnswer { leaderboard: id, metric: def.metric, members, entries })
             }
             _ => Err(ServiceError::internal("a leaderboard answered top-N with something else")),
         }
