@@ -69,6 +69,11 @@ pub struct LoadgenArgs {
     /// Customers, drawn Zipf-like.
     #[arg(long, default_value_t = 100_000)]
     pub customers: u64,
+    /// Take customers in turn instead (event n goes to customer n mod
+    /// --customers), to bring every customer into memory: the memory and
+    /// restart measurements.
+    #[arg(long)]
+    pub customers_in_order: bool,
     /// Write the JSON report here.
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
@@ -302,7 +307,11 @@ impl Client {
         let purchase = rng.gen::<f64>() < 0.9;
         Generated {
             event_id: format!("lg-{}-{n}", self.run_id),
-            customer: format!("c-{}", ((u * u) * self.args.customers as f64) as u64),
+            customer: if self.args.customers_in_order {
+                format!("c-{}", n % self.args.customers.max(1))
+            } else {
+                format!("c-{}", ((u * u) * self.args.customers as f64) as u64)
+            },
             store: format!("s-{}", rng.gen_range(0..self.args.stores.max(1))),
             purchase,
             amount_minor: if purchase { 500 + (rng.gen::<f64>().powi(3) * 29_500.0) as i64 } else { 0 },
