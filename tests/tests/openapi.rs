@@ -77,6 +77,8 @@ parameters = { "path.id" = "w-main" }
     )
     .expect("the config is written");
     let output = Command::new(tool("schemathesis"))
+        // Its cache goes to the working directory: keep it out of the repo.
+        .current_dir(node.data.path())
         .arg("--no-color")
         .arg("--config-file")
         .arg(&config)
