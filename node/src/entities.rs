@@ -227,9 +227,7 @@ impl Entity for WheelEntity {
 
     fn dedupe(command: &WheelCommand) -> Option<Dedupe> {
         match command {
-            WheelCommand::Draw { message, .. } => {
-                Some(Dedupe { scope: "msg", id: message.id.clone(), fingerprint: message.fingerprint() })
-            }
+            WheelCommand::Draw { message, .. } => Some(message.dedupe()),
             WheelCommand::View => None,
         }
     }
@@ -305,9 +303,7 @@ impl Entity for JackpotEntity {
 
     fn dedupe(command: &JackpotCommand) -> Option<Dedupe> {
         match command {
-            JackpotCommand::Contribute { message, .. } => {
-                Some(Dedupe { scope: "msg", id: message.id.clone(), fingerprint: message.fingerprint() })
-            }
+            JackpotCommand::Contribute { message, .. } => Some(message.dedupe()),
             JackpotCommand::Ensure { .. } | JackpotCommand::View => None,
         }
     }
@@ -396,9 +392,7 @@ impl Entity for LeaderboardEntity {
 
     fn dedupe(command: &LeaderboardCommand) -> Option<Dedupe> {
         match command {
-            LeaderboardCommand::Score { message } => {
-                Some(Dedupe { scope: "msg", id: message.id.clone(), fingerprint: message.fingerprint() })
-            }
+            LeaderboardCommand::Score { message } => Some(message.dedupe()),
             _ => None,
         }
     }

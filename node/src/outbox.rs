@@ -14,14 +14,19 @@ use crate::storage::{encode, key};
 use bazaar_games::{Id, UnixMillis};
 use serde::{Deserialize, Serialize};
 
+/// The idempotency scope receivers record applied messages under.
+pub const MESSAGE_SCOPE: &str = "msg";
+
 /// The key of the idempotency record a receiver writes when it applies
 /// the message stored under `outbox_key` (`tenant/id` → `tenant/msg/id`).
 pub fn receipt_key(outbox_key: &[u8]) -> Option<Vec<u8>> {
     let slash = outbox_key.iter().position(|b| *b == b'/')?;
     let (tenant, id) = (&outbox_key[..slash], &outbox_key[slash + 1..]);
-    let mut key = Vec::with_capacity(outbox_key.len() + 4);
+    let mut key = Vec::with_capacity(outbox_key.len() + MESSAGE_SCOPE.len() + 2);
     key.extend_from_slice(tenant);
-    key.extend_from_slice(b"/msg/");
+    key.push(b'/');
+    key.extend_from_slice(MESSAGE_SCOPE.as_bytes());
+    key.push(b'/');
     key.extend_from_slice(id);
     Some(key)
 }
@@ -98,6 +103,11 @@ impl OutboxMessage {
     /// Its `outbox` tree record.
     pub fn record(&self) -> KeyValue {
         (self.storage_key(), encode(self))
+    }
+
+    /// The receiver's idempotency key for this message.
+    pub fn dedupe(&self) -> crate::actor::Dedupe {
+        crate::actor::Dedupe { scope: MESSAGE_SCOPE, id: self.id.clone(), fingerprint: self.fingerprint() }
     }
 
     /// A fingerprint of the message, for the receiver's idempotency check.
