@@ -134,6 +134,16 @@ impl<E: Entity> Message for Request<E> {
     type Result = Result<Reply<E::Answer>, ServiceError>;
 }
 
+/// Several requests to one entity, applied in order in one turn of its
+/// actor; each gets its own reply. Batched ingestion sends a customer's
+/// events, and a jackpot's or a leaderboard's deliveries, this way: one
+/// mailbox message instead of one per event.
+pub struct Requests<E: Entity>(pub Vec<E::Command>);
+
+impl<E: Entity> Message for Requests<E> {
+    type Result = Vec<Result<Reply<E::Answer>, ServiceError>>;
+}
+
 /// Write a snapshot now; the receiver fires once it is written.
 pub struct SnapshotNow;
 
@@ -173,6 +183,9 @@ pub struct EntityActor<E: Entity> {
     rng: ChaCha20Rng,
     last_active: Instant,
     passivating: bool,
+    /// Set when a journal submission failed: the state holds a change the
+    /// journal does not, so nothing more may be applied to it.
+    stopping: bool,
 }
 
 impl<E: Entity> Actor for EntityActor<E> {
@@ -263,6 +276,27 @@ impl<E: Entity> Handler<Request<E>> for EntityActor<E> {
     fn handle(&mut self, Request(command): Request<E>, ctx: &mut Self::Context) -> Self::Result {
         self.last_active = Instant::now();
         self.forget_indexed();
+        self.apply(command, ctx)
+    }
+}
+
+impl<E: Entity> Handler<Requests<E>> for EntityActor<E> {
+    type Result = Vec<Result<Reply<E::Answer>, ServiceError>>;
+
+    fn handle(&mut self, Requests(commands): Requests<E>, ctx: &mut Self::Context) -> Self::Result {
+        self.last_active = Instant::now();
+        self.forget_indexed();
+        commands.into_iter().map(|command| self.apply(command, ctx)).collect()
+    }
+}
+
+impl<E: Entity> EntityActor<E> {
+    /// Applies one command: answers a retry from the idempotency record,
+    /// or runs the handler and hands the change to the journal writer.
+    fn apply(&mut self, command: E::Command, ctx: &mut Context<Self>) -> Result<Reply<E::Answer>, ServiceError> {
+        if self.stopping {
+            return Err(ServiceError::unavailable(format!("{} is restarting; retry", self.key)));
+        }
         let dedupe = E::dedupe(&command);
         let seen_key = dedupe.as_ref().map(|d| self.seen_key(d));
         if let (Some(dedupe), Some(seen_key)) = (&dedupe, &seen_key) {
@@ -295,10 +329,12 @@ impl<E: Entity> Handler<Request<E>> for EntityActor<E> {
             Ok(ticket) => ticket,
             Err(error) => {
                 // The change is in memory only: drop this activation so the
-                // next one starts from what storage holds.
+                // next one starts from what storage holds, and refuse the
+                // rest of its mailbox (and of its batch).
                 if let Some(registry) = self.registry.upgrade() {
                     registry.remove(&self.key, &ctx.address());
                 }
+                self.stopping = true;
                 ctx.stop();
                 return Err(error.into());
             }
@@ -361,6 +397,26 @@ impl<E: Entity> Registry<E> {
         Err(ServiceError::unavailable(format!("{entity} is restarting; retry")))
     }
 
+    /// Sends `commands` to the entity's actor as one message, activating it
+    /// if needed; the replies are in the commands' order.
+    pub async fn call_many(
+        &self,
+        entity: &EntityKey,
+        commands: Vec<E::Command>,
+    ) -> ServiceResult<Vec<ServiceResult<Reply<E::Answer>>>> {
+        for _ in 0..ACTIVATION_ATTEMPTS {
+            let addr = self.activate(entity)?;
+            match addr.send(Requests::<E>(commands.clone())).await {
+                Ok(replies) => return Ok(replies),
+                Err(MailboxError::Closed) => self.remove(entity, &addr),
+                Err(MailboxError::Timeout) => {
+                    return Err(ServiceError::unavailable("the entity did not answer in time"))
+                }
+            }
+        }
+        Err(ServiceError::unavailable(format!("{entity} is restarting; retry")))
+    }
+
     fn activate(&self, entity: &EntityKey) -> ServiceResult<Addr<EntityActor<E>>> {
         let mut actors = self.actors.lock();
         if let Some(addr) = actors.get(entity) {
@@ -390,6 +446,7 @@ impl<E: Entity> Registry<E> {
             rng: ChaCha20Rng::from_entropy(),
             last_active: Instant::now(),
             passivating: false,
+            stopping: false,
         };
         let arbiter = &self.arbiters[arbiter_of(entity, self.arbiters.len())];
         let addr = EntityActor::start_in_arbiter(arbiter, move |_| actor);

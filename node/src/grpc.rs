@@ -28,7 +28,30 @@ pub struct Grpc {
 type GrpcResult<T> = Result<Response<T>, Status>;
 
 /// Events a stream may have in flight before it stops reading more.
-const STREAM_WINDOW: usize = 256;
+const STREAM_WINDOW: usize = 1024;
+
+/// At most this many events of a stream are recorded together.
+const STREAM_CHUNK: usize = 128;
+
+/// Records a chunk of a stream's events, each tenant's run together;
+/// answers in the chunk's order.
+async fn record_chunk(
+    service: &Service,
+    key: Option<&str>,
+    chunk: Vec<pb::RecordEventRequest>,
+) -> Vec<Result<api::EventAnswer, ServiceError>> {
+    let mut results = Vec::with_capacity(chunk.len());
+    let mut chunk = chunk.into_iter().peekable();
+    while let Some(first) = chunk.next() {
+        let tenant = first.tenant.clone();
+        let mut run = vec![event_request(first)];
+        while let Some(next) = chunk.next_if(|next| next.tenant == tenant) {
+            run.push(event_request(next));
+        }
+        results.extend(service.record_events(key, &tenant, run).await);
+    }
+    results
+}
 
 /// The bearer key of a call, from its `authorization` metadata.
 fn key<T>(request: &Request<T>) -> Option<String> {
@@ -429,42 +452,57 @@ impl pb::event_service_server::EventService for Grpc {
         // Authenticate once, up front: a stream with a bad key ends at once.
         self.service.tenancy.authenticate(key.as_deref()).map_err(status)?;
         let mut inbound = request.into_inner();
-        let (pending_tx, mut pending_rx) = tokio::sync::mpsc::channel(STREAM_WINDOW);
+        let (pending_tx, mut pending_rx) = tokio::sync::mpsc::channel(STREAM_WINDOW / STREAM_CHUNK);
         let (out_tx, out_rx) = tokio::sync::mpsc::channel(STREAM_WINDOW);
         let service = self.service.clone();
-        // Reader: starts each event as it arrives (up to the window in
-        // flight); writer: answers them in arrival order.
+        // Reader: takes every event that has arrived (up to a chunk) and
+        // records them together, up to the window in flight; writer:
+        // answers them in arrival order.
         tokio::spawn(async move {
-            loop {
-                let next = match inbound.message().await {
-                    Ok(Some(event)) => event,
-                    Ok(None) => break,
-                    Err(error) => {
-                        let _ = pending_tx.send(Err(error)).await;
+            let mut end = None;
+            while end.is_none() {
+                let mut chunk = Vec::new();
+                while chunk.len() < STREAM_CHUNK {
+                    tokio::select! {
+                        biased;
+                        next = inbound.message() => match next {
+                            Ok(Some(event)) => chunk.push(event),
+                            Ok(None) => end = Some(Ok(())),
+                            Err(error) => end = Some(Err(error)),
+                        },
+                        // Nothing more has arrived: go with what there is,
+                        // or wait for the next event if there is nothing.
+                        () = std::future::ready(()), if !chunk.is_empty() => break,
+                    }
+                    if end.is_some() {
                         break;
                     }
-                };
-                let (service, key) = (service.clone(), key.clone());
-                let task = tokio::spawn(async move {
-                    let tenant = next.tenant.clone();
-                    service.record_event(key.as_deref(), &tenant, event_request(next)).await
-                });
-                if pending_tx.send(Ok(task)).await.is_err() {
-                    break;
                 }
+                if !chunk.is_empty() {
+                    let (service, key) = (service.clone(), key.clone());
+                    let task = tokio::spawn(async move { record_chunk(&service, key.as_deref(), chunk).await });
+                    if pending_tx.send(Ok(task)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            if let Some(Err(error)) = end {
+                let _ = pending_tx.send(Err(error)).await;
             }
         });
         tokio::spawn(async move {
             while let Some(pending) = pending_rx.recv().await {
-                let item = match pending {
+                let items = match pending {
                     Ok(task) => match task.await {
-                        Ok(result) => Ok(outcome(result)),
-                        Err(error) => Err(Status::internal(format!("event task failed: {error}"))),
+                        Ok(results) => results.into_iter().map(|result| Ok(outcome(result))).collect(),
+                        Err(error) => vec![Err(Status::internal(format!("event task failed: {error}")))],
                     },
-                    Err(error) => Err(error),
+                    Err(error) => vec![Err(error)],
                 };
-                if out_tx.send(item).await.is_err() {
-                    break;
+                for item in items {
+                    if out_tx.send(item).await.is_err() {
+                        return;
+                    }
                 }
             }
         });

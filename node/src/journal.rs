@@ -11,11 +11,12 @@
 //! The writer is one OS thread (flushing blocks), looping:
 //! 1. take every queued operation;
 //! 2. append all entries as one `journal` value (key: batch sequence), write
-//!    the queued snapshots, delete acknowledged outbox messages;
+//!    the queued snapshots, delete acknowledged outbox messages, index the
+//!    outbox messages the previous batch left undelivered (see [`Indexer`]);
 //! 3. flush once;
-//! 4. write the indexes derived from the entries (seen ids, outbox, audit):
-//!    in sled's memory at once, durable with the next flush, and rebuilt
-//!    from the journal by recovery if the node dies first;
+//! 4. write the indexes derived from the entries (seen ids, audit): in
+//!    sled's memory at once, durable with the next flush, and rebuilt from
+//!    the journal by recovery if the node dies first;
 //! 5. publish the durable ticket and release whoever waited.
 //!
 //! If a flush fails the writer stops and the node answers 503 from then on:
@@ -26,6 +27,7 @@ use crate::storage::{decode, encode, StorageError, StorageResult, Store};
 use bazaar_observability::Metrics;
 use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::{oneshot, watch};
@@ -116,7 +118,7 @@ impl Journal {
             wake: Condvar::new(),
             durable,
         });
-        let writer = Writer { store, metrics, shared: shared.clone(), next_seq };
+        let writer = Writer { store, metrics, shared: shared.clone(), next_seq, indexer: Indexer::default() };
         let thread = std::thread::Builder::new()
             .name("journal-writer".into())
             .spawn(move || writer.run())
@@ -212,6 +214,7 @@ struct Writer {
     metrics: Arc<Metrics>,
     shared: Arc<Shared>,
     next_seq: u64,
+    indexer: Indexer,
 }
 
 impl Writer {
@@ -232,6 +235,10 @@ impl Writer {
                 self.shared.durable.send_modify(|d| d.failed = true);
                 return;
             }
+        }
+        match self.indexer.finish(&self.store) {
+            Ok(added) => self.metrics.outbox_backlog.add(added),
+            Err(error) => tracing::error!(%error, "indexing the last outbox messages failed; recovery will"),
         }
         if let Err(error) = self.store.flush() {
             tracing::error!(%error, "final journal flush failed");
@@ -264,7 +271,7 @@ impl Writer {
                     for old in self.store.journal.range(..upto.to_be_bytes()).keys() {
                         self.store.journal.remove(old?)?;
                     }
-                    after_flush.push(AfterFlush::Done(Some(done)));
+                    after_flush.push(AfterFlush::Checkpointed(done));
                 }
             }
         }
@@ -272,12 +279,20 @@ impl Writer {
             self.store.journal.insert(self.next_seq.to_be_bytes(), encode(&entries))?;
             self.next_seq += 1;
         }
+        // Carried messages wait for the next commit with entries (recovery
+        // sees only those), but never past a checkpoint, which may drop the
+        // batch of their cause.
+        let checkpointing = after_flush.iter().any(|a| matches!(a, AfterFlush::Checkpointed(_)));
+        let indexed = match entries.is_empty() && !checkpointing {
+            true => 0,
+            false => self.indexer.before_flush(&self.store, &entries)?,
+        };
         self.store.flush()?;
         if !entries.is_empty() {
             self.metrics.journal_flush_seconds.observe(started.elapsed().as_secs_f64());
             self.metrics.journal_batch_entries.observe(entries.len() as f64);
         }
-        let indexed = index(&self.store, &entries)?;
+        self.indexer.after_flush(&self.store, &entries)?;
         self.metrics.outbox_backlog.add(indexed);
         if let Some(ticket) = last_ticket {
             self.shared.durable.send_modify(|d| d.ticket = ticket);
@@ -291,6 +306,9 @@ impl Writer {
                 AfterFlush::Marker(reply) => {
                     let _ = reply.send(self.next_seq);
                 }
+                AfterFlush::Checkpointed(done) => {
+                    let _ = done.send(());
+                }
             }
         }
         Ok(())
@@ -300,37 +318,99 @@ impl Writer {
 enum AfterFlush {
     Done(Option<oneshot::Sender<()>>),
     Marker(oneshot::Sender<u64>),
+    Checkpointed(oneshot::Sender<()>),
 }
 
-/// Writes the derived indexes of `entries`; returns how many outbox
-/// messages it added.
+/// Writes the indexes derived from the journal (`seen`, `outbox`, `audit`),
+/// commit by commit: the writer after each flush, recovery for each batch
+/// of the tail.
 ///
-/// An outbox message whose receiver applied it in this same batch (the
-/// receiver's idempotency record for the message is here too) is durable
-/// together with its cause: no crash can separate them, so it can never
-/// need redelivery and is not indexed. With inline delivery that is most
-/// messages, which saves an insert and a delete per message.
-pub fn index(store: &Store, entries: &[JournalEntry]) -> StorageResult<i64> {
-    let applied: std::collections::HashSet<&[u8]> =
-        entries.iter().filter_map(|entry| entry.seen.as_ref()).map(|(key, _)| key.as_slice()).collect();
-    let mut outbox_added = 0;
-    for entry in entries {
-        if let Some((key, value)) = &entry.seen {
-            store.seen.insert(key.as_slice(), value.as_slice())?;
-        }
-        for (key, value) in &entry.outbox {
-            if crate::outbox::receipt_key(key).is_some_and(|receipt| applied.contains(receipt.as_slice())) {
-                continue;
+/// An outbox message is indexed only if its receiver has not applied it by
+/// the commit after its cause's. A receiver that applied it in the cause's
+/// commit or the next one left its idempotency record in one of the two
+/// commits, so no crash can leave the effect without the cause, or the
+/// cause durable without either the effect or the message waiting in the
+/// outbox: the message can never need redelivery, and saves an insert and
+/// a delete. With inline delivery that is nearly every message. For the
+/// same reason the receiver's record of such a message is not indexed
+/// either when nobody needs its answer again (a score: see
+/// [`crate::outbox::OutboxMessage::needs_receipt`]); a retry of the cause
+/// delivers a score again only while it is in the `outbox` tree.
+#[derive(Default)]
+pub struct Indexer {
+    /// The previous commit's messages whose receivers had not applied them.
+    carried: Vec<Carried>,
+    /// Receipts of carried scores applied in this commit: not indexed.
+    unneeded: HashSet<Vec<u8>>,
+}
+
+struct Carried {
+    receipt: Vec<u8>,
+    record: KeyValue,
+    needs_receipt: bool,
+}
+
+fn applied(entries: &[JournalEntry]) -> HashSet<&[u8]> {
+    entries.iter().filter_map(|entry| entry.seen.as_ref()).map(|(key, _)| key.as_slice()).collect()
+}
+
+impl Indexer {
+    /// Before `entries`' commit is flushed (so that it is durable with
+    /// it): indexes the carried messages whose receivers did not apply them
+    /// in this commit either. Returns how many it added to the outbox.
+    pub fn before_flush(&mut self, store: &Store, entries: &[JournalEntry]) -> StorageResult<i64> {
+        let applied = applied(entries);
+        let mut added = 0;
+        for carried in std::mem::take(&mut self.carried) {
+            if applied.contains(carried.receipt.as_slice()) {
+                if !carried.needs_receipt {
+                    self.unneeded.insert(carried.receipt);
+                }
+            } else if store.outbox.insert(carried.record.0, carried.record.1)?.is_none() {
+                added += 1;
             }
-            if store.outbox.insert(key.as_slice(), value.as_slice())?.is_none() {
-                outbox_added += 1;
-            }
         }
-        for (key, value) in &entry.audit {
-            store.audit.insert(key.as_slice(), value.as_slice())?;
-        }
+        Ok(added)
     }
-    Ok(outbox_added)
+
+    /// After the flush: the idempotency records and the audit; this
+    /// commit's messages that their receivers have not applied yet are
+    /// carried to the next commit.
+    pub fn after_flush(&mut self, store: &Store, entries: &[JournalEntry]) -> StorageResult<()> {
+        let applied = applied(entries);
+        let mut unneeded = std::mem::take(&mut self.unneeded);
+        for entry in entries {
+            for (key, value) in &entry.outbox {
+                let Some(receipt) = crate::outbox::receipt_key(key) else {
+                    return Err(StorageError::Codec(format!(
+                        "outbox key {:?} has no tenant",
+                        String::from_utf8_lossy(key)
+                    )));
+                };
+                let needs_receipt = decode::<crate::outbox::OutboxMessage>(value)?.needs_receipt();
+                if !applied.contains(receipt.as_slice()) {
+                    self.carried.push(Carried { receipt, record: (key.clone(), value.clone()), needs_receipt });
+                } else if !needs_receipt {
+                    unneeded.insert(receipt);
+                }
+            }
+            for (key, value) in &entry.audit {
+                store.audit.insert(key.as_slice(), value.as_slice())?;
+            }
+        }
+        for (key, value) in entries.iter().filter_map(|entry| entry.seen.as_ref()) {
+            if !unneeded.contains(key) {
+                store.seen.insert(key.as_slice(), value.as_slice())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Indexes every carried message (when the writer stops, and at the end
+    /// of recovery). Returns how many it added to the outbox.
+    pub fn finish(&mut self, store: &Store) -> StorageResult<i64> {
+        self.before_flush(store, &[])
+    }
 }
 
 /// One group commit: its sequence number and entries.
@@ -359,31 +439,76 @@ pub fn read_tail(store: &Store) -> StorageResult<(u64, Vec<Batch>)> {
 mod tests {
     use super::*;
 
+    /// The score message event `n` sends.
+    fn message(n: u64) -> crate::outbox::OutboxMessage {
+        let id = |s: &str| bazaar_games::Id::parse(s).expect("id");
+        crate::outbox::OutboxMessage::score("t", &id(&format!("e-{n}")), &id("top"), &id(&format!("c-{n}")), 1, 1)
+    }
+
     fn entry(n: u64) -> JournalEntry {
         JournalEntry {
             entity: format!("t/customer/c-{n}"),
             entity_seq: n,
             change: vec![n as u8],
             seen: Some((format!("t/event/e-{n}").into_bytes(), vec![1])),
-            outbox: vec![(format!("t/m-{n}").into_bytes(), vec![2])],
+            outbox: vec![message(n).record()],
             audit: Vec::new(),
         }
     }
 
     #[test]
-    fn messages_applied_in_the_same_batch_are_not_indexed() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = Store::open(dir.path()).expect("open");
-        let cause = entry(1);
-        let mut receiver = entry(2);
-        // The receiver of the cause's message applied it: its record is here.
-        receiver.seen = Some((b"t/msg/m-1".to_vec(), vec![1]));
-        receiver.outbox.clear();
-        assert_eq!(index(&store, &[cause.clone(), receiver]).expect("indexed"), 0);
-        assert!(store.outbox.get(b"t/m-1").expect("read").is_none());
-        // Alone, the message waits in the outbox for its receiver.
-        assert_eq!(index(&store, &[cause]).expect("indexed"), 1);
-        assert!(store.outbox.get(b"t/m-1").expect("read").is_some());
+    fn messages_applied_by_the_next_commit_are_not_indexed() {
+        use crate::outbox::OutboxMessage;
+        let id = |s: &str| bazaar_games::Id::parse(s).expect("id");
+        let score = OutboxMessage::score("t", &id("e-1"), &id("top"), &id("c-1"), 5, 1);
+        let contribution = OutboxMessage::contribution("t", &id("e-1"), &id("pot"), &id("c-1"), 5, 1, 1);
+        let mut cause = entry(1);
+        cause.outbox = vec![score.record(), contribution.record()];
+        let receipt = |m: &OutboxMessage| crate::outbox::receipt_key(&m.storage_key()).expect("receipt key");
+        let receiver =
+            |m: &OutboxMessage| JournalEntry { seen: Some((receipt(m), vec![1])), outbox: vec![], ..entry(2) };
+        let commit = |indexer: &mut Indexer, store: &Store, entries: &[JournalEntry]| {
+            let added = indexer.before_flush(store, entries).expect("before");
+            indexer.after_flush(store, entries).expect("after");
+            added
+        };
+        let fresh = || {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let store = Store::open(dir.path()).expect("open");
+            (dir, store, Indexer::default())
+        };
+        // The receivers applied the messages in the cause's commit, or in
+        // the next one: nothing waits in the outbox.
+        for split in [false, true] {
+            let (_dir, store, mut indexer) = fresh();
+            let added = if split {
+                commit(&mut indexer, &store, std::slice::from_ref(&cause))
+                    + commit(&mut indexer, &store, &[receiver(&score), receiver(&contribution)])
+            } else {
+                commit(&mut indexer, &store, &[cause.clone(), receiver(&score), receiver(&contribution)])
+            };
+            assert_eq!(added + indexer.finish(&store).expect("finish"), 0, "split {split}");
+            for message in [&score, &contribution] {
+                assert!(store.outbox.get(message.storage_key()).expect("read").is_none(), "{} indexed", message.id);
+            }
+            // A score's record is not needed again; a contribution's answer is.
+            assert!(store.seen.get(receipt(&score)).expect("read").is_none(), "split {split}");
+            assert!(store.seen.get(receipt(&contribution)).expect("read").is_some(), "split {split}");
+            assert!(store.seen.get(b"t/event/e-1").expect("read").is_some());
+        }
+        // Not applied by the next commit: both wait in the outbox, and the
+        // receivers' records are kept when they come.
+        let (_dir, store, mut indexer) = fresh();
+        assert_eq!(commit(&mut indexer, &store, std::slice::from_ref(&cause)), 0);
+        let unrelated = JournalEntry { outbox: vec![], ..entry(3) };
+        assert_eq!(commit(&mut indexer, &store, &[unrelated]), 2);
+        assert_eq!(commit(&mut indexer, &store, &[receiver(&score)]), 0);
+        assert!(store.outbox.get(score.storage_key()).expect("read").is_some());
+        assert!(store.seen.get(receipt(&score)).expect("read").is_some());
+        // A writer that stops indexes what it carries.
+        let (_dir, store, mut indexer) = fresh();
+        commit(&mut indexer, &store, std::slice::from_ref(&cause));
+        assert_eq!(indexer.finish(&store).expect("finish"), 2);
     }
 
     #[tokio::test]
@@ -396,14 +521,19 @@ mod tests {
         assert_eq!(tickets, (1..=50).collect::<Vec<_>>());
         journal.durable(50).await.expect("durable");
         assert!(store.seen.get(b"t/event/e-49").expect("read").is_some());
+        // No receiver applied the messages by the next commit with entries:
+        // they wait in the outbox.
+        journal.submit(entry(50)).expect("open");
+        journal.durable(51).await.expect("durable");
         assert_eq!(metrics.outbox_backlog.get(), 50);
-        journal.outbox_ack(b"t/m-3".to_vec()).expect("open");
+        assert!(store.outbox.get(message(3).storage_key()).expect("read").is_some());
+        journal.outbox_ack(message(3).storage_key()).expect("open");
         let marker = journal.marker().await.expect("marker");
         assert_eq!(metrics.outbox_backlog.get(), 49);
         let (checkpoint, batches) = read_tail(&store).expect("tail");
         assert_eq!(checkpoint, 0);
         let replayed: usize = batches.iter().map(|(_, entries)| entries.len()).sum();
-        assert_eq!(replayed, 50);
+        assert_eq!(replayed, 51);
         journal.checkpoint(marker).await.expect("checkpoint");
         let (checkpoint, batches) = read_tail(&store).expect("tail");
         assert_eq!((checkpoint, batches.len()), (marker, 0));

@@ -95,6 +95,15 @@ impl OutboxMessage {
         }
     }
 
+    /// Whether the receiver's answer to it is needed again after it is
+    /// applied: a contribution's (the purchase's retry answers with it) and
+    /// a draw's (the spin is settled with it). A score's is not, so its
+    /// idempotency record is kept only while the score may be delivered
+    /// again (see [`crate::journal::index`]).
+    pub fn needs_receipt(&self) -> bool {
+        !matches!(self.payload, Payload::Score { .. })
+    }
+
     /// Its key in the `outbox` tree.
     pub fn storage_key(&self) -> Vec<u8> {
         key(&[&self.tenant, &self.id])

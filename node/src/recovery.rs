@@ -38,14 +38,17 @@ pub fn recover(store: &Store, metrics: &Metrics) -> StorageResult<RecoveryReport
     let (checkpoint, batches) = journal::read_tail(store)?;
     let mut report = RecoveryReport { next_seq: checkpoint, batches: batches.len(), entries: 0, entities: 0 };
     let mut tails: BTreeMap<String, Vec<(u64, Vec<u8>)>> = BTreeMap::new();
+    let mut indexer = journal::Indexer::default();
     for (seq, entries) in &batches {
-        journal::index(store, entries)?;
+        indexer.before_flush(store, entries)?;
+        indexer.after_flush(store, entries)?;
         report.entries += entries.len();
         report.next_seq = seq + 1;
         for entry in entries {
             tails.entry(entry.entity.clone()).or_default().push((entry.entity_seq, entry.change.clone()));
         }
     }
+    indexer.finish(store)?;
     report.entities = tails.len();
     for (entity, changes) in &tails {
         match entity.split('/').nth(1) {

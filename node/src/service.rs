@@ -24,6 +24,7 @@ use bazaar_games::wheel::{WheelDef, WonPrize};
 use bazaar_games::Id;
 use bazaar_observability::Metrics;
 use serde::Serialize;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -99,6 +100,119 @@ pub struct Service {
     pub in_flight: KeyedLock,
     /// False until recovery is done and while shutting down.
     pub ready: AtomicBool,
+}
+
+/// A customer's reply to an event.
+struct Applied {
+    answer: EventAnswer,
+    duplicate: bool,
+    ticket: Option<Ticket>,
+}
+
+fn applied_event(reply: Reply<CustomerAnswer>) -> ServiceResult<Applied> {
+    let Reply { answer: CustomerAnswer::Event(answer), duplicate, ticket } = reply else {
+        return Err(ServiceError::internal("a customer answered an event with something else"));
+    };
+    Ok(Applied { answer, duplicate, ticket })
+}
+
+/// The key under which requests with one event id are serialised.
+fn in_flight_key(tenant: &Id, event_id: &Id) -> String {
+    format!("{tenant}/{event_id}")
+}
+
+/// Where an outbox message goes, and the command that delivers it.
+enum Route {
+    /// Its receiver is no longer defined: nothing to deliver.
+    Nowhere,
+    Jackpot(EntityKey, JackpotCommand),
+    Leaderboard(EntityKey, LeaderboardCommand),
+    /// A draw: the wheel draws, then the customer settles.
+    Wheel,
+}
+
+fn route(message: &OutboxMessage, catalog: &Catalog) -> ServiceResult<Route> {
+    let tenant = parse_id("tenant", &message.tenant)?;
+    Ok(match &message.payload {
+        Payload::Contribution { jackpot, .. } => match catalog.jackpots.get(jackpot) {
+            Some(def) => Route::Jackpot(
+                entity(&tenant, EntityKind::Jackpot, jackpot),
+                JackpotCommand::Contribute { message: message.clone(), def: def.clone() },
+            ),
+            None => Route::Nowhere,
+        },
+        Payload::Score { leaderboard, .. } => match catalog.leaderboards.contains_key(leaderboard) {
+            true => Route::Leaderboard(
+                entity(&tenant, EntityKind::Leaderboard, leaderboard),
+                LeaderboardCommand::Score { message: message.clone() },
+            ),
+            false => Route::Nowhere,
+        },
+        Payload::WheelDraw { .. } => Route::Wheel,
+    })
+}
+
+/// The delivery of a contribution, from its jackpot's reply.
+fn contributed(message: &OutboxMessage, reply: Reply<JackpotAnswer>) -> ServiceResult<Delivery> {
+    let Payload::Contribution { jackpot, .. } = &message.payload else {
+        return Err(ServiceError::internal("a contribution's delivery without a contribution"));
+    };
+    let JackpotAnswer::Contributed { outcome, cycle, contributed_minor, pool_minor } = reply.answer else {
+        return Err(ServiceError::internal("a jackpot answered a contribution with something else"));
+    };
+    let hit = match &outcome.hit {
+        Some(hit) if !reply.duplicate => {
+            tracing::info!(tenant = %message.tenant, jackpot = %jackpot, cycle = hit.cycle, customer = %hit.customer,
+                amount_minor = hit.amount_minor, "jackpot hit");
+            Some((jackpot.clone(), api::HitAnswer::from(hit)))
+        }
+        _ => None,
+    };
+    Ok(Delivery {
+        ticket: reply.ticket,
+        jackpot: Some(api::JackpotResult {
+            jackpot: jackpot.clone(),
+            contributed_minor: outcome.contributed_minor,
+            won_minor: outcome.won_minor,
+        }),
+        pool: Some((jackpot.clone(), PoolUpdate { cycle, contributed_minor, pool_minor })),
+        hit,
+        leaderboard: None,
+    })
+}
+
+/// The delivery of a score, from its leaderboard's reply.
+fn scored(message: &OutboxMessage, reply: Reply<LeaderboardAnswer>) -> ServiceResult<Delivery> {
+    let Payload::Score { leaderboard, .. } = &message.payload else {
+        return Err(ServiceError::internal("a score's delivery without a score"));
+    };
+    Ok(Delivery { ticket: reply.ticket, leaderboard: Some(leaderboard.clone()), ..Delivery::default() })
+}
+
+/// Puts the replies of one batched call into `results` at `indexes`; a
+/// failed call fails each of them.
+fn spread<A, T>(
+    results: &mut [Option<ServiceResult<T>>],
+    indexes: Vec<usize>,
+    replies: ServiceResult<Vec<ServiceResult<Reply<A>>>>,
+    mut complete: impl FnMut(usize, Reply<A>) -> ServiceResult<T>,
+) {
+    match replies {
+        Ok(replies) => {
+            let mut replies = replies.into_iter();
+            for index in indexes {
+                results[index] = Some(match replies.next() {
+                    Some(reply) => reply.and_then(|reply| complete(index, reply)),
+                    None => Err(ServiceError::internal("an actor answered fewer requests than it was sent")),
+                });
+            }
+        }
+        Err(error) => {
+            for index in indexes {
+                results[index] = Some(Err(error.clone()));
+            }
+        }
+    }
 }
 
 fn entity(tenant: &Id, kind: EntityKind, id: &Id) -> EntityKey {
@@ -356,71 +470,244 @@ impl Service {
         self.record_validated(&entry, &request).await
     }
 
-    async fn record_validated(
+    /// Records many events of one tenant (a stream's run), each with its own
+    /// answer or error, in order.
+    pub async fn record_events(
         &self,
-        entry: &TenantEntry,
-        request: &api::EventRequest,
-    ) -> ServiceResult<api::EventAnswer> {
+        key: Option<&str>,
+        tenant: &str,
+        requests: Vec<api::EventRequest>,
+    ) -> Vec<ServiceResult<api::EventAnswer>> {
+        match self.authorise(key, tenant, &[Role::Pos]) {
+            Ok((_, entry)) => self.record_many(&entry, requests.into_iter().map(Ok).collect()).await,
+            Err(error) => requests.iter().map(|_| Err(error.clone())).collect(),
+        }
+    }
+
+    /// Validates one event against the clock and the tenant's catalog.
+    fn admit(&self, catalog: &Catalog, request: &api::EventRequest) -> ServiceResult<bazaar_games::event::Event> {
         let max_age = i64::try_from(self.config.max_event_age.as_millis()).unwrap_or(i64::MAX);
         let event = request.validate(now_millis(), max_age)?;
-        let catalog = entry.catalog();
         if let Some(store) = &event.store {
             if !catalog.stores.contains_key(store) {
                 return Err(not_found_field("store", "store", store));
             }
         }
+        Ok(event)
+    }
+
+    async fn record_validated(
+        &self,
+        entry: &TenantEntry,
+        request: &api::EventRequest,
+    ) -> ServiceResult<api::EventAnswer> {
+        let catalog = entry.catalog();
+        let event = self.admit(&catalog, request)?;
         let tenant = &entry.tenant.id;
         // One request per event id at a time: a second request with the
         // same id, even for another customer (another actor), waits and then
         // meets the first one's idempotency record.
-        let _in_flight = self.in_flight.acquire(format!("{tenant}/{}", event.event_id)).await;
+        let _in_flight = self.in_flight.acquire(in_flight_key(tenant, &event.event_id)).await;
         let fingerprint = request.fingerprint(&event);
-        let kind = event.kind.to_string();
         let customer_key = entity(tenant, EntityKind::Customer, &event.customer);
         let reply = self
             .customers
             .call(&customer_key, CustomerCommand::Event { event: event.clone(), fingerprint, catalog: catalog.clone() })
             .await?;
-        let Reply { answer: CustomerAnswer::Event(answer), duplicate, ticket } = reply else {
-            return Err(ServiceError::internal("a customer answered an event with something else"));
-        };
-        let mut last_ticket = ticket;
+        let mut applied = applied_event(reply)?;
+        self.redeliverable(&mut applied).await?;
+        let mut last_ticket = applied.ticket;
         let mut deliveries = Vec::new();
-        for message in &answer.deliveries {
+        for message in &applied.answer.deliveries {
             let delivery = self.deliver(message, &catalog).await?;
             last_ticket = last_ticket.max(delivery.ticket);
             deliveries.push(delivery);
         }
         self.durable(last_ticket).await?;
-        for message in &answer.deliveries {
+        for message in &applied.answer.deliveries {
             self.journal.outbox_ack(message.storage_key())?;
         }
         for delivery in &deliveries {
             self.publish(tenant.as_str(), delivery);
         }
-        let jackpots = deliveries.into_iter().filter_map(|d| d.jackpot).collect();
-        if duplicate {
+        Ok(self.answered(tenant, &event, applied, deliveries))
+    }
+
+    /// Records many events of one tenant and answers each, in order. Each
+    /// customer gets its events as one actor message, each jackpot and
+    /// leaderboard its deliveries as one, and the whole batch waits for one
+    /// durable ticket; every event still has its own answer, idempotency
+    /// record and error.
+    pub async fn record_many(
+        &self,
+        entry: &TenantEntry,
+        requests: Vec<ServiceResult<api::EventRequest>>,
+    ) -> Vec<ServiceResult<api::EventAnswer>> {
+        let catalog = entry.catalog();
+        let tenant = &entry.tenant.id;
+        let mut results: Vec<Option<ServiceResult<api::EventAnswer>>> = requests.iter().map(|_| None).collect();
+        // The events that go now, and those repeating an id of this batch:
+        // they go afterwards, one by one, and meet its idempotency record.
+        let mut admitted = Vec::new();
+        let mut repeated = Vec::new();
+        let mut ids = std::collections::HashSet::new();
+        for (index, request) in requests.into_iter().enumerate() {
+            match request.and_then(|request| self.admit(&catalog, &request).map(|event| (request, event))) {
+                Err(error) => results[index] = Some(Err(error)),
+                Ok((request, event)) if !ids.insert(event.event_id.clone()) => repeated.push((index, request)),
+                Ok((request, event)) => admitted.push((index, request.fingerprint(&event), event)),
+            }
+        }
+        // Taken in one global order, so two batches sharing ids cannot
+        // deadlock.
+        let mut keys: Vec<String> =
+            admitted.iter().map(|(_, _, event)| in_flight_key(tenant, &event.event_id)).collect();
+        keys.sort_unstable();
+        let mut guards = Vec::with_capacity(keys.len());
+        for key in keys {
+            guards.push(self.in_flight.acquire(key).await);
+        }
+
+        let mut by_customer: HashMap<EntityKey, (Vec<usize>, Vec<CustomerCommand>)> = HashMap::new();
+        for (position, (_, fingerprint, event)) in admitted.iter().enumerate() {
+            let (positions, commands) =
+                by_customer.entry(entity(tenant, EntityKind::Customer, &event.customer)).or_default();
+            positions.push(position);
+            commands.push(CustomerCommand::Event {
+                event: event.clone(),
+                fingerprint: *fingerprint,
+                catalog: catalog.clone(),
+            });
+        }
+        let calls = by_customer.into_iter().map(|(key, (positions, commands))| async move {
+            (positions, self.customers.call_many(&key, commands).await)
+        });
+        let mut applied: Vec<Option<ServiceResult<Applied>>> = admitted.iter().map(|_| None).collect();
+        for (positions, replies) in futures_util::future::join_all(calls).await {
+            spread(&mut applied, positions, replies, |_, reply| applied_event(reply));
+        }
+        let mut applied: Vec<ServiceResult<Applied>> = applied
+            .into_iter()
+            .map(|a| a.unwrap_or_else(|| Err(ServiceError::internal("an event of the batch was not applied"))))
+            .collect();
+        for slot in applied.iter_mut().filter(|a| a.as_ref().is_ok_and(|a| a.duplicate)) {
+            if let Ok(retried) = slot {
+                if let Err(error) = self.redeliverable(retried).await {
+                    *slot = Err(error);
+                }
+            }
+        }
+
+        let (owners, messages): (Vec<usize>, Vec<&OutboxMessage>) = applied
+            .iter()
+            .enumerate()
+            .filter_map(|(position, a)| a.as_ref().ok().map(|a| (position, a)))
+            .flat_map(|(position, a)| a.answer.deliveries.iter().map(move |m| (position, m)))
+            .unzip();
+        let mut delivered: Vec<ServiceResult<Vec<Delivery>>> = admitted.iter().map(|_| Ok(Vec::new())).collect();
+        for (owner, delivery) in owners.into_iter().zip(self.deliver_many(&messages, &catalog).await) {
+            match (&mut delivered[owner], delivery) {
+                (Ok(deliveries), Ok(delivery)) => deliveries.push(delivery),
+                (slot @ Ok(_), Err(error)) => *slot = Err(error),
+                (Err(_), _) => {}
+            }
+        }
+
+        // One wait for the whole batch, then acknowledgements and watchers.
+        let last_ticket = applied
+            .iter()
+            .zip(&delivered)
+            .filter_map(|(a, d)| Some((a.as_ref().ok()?, d.as_ref().ok()?)))
+            .flat_map(|(a, d)| std::iter::once(a.ticket).chain(d.iter().map(|d| d.ticket)))
+            .max()
+            .flatten();
+        let durable = self.durable(last_ticket).await;
+        let mut leaderboards = std::collections::HashSet::new();
+        for (((index, _, event), applied), delivered) in admitted.iter().zip(applied).zip(delivered) {
+            results[*index] = Some(match (applied, delivered, &durable) {
+                (Err(error), _, _) | (_, Err(error), _) => Err(error),
+                (_, _, Err(error)) => Err(error.clone()),
+                (Ok(applied), Ok(deliveries), Ok(())) => {
+                    for message in &applied.answer.deliveries {
+                        if let Err(error) = self.journal.outbox_ack(message.storage_key()) {
+                            tracing::warn!(%error, message = %message.id, "outbox acknowledgement not queued");
+                        }
+                    }
+                    for delivery in &deliveries {
+                        // A leaderboard's watchers need one nudge per batch.
+                        let nudged = delivery.leaderboard.as_ref().is_some_and(|l| !leaderboards.insert(l.clone()));
+                        if !nudged {
+                            self.publish(tenant.as_str(), delivery);
+                        }
+                    }
+                    Ok(self.answered(tenant, event, applied, deliveries))
+                }
+            });
+        }
+        drop(guards);
+        for (index, request) in repeated {
+            results[index] = Some(self.record_validated(entry, &request).await);
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(ServiceError::internal("an event of the batch was lost"))))
+            .collect()
+    }
+
+    /// Drops from a retry's deliveries the scores that need no delivery:
+    /// a score applied together with its cause leaves its receiver no
+    /// record to recognise it by (see [`crate::journal::index`]), and is
+    /// delivered again only while it waits in the `outbox` tree.
+    async fn redeliverable(&self, applied: &mut Applied) -> ServiceResult<()> {
+        if !applied.duplicate || applied.answer.deliveries.iter().all(OutboxMessage::needs_receipt) {
+            return Ok(());
+        }
+        // Once the cause is durable, the `outbox` tree says which wait.
+        self.durable(applied.ticket).await?;
+        let mut waiting = Vec::new();
+        for message in std::mem::take(&mut applied.answer.deliveries) {
+            let pending =
+                self.store.outbox.contains_key(message.storage_key()).map_err(crate::storage::StorageError::from)?;
+            if message.needs_receipt() || pending {
+                waiting.push(message);
+            }
+        }
+        applied.answer.deliveries = waiting;
+        Ok(())
+    }
+
+    /// Counts a recorded event and builds its public answer.
+    fn answered(
+        &self,
+        tenant: &Id,
+        event: &bazaar_games::event::Event,
+        applied: Applied,
+        deliveries: Vec<Delivery>,
+    ) -> api::EventAnswer {
+        if applied.duplicate {
             self.metrics.events_duplicate.with_label_values(&[tenant.as_str()]).inc();
         } else {
+            let kind = event.kind.to_string();
             self.metrics.events_ingested.with_label_values(&[tenant.as_str(), kind_label(&kind)]).inc();
         }
-        Ok(api::EventAnswer {
-            event_id: event.event_id,
-            duplicate,
+        let answer = applied.answer;
+        api::EventAnswer {
+            event_id: event.event_id.clone(),
+            duplicate: applied.duplicate,
             points_earned: answer.points_earned,
             points_balance: answer.points_balance,
             tier: answer.tier,
             spins_granted: answer.spins_granted,
             missions: answer.missions,
             coupons: answer.coupons,
-            jackpots,
-        })
+            jackpots: deliveries.into_iter().filter_map(|d| d.jackpot).collect(),
+        }
     }
 
     /// Records up to [`api::MAX_BATCH`] events; each gets its own answer or
     /// error, in order.
     pub async fn record_batch(
-        self: &Arc<Self>,
+        &self,
         key: Option<&str>,
         tenant: &str,
         request: api::BatchRequest,
@@ -429,93 +716,85 @@ impl Service {
         if api::MAX_BATCH < request.events.len() {
             return Err(ServiceError::invalid("events", format!("must hold at most {} events", api::MAX_BATCH)));
         }
-        let mut tasks = tokio::task::JoinSet::new();
-        for (index, value) in request.events.into_iter().enumerate() {
-            let service = self.clone();
-            let entry = entry.clone();
-            tasks.spawn(async move {
-                let result = match crate::http::from_json_value::<api::EventRequest>(value) {
-                    Ok(request) => service.record_validated(&entry, &request).await,
-                    Err(error) => Err(error),
-                };
-                let result = result.map_err(|mut e| {
+        let requests = request.events.into_iter().map(crate::http::from_json_value::<api::EventRequest>).collect();
+        let results = self.record_many(&entry, requests).await;
+        Ok(results
+            .into_iter()
+            .enumerate()
+            .map(|(index, result)| {
+                result.map_err(|mut e| {
                     e.field = Some(match e.field.take() {
                         Some(field) => format!("events[{index}].{field}"),
                         None => format!("events[{index}]"),
                     });
                     e
-                });
-                (index, result)
-            });
-        }
-        let mut results: Vec<Option<Result<api::EventAnswer, ServiceError>>> = Vec::new();
-        results.resize_with(tasks.len(), || None);
-        while let Some(joined) = tasks.join_next().await {
-            let (index, result) = joined.map_err(ServiceError::internal)?;
-            results[index] = Some(result);
-        }
-        Ok(results
-            .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(ServiceError::internal("an event of the batch was lost"))))
+                })
+            })
             .collect())
     }
 
     /// Delivers one outbox message to its receiver.
     async fn deliver(&self, message: &OutboxMessage, catalog: &Catalog) -> ServiceResult<Delivery> {
-        let tenant = parse_id("tenant", &message.tenant)?;
-        match &message.payload {
-            Payload::Contribution { jackpot, .. } => {
-                let Some(def) = catalog.jackpots.get(jackpot) else {
-                    return Ok(Delivery::default());
-                };
-                let reply = self
-                    .jackpots
-                    .call(
-                        &entity(&tenant, EntityKind::Jackpot, jackpot),
-                        JackpotCommand::Contribute { message: message.clone(), def: def.clone() },
-                    )
-                    .await?;
-                let JackpotAnswer::Contributed { outcome, cycle, contributed_minor, pool_minor } = reply.answer else {
-                    return Err(ServiceError::internal("a jackpot answered a contribution with something else"));
-                };
-                let hit = match &outcome.hit {
-                    Some(hit) if !reply.duplicate => {
-                        tracing::info!(tenant = %tenant, jackpot = %jackpot, cycle = hit.cycle, customer = %hit.customer,
-                            amount_minor = hit.amount_minor, "jackpot hit");
-                        Some((jackpot.clone(), api::HitAnswer::from(hit)))
-                    }
-                    _ => None,
-                };
-                Ok(Delivery {
-                    ticket: reply.ticket,
-                    jackpot: Some(api::JackpotResult {
-                        jackpot: jackpot.clone(),
-                        contributed_minor: outcome.contributed_minor,
-                        won_minor: outcome.won_minor,
-                    }),
-                    pool: Some((jackpot.clone(), PoolUpdate { cycle, contributed_minor, pool_minor })),
-                    hit,
-                    leaderboard: None,
-                })
-            }
-            Payload::Score { leaderboard, .. } => {
-                if !catalog.leaderboards.contains_key(leaderboard) {
-                    return Ok(Delivery::default());
-                }
-                let reply = self
-                    .leaderboards
-                    .call(
-                        &entity(&tenant, EntityKind::Leaderboard, leaderboard),
-                        LeaderboardCommand::Score { message: message.clone() },
-                    )
-                    .await?;
-                Ok(Delivery { ticket: reply.ticket, leaderboard: Some(leaderboard.clone()), ..Delivery::default() })
-            }
-            Payload::WheelDraw { .. } => {
+        match route(message, catalog)? {
+            Route::Nowhere => Ok(Delivery::default()),
+            Route::Jackpot(key, command) => contributed(message, self.jackpots.call(&key, command).await?),
+            Route::Leaderboard(key, command) => scored(message, self.leaderboards.call(&key, command).await?),
+            Route::Wheel => {
                 let (_, ticket) = self.settle_draw(message, catalog).await?;
                 Ok(Delivery { ticket, ..Delivery::default() })
             }
         }
+    }
+
+    /// Delivers many outbox messages: one actor message per receiving
+    /// jackpot or leaderboard, carrying its messages in their order.
+    /// Answers in the messages' order.
+    async fn deliver_many(&self, messages: &[&OutboxMessage], catalog: &Catalog) -> Vec<ServiceResult<Delivery>> {
+        let mut results: Vec<Option<ServiceResult<Delivery>>> = messages.iter().map(|_| None).collect();
+        let mut jackpots: HashMap<EntityKey, (Vec<usize>, Vec<JackpotCommand>)> = HashMap::new();
+        let mut leaderboards: HashMap<EntityKey, (Vec<usize>, Vec<LeaderboardCommand>)> = HashMap::new();
+        let mut draws = Vec::new();
+        for (index, message) in messages.iter().enumerate() {
+            match route(message, catalog) {
+                Err(error) => results[index] = Some(Err(error)),
+                Ok(Route::Nowhere) => results[index] = Some(Ok(Delivery::default())),
+                Ok(Route::Jackpot(key, command)) => {
+                    let (indexes, commands) = jackpots.entry(key).or_default();
+                    indexes.push(index);
+                    commands.push(command);
+                }
+                Ok(Route::Leaderboard(key, command)) => {
+                    let (indexes, commands) = leaderboards.entry(key).or_default();
+                    indexes.push(index);
+                    commands.push(command);
+                }
+                Ok(Route::Wheel) => draws.push(index),
+            }
+        }
+        let jackpot_calls = jackpots
+            .into_iter()
+            .map(|(key, (indexes, commands))| async move { (indexes, self.jackpots.call_many(&key, commands).await) });
+        let leaderboard_calls = leaderboards.into_iter().map(|(key, (indexes, commands))| async move {
+            (indexes, self.leaderboards.call_many(&key, commands).await)
+        });
+        let (jackpot_replies, leaderboard_replies) = futures_util::future::join(
+            futures_util::future::join_all(jackpot_calls),
+            futures_util::future::join_all(leaderboard_calls),
+        )
+        .await;
+        for (indexes, replies) in jackpot_replies {
+            spread(&mut results, indexes, replies, |index, reply| contributed(messages[index], reply));
+        }
+        for (indexes, replies) in leaderboard_replies {
+            spread(&mut results, indexes, replies, |index, reply| scored(messages[index], reply));
+        }
+        for index in draws {
+            results[index] = Some(self.deliver(messages[index], catalog).await);
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(ServiceError::internal("an outbox message was not delivered"))))
+            .collect()
     }
 
     /// Tells watchers what a durable delivery changed.

@@ -1,6 +1,7 @@
 //! Durability: an acknowledged event survives `kill -9`, retries never
 //! count twice, no jackpot is paid twice, and the books balance after
-//! recovery. Also graceful shutdown, passivation and restart.
+//! recovery, for single events and batches alike. Also graceful shutdown,
+//! passivation and restart.
 
 use bazaar_tests::{assert_books_balance, Mall, Node};
 use serde_json::{json, Value};
@@ -33,20 +34,42 @@ fn acknowledged_events_survive_kill_9_and_are_applied_exactly_once() {
     for client in 0..CLIENTS {
         let (pos, path) = (mall.pos.clone(), mall.path("events"));
         let (acked, sent, stop) = (acked.clone(), sent.clone(), stop.clone());
+        // Odd clients send batches (one actor message per customer and per
+        // receiver, one wait for the batch), even ones single events.
+        let batch = if client % 2 == 1 { 10 } else { 1 };
+        let batch_path = mall.path("events/batch");
         threads.push(std::thread::spawn(move || {
-            for n in 0..5_000 {
+            for first in (0..5_000).step_by(batch) {
                 if stop.load(Ordering::SeqCst) {
                     break;
                 }
-                let event_id = format!("till-{client}-{n:05}");
-                let customer = format!("c-{}", (client * 31 + n) % CUSTOMERS);
-                let body = Mall::purchase(&event_id, &customer, &format!("s-{}", n % 4 + 1), amount(client, n));
-                sent.lock().expect("lock").insert(event_id.clone(), body.clone());
-                match pos.try_post(&path, body) {
-                    Ok(answer) if answer.status == 200 => {
-                        acked.lock().expect("lock").insert(event_id, answer.body);
+                let bodies: Vec<(String, Value)> = (first..first + batch)
+                    .map(|n| {
+                        let event_id = format!("till-{client}-{n:05}");
+                        let customer = format!("c-{}", (client * 31 + n) % CUSTOMERS);
+                        let store = format!("s-{}", n % 4 + 1);
+                        (event_id.clone(), Mall::purchase(&event_id, &customer, &store, amount(client, n)))
+                    })
+                    .collect();
+                sent.lock().expect("lock").extend(bodies.iter().cloned());
+                let answered = if batch == 1 {
+                    pos.try_post(&path, bodies[0].1.clone()).map(|answer| (answer.status, vec![answer.body]))
+                } else {
+                    let events: Vec<Value> = bodies.iter().map(|(_, body)| body.clone()).collect();
+                    pos.try_post(&batch_path, json!({ "events": events })).map(|answer| {
+                        let results = answer.body["results"].as_array().cloned().unwrap_or_default();
+                        (answer.status, results)
+                    })
+                };
+                match answered {
+                    Ok((200, answers)) => {
+                        assert_eq!(answers.len(), bodies.len());
+                        for ((event_id, _), answer) in bodies.into_iter().zip(answers) {
+                            assert!(answer.get("error").is_none(), "{event_id} failed before the crash: {answer}");
+                            acked.lock().expect("lock").insert(event_id, answer);
+                        }
                     }
-                    Ok(answer) => panic!("unexpected answer before the crash: {}", answer.text),
+                    Ok((status, _)) => panic!("unexpected answer before the crash: {status}"),
                     Err(_) => break,
                 }
             }
