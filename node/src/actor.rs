@@ -40,6 +40,8 @@ pub struct NodeShared {
     pub idle_timeout: Duration,
     /// An active actor writes a snapshot after this many entries.
     pub snapshot_every: u32,
+    /// Snapshots recovery has not written yet.
+    pub recovered: crate::recovery::Recovered,
 }
 
 /// The idempotency key of a command: retries with the same scope and id get
@@ -80,9 +82,17 @@ impl<A> Handled<A> {
 /// What a handler may use besides the state.
 pub struct Env<'a> {
     pub key: &'a EntityKey,
-    pub rng: &'a mut ChaCha20Rng,
+    rng: &'a mut Option<Box<ChaCha20Rng>>,
     pub now: UnixMillis,
     pub metrics: &'a Metrics,
+}
+
+impl Env<'_> {
+    /// The entity's own CSPRNG, seeded from the OS on first use: customers
+    /// never draw, and a million of them need not carry a generator each.
+    pub fn rng(&mut self) -> &mut ChaCha20Rng {
+        self.rng.get_or_insert_with(|| Box::new(ChaCha20Rng::from_entropy()))
+    }
 }
 
 /// An entity kind, as the actor shell sees it.
@@ -110,6 +120,11 @@ pub trait Entity: Sized + Unpin + 'static {
     fn snapshot_every(configured: u32) -> u32 {
         configured
     }
+
+    /// Whether a journaled change is the whole new state, encoded as a
+    /// snapshot's state is (recovery then keeps only the last one).
+    /// Entities that journal operations say no and implement `replay`.
+    const JOURNALS_STATE: bool = true;
 
     /// Applies a journaled change during recovery. By default the change is
     /// the whole new state.
@@ -179,8 +194,8 @@ pub struct EntityActor<E: Entity> {
     inflight_order: VecDeque<(Ticket, Vec<u8>)>,
     node: Arc<NodeShared>,
     registry: Weak<Registry<E>>,
-    /// The entity's own CSPRNG, seeded from the OS at activation.
-    rng: ChaCha20Rng,
+    /// The entity's own CSPRNG, seeded from the OS when first needed.
+    rng: Option<Box<ChaCha20Rng>>,
     last_active: Instant,
     passivating: bool,
     /// Set when a journal submission failed: the state holds a change the
@@ -425,25 +440,38 @@ impl<E: Entity> Registry<E> {
             }
         }
         let storage_key = entity.to_string();
-        let (state, entity_seq) =
-            match self.node.store.snapshots.get(storage_key.as_bytes()).map_err(crate::storage::StorageError::from)? {
-                Some(bytes) => {
-                    let snapshot: Snapshot = decode(&bytes)?;
-                    (decode::<E::State>(&snapshot.state)?, snapshot.entity_seq)
+        let restore = |snapshot: &Snapshot| Ok((decode::<E::State>(&snapshot.state)?, snapshot.entity_seq));
+        // A snapshot recovery has not written yet is written by this actor
+        // at the next checkpoint.
+        let (state, entity_seq, unwritten) = match self.node.recovered.take_with(&storage_key, restore)? {
+            Some((state, entity_seq)) => (state, entity_seq, 1),
+            None => {
+                match self
+                    .node
+                    .store
+                    .snapshots
+                    .get(storage_key.as_bytes())
+                    .map_err(crate::storage::StorageError::from)?
+                {
+                    Some(bytes) => {
+                        let (state, entity_seq) = restore(&decode(&bytes)?)?;
+                        (state, entity_seq, 0)
+                    }
+                    None => (E::State::default(), 0, 0),
                 }
-                None => (E::State::default(), 0),
-            };
+            }
+        };
         let actor = EntityActor::<E> {
             key: entity.clone(),
             storage_key,
             state,
             entity_seq,
-            entries_since_snapshot: 0,
+            entries_since_snapshot: unwritten,
             inflight: HashMap::new(),
             inflight_order: VecDeque::new(),
             node: self.node.clone(),
             registry: self.this.clone(),
-            rng: ChaCha20Rng::from_entropy(),
+            rng: None,
             last_active: Instant::now(),
             passivating: false,
             stopping: false,
@@ -466,6 +494,11 @@ impl<E: Entity> Registry<E> {
             self.node.metrics.passivations.with_label_values(&[kind]).inc();
             self.node.metrics.active_actors.with_label_values(&[kind]).dec();
         }
+    }
+
+    /// What the actors of this node share.
+    pub fn node(&self) -> &Arc<NodeShared> {
+        &self.node
     }
 
     /// How many actors are in memory.

@@ -58,6 +58,10 @@ pub struct ServeArgs {
     /// Largest request body accepted, in bytes [default: 1048576].
     #[arg(long, env = "BAZAAR_MAX_BODY_BYTES", value_name = "BYTES")]
     pub max_body_bytes: Option<usize>,
+    /// Memory for sled's page cache, in bytes [default: 268435456]. Active
+    /// entities live in the actors; the cache holds what is read back.
+    #[arg(long, env = "BAZAAR_CACHE_BYTES", value_name = "BYTES")]
+    pub cache_bytes: Option<u64>,
     /// Log format [default: text].
     #[arg(long, env = "BAZAAR_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormatArg>,
@@ -92,6 +96,7 @@ struct FileConfig {
     snapshot_every: Option<u32>,
     actor_threads: Option<usize>,
     max_body_bytes: Option<usize>,
+    cache_bytes: Option<u64>,
     log_format: Option<LogFormatArg>,
     log: Option<String>,
 }
@@ -121,6 +126,7 @@ pub struct NodeConfig {
     pub snapshot_every: u32,
     pub actor_threads: usize,
     pub max_body_bytes: usize,
+    pub cache_bytes: u64,
     pub log_format: LogFormat,
     pub log: String,
 }
@@ -170,6 +176,7 @@ impl NodeConfig {
                 .or(file.actor_threads)
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
             max_body_bytes: args.max_body_bytes.or(file.max_body_bytes).unwrap_or(1 << 20),
+            cache_bytes: args.cache_bytes.or(file.cache_bytes).unwrap_or(crate::storage::DEFAULT_CACHE_BYTES),
             log_format: match args.log_format.or(file.log_format) {
                 Some(LogFormatArg::Json) => LogFormat::Json,
                 _ => LogFormat::Text,
@@ -212,6 +219,9 @@ impl NodeConfig {
         }
         if !(1024..=64 << 20).contains(&self.max_body_bytes) {
             return invalid("max_body_bytes", "must be between 1024 and 67108864");
+        }
+        if self.cache_bytes < 1 << 20 {
+            return invalid("cache_bytes", "must be at least 1048576 (1 MiB)");
         }
         Ok(())
     }

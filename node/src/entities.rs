@@ -239,7 +239,7 @@ impl Entity for WheelEntity {
                     return Err(ServiceError::internal("a wheel received a message that is not a draw"));
                 };
                 let wheel = Id::parse(&env.key.id).map_err(ServiceError::internal)?;
-                let Ok(draw) = state.draw(&wheel, &def, env.rng) else {
+                let Ok(draw) = state.draw(&wheel, &def, env.rng()) else {
                     return Ok(Handled::read(WheelAnswer::Exhausted));
                 };
                 let audit =
@@ -319,7 +319,7 @@ impl Entity for JackpotEntity {
                 if state.is_some() {
                     return Ok(Handled::read(JackpotAnswer::State(state.clone())));
                 }
-                let started = JackpotState::start(&def, env.rng);
+                let started = JackpotState::start(&def, env.rng());
                 env.metrics.jackpot_pool.with_label_values(&labels).set(started.pool_minor);
                 *state = Some(started);
                 let mut handled = Handled::changed(JackpotAnswer::State(state.clone()));
@@ -330,9 +330,9 @@ impl Entity for JackpotEntity {
                 let crate::outbox::Payload::Contribution { customer, amount_minor, at, .. } = &message.payload else {
                     return Err(ServiceError::internal("a jackpot received a message that is not a contribution"));
                 };
-                let jackpot = state.get_or_insert_with(|| JackpotState::start(&def, env.rng));
+                let jackpot = state.get_or_insert_with(|| JackpotState::start(&def, env.rng()));
                 let pool_before = jackpot.pool_minor;
-                let outcome = jackpot.contribute(&def, customer, *amount_minor, *at, env.rng);
+                let outcome = jackpot.contribute(&def, customer, *amount_minor, *at, env.rng());
                 env.metrics.jackpot_pool.with_label_values(&labels).set(jackpot.pool_minor);
                 env.metrics
                     .jackpot_contributed
@@ -421,6 +421,8 @@ impl Entity for LeaderboardEntity {
             })),
         }
     }
+
+    const JOURNALS_STATE: bool = false;
 
     fn snapshot_every(_configured: u32) -> u32 {
         u32::MAX

@@ -248,6 +248,8 @@ impl Writer {
     fn commit(&mut self, ops: Vec<(Ticket, Op)>) -> StorageResult<()> {
         let started = Instant::now();
         let mut entries = Vec::new();
+        let mut snapshots = Vec::new();
+        let mut checkpoint = None;
         let mut last_ticket = None;
         let mut after_flush = Vec::new();
         for (ticket, op) in ops {
@@ -257,7 +259,7 @@ impl Writer {
                     last_ticket = Some(ticket);
                 }
                 Op::Snapshot { key, value, done } => {
-                    self.store.snapshots.insert(key, value)?;
+                    snapshots.push((key, value));
                     after_flush.push(AfterFlush::Done(done));
                 }
                 Op::OutboxAck(key) => {
@@ -267,26 +269,35 @@ impl Writer {
                 }
                 Op::Marker(reply) => after_flush.push(AfterFlush::Marker(reply)),
                 Op::Checkpoint { upto, done } => {
-                    self.store.meta.insert(CHECKPOINT_KEY, &upto.to_be_bytes())?;
-                    for old in self.store.journal.range(..upto.to_be_bytes()).keys() {
-                        self.store.journal.remove(old?)?;
-                    }
+                    checkpoint = Some(upto);
                     after_flush.push(AfterFlush::Checkpointed(done));
                 }
             }
         }
+        // sled persists writes in the order they are made, so they go in
+        // the order that keeps every prefix consistent: the entries, the
+        // outbox messages carried from the previous batch, the snapshots
+        // (which may cover these entries), then the checkpoint (which relies
+        // on the snapshots and may drop the carried messages' batch).
         if !entries.is_empty() {
             self.store.journal.insert(self.next_seq.to_be_bytes(), encode(&entries))?;
             self.next_seq += 1;
         }
         // Carried messages wait for the next commit with entries (recovery
-        // sees only those), but never past a checkpoint, which may drop the
-        // batch of their cause.
-        let checkpointing = after_flush.iter().any(|a| matches!(a, AfterFlush::Checkpointed(_)));
-        let indexed = match entries.is_empty() && !checkpointing {
+        // sees only those), but never past a checkpoint.
+        let indexed = match entries.is_empty() && checkpoint.is_none() {
             true => 0,
             false => self.indexer.before_flush(&self.store, &entries)?,
         };
+        for (key, value) in snapshots {
+            self.store.snapshots.insert(key, value)?;
+        }
+        if let Some(upto) = checkpoint {
+            self.store.meta.insert(CHECKPOINT_KEY, &upto.to_be_bytes())?;
+            for old in self.store.journal.range(..upto.to_be_bytes()).keys() {
+                self.store.journal.remove(old?)?;
+            }
+        }
         self.store.flush()?;
         if !entries.is_empty() {
             self.metrics.journal_flush_seconds.observe(started.elapsed().as_secs_f64());
@@ -342,6 +353,10 @@ pub struct Indexer {
     carried: Vec<Carried>,
     /// Receipts of carried scores applied in this commit: not indexed.
     unneeded: HashSet<Vec<u8>>,
+    /// In recovery, every receiver record of the journal tail: a message
+    /// applied anywhere in it replays with its effect and is not indexed
+    /// (at run time it was acknowledged, which the journal does not hold).
+    applied_later: HashSet<Vec<u8>>,
 }
 
 struct Carried {
@@ -355,6 +370,18 @@ fn applied(entries: &[JournalEntry]) -> HashSet<&[u8]> {
 }
 
 impl Indexer {
+    /// The indexer recovery uses for the journal tail `batches`.
+    pub fn recovering(batches: &[Batch]) -> Self {
+        let applied_later = batches
+            .iter()
+            .flat_map(|(_, entries)| entries)
+            .filter_map(|entry| entry.seen.as_ref())
+            .filter(|(key, _)| crate::outbox::is_receipt(key))
+            .map(|(key, _)| key.clone())
+            .collect();
+        Self { applied_later, ..Self::default() }
+    }
+
     /// Before `entries`' commit is flushed (so that it is durable with
     /// it): indexes the carried messages whose receivers did not apply them
     /// in this commit either. Returns how many it added to the outbox.
@@ -366,6 +393,8 @@ impl Indexer {
                 if !carried.needs_receipt {
                     self.unneeded.insert(carried.receipt);
                 }
+            } else if self.applied_later.contains(&carried.receipt) {
+                // Applied in a later commit of the tail: its record is kept.
             } else if store.outbox.insert(carried.record.0, carried.record.1)?.is_none() {
                 added += 1;
             }
@@ -501,10 +530,21 @@ mod tests {
         let (_dir, store, mut indexer) = fresh();
         assert_eq!(commit(&mut indexer, &store, std::slice::from_ref(&cause)), 0);
         let unrelated = JournalEntry { outbox: vec![], ..entry(3) };
-        assert_eq!(commit(&mut indexer, &store, &[unrelated]), 2);
+        assert_eq!(commit(&mut indexer, &store, std::slice::from_ref(&unrelated)), 2);
         assert_eq!(commit(&mut indexer, &store, &[receiver(&score)]), 0);
         assert!(store.outbox.get(score.storage_key()).expect("read").is_some());
         assert!(store.seen.get(receipt(&score)).expect("read").is_some());
+        // Recovery knows the whole tail: a message applied anywhere in it
+        // replays with its effect and needs no redelivery.
+        let (_dir, store, _) = fresh();
+        let tail: Vec<Batch> =
+            vec![(0, vec![cause.clone()]), (1, vec![unrelated.clone()]), (2, vec![receiver(&contribution)])];
+        let mut recovering = Indexer::recovering(&tail);
+        let added: i64 = tail.iter().map(|(_, entries)| commit(&mut recovering, &store, entries)).sum();
+        assert_eq!(added + recovering.finish(&store).expect("finish"), 1, "only the score waits");
+        assert!(store.outbox.get(score.storage_key()).expect("read").is_some());
+        assert!(store.seen.get(receipt(&contribution)).expect("read").is_some());
+        assert!(crate::outbox::is_receipt(&receipt(&score)) && !crate::outbox::is_receipt(b"t/event/e-1"));
         // A writer that stops indexes what it carries.
         let (_dir, store, mut indexer) = fresh();
         commit(&mut indexer, &store, std::slice::from_ref(&cause));

@@ -77,11 +77,11 @@ pub async fn serve_with(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create the data directory {}", config.data_dir.display()))?;
-    let store = Store::open(&config.data_dir).with_context(|| {
+    let store = Store::open_with_cache(&config.data_dir, config.cache_bytes).with_context(|| {
         format!("cannot open the data directory {} (is another bazaar using it?)", config.data_dir.display())
     })?;
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);
-    let report = recovery::recover(&store, &metrics).context("recovering the journal")?;
+    let (report, recovered) = recovery::recover(&store, &metrics).context("recovering the journal")?;
     let (journal, writer) = Journal::start(store.clone(), metrics.clone(), report.next_seq);
 
     let arbiters: Vec<Arbiter> = (0..config.actor_threads).map(|_| Arbiter::new()).collect();
@@ -92,6 +92,7 @@ pub async fn serve_with(
         metrics: metrics.clone(),
         idle_timeout: config.idle_timeout,
         snapshot_every: config.snapshot_every,
+        recovered,
     });
     let tenancy = Tenancy::load(store.clone(), config.admin_key.as_deref()).context("loading tenants and keys")?;
     let service = Arc::new(Service {
@@ -141,6 +142,13 @@ pub async fn serve_with(
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop.send(true);
+    });
+    // Write the snapshots recovery left in memory, a slice at a time.
+    let writing = service.clone();
+    tokio::spawn(async move {
+        if let Err(error) = writing.write_recovered().await {
+            tracing::warn!(%error, "writing recovered snapshots failed; the next checkpoint retries");
+        }
     });
     let housekeeping = tokio::spawn(housekeeping(
         service.clone(),

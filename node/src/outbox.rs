@@ -31,6 +31,11 @@ pub fn receipt_key(outbox_key: &[u8]) -> Option<Vec<u8>> {
     Some(key)
 }
 
+/// Whether a `seen` key is a receiver's record of a message.
+pub fn is_receipt(seen_key: &[u8]) -> bool {
+    seen_key.split(|b| *b == b'/').nth(1) == Some(MESSAGE_SCOPE.as_bytes())
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Payload {
     /// A purchase's contribution to a jackpot.

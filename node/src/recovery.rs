@@ -2,13 +2,17 @@
 //!
 //! The journal holds every acknowledged entry since the last checkpoint. At
 //! start-up, before the node takes requests, each batch after the
-//! checkpoint is read once: its derived indexes (seen ids, outbox, audit)
-//! are written again (they may have been lost with the crash), and each
-//! entity that has entries there gets its snapshot, the entries after it
-//! replayed, and a new snapshot. Then the checkpoint moves to the end and
-//! the replayed batches are dropped. The tail is bounded by the checkpoint
-//! interval, so recovery time is too; activations afterwards only read a
-//! snapshot.
+//! checkpoint is read once; the derived indexes (seen ids, outbox, audit)
+//! of the last two are written again (the last one's may have been lost
+//! with the crash), and each entity that has entries there gets its
+//! snapshot, the entries after it replayed, and a new snapshot. An entity
+//! that journals its whole state (customers, wheels, jackpots) simply takes
+//! its last entry as its snapshot, kept in memory ([`Recovered`]) and
+//! written after the node is ready; until they are all written, the tail
+//! stays and the next checkpoint writes what is left before it drops the
+//! tail. When nothing is pending, the checkpoint moves to the end at once
+//! and the replayed batches are dropped. The tail is bounded by the
+//! checkpoint interval, so recovery time is too.
 //!
 //! Writes go in the order snapshots, checkpoint, deletions, and are flushed
 //! once: sled persists writes in order, so a crash during recovery leaves
@@ -20,7 +24,8 @@ use crate::entities::{CustomerEntity, JackpotEntity, LeaderboardEntity, WheelEnt
 use crate::journal::{self, Snapshot, CHECKPOINT_KEY};
 use crate::storage::{decode, encode, StorageError, StorageResult, Store};
 use bazaar_observability::Metrics;
-use std::collections::BTreeMap;
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 /// What recovery found and did.
@@ -33,33 +38,50 @@ pub struct RecoveryReport {
     pub entities: usize,
 }
 
-pub fn recover(store: &Store, metrics: &Metrics) -> StorageResult<RecoveryReport> {
+pub fn recover(store: &Store, metrics: &Metrics) -> StorageResult<(RecoveryReport, Recovered)> {
     let started = Instant::now();
     let (checkpoint, batches) = journal::read_tail(store)?;
     let mut report = RecoveryReport { next_seq: checkpoint, batches: batches.len(), entries: 0, entities: 0 };
-    let mut tails: BTreeMap<String, Vec<(u64, Vec<u8>)>> = BTreeMap::new();
-    let mut indexer = journal::Indexer::default();
-    for (seq, entries) in &batches {
-        indexer.before_flush(store, entries)?;
-        indexer.after_flush(store, entries)?;
+    // A message whose receiver's record is anywhere in the tail was applied
+    // and replays with it: it needs no redelivery.
+    let mut indexer = journal::Indexer::recovering(&batches);
+    // The writer indexes a batch after flushing it and before the next
+    // one, whose flush makes the indexes durable: only the last batch's
+    // indexes can be missing. The one before it is indexed again too, for
+    // the outbox messages it carried into the last.
+    let reindex_from = batches.len().saturating_sub(2);
+    let mut tails: BTreeMap<&str, Vec<(u64, &[u8])>> = BTreeMap::new();
+    for (position, (seq, entries)) in batches.iter().enumerate() {
+        if reindex_from <= position {
+            indexer.before_flush(store, entries)?;
+            indexer.after_flush(store, entries)?;
+        }
         report.entries += entries.len();
         report.next_seq = seq + 1;
         for entry in entries {
-            tails.entry(entry.entity.clone()).or_default().push((entry.entity_seq, entry.change.clone()));
+            tails.entry(entry.entity.as_str()).or_default().push((entry.entity_seq, entry.change.as_slice()));
         }
     }
     indexer.finish(store)?;
     report.entities = tails.len();
+    let mut pending = HashMap::new();
     for (entity, changes) in &tails {
-        match entity.split('/').nth(1) {
+        let snapshot = match entity.split('/').nth(1) {
             Some("customer") => replay::<CustomerEntity>(store, entity, changes)?,
             Some("wheel") => replay::<WheelEntity>(store, entity, changes)?,
             Some("jackpot") => replay::<JackpotEntity>(store, entity, changes)?,
             Some("leaderboard") => replay::<LeaderboardEntity>(store, entity, changes)?,
             _ => return Err(StorageError::Codec(format!("journal entry for unknown entity {entity:?}"))),
+        };
+        if let Some(snapshot) = snapshot {
+            pending.insert((*entity).to_owned(), snapshot);
         }
     }
-    if !batches.is_empty() {
+    // With snapshots still to write, the tail stays: the first checkpoint
+    // writes them and then drops it.
+    if !pending.is_empty() {
+        store.flush()?;
+    } else if !batches.is_empty() {
         store.meta.insert(CHECKPOINT_KEY, &report.next_seq.to_be_bytes())?;
         for (seq, _) in &batches {
             store.journal.remove(seq.to_be_bytes())?;
@@ -73,27 +95,120 @@ pub fn recover(store: &Store, metrics: &Metrics) -> StorageResult<RecoveryReport
             entries = report.entries,
             entities = report.entities,
             elapsed_ms = started.elapsed().as_millis() as u64,
+            pending_snapshots = pending.len(),
             "recovered the journal tail"
         );
     }
-    Ok(report)
+    Ok((report, Recovered { pending: Mutex::new(pending) }))
 }
 
-fn replay<E: Entity>(store: &Store, entity: &str, changes: &[(u64, Vec<u8>)]) -> StorageResult<()> {
-    let (mut state, mut covered) = match store.snapshots.get(entity.as_bytes())? {
+/// The snapshots recovery found in the journal tail and has not written
+/// yet: the last entry of every entity that journals its whole state.
+/// Writing a million of them took most of a restart, so the node starts
+/// with them in memory; an activation takes its entity's from here, and
+/// [`Recovered::write_some`] writes the rest in the background. The
+/// journal tail stays until the first checkpoint after they are all
+/// written.
+pub struct Recovered {
+    pending: Mutex<HashMap<String, Snapshot>>,
+}
+
+impl Recovered {
+    /// Nothing pending (for nodes built without recovery, such as tests').
+    pub fn none() -> Self {
+        Self { pending: Mutex::new(HashMap::new()) }
+    }
+
+    /// Hands `entity`'s pending snapshot to `activate` and forgets it once
+    /// `activate` succeeded.
+    pub fn take_with<T>(
+        &self,
+        entity: &str,
+        activate: impl FnOnce(&Snapshot) -> StorageResult<T>,
+    ) -> StorageResult<Option<T>> {
+        let mut pending = self.pending.lock();
+        let Some(snapshot) = pending.get(entity) else {
+            return Ok(None);
+        };
+        let activated = activate(snapshot)?;
+        pending.remove(entity);
+        Ok(Some(activated))
+    }
+
+    /// Writes up to `count` pending snapshots to sled; returns how many are
+    /// left. Each is written before it leaves the map, under its lock, so
+    /// an activation finds it in one place or the other.
+    pub fn write_some(&self, store: &Store, count: usize) -> StorageResult<usize> {
+        let mut pending = self.pending.lock();
+        let keys: Vec<String> = pending.keys().take(count).cloned().collect();
+        for key in keys {
+            if let Some(snapshot) = pending.get(&key) {
+                store.snapshots.insert(key.as_bytes(), encode(snapshot))?;
+            }
+            pending.remove(&key);
+        }
+        Ok(pending.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending.lock().is_empty()
+    }
+}
+
+/// Brings one entity's snapshot up to the tail. An entity that journals its
+/// whole state gets its last entry back, to be written later; others are
+/// replayed and written now.
+fn replay<E: Entity>(store: &Store, entity: &str, changes: &[(u64, &[u8])]) -> StorageResult<Option<Snapshot>> {
+    if E::JOURNALS_STATE {
+        // The last entry is the whole state, encoded as a snapshot's is, and
+        // at least as new as any stored snapshot: the writer stores a
+        // snapshot after the entries it covers, so the tail holds every
+        // entry up to it (or none of the entity's at all).
+        return Ok(changes.last().map(|&(entity_seq, state)| Snapshot { entity_seq, state: state.to_vec() }));
+    }
+    let (mut state, covered) = match store.snapshots.get(entity.as_bytes())? {
         Some(bytes) => {
             let snapshot: Snapshot = decode(&bytes)?;
             (decode::<E::State>(&snapshot.state)?, snapshot.entity_seq)
         }
         None => (E::State::default(), 0),
     };
-    for (entity_seq, change) in changes {
-        if covered < *entity_seq {
-            E::replay(&mut state, change)?;
-            covered = *entity_seq;
+    let mut entity_seq = covered;
+    for (seq, change) in changes.iter().filter(|(seq, _)| covered < *seq) {
+        E::replay(&mut state, change)?;
+        entity_seq = *seq;
+    }
+    store.snapshots.insert(entity.as_bytes(), encode(&Snapshot { entity_seq, state: encode(&state) }))?;
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pending_snapshot_is_taken_by_its_activation_or_written_never_both() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("open");
+        let snapshot = |n: u64| Snapshot { entity_seq: n, state: vec![n as u8] };
+        let pending = (0..5).map(|n| (format!("t/customer/c-{n}"), snapshot(n))).collect();
+        let recovered = Recovered { pending: Mutex::new(pending) };
+        // A failed activation leaves the snapshot pending.
+        let failed = recovered.take_with("t/customer/c-1", |_| Err::<(), _>(StorageError::Codec("bad".into())));
+        assert!(failed.is_err());
+        let taken = recovered.take_with("t/customer/c-1", |s| Ok(s.entity_seq)).expect("taken");
+        assert_eq!(taken, Some(1));
+        assert_eq!(recovered.take_with("t/customer/c-1", |s| Ok(s.entity_seq)).expect("gone"), None);
+        assert_eq!(recovered.write_some(&store, 3).expect("written"), 1);
+        assert_eq!(recovered.write_some(&store, 3).expect("written"), 0);
+        assert!(recovered.is_empty());
+        // The one an activation took is not written behind its back.
+        assert!(store.snapshots.get("t/customer/c-1").expect("read").is_none());
+        for n in [0, 2, 3, 4] {
+            let stored: Snapshot =
+                decode(&store.snapshots.get(format!("t/customer/c-{n}")).expect("read").expect("written"))
+                    .expect("decode");
+            assert_eq!(stored.entity_seq, n);
         }
     }
-    let snapshot = Snapshot { entity_seq: covered, state: encode(&state) };
-    store.snapshots.insert(entity.as_bytes(), encode(&snapshot))?;
-    Ok(())
 }

@@ -1290,6 +1290,8 @@ impl Service {
 
     /// Snapshots every active actor and drops the journal they cover.
     pub async fn checkpoint(&self) -> ServiceResult<()> {
+        // Snapshots recovery left in memory cover part of the journal too.
+        self.write_recovered().await?;
         let marker = self.journal.marker().await?;
         self.customers.snapshot_all().await;
         self.wheels.snapshot_all().await;
@@ -1298,7 +1300,32 @@ impl Service {
         self.journal.checkpoint(marker).await?;
         Ok(())
     }
+
+    /// Writes the snapshots recovery left in memory, a slice at a time,
+    /// off the async threads.
+    pub async fn write_recovered(&self) -> ServiceResult<()> {
+        let node = self.customers.node().clone();
+        if node.recovered.is_empty() {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        loop {
+            let node = node.clone();
+            let left = tokio::task::spawn_blocking(move || node.recovered.write_some(&node.store, RECOVERED_SLICE))
+                .await
+                .map_err(ServiceError::internal)??;
+            if left == 0 {
+                break;
+            }
+        }
+        tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "recovered snapshots written");
+        Ok(())
+    }
 }
+
+/// Snapshots written per slice of [`Service::write_recovered`]; activations
+/// wait for at most one slice.
+const RECOVERED_SLICE: usize = 1_000;
 
 /// The most updates a watcher may have waiting before the stream stops
 /// producing (it then skips to the latest pool value).

@@ -73,10 +73,20 @@ pub struct Store {
     pub meta: sled::Tree,
 }
 
+/// sled's page cache unless configured (sled's own default is 1 GiB, a
+/// kibibyte per customer at a million active ones, who are in their actors
+/// anyway).
+pub const DEFAULT_CACHE_BYTES: u64 = 256 << 20;
+
 impl Store {
     /// Opens (or creates) the database in `dir`.
     pub fn open(dir: &Path) -> StorageResult<Self> {
-        let db = sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).open()?;
+        Self::open_with_cache(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Opens the database with `cache_bytes` of page cache.
+    pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> StorageResult<Self> {
+        let db = sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).cache_capacity(cache_bytes).open()?;
         Ok(Self {
             journal: db.open_tree("journal")?,
             snapshots: db.open_tree("snapshots")?,
