@@ -209,6 +209,10 @@ impl<E: Entity> Actor for EntityActor<E> {
     fn started(&mut self, ctx: &mut Self::Context) {
         let tick = (self.node.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
         ctx.run_interval(tick, |actor, ctx| {
+            // Release answers the `seen` tree now holds: an actor that got
+            // one event and no more would otherwise keep its answer, and
+            // the map, until it is passivated.
+            actor.forget_indexed();
             if actor.node.idle_timeout <= actor.last_active.elapsed() {
                 actor.passivate(ctx);
             }
@@ -231,6 +235,10 @@ impl<E: Entity> EntityActor<E> {
             if let Some((_, seen_key)) = self.inflight_order.pop_front() {
                 self.inflight.remove(&seen_key);
             }
+        }
+        if self.inflight.is_empty() && 0 < self.inflight.capacity() {
+            self.inflight = HashMap::new();
+            self.inflight_order = VecDeque::new();
         }
     }
 
