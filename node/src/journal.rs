@@ -79,6 +79,8 @@ enum Op {
         done: Option<oneshot::Sender<()>>,
     },
     OutboxAck(Vec<u8>),
+    /// Index every carried outbox message now; reply once flushed.
+    Settle(oneshot::Sender<()>),
     /// Reply with the sequence number the next batch will get.
     Marker(oneshot::Sender<u64>),
     /// Every batch below `upto` is covered by snapshots: drop it.
@@ -159,6 +161,14 @@ impl Journal {
     /// Queues the deletion of an acknowledged outbox message.
     pub fn outbox_ack(&self, key: Vec<u8>) -> StorageResult<()> {
         self.push(Op::OutboxAck(key)).map(|_| ())
+    }
+
+    /// Writes every outbox message still carried in memory (see
+    /// [`Indexer`]) to the `outbox` tree; returns once that is durable.
+    pub async fn settle(&self) -> StorageResult<()> {
+        let (reply, answer) = oneshot::channel();
+        self.push(Op::Settle(reply))?;
+        answer.await.map_err(|_| writer_gone())
     }
 
     /// The sequence number the next batch will get.
@@ -250,6 +260,7 @@ impl Writer {
         let mut entries = Vec::new();
         let mut snapshots = Vec::new();
         let mut checkpoint = None;
+        let mut settle = false;
         let mut last_ticket = None;
         let mut after_flush = Vec::new();
         for (ticket, op) in ops {
@@ -268,6 +279,10 @@ impl Writer {
                     }
                 }
                 Op::Marker(reply) => after_flush.push(AfterFlush::Marker(reply)),
+                Op::Settle(reply) => {
+                    settle = true;
+                    after_flush.push(AfterFlush::Done(Some(reply)));
+                }
                 Op::Checkpoint { upto, done } => {
                     checkpoint = Some(upto);
                     after_flush.push(AfterFlush::Checkpointed(done));
@@ -283,9 +298,9 @@ impl Writer {
             self.store.journal.insert(self.next_seq.to_be_bytes(), encode(&entries))?;
             self.next_seq += 1;
         }
-        // Carried messages wait for the next commit with entries (recovery
-        // sees only those), but never past a checkpoint.
-        let indexed = match entries.is_empty() && checkpoint.is_none() {
+        // Carried messages wait for the next commit with entries, but never
+        // past a checkpoint or a request to settle them.
+        let indexed = match entries.is_empty() && checkpoint.is_none() && !settle {
             true => 0,
             false => self.indexer.before_flush(&self.store, &entries)?,
         };
@@ -303,7 +318,7 @@ impl Writer {
             self.metrics.journal_flush_seconds.observe(started.elapsed().as_secs_f64());
             self.metrics.journal_batch_entries.observe(entries.len() as f64);
         }
-        self.indexer.after_flush(&self.store, &entries)?;
+        let indexed = indexed + self.indexer.after_flush(&self.store, &entries)?;
         self.metrics.outbox_backlog.add(indexed);
         if let Some(ticket) = last_ticket {
             self.shared.durable.send_modify(|d| d.ticket = ticket);
@@ -357,6 +372,11 @@ pub struct Indexer {
     /// applied anywhere in it replays with its effect and is not indexed
     /// (at run time it was acknowledged, which the journal does not hold).
     applied_later: HashSet<Vec<u8>>,
+    /// In recovery every receiver record is written: recovery sees only
+    /// the batches, not the commits without entries (checkpoints, a stop)
+    /// in which the writer may have indexed a carried message, so it cannot
+    /// know that a message never reached the `outbox` tree.
+    keep_receipts: bool,
 }
 
 struct Carried {
@@ -379,7 +399,7 @@ impl Indexer {
             .filter(|(key, _)| crate::outbox::is_receipt(key))
             .map(|(key, _)| key.clone())
             .collect();
-        Self { applied_later, ..Self::default() }
+        Self { applied_later, keep_receipts: true, ..Self::default() }
     }
 
     /// Before `entries`' commit is flushed (so that it is durable with
@@ -390,7 +410,7 @@ impl Indexer {
         let mut added = 0;
         for carried in std::mem::take(&mut self.carried) {
             if applied.contains(carried.receipt.as_slice()) {
-                if !carried.needs_receipt {
+                if !carried.needs_receipt && !self.keep_receipts {
                     self.unneeded.insert(carried.receipt);
                 }
             } else if self.applied_later.contains(&carried.receipt) {
@@ -404,10 +424,12 @@ impl Indexer {
 
     /// After the flush: the idempotency records and the audit; this
     /// commit's messages that their receivers have not applied yet are
-    /// carried to the next commit.
-    pub fn after_flush(&mut self, store: &Store, entries: &[JournalEntry]) -> StorageResult<()> {
+    /// carried to the next commit, except draws, which are indexed at once.
+    /// Returns how many messages it added to the outbox.
+    pub fn after_flush(&mut self, store: &Store, entries: &[JournalEntry]) -> StorageResult<i64> {
         let applied = applied(entries);
         let mut unneeded = std::mem::take(&mut self.unneeded);
+        let mut added = 0;
         for entry in entries {
             for (key, value) in &entry.outbox {
                 let Some(receipt) = crate::outbox::receipt_key(key) else {
@@ -416,8 +438,16 @@ impl Indexer {
                         String::from_utf8_lossy(key)
                     )));
                 };
-                let needs_receipt = decode::<crate::outbox::OutboxMessage>(value)?.needs_receipt();
-                if !applied.contains(receipt.as_slice()) {
+                let message = decode::<crate::outbox::OutboxMessage>(value)?;
+                let needs_receipt = message.needs_receipt();
+                if !message.complete_on_receipt() {
+                    // Its receiver's record is only half of its effect (a
+                    // draw still has to be settled): it waits in the outbox
+                    // until acknowledged.
+                    if store.outbox.insert(key.as_slice(), value.as_slice())?.is_none() {
+                        added += 1;
+                    }
+                } else if !applied.contains(receipt.as_slice()) {
                     self.carried.push(Carried { receipt, record: (key.clone(), value.clone()), needs_receipt });
                 } else if !needs_receipt {
                     unneeded.insert(receipt);
@@ -428,11 +458,11 @@ impl Indexer {
             }
         }
         for (key, value) in entries.iter().filter_map(|entry| entry.seen.as_ref()) {
-            if !unneeded.contains(key) {
+            if self.keep_receipts || !unneeded.contains(key) {
                 store.seen.insert(key.as_slice(), value.as_slice())?;
             }
         }
-        Ok(())
+        Ok(added)
     }
 
     /// Indexes every carried message (when the writer stops, and at the end
@@ -498,8 +528,7 @@ mod tests {
             |m: &OutboxMessage| JournalEntry { seen: Some((receipt(m), vec![1])), outbox: vec![], ..entry(2) };
         let commit = |indexer: &mut Indexer, store: &Store, entries: &[JournalEntry]| {
             let added = indexer.before_flush(store, entries).expect("before");
-            indexer.after_flush(store, entries).expect("after");
-            added
+            added + indexer.after_flush(store, entries).expect("after")
         };
         let fresh = || {
             let dir = tempfile::tempdir().expect("temp dir");
@@ -545,6 +574,22 @@ mod tests {
         assert!(store.outbox.get(score.storage_key()).expect("read").is_some());
         assert!(store.seen.get(receipt(&contribution)).expect("read").is_some());
         assert!(crate::outbox::is_receipt(&receipt(&score)) && !crate::outbox::is_receipt(b"t/event/e-1"));
+        // Recovery cannot know whether the writer indexed a carried score in
+        // a commit without entries, so it keeps every receiver's record.
+        let (_dir, store, _) = fresh();
+        let tail: Vec<Batch> = vec![(0, vec![cause.clone()]), (1, vec![receiver(&score)])];
+        let mut recovering = Indexer::recovering(&tail);
+        for (_, entries) in &tail {
+            commit(&mut recovering, &store, entries);
+        }
+        assert!(store.seen.get(receipt(&score)).expect("read").is_some());
+        // A draw is only half done when its wheel has drawn: it waits in
+        // the outbox until the spin is settled.
+        let (_dir, store, mut indexer) = fresh();
+        let draw = OutboxMessage::wheel_draw("t", &id("wheel"), &id("c-1"), &id("r-1"), 1);
+        let reserve = JournalEntry { outbox: vec![draw.record()], ..entry(4) };
+        assert_eq!(commit(&mut indexer, &store, &[reserve, receiver(&draw)]), 1);
+        assert!(store.outbox.get(draw.storage_key()).expect("read").is_some());
         // A writer that stops indexes what it carries.
         let (_dir, store, mut indexer) = fresh();
         commit(&mut indexer, &store, std::slice::from_ref(&cause));

@@ -104,9 +104,16 @@ impl OutboxMessage {
     /// applied: a contribution's (the purchase's retry answers with it) and
     /// a draw's (the spin is settled with it). A score's is not, so its
     /// idempotency record is kept only while the score may be delivered
-    /// again (see [`crate::journal::index`]).
+    /// again (see [`crate::journal::Indexer`]).
     pub fn needs_receipt(&self) -> bool {
         !matches!(self.payload, Payload::Score { .. })
+    }
+
+    /// Whether the receiver applying it completes its effect. A draw's
+    /// does not (the customer still has to settle it), so a draw always
+    /// waits in the `outbox` tree until the spin is settled.
+    pub fn complete_on_receipt(&self) -> bool {
+        !matches!(self.payload, Payload::WheelDraw { .. })
     }
 
     /// Its key in the `outbox` tree.

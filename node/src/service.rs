@@ -655,15 +655,17 @@ impl Service {
     }
 
     /// Drops from a retry's deliveries the scores that need no delivery:
-    /// a score applied together with its cause leaves its receiver no
-    /// record to recognise it by (see [`crate::journal::index`]), and is
-    /// delivered again only while it waits in the `outbox` tree.
+    /// a score applied by the commit after its cause's leaves its receiver
+    /// no record to recognise it by (see [`crate::journal::Indexer`]), and
+    /// is delivered again only if it waits in the `outbox` tree.
     async fn redeliverable(&self, applied: &mut Applied) -> ServiceResult<()> {
         if !applied.duplicate || applied.answer.deliveries.iter().all(OutboxMessage::needs_receipt) {
             return Ok(());
         }
-        // Once the cause is durable, the `outbox` tree says which wait.
+        // Once the cause is durable and the writer has indexed what it
+        // carries, the `outbox` tree says which wait.
         self.durable(applied.ticket).await?;
+        self.journal.settle().await?;
         let mut waiting = Vec::new();
         for message in std::mem::take(&mut applied.answer.deliveries) {
             let pending =
@@ -1325,7 +1327,7 @@ impl Service {
 
 /// Snapshots written per slice of [`Service::write_recovered`]; activations
 /// wait for at most one slice.
-const RECOVERED_SLICE: usize = 1_000;
+const RECOVERED_SLICE: usize = 256;
 
 /// The most updates a watcher may have waiting before the stream stops
 /// producing (it then skips to the latest pool value).
