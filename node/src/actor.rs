@@ -407,17 +407,7 @@ impl<E: Entity> Registry<E> {
 
     /// Sends `command` to the entity's actor, activating it if needed.
     pub async fn call(&self, entity: &EntityKey, command: E::Command) -> ServiceResult<Reply<E::Answer>> {
-        for _ in 0..ACTIVATION_ATTEMPTS {
-            let addr = self.activate(entity)?;
-            match addr.send(Request::<E>(command.clone())).await {
-                Ok(reply) => return reply,
-                Err(MailboxError::Closed) => self.remove(entity, &addr),
-                Err(MailboxError::Timeout) => {
-                    return Err(ServiceError::unavailable("the entity did not answer in time"))
-                }
-            }
-        }
-        Err(ServiceError::unavailable(format!("{entity} is restarting; retry")))
+        self.send(entity, || Request::<E>(command.clone())).await?
     }
 
     /// Sends `commands` to the entity's actor as one message, activating it
@@ -427,10 +417,23 @@ impl<E: Entity> Registry<E> {
         entity: &EntityKey,
         commands: Vec<E::Command>,
     ) -> ServiceResult<Vec<ServiceResult<Reply<E::Answer>>>> {
+        self.send(entity, || Requests::<E>(commands.clone())).await
+    }
+
+    /// Sends the message `make` builds to the entity's actor, activating it
+    /// if needed, and again to a fresh activation if the actor had just
+    /// stopped.
+    async fn send<M>(&self, entity: &EntityKey, make: impl Fn() -> M) -> ServiceResult<M::Result>
+    where
+        M: Message + Send + 'static,
+        M::Result: Send,
+        EntityActor<E>: Handler<M>,
+        <EntityActor<E> as Actor>::Context: actix::dev::ToEnvelope<EntityActor<E>, M>,
+    {
         for _ in 0..ACTIVATION_ATTEMPTS {
             let addr = self.activate(entity)?;
-            match addr.send(Requests::<E>(commands.clone())).await {
-                Ok(replies) => return Ok(replies),
+            match addr.send(make()).await {
+                Ok(result) => return Ok(result),
                 Err(MailboxError::Closed) => self.remove(entity, &addr),
                 Err(MailboxError::Timeout) => {
                     return Err(ServiceError::unavailable("the entity did not answer in time"))
