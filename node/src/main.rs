@@ -65,38 +65,16 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Loadgen(args) => {
             bazaar_observability::init_tracing(bazaar_observability::LogFormat::Text, "warn");
-            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build();
-            match runtime.map_err(anyhow::Error::from).and_then(|r| r.block_on(bazaar_node::loadgen::run(args))) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(error) => {
-                    eprintln!("bazaar loadgen: {error:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            finish("bazaar loadgen", block_on(bazaar_node::loadgen::run(args)))
         }
-        Command::Limits(args) => {
-            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build();
-            match runtime.map_err(anyhow::Error::from).and_then(|r| r.block_on(bazaar_node::limits::run(args))) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(error) => {
-                    eprintln!("bazaar limits: {error:#}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        Command::Limits(args) => finish("bazaar limits", block_on(bazaar_node::limits::run(args))),
         Command::Openapi => {
             println!("{}", bazaar_node::openapi::json());
             ExitCode::SUCCESS
         }
         Command::Demo(args) => {
             bazaar_observability::init_tracing(bazaar_observability::LogFormat::Text, "warn");
-            match system().block_on(bazaar_node::demo::run(args)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(error) => {
-                    eprintln!("bazaar demo: {error:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            finish("bazaar demo", system().block_on(bazaar_node::demo::run(args)))
         }
         Command::Serve(args) => {
             let config = match NodeConfig::build(args) {
@@ -107,13 +85,23 @@ fn main() -> ExitCode {
                 }
             };
             bazaar_observability::init_tracing(config.log_format, &config.log);
-            match system().block_on(bazaar_node::serve(config, shutdown_signal())) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(error) => {
-                    eprintln!("bazaar: {error:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            finish("bazaar", system().block_on(bazaar_node::serve(config, shutdown_signal())))
+        }
+    }
+}
+
+/// Runs a client command (no actors) on a multi-threaded tokio runtime.
+fn block_on(command: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(command)
+}
+
+/// The exit code of a command, printing its error with `prefix`.
+fn finish(prefix: &str, result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("{prefix}: {error:#}");
+            ExitCode::FAILURE
         }
     }
 }
