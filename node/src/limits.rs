@@ -5,12 +5,18 @@
 //! - the disk's fsync rate (4 KiB write + fdatasync, back to back);
 //! - sled group commit for the journal's write pattern: one value of
 //!   `group` entries of ~300 bytes per flush, as the journal writes it;
-//! - the transport ceilings, same client, same concurrency: a no-op unary
-//!   gRPC call (the standard health check on a tonic server doing nothing
-//!   else) and a no-op HTTP request (axum), both in this process on
-//!   loopback.
+//! - the transport ceilings, on loopback, each against a server in this
+//!   process that does nothing else:
+//!   - the load generator's own client (`bazaar loadgen`: the same events,
+//!     the same closed loop) against a no-op `EventService` that answers
+//!     each event at once: unary `RecordEvent` with `--clients` clients,
+//!     and the bidirectional `StreamEvents` with `--stream-clients` clients
+//!     sending `--batch` events at a time, as `loadgen --batch` does;
+//!   - the standard gRPC health check (the smallest unary call tonic
+//!     serves) and a no-op HTTP request (axum), same concurrency.
 
 use anyhow::Context as _;
+use bazaar_proto::v1 as pb;
 use clap::Args;
 use serde_json::{json, Value};
 use std::io::Write as _;
@@ -30,6 +36,12 @@ pub struct LimitsArgs {
     /// Concurrent clients for the transport ceilings.
     #[arg(long, default_value_t = 64)]
     pub clients: usize,
+    /// Concurrent streams for the no-op stream ceiling.
+    #[arg(long, default_value_t = 8)]
+    pub stream_clients: usize,
+    /// Events each stream sends before it reads their answers.
+    #[arg(long, default_value_t = 100)]
+    pub batch: usize,
     /// Journal entries per group commit, for the sled measurement.
     #[arg(long, default_value_t = 64)]
     pub group: usize,
@@ -55,8 +67,14 @@ pub async fn run(args: LimitsArgs) -> anyhow::Result<()> {
     })
     .await??;
     println!("sled group commit ({group} entries per flush): {:.0} entries/s, {:.0} flushes/s", sled.0, sled.1);
+    let (record_event, stream) = noop_events(&args, window).await?;
+    println!("no-op RecordEvent, load generator's client, {} clients: {record_event:.0} events/s", args.clients);
+    println!(
+        "no-op StreamEvents, load generator's client, {} streams x {} events: {stream:.0} events/s",
+        args.stream_clients, args.batch
+    );
     let grpc = grpc_noop(args.clients, window).await?;
-    println!("no-op unary gRPC, {} clients: {grpc:.0} calls/s", args.clients);
+    println!("no-op unary gRPC (health check), {} clients: {grpc:.0} calls/s", args.clients);
     let http = http_noop(args.clients, window).await?;
     println!("no-op HTTP, {} clients: {http:.0} requests/s", args.clients);
     let report = json!({
@@ -64,6 +82,8 @@ pub async fn run(args: LimitsArgs) -> anyhow::Result<()> {
         "clients": args.clients,
         "fsync_per_s": fsync,
         "sled_group_commit": {"entries_per_flush": group, "entries_per_s": sled.0, "flushes_per_s": sled.1},
+        "noop_record_event_per_s": record_event,
+        "noop_stream": {"clients": args.stream_clients, "batch": args.batch, "events_per_s": stream},
         "noop_unary_grpc_per_s": grpc,
         "noop_http_per_s": http,
     });
@@ -109,17 +129,89 @@ fn sled_group_commit(dir: &std::path::Path, group: usize, window: Duration) -> a
     Ok((flushes as f64 * group as f64 / elapsed, flushes as f64 / elapsed))
 }
 
+/// An `EventService` that answers every event at once and does nothing
+/// else: Bazaar's transport without Bazaar.
+struct NoopEvents;
+
+fn noop_answer(event: pb::RecordEventRequest) -> pb::EventResult {
+    pb::EventResult { event_id: event.event_id, ..pb::EventResult::default() }
+}
+
+#[tonic::async_trait]
+impl pb::event_service_server::EventService for NoopEvents {
+    async fn record_event(
+        &self,
+        request: tonic::Request<pb::RecordEventRequest>,
+    ) -> Result<tonic::Response<pb::EventResult>, tonic::Status> {
+        Ok(tonic::Response::new(noop_answer(request.into_inner())))
+    }
+
+    async fn record_events(
+        &self,
+        request: tonic::Request<pb::RecordEventsRequest>,
+    ) -> Result<tonic::Response<pb::RecordEventsResponse>, tonic::Status> {
+        let results = request.into_inner().events.into_iter().map(noop_outcome).collect();
+        Ok(tonic::Response::new(pb::RecordEventsResponse { results }))
+    }
+
+    type StreamEventsStream = tokio_stream::wrappers::ReceiverStream<Result<pb::EventOutcome, tonic::Status>>;
+
+    async fn stream_events(
+        &self,
+        request: tonic::Request<tonic::Streaming<pb::RecordEventRequest>>,
+    ) -> Result<tonic::Response<Self::StreamEventsStream>, tonic::Status> {
+        let mut inbound = request.into_inner();
+        let (answers, receiver) = tokio::sync::mpsc::channel(1_024);
+        tokio::spawn(async move {
+            while let Ok(Some(event)) = inbound.message().await {
+                if answers.send(Ok(noop_outcome(event))).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(tonic::Response::new(tokio_stream::wrappers::ReceiverStream::new(receiver)))
+    }
+}
+
+fn noop_outcome(event: pb::RecordEventRequest) -> pb::EventOutcome {
+    pb::EventOutcome { outcome: Some(pb::event_outcome::Outcome::Result(noop_answer(event))) }
+}
+
+/// The load generator against [`NoopEvents`]: unary, then streamed.
+async fn noop_events(args: &LimitsArgs, window: Duration) -> anyhow::Result<(f64, f64)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?.to_string();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::event_service_server::EventServiceServer::new(NoopEvents))
+            .serve_with_incoming(nodelay(listener)),
+    );
+    let unary = crate::loadgen::ceiling(&address, args.clients.max(1), 1, window).await;
+    let stream =
+        crate::loadgen::ceiling(&address, args.stream_clients.max(1), args.batch.clamp(2, 1_000), window).await;
+    server.abort();
+    Ok((unary?, stream?))
+}
+
+/// Accepted connections with TCP_NODELAY, as the node's listeners set it.
+fn nodelay(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |stream| {
+        stream.inspect(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        })
+    })
+}
+
 /// Calls per second of the standard health check, on a tonic server that
 /// does nothing else.
 async fn grpc_noop(clients: usize, window: Duration) -> anyhow::Result<f64> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
     let (_reporter, health) = tonic_health::server::health_reporter();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(health)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let server =
+        tokio::spawn(tonic::transport::Server::builder().add_service(health).serve_with_incoming(nodelay(listener)));
     let channel = tonic::transport::Channel::from_shared(format!("http://{address}"))?.connect().await?;
     let count = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + window;

@@ -168,6 +168,36 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     };
     let pos_key = if args.setup { set_up(&transport, &args, &tenant).await? } else { args.admin_key.clone() };
 
+    let progress = progress_bar(&args);
+    let (shared, elapsed) = drive(&args, &transport, &tenant, &pos_key, &run_id, &progress).await?;
+    progress.finish_and_clear();
+
+    let report = report(&args, &shared, elapsed, &tenant).await?;
+    print_table(&report);
+    if args.verify {
+        let verdict = verify(&transport, &args, &tenant, &shared).await?;
+        println!("verify: {verdict}");
+    }
+    if let Some(path) = &args.report {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("report written to {}", path.display());
+    }
+    Ok(())
+}
+
+/// Runs the clients until `--duration` or `--events`: the measurement
+/// itself, without set-up or report. `bazaar limits` drives a no-op server
+/// with it, so Bazaar and its transport ceiling are measured by the same
+/// client.
+async fn drive(
+    args: &LoadgenArgs,
+    transport: &Transport,
+    tenant: &str,
+    key: &str,
+    run_id: &str,
+    progress: &ProgressBar,
+) -> anyhow::Result<(Arc<Shared>, Duration)> {
     let shared = Arc::new(Shared {
         sent: AtomicU64::new(0),
         acknowledged: AtomicU64::new(0),
@@ -177,7 +207,6 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
         ledger: Mutex::new(HashMap::new()),
         won_minor: AtomicU64::new(0),
     });
-    let progress = progress_bar(&args);
     let started = Instant::now();
     let mut clients = Vec::new();
     for client in 0..args.clients {
@@ -185,12 +214,12 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
             id: client,
             shared: shared.clone(),
             args: args.clone(),
-            tenant: tenant.clone(),
-            key: pos_key.clone(),
-            run_id: run_id.clone(),
+            tenant: tenant.to_owned(),
+            key: key.to_owned(),
+            run_id: run_id.to_owned(),
             started,
         };
-        let transport = match &transport {
+        let transport = match transport {
             Transport::Grpc(channel) => Transport::Grpc(channel.clone()),
             Transport::Http(agent, url) => Transport::Http(agent.clone(), url.clone()),
         };
@@ -215,20 +244,40 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     }
     let elapsed = started.elapsed();
     ticker.abort();
-    progress.finish_and_clear();
+    Ok((shared, elapsed))
+}
 
-    let report = report(&args, &shared, elapsed, &tenant).await?;
-    print_table(&report);
-    if args.verify {
-        let verdict = verify(&transport, &args, &tenant, &shared).await?;
-        println!("verify: {verdict}");
+/// Events per second the load generator's own gRPC client gets from the
+/// server at `grpc` (unary, or streamed when `batch` is above 1), with
+/// `clients` closed-loop clients for `duration`: how `bazaar limits`
+/// measures the transport ceiling of a no-op server.
+pub async fn ceiling(grpc: &str, clients: usize, batch: usize, duration: Duration) -> anyhow::Result<f64> {
+    let args = LoadgenArgs {
+        grpc: grpc.to_owned(),
+        http: None,
+        admin_key: String::new(),
+        setup: false,
+        tenant: "ceiling".into(),
+        clients,
+        rate: None,
+        duration,
+        events: None,
+        batch,
+        stores: 20,
+        customers: 100_000,
+        customers_in_order: false,
+        report: None,
+        verify: false,
+        no_jackpot: true,
+        metrics: None,
+    };
+    let transport = Transport::Grpc(Channel::from_shared(format!("http://{grpc}"))?.connect().await?);
+    let (shared, elapsed) = drive(&args, &transport, "ceiling", "", "ceiling", &ProgressBar::hidden()).await?;
+    let errors = shared.errors.lock().await;
+    if !errors.is_empty() {
+        bail!("the no-op server answered errors: {errors:?}");
     }
-    if let Some(path) = &args.report {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-        println!("report written to {}", path.display());
-    }
-    Ok(())
+    Ok(shared.acknowledged.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64())
 }
 
 fn progress_bar(args: &LoadgenArgs) -> ProgressBar {

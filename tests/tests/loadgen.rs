@@ -52,3 +52,37 @@ fn loadgen_measures_and_verifies_over_every_transport() {
         assert!(0.0 < report["server"]["journal_flushes"].as_f64().expect("server figures"), "{report}");
     }
 }
+
+#[test]
+fn limits_measures_every_ceiling_with_the_load_generators_client() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let report = dir.path().join("limits.json");
+    let output = Command::new(binary())
+        .args(["limits", "--seconds", "1", "--clients", "4", "--stream-clients", "2", "--batch", "10", "--group", "8"])
+        .arg("--dir")
+        .arg(dir.path())
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .expect("limits runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "limits failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).expect("a report")).expect("JSON");
+    for figure in [
+        &report["fsync_per_s"],
+        &report["sled_group_commit"]["entries_per_s"],
+        &report["sled_group_commit"]["flushes_per_s"],
+        &report["noop_record_event_per_s"],
+        &report["noop_stream"]["events_per_s"],
+        &report["noop_unary_grpc_per_s"],
+        &report["noop_http_per_s"],
+    ] {
+        assert!(0.0 < figure.as_f64().unwrap_or(0.0), "{report}");
+    }
+    assert_eq!(report["noop_stream"]["clients"], 2, "{report}");
+    assert_eq!(report["noop_stream"]["batch"], 10, "{report}");
+    // The probes clean up after themselves.
+    let left: Vec<_> = std::fs::read_dir(dir.path()).expect("list").flatten().map(|e| e.file_name()).collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("limits.json")], "{stdout}");
+}
