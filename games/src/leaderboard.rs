@@ -89,12 +89,16 @@ struct Members {
 
 impl From<Members> for Leaderboard {
     fn from(members: Members) -> Self {
-        let mut board = Leaderboard { next_seq: members.next_seq, ..Leaderboard::default() };
-        for (customer, score, seq) in members.members {
-            board.order.insert((Reverse(score), seq, customer.clone()));
-            board.scores.insert(customer, (score, seq));
+        // Stored in rank order: the tree is built in one pass.
+        Leaderboard {
+            order: members
+                .members
+                .iter()
+                .map(|(customer, score, seq)| (Reverse(*score), *seq, customer.clone()))
+                .collect(),
+            scores: members.members.into_iter().map(|(customer, score, seq)| (customer, (score, seq))).collect(),
+            next_seq: members.next_seq,
         }
-        board
     }
 }
 
@@ -139,6 +143,43 @@ impl Leaderboard {
         self.order.insert((Reverse(score), seq, customer.clone()));
         self.scores.insert(customer.clone(), (score, seq));
         score
+    }
+
+    /// Applies `changes` in order, leaving exactly the board that [`add`]
+    /// one by one would. The order is updated once per member that moved,
+    /// and rebuilt in one pass when most of the board did: replaying a
+    /// journal of a million scores at start-up.
+    ///
+    /// [`add`]: Leaderboard::add
+    pub fn add_all(&mut self, changes: impl IntoIterator<Item = (Id, i64)>) {
+        // Each moved member's key in `order` before the changes.
+        let mut moved: HashMap<Id, Option<(i64, u64)>> = HashMap::new();
+        for (customer, delta) in changes {
+            if delta == 0 {
+                continue;
+            }
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            let entry = self.scores.get_mut(&customer);
+            let before = entry.as_deref().copied();
+            match entry {
+                Some(entry) => *entry = (entry.0.saturating_add(delta), seq),
+                None => drop(self.scores.insert(customer.clone(), (delta, seq))),
+            }
+            moved.entry(customer).or_insert(before);
+        }
+        if self.scores.len() < 2 * moved.len() {
+            self.order =
+                self.scores.iter().map(|(customer, &(score, seq))| (Reverse(score), seq, customer.clone())).collect();
+            return;
+        }
+        for (customer, before) in moved {
+            if let Some((score, seq)) = before {
+                self.order.remove(&(Reverse(score), seq, customer.clone()));
+            }
+            let (score, seq) = self.scores[&customer];
+            self.order.insert((Reverse(score), seq, customer));
+        }
     }
 
     /// The customer's 1-based rank and score, if on the board.
@@ -218,6 +259,28 @@ mod tests {
     }
 
     proptest! {
+        /// Applying changes together leaves the board applying them one
+        /// by one does, on an empty board or one with members, whether
+        /// few or most of them move.
+        #[test]
+        fn add_all_matches_add_one_by_one(
+            before in prop::collection::vec((0u32..60, -50i64..100), 0..200),
+            changes in prop::collection::vec((0u32..60, -50i64..100), 0..200),
+        ) {
+            let mut one_by_one = Leaderboard::default();
+            for (member, delta) in &before {
+                one_by_one.add(&id(*member), *delta);
+            }
+            let mut together = one_by_one.clone();
+            for (member, delta) in &changes {
+                one_by_one.add(&id(*member), *delta);
+            }
+            together.add_all(changes.iter().map(|(member, delta)| (id(*member), *delta)));
+            prop_assert_eq!(&together, &one_by_one);
+            prop_assert_eq!(together.top(1_000), one_by_one.top(1_000));
+            prop_assert_eq!(together.len(), together.order.len());
+        }
+
         /// Against a naive model (sort everything), rank, top-N and around
         /// agree after any sequence of updates.
         #[test]

@@ -126,10 +126,12 @@ pub trait Entity: Sized + Unpin + 'static {
     /// Entities that journal operations say no and implement `replay`.
     const JOURNALS_STATE: bool = true;
 
-    /// Applies a journaled change during recovery. By default the change is
-    /// the whole new state.
-    fn replay(state: &mut Self::State, change: &[u8]) -> StorageResult<()> {
-        *state = decode(change)?;
+    /// Applies journaled changes, in order, during recovery. By default a
+    /// change is the whole new state, so the last one is.
+    fn replay(state: &mut Self::State, changes: &[&[u8]]) -> StorageResult<()> {
+        if let Some(last) = changes.last() {
+            *state = decode(last)?;
+        }
         Ok(())
     }
 }

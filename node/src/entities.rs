@@ -428,9 +428,9 @@ impl Entity for LeaderboardEntity {
         u32::MAX
     }
 
-    fn replay(board: &mut Leaderboard, change: &[u8]) -> StorageResult<()> {
-        let (customer, delta): (Id, i64) = decode(change)?;
-        board.add(&customer, delta);
+    fn replay(board: &mut Leaderboard, changes: &[&[u8]]) -> StorageResult<()> {
+        let changes: Vec<(Id, i64)> = changes.iter().map(|change| decode(change)).collect::<StorageResult<_>>()?;
+        board.add_all(changes);
         Ok(())
     }
 }

@@ -390,16 +390,27 @@ fn applied(entries: &[JournalEntry]) -> HashSet<&[u8]> {
 }
 
 impl Indexer {
-    /// The indexer recovery uses for the journal tail `batches`.
-    pub fn recovering(batches: &[Batch]) -> Self {
+    /// The indexer recovery uses for the journal tail `batches`, of which it
+    /// indexes those from `reindex_from` on. Only their messages can be
+    /// carried, so only their receivers' records are looked for in the
+    /// rest of the tail.
+    pub fn recovering(batches: &[Batch], reindex_from: usize) -> StorageResult<Self> {
+        let mut candidates = HashSet::new();
+        for entry in batches.iter().skip(reindex_from).flat_map(|(_, entries)| entries) {
+            for (key, _) in &entry.outbox {
+                candidates.insert(crate::outbox::receipt_key(key).ok_or_else(|| {
+                    StorageError::Codec(format!("outbox key {:?} has no tenant", String::from_utf8_lossy(key)))
+                })?);
+            }
+        }
         let applied_later = batches
             .iter()
             .flat_map(|(_, entries)| entries)
             .filter_map(|entry| entry.seen.as_ref())
-            .filter(|(key, _)| crate::outbox::is_receipt(key))
+            .filter(|(key, _)| candidates.contains(key))
             .map(|(key, _)| key.clone())
             .collect();
-        Self { applied_later, keep_receipts: true, ..Self::default() }
+        Ok(Self { applied_later, keep_receipts: true, ..Self::default() })
     }
 
     /// Before `entries`' commit is flushed (so that it is durable with
@@ -483,15 +494,39 @@ pub fn read_tail(store: &Store) -> StorageResult<(u64, Vec<Batch>)> {
         ),
         None => 0,
     };
-    let mut batches = Vec::new();
+    let mut values = Vec::new();
     for item in store.journal.range(checkpoint.to_be_bytes()..) {
         let (key, value) = item?;
         let seq = u64::from_be_bytes(
             key.as_ref().try_into().map_err(|_| StorageError::Codec("journal key is not 8 bytes".into()))?,
         );
-        batches.push((seq, decode::<Vec<JournalEntry>>(&value)?));
+        values.push((seq, value));
     }
-    Ok((checkpoint, batches))
+    Ok((checkpoint, decode_batches(&values)?))
+}
+
+/// Decodes journal values on every core: a tail of two million entries
+/// is most of a restart's work.
+fn decode_batches(values: &[(u64, sled::IVec)]) -> StorageResult<Vec<Batch>> {
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let chunk = values.len().div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = values
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter()
+                        .map(|(seq, value)| Ok((*seq, decode::<Vec<JournalEntry>>(value)?)))
+                        .collect::<StorageResult<Vec<Batch>>>()
+                })
+            })
+            .collect();
+        let mut batches = Vec::with_capacity(values.len());
+        for part in parts {
+            batches.extend(part.join().map_err(|_| StorageError::Codec("a journal decoding thread panicked".into()))??);
+        }
+        Ok(batches)
+    })
 }
 
 #[cfg(test)]
@@ -568,7 +603,7 @@ mod tests {
         let (_dir, store, _) = fresh();
         let tail: Vec<Batch> =
             vec![(0, vec![cause.clone()]), (1, vec![unrelated.clone()]), (2, vec![receiver(&contribution)])];
-        let mut recovering = Indexer::recovering(&tail);
+        let mut recovering = Indexer::recovering(&tail, 0).expect("recovering");
         let added: i64 = tail.iter().map(|(_, entries)| commit(&mut recovering, &store, entries)).sum();
         assert_eq!(added + recovering.finish(&store).expect("finish"), 1, "only the score waits");
         assert!(store.outbox.get(score.storage_key()).expect("read").is_some());
@@ -578,7 +613,7 @@ mod tests {
         // a commit without entries, so it keeps every receiver's record.
         let (_dir, store, _) = fresh();
         let tail: Vec<Batch> = vec![(0, vec![cause.clone()]), (1, vec![receiver(&score)])];
-        let mut recovering = Indexer::recovering(&tail);
+        let mut recovering = Indexer::recovering(&tail, 0).expect("recovering");
         for (_, entries) in &tail {
             commit(&mut recovering, &store, entries);
         }
