@@ -229,9 +229,9 @@ impl<E: Entity> EntityActor<E> {
 
     /// Drops in-flight answers whose records the writer has indexed.
     fn forget_indexed(&mut self) {
-        let durable = self.node.journal.durable_ticket();
+        let indexed = self.node.journal.indexed_ticket();
         while let Some((ticket, _)) = self.inflight_order.front() {
-            if durable < *ticket {
+            if indexed < *ticket {
                 break;
             }
             if let Some((_, seen_key)) = self.inflight_order.pop_front() {

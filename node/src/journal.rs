@@ -14,10 +14,16 @@
 //!    the queued snapshots, delete acknowledged outbox messages, index the
 //!    outbox messages the previous batch left undelivered (see [`Indexer`]);
 //! 3. flush once;
-//! 4. write the indexes derived from the entries (seen ids, audit): in
-//!    sled's memory at once, durable with the next flush, and rebuilt from
-//!    the journal by recovery if the node dies first;
-//! 5. publish the durable ticket and release whoever waited.
+//! 4. write the audit and the outbox messages derived from the entries,
+//!    publish the durable ticket and release whoever waited for an answer;
+//! 5. write the idempotency records (`seen`), then publish the indexed
+//!    ticket: until then the actors that gave the answers keep them, so a
+//!    retry meets its first answer either way;
+//! 6. release whoever waited for the writer itself (snapshots, markers,
+//!    checkpoints).
+//!
+//! Indexes are in sled's memory at once, durable with the next flush, and
+//! rebuilt from the journal by recovery if the node dies first.
 //!
 //! If a flush fails the writer stops and the node answers 503 from then on:
 //! actors may hold state the disk does not, and only a restart (recovery
@@ -100,6 +106,8 @@ struct Shared {
     queue: Mutex<Queue>,
     wake: Condvar,
     durable: watch::Sender<Durability>,
+    /// The last ticket whose idempotency record is in the `seen` tree.
+    indexed: std::sync::atomic::AtomicU64,
 }
 
 /// The handle actors and services use; cheap to clone.
@@ -119,6 +127,7 @@ impl Journal {
             queue: Mutex::new(Queue { next_ticket: 1, ops: Vec::new(), closed: false }),
             wake: Condvar::new(),
             durable,
+            indexed: std::sync::atomic::AtomicU64::new(0),
         });
         let writer = Writer { store, metrics, shared: shared.clone(), next_seq, indexer: Indexer::default() };
         let thread = std::thread::Builder::new()
@@ -197,9 +206,10 @@ impl Journal {
         }
     }
 
-    /// The last durable ticket.
-    pub fn durable_ticket(&self) -> Ticket {
-        self.shared.durable.borrow().ticket
+    /// The last ticket whose idempotency record the `seen` tree holds (every
+    /// ticket before it too); never ahead of the last durable one.
+    pub fn indexed_ticket(&self) -> Ticket {
+        self.shared.indexed.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Whether the writer has stopped after a failed flush.
@@ -318,10 +328,18 @@ impl Writer {
             self.metrics.journal_flush_seconds.observe(started.elapsed().as_secs_f64());
             self.metrics.journal_batch_entries.observe(entries.len() as f64);
         }
-        let indexed = indexed + self.indexer.after_flush(&self.store, &entries)?;
+        let indexed = indexed + self.indexer.index_effects(&self.store, &entries)?;
         self.metrics.outbox_backlog.add(indexed);
+        // The answers go now: what they rely on is durable, and what a
+        // client may read next (the audit of a draw) is written. The
+        // idempotency records follow; the actors keep their answers until
+        // `indexed` says they are in.
         if let Some(ticket) = last_ticket {
             self.shared.durable.send_modify(|d| d.ticket = ticket);
+        }
+        self.indexer.index_records(&self.store, &entries)?;
+        if let Some(ticket) = last_ticket {
+            self.shared.indexed.store(ticket, std::sync::atomic::Ordering::Release);
         }
         for action in after_flush {
             match action {
@@ -368,6 +386,9 @@ pub struct Indexer {
     carried: Vec<Carried>,
     /// Receipts of carried scores applied in this commit: not indexed.
     unneeded: HashSet<Vec<u8>>,
+    /// The same, for the commit being indexed (between
+    /// [`Indexer::index_effects`] and [`Indexer::index_records`]).
+    unneeded_now: HashSet<Vec<u8>>,
     /// In recovery, every receiver record of the journal tail: a message
     /// applied anywhere in it replays with its effect and is not indexed
     /// (at run time it was acknowledged, which the journal does not hold).
@@ -433,11 +454,19 @@ impl Indexer {
         Ok(added)
     }
 
-    /// After the flush: the idempotency records and the audit; this
-    /// commit's messages that their receivers have not applied yet are
-    /// carried to the next commit, except draws, which are indexed at once.
-    /// Returns how many messages it added to the outbox.
+    /// After the flush: [`Indexer::index_effects`], then
+    /// [`Indexer::index_records`].
     pub fn after_flush(&mut self, store: &Store, entries: &[JournalEntry]) -> StorageResult<i64> {
+        let added = self.index_effects(store, entries)?;
+        self.index_records(store, entries)?;
+        Ok(added)
+    }
+
+    /// After the flush, first: the audit; this commit's messages that their
+    /// receivers have not applied yet are carried to the next commit,
+    /// except draws, which are indexed at once. Returns how many messages
+    /// it added to the outbox.
+    pub fn index_effects(&mut self, store: &Store, entries: &[JournalEntry]) -> StorageResult<i64> {
         let applied = applied(entries);
         let mut unneeded = std::mem::take(&mut self.unneeded);
         let mut added = 0;
@@ -468,12 +497,22 @@ impl Indexer {
                 store.audit.insert(key.as_slice(), value.as_slice())?;
             }
         }
+        self.unneeded_now = unneeded;
+        Ok(added)
+    }
+
+    /// After [`Indexer::index_effects`]: the idempotency records, but for
+    /// the receipts nobody needs. Nothing waits for these: until they are
+    /// in the `seen` tree, the actors that gave the answers keep them
+    /// (see [`Journal::indexed_ticket`]).
+    pub fn index_records(&mut self, store: &Store, entries: &[JournalEntry]) -> StorageResult<()> {
+        let unneeded = std::mem::take(&mut self.unneeded_now);
         for (key, value) in entries.iter().filter_map(|entry| entry.seen.as_ref()) {
             if self.keep_receipts || !unneeded.contains(key) {
                 store.seen.insert(key.as_slice(), value.as_slice())?;
             }
         }
-        Ok(added)
+        Ok(())
     }
 
     /// Indexes every carried message (when the writer stops, and at the end
@@ -632,7 +671,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn entries_are_durable_and_indexed_before_their_ticket_is_released() {
+    async fn entries_are_durable_when_their_ticket_is_released_and_indexed_when_indexed_says_so() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(dir.path()).expect("open");
         let metrics = Arc::new(Metrics::new().expect("metrics"));
@@ -640,6 +679,11 @@ mod tests {
         let tickets: Vec<Ticket> = (0..50).map(|n| journal.submit(entry(n)).expect("open")).collect();
         assert_eq!(tickets, (1..=50).collect::<Vec<_>>());
         journal.durable(50).await.expect("durable");
+        assert_eq!(read_tail(&store).expect("tail").1.iter().map(|(_, e)| e.len()).sum::<usize>(), 50);
+        // The idempotency records follow the answers; whoever waits for the
+        // writer after the ticket (a marker, a snapshot) finds them in.
+        journal.marker().await.expect("marker");
+        assert!(50 <= journal.indexed_ticket());
         assert!(store.seen.get(b"t/event/e-49").expect("read").is_some());
         // No receiver applied the messages by the next commit with entries:
         // they wait in the outbox.
