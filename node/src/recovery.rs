@@ -161,19 +161,20 @@ impl Recovered {
         Ok(Some(activated))
     }
 
-    /// Writes up to `count` pending snapshots to sled; returns how many are
-    /// left. Each is written before it leaves the map, under its lock, so
-    /// an activation finds it in one place or the other.
-    pub fn write_some(&self, store: &Store, count: usize) -> StorageResult<usize> {
+    /// Writes up to `count` pending snapshots to sled; returns how many it
+    /// wrote and how many are left. Each is written before it leaves the
+    /// map, under its lock, so an activation finds it in one place or the
+    /// other.
+    pub fn write_some(&self, store: &Store, count: usize) -> StorageResult<(usize, usize)> {
         let mut pending = self.pending.lock();
         let keys: Vec<String> = pending.keys().take(count).cloned().collect();
-        for key in keys {
-            if let Some(snapshot) = pending.get(&key) {
+        for key in &keys {
+            if let Some(snapshot) = pending.get(key) {
                 store.snapshots.insert(key.as_bytes(), encode(snapshot))?;
             }
-            pending.remove(&key);
+            pending.remove(key);
         }
-        Ok(pending.len())
+        Ok((keys.len(), pending.len()))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -226,8 +227,9 @@ mod tests {
         let taken = recovered.take_with("t/customer/c-1", |s| Ok(s.entity_seq)).expect("taken");
         assert_eq!(taken, Some(1));
         assert_eq!(recovered.take_with("t/customer/c-1", |s| Ok(s.entity_seq)).expect("gone"), None);
-        assert_eq!(recovered.write_some(&store, 3).expect("written"), 1);
-        assert_eq!(recovered.write_some(&store, 3).expect("written"), 0);
+        assert_eq!(recovered.write_some(&store, 3).expect("written"), (3, 1));
+        assert_eq!(recovered.write_some(&store, 3).expect("written"), (1, 0));
+        assert_eq!(recovered.write_some(&store, 3).expect("written"), (0, 0));
         assert!(recovered.is_empty());
         // The one an activation took is not written behind its back.
         assert!(store.snapshots.get("t/customer/c-1").expect("read").is_none());
