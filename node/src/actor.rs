@@ -247,7 +247,7 @@ impl<E: Entity> EntityActor<E> {
     fn duplicate(&self, dedupe: &Dedupe, seen_key: &[u8]) -> ServiceResult<Option<Reply<E::Answer>>> {
         let (fingerprint, answer, ticket) = if let Some(inflight) = self.inflight.get(seen_key) {
             (inflight.fingerprint, inflight.answer.clone(), Some(inflight.ticket))
-        } else if let Some(bytes) = self.node.store.seen.get(seen_key).map_err(crate::storage::StorageError::from)? {
+        } else if let Some(bytes) = self.node.journal.record(&self.node.store, seen_key)? {
             let seen: SeenValue = decode(&bytes)?;
             (seen.fingerprint, seen.answer, None)
         } else {

@@ -39,7 +39,7 @@ pub struct LimitsArgs {
     /// Concurrent streams for the no-op stream ceiling.
     #[arg(long, default_value_t = 8)]
     pub stream_clients: usize,
-    /// Events each stream sends before it reads their answers.
+    /// Events each stream sends before it reads their answers (2-1000).
     #[arg(long, default_value_t = 100)]
     pub batch: usize,
     /// Journal entries per group commit, for the sled measurement.
@@ -67,6 +67,7 @@ pub async fn run(args: LimitsArgs) -> anyhow::Result<()> {
     })
     .await??;
     println!("sled group commit ({group} entries per flush): {:.0} entries/s, {:.0} flushes/s", sled.0, sled.1);
+    let args = LimitsArgs { batch: args.batch.clamp(2, 1_000), ..args };
     let (record_event, stream) = noop_events(&args, window).await?;
     println!("no-op RecordEvent, load generator's client, {} clients: {record_event:.0} events/s", args.clients);
     println!(

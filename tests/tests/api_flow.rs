@@ -307,3 +307,36 @@ fn one_event_id_sent_at_once_for_two_customers_is_applied_once() {
     };
     assert_eq!(purchases("c-a") + purchases("c-b"), 20, "each event id counted once");
 }
+
+#[test]
+fn an_event_id_reused_for_another_customer_right_after_its_answer_is_a_conflict() {
+    let node = Node::start(&[]);
+    let mall = Mall::create(&node, "mall", default_jackpot());
+    let pos = &mall.pos;
+    // The answer leaves before the writer has put the id's record in the
+    // `seen` tree; the other customer's actor must find it anyway.
+    for round in 0..30 {
+        let event_id = format!("reuse-{round}");
+        pos.post(&mall.path("events"), Mall::purchase(&event_id, "c-a", "s-1", 1_000)).expect(200);
+        pos.post(&mall.path("events"), Mall::purchase(&event_id, "c-b", "s-1", 1_000)).expect_error(
+            409,
+            "idempotency_conflict",
+            None,
+        );
+    }
+    // In a batch, a repeated id goes right after the batch's answers.
+    for round in 0..30 {
+        let event_id = format!("batch-reuse-{round}");
+        let events = json!({"events": [
+            Mall::purchase(&event_id, "c-c", "s-1", 1_000),
+            Mall::purchase(&event_id, "c-d", "s-1", 1_000),
+        ]});
+        let answer = pos.post(&mall.path("events/batch"), events).expect(200);
+        assert_eq!(answer["results"][0]["event_id"], event_id.as_str(), "{answer}");
+        assert_eq!(answer["results"][1]["error"]["code"], "idempotency_conflict", "{answer}");
+    }
+    let purchases = |customer: &str| pos.get(&mall.path(&format!("customers/{customer}"))).status;
+    assert_eq!(pos.get(&mall.path("customers/c-a")).expect(200)["stats"]["purchases"], 30);
+    assert_eq!(pos.get(&mall.path("customers/c-c")).expect(200)["stats"]["purchases"], 30);
+    assert_eq!((purchases("c-b"), purchases("c-d")), (404, 404), "the conflicting events changed nothing");
+}
