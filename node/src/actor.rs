@@ -229,9 +229,9 @@ impl<E: Entity> EntityActor<E> {
 
     /// Drops in-flight answers whose records the writer has indexed.
     fn forget_indexed(&mut self) {
-        let indexed = self.node.journal.indexed_ticket();
+        let durable = self.node.journal.durable_ticket();
         while let Some((ticket, _)) = self.inflight_order.front() {
-            if indexed < *ticket {
+            if durable < *ticket {
                 break;
             }
             if let Some((_, seen_key)) = self.inflight_order.pop_front() {
@@ -247,7 +247,7 @@ impl<E: Entity> EntityActor<E> {
     fn duplicate(&self, dedupe: &Dedupe, seen_key: &[u8]) -> ServiceResult<Option<Reply<E::Answer>>> {
         let (fingerprint, answer, ticket) = if let Some(inflight) = self.inflight.get(seen_key) {
             (inflight.fingerprint, inflight.answer.clone(), Some(inflight.ticket))
-        } else if let Some(bytes) = self.node.journal.record(&self.node.store, seen_key)? {
+        } else if let Some(bytes) = self.node.store.seen.get(seen_key).map_err(crate::storage::StorageError::from)? {
             let seen: SeenValue = decode(&bytes)?;
             (seen.fingerprint, seen.answer, None)
         } else {

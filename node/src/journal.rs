@@ -14,18 +14,10 @@
 //!    the queued snapshots, delete acknowledged outbox messages, index the
 //!    outbox messages the previous batch left undelivered (see [`Indexer`]);
 //! 3. flush once;
-//! 4. write the audit and the outbox messages derived from the entries,
-//!    publish the durable ticket and release whoever waited for an answer;
-//! 5. write the idempotency records (`seen`), then publish the indexed
-//!    ticket. Until they are in, the writer keeps them in memory where
-//!    [`Journal::record`] looks first, so a retry meets its first answer
-//!    even in another actor (an event id reused for another customer); the
-//!    actors keep their own answers until the indexed ticket passes them;
-//! 6. release whoever waited for the writer itself (snapshots, markers,
-//!    checkpoints).
-//!
-//! Indexes are in sled's memory at once, durable with the next flush, and
-//! rebuilt from the journal by recovery if the node dies first.
+//! 4. write the indexes derived from the entries (seen ids, audit): in
+//!    sled's memory at once, durable with the next flush, and rebuilt from
+//!    the journal by recovery if the node dies first;
+//! 5. publish the durable ticket and release whoever waited.
 //!
 //! If a flush fails the writer stops and the node answers 503 from then on:
 //! actors may hold state the disk does not, and only a restart (recovery
@@ -108,15 +100,6 @@ struct Shared {
     queue: Mutex<Queue>,
     wake: Condvar,
     durable: watch::Sender<Durability>,
-    /// The last ticket whose idempotency record is in the `seen` tree.
-    indexed: std::sync::atomic::AtomicU64,
-    /// The idempotency records of the commit whose answers are out and
-    /// whose records are not yet in the `seen` tree.
-    unindexed: parking_lot::RwLock<std::collections::HashMap<Vec<u8>, Vec<u8>>>,
-    /// Tests: the writer waits on this, once, between publishing a durable
-    /// ticket and writing its idempotency records.
-    #[cfg(test)]
-    hold_indexing: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
 }
 
 /// The handle actors and services use; cheap to clone.
@@ -136,10 +119,6 @@ impl Journal {
             queue: Mutex::new(Queue { next_ticket: 1, ops: Vec::new(), closed: false }),
             wake: Condvar::new(),
             durable,
-            indexed: std::sync::atomic::AtomicU64::new(0),
-            unindexed: parking_lot::RwLock::new(std::collections::HashMap::new()),
-            #[cfg(test)]
-            hold_indexing: Mutex::new(None),
         });
         let writer = Writer { store, metrics, shared: shared.clone(), next_seq, indexer: Indexer::default() };
         let thread = std::thread::Builder::new()
@@ -218,21 +197,9 @@ impl Journal {
         }
     }
 
-    /// The idempotency record under `key` of any answer given: from the
-    /// writer while it indexes the commit the answer was in, else from the
-    /// `seen` tree. In that order: the writer drops a record only once the
-    /// tree has it.
-    pub fn record(&self, store: &Store, key: &[u8]) -> StorageResult<Option<Vec<u8>>> {
-        if let Some(value) = self.shared.unindexed.read().get(key) {
-            return Ok(Some(value.clone()));
-        }
-        Ok(store.seen.get(key)?.map(|value| value.to_vec()))
-    }
-
-    /// The last ticket whose idempotency record the `seen` tree holds (every
-    /// ticket before it too); never ahead of the last durable one.
-    pub fn indexed_ticket(&self) -> Ticket {
-        self.shared.indexed.load(std::sync::atomic::Ordering::Acquire)
+    /// The last durable ticket.
+    pub fn durable_ticket(&self) -> Ticket {
+        self.shared.durable.borrow().ticket
     }
 
     /// Whether the writer has stopped after a failed flush.
@@ -351,35 +318,10 @@ impl Writer {
             self.metrics.journal_flush_seconds.observe(started.elapsed().as_secs_f64());
             self.metrics.journal_batch_entries.observe(entries.len() as f64);
         }
-        let indexed = indexed + self.indexer.index_effects(&self.store, &entries)?;
+        let indexed = indexed + self.indexer.after_flush(&self.store, &entries)?;
         self.metrics.outbox_backlog.add(indexed);
-        // The answers go now: what they rely on is durable, and what a
-        // client may read next (the audit of a draw) is written. The
-        // idempotency records follow in sled; until they are in, they wait
-        // where every actor looks first (`Journal::record`), since a retry
-        // may reuse an id for another customer, another actor.
-        if !entries.is_empty() {
-            let mut unindexed = self.shared.unindexed.write();
-            unindexed.extend(self.indexer.records(&entries).cloned());
-        }
         if let Some(ticket) = last_ticket {
             self.shared.durable.send_modify(|d| d.ticket = ticket);
-        }
-        #[cfg(test)]
-        if let Some(hold) = self.shared.hold_indexing.lock().take() {
-            let _ = hold.recv();
-        }
-        self.indexer.index_records(&self.store, &entries)?;
-        if !entries.is_empty() {
-            let mut unindexed = self.shared.unindexed.write();
-            unindexed.clear();
-            // A commit's worth of records; a burst's does not stay.
-            if 1 << 16 < unindexed.capacity() {
-                unindexed.shrink_to(1 << 12);
-            }
-        }
-        if let Some(ticket) = last_ticket {
-            self.shared.indexed.store(ticket, std::sync::atomic::Ordering::Release);
         }
         for action in after_flush {
             match action {
@@ -426,9 +368,6 @@ pub struct Indexer {
     carried: Vec<Carried>,
     /// Receipts of carried scores applied in this commit: not indexed.
     unneeded: HashSet<Vec<u8>>,
-    /// The same, for the commit being indexed (between
-    /// [`Indexer::index_effects`] and [`Indexer::index_records`]).
-    unneeded_now: HashSet<Vec<u8>>,
     /// In recovery, every receiver record of the journal tail: a message
     /// applied anywhere in it replays with its effect and is not indexed
     /// (at run time it was acknowledged, which the journal does not hold).
@@ -494,19 +433,11 @@ impl Indexer {
         Ok(added)
     }
 
-    /// After the flush: [`Indexer::index_effects`], then
-    /// [`Indexer::index_records`].
+    /// After the flush: the idempotency records and the audit; this
+    /// commit's messages that their receivers have not applied yet are
+    /// carried to the next commit, except draws, which are indexed at once.
+    /// Returns how many messages it added to the outbox.
     pub fn after_flush(&mut self, store: &Store, entries: &[JournalEntry]) -> StorageResult<i64> {
-        let added = self.index_effects(store, entries)?;
-        self.index_records(store, entries)?;
-        Ok(added)
-    }
-
-    /// After the flush, first: the audit; this commit's messages that their
-    /// receivers have not applied yet are carried to the next commit,
-    /// except draws, which are indexed at once. Returns how many messages
-    /// it added to the outbox.
-    pub fn index_effects(&mut self, store: &Store, entries: &[JournalEntry]) -> StorageResult<i64> {
         let applied = applied(entries);
         let mut unneeded = std::mem::take(&mut self.unneeded);
         let mut added = 0;
@@ -537,27 +468,12 @@ impl Indexer {
                 store.audit.insert(key.as_slice(), value.as_slice())?;
             }
         }
-        self.unneeded_now = unneeded;
-        Ok(added)
-    }
-
-    /// The idempotency records of `entries` that [`Indexer::index_records`]
-    /// will write: all but the receipts nobody needs.
-    fn records<'a>(&'a self, entries: &'a [JournalEntry]) -> impl Iterator<Item = &'a KeyValue> + 'a {
-        entries
-            .iter()
-            .filter_map(|entry| entry.seen.as_ref())
-            .filter(|(key, _)| self.keep_receipts || !self.unneeded_now.contains(key))
-    }
-
-    /// After [`Indexer::index_effects`]: the idempotency records, but for
-    /// the receipts nobody needs.
-    pub fn index_records(&mut self, store: &Store, entries: &[JournalEntry]) -> StorageResult<()> {
-        for (key, value) in self.records(entries) {
-            store.seen.insert(key.as_slice(), value.as_slice())?;
+        for (key, value) in entries.iter().filter_map(|entry| entry.seen.as_ref()) {
+            if self.keep_receipts || !unneeded.contains(key) {
+                store.seen.insert(key.as_slice(), value.as_slice())?;
+            }
         }
-        self.unneeded_now.clear();
-        Ok(())
+        Ok(added)
     }
 
     /// Indexes every carried message (when the writer stops, and at the end
@@ -716,7 +632,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn entries_are_durable_when_their_ticket_is_released_and_indexed_when_indexed_says_so() {
+    async fn entries_are_durable_and_indexed_before_their_ticket_is_released() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(dir.path()).expect("open");
         let metrics = Arc::new(Metrics::new().expect("metrics"));
@@ -724,16 +640,6 @@ mod tests {
         let tickets: Vec<Ticket> = (0..50).map(|n| journal.submit(entry(n)).expect("open")).collect();
         assert_eq!(tickets, (1..=50).collect::<Vec<_>>());
         journal.durable(50).await.expect("durable");
-        assert_eq!(read_tail(&store).expect("tail").1.iter().map(|(_, e)| e.len()).sum::<usize>(), 50);
-        // Every answered id's record is found at once, in the writer's
-        // hands or in the tree.
-        for n in 0..50 {
-            assert!(journal.record(&store, format!("t/event/e-{n}").as_bytes()).expect("read").is_some(), "e-{n}");
-        }
-        // The idempotency records follow the answers; whoever waits for the
-        // writer after the ticket (a marker, a snapshot) finds them in.
-        journal.marker().await.expect("marker");
-        assert!(50 <= journal.indexed_ticket());
         assert!(store.seen.get(b"t/event/e-49").expect("read").is_some());
         // No receiver applied the messages by the next commit with entries:
         // they wait in the outbox.
@@ -754,30 +660,5 @@ mod tests {
         journal.close();
         thread.join().expect("writer exits cleanly");
         assert!(journal.submit(entry(99)).is_err(), "closed journal refuses entries");
-    }
-
-    #[tokio::test]
-    async fn an_answered_record_is_found_while_the_writer_indexes_it() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = Store::open(dir.path()).expect("open");
-        let metrics = Arc::new(Metrics::new().expect("metrics"));
-        let (journal, thread) = Journal::start(store.clone(), metrics, 0);
-        let (release, hold) = std::sync::mpsc::channel();
-        *journal.shared.hold_indexing.lock() = Some(hold);
-        let ticket = journal.submit(entry(1)).expect("open");
-        journal.durable(ticket).await.expect("durable");
-        // The answer may go; its record is not in the tree yet, and whoever
-        // looks for it (another customer's actor) finds it all the same.
-        assert!(store.seen.get(b"t/event/e-1").expect("read").is_none());
-        assert!(journal.indexed_ticket() < ticket);
-        assert!(journal.record(&store, b"t/event/e-1").expect("read").is_some());
-        release.send(()).expect("the writer waits");
-        journal.marker().await.expect("marker");
-        assert!(ticket <= journal.indexed_ticket());
-        assert!(store.seen.get(b"t/event/e-1").expect("read").is_some());
-        assert!(journal.record(&store, b"t/event/e-1").expect("read").is_some());
-        assert!(journal.shared.unindexed.read().is_empty(), "the writer keeps no record the tree has");
-        journal.close();
-        thread.join().expect("writer exits cleanly");
     }
 }
