@@ -43,13 +43,13 @@ pub fn recover(store: &Store, metrics: &Metrics) -> StorageResult<(RecoveryRepor
     let (checkpoint, batches) = journal::read_tail(store)?;
     let read = started.elapsed();
     let mut report = RecoveryReport { next_seq: checkpoint, batches: batches.len(), entries: 0, entities: 0 };
-    // A message whose receiver's record is anywhere in the tail was applied
-    // and replays with it: it needs no redelivery.
     // The writer indexes a batch after flushing it and before the next
     // one, whose flush makes the indexes durable: only the last batch's
     // indexes can be missing. The one before it is indexed again too, for
     // the outbox messages it carried into the last.
     let reindex_from = batches.len().saturating_sub(2);
+    // A message whose receiver's record is anywhere in the tail was applied
+    // and replays with it: it needs no redelivery.
     let mut indexer = journal::Indexer::recovering(&batches, reindex_from)?;
     for (_, entries) in &batches[reindex_from..] {
         indexer.before_flush(store, entries)?;
