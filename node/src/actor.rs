@@ -526,7 +526,9 @@ impl<E: Entity> Registry<E> {
     /// journal writer group-commits them instead of flushing once per actor
     /// (a million active customers made the one-by-one version outlast the
     /// checkpoint interval, and recovery then replayed everything).
-    pub async fn snapshot_all(&self) {
+    /// Has every active actor that changed since its last snapshot write
+    /// one; returns how many did, once they are written.
+    pub async fn snapshot_all(&self) -> usize {
         let addrs: Vec<_> = self.actors.lock().values().cloned().collect();
         let mut written = Vec::new();
         for addr in addrs {
@@ -534,9 +536,11 @@ impl<E: Entity> Registry<E> {
                 written.push(receiver);
             }
         }
+        let count = written.len();
         for receiver in written {
             let _ = receiver.await;
         }
+        count
     }
 }
 

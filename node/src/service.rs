@@ -1294,12 +1294,14 @@ impl Service {
     pub async fn checkpoint(&self) -> ServiceResult<()> {
         // Snapshots recovery left in memory cover part of the journal too.
         self.write_recovered().await?;
+        let started = std::time::Instant::now();
         let marker = self.journal.marker().await?;
-        self.customers.snapshot_all().await;
-        self.wheels.snapshot_all().await;
-        self.jackpots.snapshot_all().await;
-        self.leaderboards.snapshot_all().await;
+        let snapshots = self.customers.snapshot_all().await
+            + self.wheels.snapshot_all().await
+            + self.jackpots.snapshot_all().await
+            + self.leaderboards.snapshot_all().await;
         self.journal.checkpoint(marker).await?;
+        tracing::info!(snapshots, elapsed_ms = started.elapsed().as_millis() as u64, "checkpoint written");
         Ok(())
     }
 
