@@ -700,6 +700,20 @@ mod tests {
         assert!(journal.submit(entry(99)).is_err(), "closed journal refuses entries");
     }
 
+    /// Lets the writer commit (up to 50 times) until the old batches are
+    /// gone, checks that they are, and stops it.
+    async fn trimmed_then_stopped(journal: Journal, thread: std::thread::JoinHandle<()>, store: &Store) {
+        for _ in 0..50 {
+            if store.journal.is_empty() {
+                break;
+            }
+            journal.marker().await.expect("marker");
+        }
+        assert!(store.journal.is_empty());
+        journal.close();
+        thread.join().expect("writer exits cleanly");
+    }
+
     #[tokio::test]
     async fn old_batches_go_a_slice_per_commit_and_after_a_crash_too() {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -716,29 +730,13 @@ mod tests {
         journal.checkpoint(marker).await.expect("checkpoint");
         assert!(store.journal.len() < TRIM_SLICE, "a slice went with the checkpoint");
         // The rest goes in the commits after, with or without entries.
-        for _ in 0..50 {
-            if store.journal.is_empty() {
-                break;
-            }
-            journal.marker().await.expect("marker");
-        }
-        assert!(store.journal.is_empty());
-        journal.close();
-        thread.join().expect("writer exits cleanly");
+        trimmed_then_stopped(journal, thread, &store).await;
         // A crash after the checkpoint moved and before its batches went:
         // the next writer deletes them.
         for seq in 0..batches {
             store.journal.insert(seq.to_be_bytes(), encode(&Vec::<JournalEntry>::new())).expect("insert");
         }
         let (journal, thread) = Journal::start(store.clone(), metrics, marker);
-        for _ in 0..50 {
-            if store.journal.is_empty() {
-                break;
-            }
-            journal.marker().await.expect("marker");
-        }
-        assert!(store.journal.is_empty());
-        journal.close();
-        thread.join().expect("writer exits cleanly");
+        trimmed_then_stopped(journal, thread, &store).await;
     }
 }
