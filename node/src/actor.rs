@@ -519,15 +519,13 @@ impl<E: Entity> Registry<E> {
         self.actors.lock().len()
     }
 
-    /// Has every active actor write its snapshot; returns once all are
-    /// written.
+    /// Has every active actor that changed since its last snapshot write
+    /// one; returns how many did, once they are written.
     ///
     /// Every actor is asked first and the writes awaited afterwards, so the
     /// journal writer group-commits them instead of flushing once per actor
     /// (a million active customers made the one-by-one version outlast the
     /// checkpoint interval, and recovery then replayed everything).
-    /// Has every active actor that changed since its last snapshot write
-    /// one; returns how many did, once they are written.
     pub async fn snapshot_all(&self) -> usize {
         let addrs: Vec<_> = self.actors.lock().values().cloned().collect();
         let mut written = Vec::new();

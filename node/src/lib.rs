@@ -158,19 +158,13 @@ pub async fn serve_with(
     ));
 
     let routes = grpc::router(service.clone()).await.map_err(|e| anyhow::anyhow!("setting up gRPC: {e}"))?;
-    let grpc_server =
-        tokio::spawn(tonic::transport::Server::builder().add_routes(routes).serve_with_incoming_shutdown(
-            // Answers are small writes: without TCP_NODELAY, Nagle's algorithm
-            // holds one back until the client's delayed ACK (40 ms) arrives.
-            tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(grpc_listener), |stream| {
-                stream.inspect(|tcp| {
-                    let _ = tcp.set_nodelay(true);
-                })
-            }),
-            stopped(stopping.clone()),
-        ));
+    let grpc_server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(nodelay_incoming(grpc_listener), stopped(stopping.clone())),
+    );
     let app = http::router(http::AppState { service: service.clone(), max_body_bytes: config.max_body_bytes });
-    // Small answers, sent at once (see the gRPC listener above).
+    // Small answers, sent at once (see `nodelay_incoming`).
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         let _ = tcp.set_nodelay(true);
     });
@@ -235,4 +229,18 @@ async fn housekeeping(
             }
         }
     }
+}
+
+/// The connections `listener` accepts, with TCP_NODELAY: answers are small
+/// writes, and without it Nagle's algorithm holds one back until the
+/// client's delayed ACK (40 ms) arrives. The node's gRPC listener and the
+/// no-op servers of `bazaar limits` both serve through it.
+pub(crate) fn nodelay_incoming(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |stream| {
+        stream.inspect(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        })
+    })
 }

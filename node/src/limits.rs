@@ -185,7 +185,7 @@ async fn noop_events(args: &LimitsArgs, window: Duration) -> anyhow::Result<(f64
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(pb::event_service_server::EventServiceServer::new(NoopEvents))
-            .serve_with_incoming(nodelay(listener)),
+            .serve_with_incoming(crate::nodelay_incoming(listener)),
     );
     let unary = crate::loadgen::ceiling(&address, args.clients.max(1), 1, window).await;
     let stream =
@@ -194,25 +194,15 @@ async fn noop_events(args: &LimitsArgs, window: Duration) -> anyhow::Result<(f64
     Ok((unary?, stream?))
 }
 
-/// Accepted connections with TCP_NODELAY, as the node's listeners set it.
-fn nodelay(
-    listener: tokio::net::TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |stream| {
-        stream.inspect(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        })
-    })
-}
-
 /// Calls per second of the standard health check, on a tonic server that
 /// does nothing else.
 async fn grpc_noop(clients: usize, window: Duration) -> anyhow::Result<f64> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
     let (_reporter, health) = tonic_health::server::health_reporter();
-    let server =
-        tokio::spawn(tonic::transport::Server::builder().add_service(health).serve_with_incoming(nodelay(listener)));
+    let server = tokio::spawn(
+        tonic::transport::Server::builder().add_service(health).serve_with_incoming(crate::nodelay_incoming(listener)),
+    );
     let channel = tonic::transport::Channel::from_shared(format!("http://{address}"))?.connect().await?;
     let count = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + window;
