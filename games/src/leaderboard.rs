@@ -72,8 +72,8 @@ pub struct Entry {
 type Key = (Reverse<i64>, u64, Id);
 
 /// A leaderboard's members and scores.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(from = "Members", into = "Members")]
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(from = "Members")]
 pub struct Leaderboard {
     scores: HashMap<Id, (i64, u64)>,
     order: OSBTreeSet<Key>,
@@ -102,12 +102,22 @@ impl From<Members> for Leaderboard {
     }
 }
 
-impl From<Leaderboard> for Members {
-    fn from(board: Leaderboard) -> Self {
-        Members {
-            next_seq: board.next_seq,
-            members: board.order.into_iter().map(|(Reverse(score), seq, customer)| (customer, score, seq)).collect(),
+/// Serialised as [`Members`] is, in rank order, straight from the tree:
+/// `serde(into)` cloned the whole board first, and a checkpoint serialises
+/// a board of a million members while every score waits for it.
+impl Serialize for Leaderboard {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        struct InRankOrder<'a>(&'a OSBTreeSet<Key>);
+        impl Serialize for InRankOrder<'_> {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.collect_seq(self.0.iter().map(|(Reverse(score), seq, customer)| (customer, score, seq)))
+            }
         }
+        let mut members = serializer.serialize_struct("Members", 2)?;
+        members.serialize_field("next_seq", &self.next_seq)?;
+        members.serialize_field("members", &InRankOrder(&self.order))?;
+        members.end()
     }
 }
 
@@ -252,8 +262,19 @@ mod tests {
         for n in 0..50 {
             board.add(&id(n % 7), i64::from(n));
         }
-        let members: Members = board.clone().into();
-        let back = Leaderboard::from(members);
+        // Written straight from the tree, in the form boards were stored in
+        // before (a `Members` value), and read back the same.
+        let members = Members {
+            next_seq: board.next_seq,
+            members: board
+                .order
+                .iter()
+                .map(|(Reverse(score), seq, customer)| (customer.clone(), *score, *seq))
+                .collect(),
+        };
+        let bytes = bincode::serialize(&board).expect("serialise");
+        assert_eq!(bytes, bincode::serialize(&members).expect("serialise"));
+        let back: Leaderboard = bincode::deserialize(&bytes).expect("deserialise");
         assert_eq!(back, board);
         assert_eq!(back.top(7), board.top(7));
     }
