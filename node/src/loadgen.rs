@@ -130,13 +130,56 @@ impl Generated {
     }
 }
 
+/// Latencies in microseconds: of the whole run, and of each second of it
+/// (by intended send time), so that a stall shows when it happened.
+struct Latencies {
+    all: Histogram<u64>,
+    seconds: Vec<Histogram<u64>>,
+}
+
+impl Latencies {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Self { all: Self::histogram(3)?, seconds: Vec::new() })
+    }
+
+    fn histogram(significant_figures: u8) -> anyhow::Result<Histogram<u64>> {
+        Histogram::new_with_bounds(1, 60_000_000, significant_figures).context("histogram bounds")
+    }
+
+    fn record(&mut self, since_start: Duration, micros: u64) {
+        self.all.saturating_record(micros);
+        let second = usize::try_from(since_start.as_secs()).unwrap_or(usize::MAX);
+        while self.seconds.len() <= second {
+            // Two significant figures: a few kilobytes per second of run.
+            match Self::histogram(2) {
+                Ok(histogram) => self.seconds.push(histogram),
+                Err(_) => return,
+            }
+        }
+        self.seconds[second].saturating_record(micros);
+    }
+
+    /// Each second's count and latencies, in milliseconds.
+    fn timeline(&self) -> Vec<Value> {
+        let ms = |micros: u64| micros as f64 / 1_000.0;
+        self.seconds
+            .iter()
+            .enumerate()
+            .map(|(second, h)| {
+                json!({"second": second, "count": h.len(), "p50_ms": ms(h.value_at_quantile(0.5)),
+                       "p99_ms": ms(h.value_at_quantile(0.99)), "max_ms": ms(h.max())})
+            })
+            .collect()
+    }
+}
+
 /// What the clients share.
 struct Shared {
     sent: AtomicU64,
     acknowledged: AtomicU64,
     next: AtomicU64,
     errors: Mutex<BTreeMap<String, u64>>,
-    latencies: Mutex<Histogram<u64>>,
+    latencies: Mutex<Latencies>,
     /// Per customer: the points and jackpot contributions acknowledged.
     ledger: Mutex<HashMap<String, (i64, i64)>>,
     won_minor: AtomicU64,
@@ -203,7 +246,7 @@ async fn drive(
         acknowledged: AtomicU64::new(0),
         next: AtomicU64::new(0),
         errors: Mutex::new(BTreeMap::new()),
-        latencies: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).context("histogram bounds")?),
+        latencies: Mutex::new(Latencies::new()?),
         ledger: Mutex::new(HashMap::new()),
         won_minor: AtomicU64::new(0),
     });
@@ -346,7 +389,7 @@ impl Client {
                 }
             };
             let micros = u64::try_from(intended.elapsed().as_micros()).unwrap_or(u64::MAX).max(1);
-            self.shared.latencies.lock().await.saturating_record(micros);
+            self.shared.latencies.lock().await.record(intended - self.started, micros);
             self.account(&events, results).await;
         }
     }
@@ -630,7 +673,8 @@ async fn set_up(transport: &Transport, args: &LoadgenArgs, tenant: &str) -> anyh
 }
 
 async fn report(args: &LoadgenArgs, shared: &Shared, elapsed: Duration, tenant: &str) -> anyhow::Result<Value> {
-    let latencies = shared.latencies.lock().await;
+    let timed = shared.latencies.lock().await;
+    let latencies = &timed.all;
     let ms = |quantile: f64| latencies.value_at_quantile(quantile) as f64 / 1_000.0;
     let acknowledged = shared.acknowledged.load(Ordering::Relaxed);
     let server = match &args.metrics {
@@ -652,6 +696,7 @@ async fn report(args: &LoadgenArgs, shared: &Shared, elapsed: Duration, tenant: 
         "latency_per": if 1 < args.batch { "batch" } else { "event" },
         "errors": *shared.errors.lock().await,
         "server": server,
+        "timeline": timed.timeline(),
     }))
 }
 
@@ -694,6 +739,20 @@ fn print_table(report: &Value) {
         latency["p999"].as_f64().unwrap_or(0.0),
         latency["max"].as_f64().unwrap_or(0.0)
     );
+    let worst = report["timeline"].as_array().and_then(|seconds| {
+        seconds
+            .iter()
+            .max_by(|a, b| a["p99_ms"].as_f64().unwrap_or(0.0).total_cmp(&b["p99_ms"].as_f64().unwrap_or(0.0)))
+    });
+    if let Some(worst) = worst {
+        println!(
+            "{:<22} second {}: p99 {:.2}  max {:.2} (every second's figures: the report's timeline)",
+            "worst second",
+            worst["second"],
+            worst["p99_ms"].as_f64().unwrap_or(0.0),
+            worst["max_ms"].as_f64().unwrap_or(0.0)
+        );
+    }
     println!("{:<22} {}", "errors", report["errors"]);
     if !report["server"].is_null() {
         println!("{:<22} {}", "server", report["server"]);
