@@ -10,9 +10,14 @@
 //!
 //! The writer is one OS thread (flushing blocks), looping:
 //! 1. take every queued operation;
-//! 2. append all entries as one `journal` value (key: batch sequence), write
-//!    the queued snapshots, delete acknowledged outbox messages, index the
-//!    outbox messages the previous batch left undelivered (see [`Indexer`]);
+//! 2. append all entries as one `journal` value (key: batch sequence),
+//!    delete acknowledged outbox messages, index the outbox messages the
+//!    previous batch left undelivered (see [`Indexer`]), and do some
+//!    background work: write queued snapshots, move the checkpoint once the
+//!    snapshots queued before it are written, delete batches below it.
+//!    While entries come in, background work takes at most a tenth of the
+//!    writer's time, so a checkpoint's hundred thousand snapshots do not
+//!    hold answers up;
 //! 3. flush once;
 //! 4. write the indexes derived from the entries (seen ids, audit): in
 //!    sled's memory at once, durable with the next flush, and rebuilt from
@@ -27,9 +32,9 @@ use crate::storage::{decode, encode, StorageError, StorageResult, Store};
 use bazaar_observability::Metrics;
 use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
 
 /// A position in the journal's order; durable once the writer says so.
@@ -73,9 +78,9 @@ pub struct Durability {
 
 enum Op {
     Entry(JournalEntry),
+    /// A snapshot to write (none: only wait for those queued before).
     Snapshot {
-        key: Vec<u8>,
-        value: Vec<u8>,
+        write: Option<KeyValue>,
         done: Option<oneshot::Sender<()>>,
     },
     OutboxAck(Vec<u8>),
@@ -123,8 +128,19 @@ impl Journal {
         // Batches below the checkpoint that a crash left undeleted go
         // first, a slice at a time.
         let trim_below = read_checkpoint(&store).unwrap_or(0);
-        let writer =
-            Writer { store, metrics, shared: shared.clone(), next_seq, indexer: Indexer::default(), trim_below };
+        let writer = Writer {
+            store,
+            metrics,
+            shared: shared.clone(),
+            next_seq,
+            indexer: Indexer::default(),
+            trim_below,
+            snapshots: VecDeque::new(),
+            checkpoints: Vec::new(),
+            last_entries: Instant::now(),
+            credit: Duration::ZERO,
+            credited: Instant::now(),
+        };
         let thread = std::thread::Builder::new()
             .name("journal-writer".into())
             .spawn(move || writer.run())
@@ -158,7 +174,14 @@ impl Journal {
     /// entry queued before it).
     pub fn snapshot(&self, key: Vec<u8>, snapshot: &Snapshot) -> StorageResult<oneshot::Receiver<()>> {
         let (done, written) = oneshot::channel();
-        self.push(Op::Snapshot { key, value: encode(snapshot), done: Some(done) })?;
+        self.push(Op::Snapshot { write: Some((key, encode(snapshot))), done: Some(done) })?;
+        Ok(written)
+    }
+
+    /// The receiver fires once every snapshot queued so far is written.
+    pub fn snapshots_written(&self) -> StorageResult<oneshot::Receiver<()>> {
+        let (done, written) = oneshot::channel();
+        self.push(Op::Snapshot { write: None, done: Some(done) })?;
         Ok(written)
     }
 
@@ -232,6 +255,39 @@ struct Writer {
     /// Batches below this are covered by snapshots and go, a slice per
     /// commit ([`TRIM_SLICE`]).
     trim_below: u64,
+    /// Snapshots not written yet, in the order they came; a slice goes per
+    /// commit ([`SNAPSHOT_SLICE`]).
+    snapshots: VecDeque<QueuedSnapshot>,
+    /// Checkpoints waiting for the snapshots queued before them.
+    checkpoints: Vec<(u64, oneshot::Sender<()>)>,
+    /// When the last commit with entries began.
+    last_entries: Instant,
+    /// Time the writer may still spend on background work while busy, and
+    /// when it was last added to.
+    credit: Duration,
+    credited: Instant,
+}
+
+/// What one commit may spend on background work.
+struct Budget {
+    paced: bool,
+    began: Instant,
+    credit: Duration,
+}
+
+impl Budget {
+    fn spent(&self) -> bool {
+        self.paced && self.credit <= self.began.elapsed()
+    }
+
+    fn left(&self) -> Duration {
+        self.credit.saturating_sub(self.began.elapsed())
+    }
+}
+
+struct QueuedSnapshot {
+    write: Option<KeyValue>,
+    done: Option<oneshot::Sender<()>>,
 }
 
 /// Old batches deleted per commit. A checkpoint after 30 s at ten thousand
@@ -239,15 +295,44 @@ struct Writer {
 /// they held every answer up for half a second.
 const TRIM_SLICE: usize = 256;
 
+/// Snapshots written per commit at most. A checkpoint asks every changed
+/// actor for one: a hundred thousand of them written in one commit held
+/// every answer up for a second.
+const SNAPSHOT_SLICE: usize = 256;
+
+/// While entries come in, background work (snapshots, deleting old
+/// batches) may take one part in this many of the writer's time. At full
+/// speed, a checkpoint's hundred thousand snapshots took a core for two
+/// seconds and deleting the batches they covered took the writer for
+/// another, and on two cores answers waited up to a second behind them.
+const BACKGROUND_SHARE: u32 = 10;
+
+/// The most background time the writer saves up: a busy commit spends at
+/// most this on it.
+const MAX_BACKGROUND_CREDIT: Duration = Duration::from_millis(2);
+
+/// Entries committed this recently mean the node is busy.
+const BUSY_WITHIN: Duration = Duration::from_millis(100);
+
+/// How long a busy writer with only background work left waits for its
+/// share to grow (or for entries).
+const BACKGROUND_PACE: Duration = Duration::from_millis(1);
+
 impl Writer {
     fn run(mut self) {
         loop {
             let ops = {
                 let mut queue = self.shared.queue.lock();
-                while queue.ops.is_empty() && !queue.closed && !self.trimming() {
-                    self.shared.wake.wait(&mut queue);
+                while queue.ops.is_empty() && !queue.closed {
+                    if self.snapshots.is_empty() && !self.trimming() {
+                        self.shared.wake.wait(&mut queue);
+                    } else if !self.busy(Instant::now())
+                        || self.shared.wake.wait_for(&mut queue, BACKGROUND_PACE).timed_out()
+                    {
+                        break;
+                    }
                 }
-                if queue.ops.is_empty() && queue.closed {
+                if queue.ops.is_empty() && queue.closed && self.snapshots.is_empty() && self.checkpoints.is_empty() {
                     break;
                 }
                 std::mem::take(&mut queue.ops)
@@ -272,11 +357,58 @@ impl Writer {
         0 < self.trim_below
     }
 
+    /// Whether entries are coming in: snapshots are then paced.
+    fn busy(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.last_entries) < BUSY_WITHIN
+    }
+
+    /// How much background work (snapshots, then deleting old batches)
+    /// this commit may do: a slice of each while the node is quiet; while
+    /// entries come in, only what the writer's share for it allows
+    /// ([`BACKGROUND_SHARE`]).
+    fn background_budget(&mut self, started: Instant) -> Budget {
+        let since = started.saturating_duration_since(self.credited);
+        self.credited = started;
+        self.credit = (self.credit + since / BACKGROUND_SHARE).min(MAX_BACKGROUND_CREDIT);
+        Budget { paced: self.busy(started), began: Instant::now(), credit: self.credit }
+    }
+
+    /// Writes queued snapshots, in order, as far as `budget` allows.
+    fn write_snapshots(&mut self, budget: &Budget, after_flush: &mut Vec<AfterFlush>) -> StorageResult<()> {
+        for _ in 0..SNAPSHOT_SLICE {
+            if budget.spent() {
+                break;
+            }
+            let Some(snapshot) = self.snapshots.pop_front() else { break };
+            if let Some((key, value)) = snapshot.write {
+                self.store.snapshots.insert(key, value)?;
+            }
+            after_flush.push(AfterFlush::Done(snapshot.done));
+        }
+        self.credit = budget.left();
+        Ok(())
+    }
+
+    /// Deletes batches below the checkpoint, as far as `budget` allows.
+    fn trim(&mut self, budget: &Budget) -> StorageResult<()> {
+        if !self.trimming() {
+            return Ok(());
+        }
+        for (deleted, key) in self.store.journal.range(..self.trim_below.to_be_bytes()).keys().enumerate() {
+            if TRIM_SLICE <= deleted || budget.spent() {
+                self.credit = budget.left();
+                return Ok(());
+            }
+            self.store.journal.remove(key?)?;
+        }
+        self.trim_below = 0;
+        self.credit = budget.left();
+        Ok(())
+    }
+
     fn commit(&mut self, ops: Vec<(Ticket, Op)>) -> StorageResult<()> {
         let started = Instant::now();
         let mut entries = Vec::new();
-        let mut snapshots = Vec::new();
-        let mut checkpoint = None;
         let mut settle = false;
         let mut last_ticket = None;
         let mut after_flush = Vec::new();
@@ -286,10 +418,7 @@ impl Writer {
                     entries.push(entry);
                     last_ticket = Some(ticket);
                 }
-                Op::Snapshot { key, value, done } => {
-                    snapshots.push((key, value));
-                    after_flush.push(AfterFlush::Done(done));
-                }
+                Op::Snapshot { write, done } => self.snapshots.push_back(QueuedSnapshot { write, done }),
                 Op::OutboxAck(key) => {
                     if self.store.outbox.remove(key)?.is_some() {
                         self.metrics.outbox_backlog.dec();
@@ -300,29 +429,36 @@ impl Writer {
                     settle = true;
                     after_flush.push(AfterFlush::Done(Some(reply)));
                 }
-                Op::Checkpoint { upto, done } => {
-                    checkpoint = Some(upto);
-                    after_flush.push(AfterFlush::Checkpointed(done));
-                }
+                Op::Checkpoint { upto, done } => self.checkpoints.push((upto, done)),
             }
         }
         // sled persists writes in the order they are made, so they go in
         // the order that keeps every prefix consistent: the entries, the
         // outbox messages carried from the previous batch, the snapshots
         // (which may cover these entries), then the checkpoint (which relies
-        // on the snapshots and may drop the carried messages' batch).
+        // on the snapshots queued before it and may drop the carried
+        // messages' batch).
         if !entries.is_empty() {
             self.store.journal.insert(self.next_seq.to_be_bytes(), encode(&entries))?;
             self.next_seq += 1;
+            self.last_entries = started;
         }
         // Carried messages wait for the next commit with entries, but never
         // past a checkpoint or a request to settle them.
-        let indexed = match entries.is_empty() && checkpoint.is_none() && !settle {
+        let indexed = match entries.is_empty() && self.checkpoints.is_empty() && !settle {
             true => 0,
             false => self.indexer.before_flush(&self.store, &entries)?,
         };
-        for (key, value) in snapshots {
-            self.store.snapshots.insert(key, value)?;
+        let budget = self.background_budget(started);
+        self.write_snapshots(&budget, &mut after_flush)?;
+        // A checkpoint moves once every snapshot queued before it is
+        // written: the queue holds none left from before it.
+        let checkpoint = match self.snapshots.is_empty() {
+            true => self.checkpoints.iter().map(|(upto, _)| *upto).max(),
+            false => None,
+        };
+        if checkpoint.is_some() {
+            after_flush.extend(self.checkpoints.drain(..).map(|(_, done)| AfterFlush::Checkpointed(done)));
         }
         if let Some(upto) = checkpoint {
             // Recovery reads from the checkpoint on: the batches below it are
@@ -330,21 +466,7 @@ impl Writer {
             self.store.meta.insert(CHECKPOINT_KEY, &upto.to_be_bytes())?;
             self.trim_below = self.trim_below.max(upto);
         }
-        if self.trimming() {
-            let old: Vec<sled::IVec> = self
-                .store
-                .journal
-                .range(..self.trim_below.to_be_bytes())
-                .keys()
-                .take(TRIM_SLICE)
-                .collect::<Result<_, _>>()?;
-            if old.len() < TRIM_SLICE {
-                self.trim_below = 0;
-            }
-            for key in old {
-                self.store.journal.remove(key)?;
-            }
-        }
+        self.trim(&budget)?;
         self.store.flush()?;
         if !entries.is_empty() {
             self.metrics.journal_flush_seconds.observe(started.elapsed().as_secs_f64());
@@ -694,20 +816,53 @@ mod tests {
         journal.checkpoint(marker).await.expect("checkpoint");
         let (checkpoint, batches) = read_tail(&store).expect("tail");
         assert_eq!((checkpoint, batches.len()), (marker, 0));
-        assert!(store.journal.is_empty(), "fewer old batches than a slice go with the checkpoint");
-        journal.close();
-        thread.join().expect("writer exits cleanly");
+        trimmed_then_stopped(journal.clone(), thread, &store).await;
         assert!(journal.submit(entry(99)).is_err(), "closed journal refuses entries");
     }
 
-    /// Lets the writer commit (up to 50 times) until the old batches are
-    /// gone, checks that they are, and stops it.
+    #[tokio::test]
+    async fn snapshots_go_in_slices_and_a_checkpoint_waits_for_those_before_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("open");
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let (journal, thread) = Journal::start(store.clone(), metrics, 0);
+        let ticket = journal.submit(JournalEntry { outbox: vec![], ..entry(0) }).expect("open");
+        journal.durable(ticket).await.expect("durable");
+        let marker = journal.marker().await.expect("marker");
+        let count = 2 * SNAPSHOT_SLICE + 10;
+        let key = |n: usize| format!("t/customer/c-{n}").into_bytes();
+        let written: Vec<_> = (0..count)
+            .map(|n| journal.snapshot(key(n), &Snapshot { entity_seq: n as u64, state: vec![1] }).expect("open"))
+            .collect();
+        // Queued behind three slices of snapshots, the checkpoint moves
+        // only once every one of them is written.
+        journal.checkpoint(marker).await.expect("checkpoint");
+        assert_eq!(store.snapshots.len(), count);
+        assert_eq!(read_checkpoint(&store).expect("read"), marker);
+        for receiver in written {
+            receiver.await.expect("each snapshot's waiter hears it is written");
+        }
+        // A barrier fires after the snapshots queued before it, and a later
+        // snapshot of the same entity wins.
+        for state in [2, 3] {
+            journal.snapshot(key(0), &Snapshot { entity_seq: state, state: vec![state as u8] }).expect("open");
+        }
+        journal.snapshots_written().expect("open").await.expect("written");
+        let stored: Snapshot = decode(&store.snapshots.get(key(0)).expect("read").expect("stored")).expect("decode");
+        assert_eq!(stored.entity_seq, 3);
+        journal.close();
+        thread.join().expect("writer exits cleanly");
+    }
+
+    /// Waits (up to half a minute: the writer paces itself while entries
+    /// came in recently) until the old batches are gone on their own,
+    /// checks that they are, and stops the writer.
     async fn trimmed_then_stopped(journal: Journal, thread: std::thread::JoinHandle<()>, store: &Store) {
-        for _ in 0..50 {
+        for _ in 0..3_000 {
             if store.journal.is_empty() {
                 break;
             }
-            journal.marker().await.expect("marker");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         assert!(store.journal.is_empty());
         journal.close();
@@ -715,7 +870,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn old_batches_go_a_slice_per_commit_and_after_a_crash_too() {
+    async fn old_batches_go_in_the_background_and_after_a_crash_too() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(dir.path()).expect("open");
         let metrics = Arc::new(Metrics::new().expect("metrics"));
@@ -728,8 +883,8 @@ mod tests {
         assert_eq!(store.journal.len() as u64, batches);
         let marker = journal.marker().await.expect("marker");
         journal.checkpoint(marker).await.expect("checkpoint");
-        assert!(store.journal.len() < TRIM_SLICE, "a slice went with the checkpoint");
-        // The rest goes in the commits after, with or without entries.
+        // The checkpoint moves at once; its batches go in the commits
+        // after, a slice at most per commit, with or without entries.
         trimmed_then_stopped(journal, thread, &store).await;
         // A crash after the checkpoint moved and before its batches went:
         // the next writer deletes them.
