@@ -215,7 +215,9 @@ impl<E: Entity> Actor for EntityActor<E> {
             // one event and no more would otherwise keep its answer, and
             // the map, until it is passivated.
             actor.forget_indexed();
-            if actor.node.idle_timeout <= actor.last_active.elapsed() {
+            // Not while a checkpoint's snapshots are being written: its own
+            // would wait behind them, and its mailbox with it.
+            if actor.node.idle_timeout <= actor.last_active.elapsed() && !actor.node.journal.snapshots_waiting() {
                 actor.passivate(ctx);
             }
         });

@@ -33,6 +33,7 @@ use bazaar_observability::Metrics;
 use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
@@ -105,6 +106,20 @@ struct Shared {
     queue: Mutex<Queue>,
     wake: Condvar,
     durable: watch::Sender<Durability>,
+    /// Snapshots the writer holds and has not written yet.
+    snapshot_backlog: AtomicUsize,
+}
+
+impl Shared {
+    fn new() -> Arc<Self> {
+        let (durable, _) = watch::channel(Durability { ticket: 0, failed: false });
+        Arc::new(Shared {
+            queue: Mutex::new(Queue { next_ticket: 1, ops: Vec::new(), closed: false }),
+            wake: Condvar::new(),
+            durable,
+            snapshot_backlog: AtomicUsize::new(0),
+        })
+    }
 }
 
 /// The handle actors and services use; cheap to clone.
@@ -119,28 +134,8 @@ pub const CHECKPOINT_KEY: &[u8] = b"journal_checkpoint";
 impl Journal {
     /// Starts the writer thread, appending from batch `next_seq` on.
     pub fn start(store: Store, metrics: Arc<Metrics>, next_seq: u64) -> (Self, std::thread::JoinHandle<()>) {
-        let (durable, _) = watch::channel(Durability { ticket: 0, failed: false });
-        let shared = Arc::new(Shared {
-            queue: Mutex::new(Queue { next_ticket: 1, ops: Vec::new(), closed: false }),
-            wake: Condvar::new(),
-            durable,
-        });
-        // Batches below the checkpoint that a crash left undeleted go
-        // first, a slice at a time.
-        let trim_below = read_checkpoint(&store).unwrap_or(0);
-        let writer = Writer {
-            store,
-            metrics,
-            shared: shared.clone(),
-            next_seq,
-            indexer: Indexer::default(),
-            trim_below,
-            snapshots: VecDeque::new(),
-            checkpoints: Vec::new(),
-            last_entries: Instant::now(),
-            credit: Duration::ZERO,
-            credited: Instant::now(),
-        };
+        let shared = Shared::new();
+        let writer = Writer::new(store, metrics, shared.clone(), next_seq);
         let thread = std::thread::Builder::new()
             .name("journal-writer".into())
             .spawn(move || writer.run())
@@ -224,6 +219,13 @@ impl Journal {
         }
     }
 
+    /// Whether the writer holds more than a commit's slice of snapshots
+    /// not written yet (after a checkpoint's request): an actor that
+    /// passivated now would wait for them all, its mailbox closed.
+    pub fn snapshots_waiting(&self) -> bool {
+        SNAPSHOT_SLICE <= self.shared.snapshot_backlog.load(Ordering::Relaxed)
+    }
+
     /// The last durable ticket.
     pub fn durable_ticket(&self) -> Ticket {
         self.shared.durable.borrow().ticket
@@ -258,8 +260,14 @@ struct Writer {
     /// Snapshots not written yet, in the order they came; a slice goes per
     /// commit ([`SNAPSHOT_SLICE`]).
     snapshots: VecDeque<QueuedSnapshot>,
-    /// Checkpoints waiting for the snapshots queued before them.
-    checkpoints: Vec<(u64, oneshot::Sender<()>)>,
+    /// How many snapshots (and barriers) were ever queued, and written.
+    queued: u64,
+    popped: u64,
+    /// Checkpoints waiting for the snapshots queued before them: the
+    /// checkpoint, how many had been queued when it came, its waiter.
+    checkpoints: Vec<(u64, u64, oneshot::Sender<()>)>,
+    /// Set once the journal is closed: nothing is paced any more.
+    closing: bool,
     /// When the last commit with entries began.
     last_entries: Instant,
     /// Time the writer may still spend on background work while busy, and
@@ -319,10 +327,33 @@ const BUSY_WITHIN: Duration = Duration::from_millis(100);
 const BACKGROUND_PACE: Duration = Duration::from_millis(1);
 
 impl Writer {
+    fn new(store: Store, metrics: Arc<Metrics>, shared: Arc<Shared>, next_seq: u64) -> Self {
+        // Batches below the checkpoint that a crash left undeleted go
+        // first, a slice at a time.
+        let trim_below = read_checkpoint(&store).unwrap_or(0);
+        Writer {
+            store,
+            metrics,
+            shared,
+            next_seq,
+            indexer: Indexer::default(),
+            trim_below,
+            snapshots: VecDeque::new(),
+            queued: 0,
+            popped: 0,
+            checkpoints: Vec::new(),
+            closing: false,
+            last_entries: Instant::now(),
+            credit: Duration::ZERO,
+            credited: Instant::now(),
+        }
+    }
+
     fn run(mut self) {
         loop {
             let ops = {
                 let mut queue = self.shared.queue.lock();
+                self.closing = queue.closed;
                 while queue.ops.is_empty() && !queue.closed {
                     if self.snapshots.is_empty() && !self.trimming() {
                         self.shared.wake.wait(&mut queue);
@@ -359,7 +390,7 @@ impl Writer {
 
     /// Whether entries are coming in: snapshots are then paced.
     fn busy(&self, now: Instant) -> bool {
-        now.saturating_duration_since(self.last_entries) < BUSY_WITHIN
+        !self.closing && now.saturating_duration_since(self.last_entries) < BUSY_WITHIN
     }
 
     /// How much background work (snapshots, then deleting old batches)
@@ -373,15 +404,16 @@ impl Writer {
         Budget { paced: self.busy(started), began: Instant::now(), credit: self.credit }
     }
 
-    /// Writes queued snapshots, in order, as far as `budget` allows.
+    /// Writes queued snapshots, in order, as far as `budget` allows (a
+    /// barrier costs nothing).
     fn write_snapshots(&mut self, budget: &Budget, after_flush: &mut Vec<AfterFlush>) -> StorageResult<()> {
-        for _ in 0..SNAPSHOT_SLICE {
-            if budget.spent() {
-                break;
-            }
+        let mut written = 0;
+        while written < SNAPSHOT_SLICE && !budget.spent() {
             let Some(snapshot) = self.snapshots.pop_front() else { break };
+            self.popped += 1;
             if let Some((key, value)) = snapshot.write {
                 self.store.snapshots.insert(key, value)?;
+                written += 1;
             }
             after_flush.push(AfterFlush::Done(snapshot.done));
         }
@@ -418,7 +450,10 @@ impl Writer {
                     entries.push(entry);
                     last_ticket = Some(ticket);
                 }
-                Op::Snapshot { write, done } => self.snapshots.push_back(QueuedSnapshot { write, done }),
+                Op::Snapshot { write, done } => {
+                    self.snapshots.push_back(QueuedSnapshot { write, done });
+                    self.queued += 1;
+                }
                 Op::OutboxAck(key) => {
                     if self.store.outbox.remove(key)?.is_some() {
                         self.metrics.outbox_backlog.dec();
@@ -429,37 +464,39 @@ impl Writer {
                     settle = true;
                     after_flush.push(AfterFlush::Done(Some(reply)));
                 }
-                Op::Checkpoint { upto, done } => self.checkpoints.push((upto, done)),
+                Op::Checkpoint { upto, done } => self.checkpoints.push((upto, self.queued, done)),
             }
         }
         // sled persists writes in the order they are made, so they go in
         // the order that keeps every prefix consistent: the entries, the
-        // outbox messages carried from the previous batch, the snapshots
-        // (which may cover these entries), then the checkpoint (which relies
-        // on the snapshots queued before it and may drop the carried
+        // snapshots (which may cover these entries), the outbox messages
+        // carried from the previous batch, then the checkpoint (which
+        // relies on the snapshots queued before it and may drop the carried
         // messages' batch).
         if !entries.is_empty() {
             self.store.journal.insert(self.next_seq.to_be_bytes(), encode(&entries))?;
             self.next_seq += 1;
             self.last_entries = started;
         }
-        // Carried messages wait for the next commit with entries, but never
-        // past a checkpoint or a request to settle them.
-        let indexed = match entries.is_empty() && self.checkpoints.is_empty() && !settle {
-            true => 0,
-            false => self.indexer.before_flush(&self.store, &entries)?,
-        };
         let budget = self.background_budget(started);
         self.write_snapshots(&budget, &mut after_flush)?;
         // A checkpoint moves once every snapshot queued before it is
-        // written: the queue holds none left from before it.
-        let checkpoint = match self.snapshots.is_empty() {
-            true => self.checkpoints.iter().map(|(upto, _)| *upto).max(),
-            false => None,
+        // written (not every snapshot queued since: under load those never
+        // stop coming).
+        let popped = self.popped;
+        let (ready, waiting): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.checkpoints).into_iter().partition(|(_, queued, _)| *queued <= popped);
+        self.checkpoints = waiting;
+        let checkpoint = ready.iter().map(|(upto, _, _)| *upto).max();
+        after_flush.extend(ready.into_iter().map(|(_, _, done)| AfterFlush::Checkpointed(done)));
+        // Carried messages wait for the next commit with entries, but never
+        // past a checkpoint or a request to settle them. (They may go after
+        // the snapshots: only the checkpoint, which drops their batch,
+        // relies on them.)
+        let indexed = match entries.is_empty() && checkpoint.is_none() && !settle {
+            true => 0,
+            false => self.indexer.before_flush(&self.store, &entries)?,
         };
-        if checkpoint.is_some() {
-            after_flush.extend(self.checkpoints.drain(..).map(|(_, done)| AfterFlush::Checkpointed(done)));
-        }
         if let Some(upto) = checkpoint {
             // Recovery reads from the checkpoint on: the batches below it are
             // garbage from now on, deleted a slice per commit.
@@ -467,6 +504,7 @@ impl Writer {
             self.trim_below = self.trim_below.max(upto);
         }
         self.trim(&budget)?;
+        self.shared.snapshot_backlog.store(self.snapshots.len(), Ordering::Relaxed);
         self.store.flush()?;
         if !entries.is_empty() {
             self.metrics.journal_flush_seconds.observe(started.elapsed().as_secs_f64());
@@ -820,38 +858,57 @@ mod tests {
         assert!(journal.submit(entry(99)).is_err(), "closed journal refuses entries");
     }
 
-    #[tokio::test]
-    async fn snapshots_go_in_slices_and_a_checkpoint_waits_for_those_before_it() {
+    #[test]
+    fn snapshots_go_a_slice_per_commit_and_a_checkpoint_moves_once_those_before_it_are_written() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(dir.path()).expect("open");
         let metrics = Arc::new(Metrics::new().expect("metrics"));
-        let (journal, thread) = Journal::start(store.clone(), metrics, 0);
-        let ticket = journal.submit(JournalEntry { outbox: vec![], ..entry(0) }).expect("open");
-        journal.durable(ticket).await.expect("durable");
-        let marker = journal.marker().await.expect("marker");
-        let count = 2 * SNAPSHOT_SLICE + 10;
-        let key = |n: usize| format!("t/customer/c-{n}").into_bytes();
-        let written: Vec<_> = (0..count)
-            .map(|n| journal.snapshot(key(n), &Snapshot { entity_seq: n as u64, state: vec![1] }).expect("open"))
-            .collect();
-        // Queued behind three slices of snapshots, the checkpoint moves
-        // only once every one of them is written.
-        journal.checkpoint(marker).await.expect("checkpoint");
-        assert_eq!(store.snapshots.len(), count);
-        assert_eq!(read_checkpoint(&store).expect("read"), marker);
-        for receiver in written {
-            receiver.await.expect("each snapshot's waiter hears it is written");
-        }
-        // A barrier fires after the snapshots queued before it, and a later
-        // snapshot of the same entity wins.
-        for state in [2, 3] {
-            journal.snapshot(key(0), &Snapshot { entity_seq: state, state: vec![state as u8] }).expect("open");
-        }
-        journal.snapshots_written().expect("open").await.expect("written");
-        let stored: Snapshot = decode(&store.snapshots.get(key(0)).expect("read").expect("stored")).expect("decode");
-        assert_eq!(stored.entity_seq, 3);
-        journal.close();
-        thread.join().expect("writer exits cleanly");
+        let mut writer = Writer::new(store.clone(), metrics, Shared::new(), 0);
+        writer.commit(vec![(1, Op::Entry(JournalEntry { outbox: vec![], ..entry(0) }))]).expect("commit");
+        // A quiet node: no entries for a while, so nothing is paced.
+        writer.last_entries = Instant::now().checked_sub(Duration::from_secs(1)).unwrap_or_else(Instant::now);
+        let snapshot = |n: usize| {
+            let (done, written) = oneshot::channel();
+            let key = format!("t/customer/c-{n}").into_bytes();
+            let value = encode(&Snapshot { entity_seq: n as u64, state: vec![1] });
+            ((0, Op::Snapshot { write: Some((key, value)), done: Some(done) }), written)
+        };
+        let barrier = || {
+            let (done, written) = oneshot::channel();
+            ((0, Op::Snapshot { write: None, done: Some(done) }), written)
+        };
+        let checkpointed = |store: &Store| store.meta.get(CHECKPOINT_KEY).expect("read").is_some();
+        // A slice and ten before the checkpoint, then a barrier.
+        let (mut ops, mut before): (Vec<_>, Vec<_>) = (0..SNAPSHOT_SLICE + 10).map(snapshot).unzip();
+        let (done, mut checkpoint) = oneshot::channel();
+        ops.push((0, Op::Checkpoint { upto: 1, done }));
+        let (barrier_op, mut barrier_written) = barrier();
+        ops.push(barrier_op);
+        writer.commit(ops).expect("commit");
+        assert_eq!(store.snapshots.len(), SNAPSHOT_SLICE, "one slice per commit");
+        assert!(!checkpointed(&store) && checkpoint.try_recv().is_err());
+        assert!(before.iter_mut().take(SNAPSHOT_SLICE).all(|w| w.try_recv().is_ok()));
+        assert!(before[SNAPSHOT_SLICE].try_recv().is_err(), "not written, not told so");
+        // Snapshots keep coming after the checkpoint: it does not wait for
+        // them, only for the ten before it.
+        let (ops, _after): (Vec<_>, Vec<_>) = (1_000..1_000 + SNAPSHOT_SLICE).map(snapshot).unzip();
+        writer.commit(ops).expect("commit");
+        assert_eq!(store.snapshots.len(), 2 * SNAPSHOT_SLICE);
+        assert!(checkpointed(&store) && !writer.snapshots.is_empty());
+        assert_eq!(read_checkpoint(&store).expect("read"), 1);
+        assert!(before.iter_mut().skip(SNAPSHOT_SLICE).all(|w| w.try_recv().is_ok()));
+        assert!(checkpoint.try_recv().is_ok(), "its waiter hears it moved");
+        // The barrier fires in the commit that reaches it, and costs no
+        // room in the slice.
+        assert!(barrier_written.try_recv().is_ok());
+        let (mut ops, _more): (Vec<_>, Vec<_>) = (2_000..2_000 + SNAPSHOT_SLICE).map(snapshot).unzip();
+        let (barrier_op, mut last_barrier) = barrier();
+        ops.push(barrier_op);
+        writer.commit(ops).expect("commit");
+        assert!(last_barrier.try_recv().is_err(), "behind ten snapshots still");
+        writer.commit(Vec::new()).expect("commit");
+        assert!(last_barrier.try_recv().is_ok() && writer.snapshots.is_empty());
+        assert_eq!(store.snapshots.len(), 3 * SNAPSHOT_SLICE + 10);
     }
 
     /// Waits (up to half a minute: the writer paces itself while entries
