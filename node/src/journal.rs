@@ -133,9 +133,18 @@ pub const CHECKPOINT_KEY: &[u8] = b"journal_checkpoint";
 
 impl Journal {
     /// Starts the writer thread, appending from batch `next_seq` on.
-    pub fn start(store: Store, metrics: Arc<Metrics>, next_seq: u64) -> (Self, std::thread::JoinHandle<()>) {
+    /// `patience`: once the last checkpoint moved this long ago, background
+    /// work is no longer paced, so that a checkpoint under sustained load
+    /// ends and the journal tail (recovery's work) stays bounded.
+    pub fn start(
+        store: Store,
+        metrics: Arc<Metrics>,
+        next_seq: u64,
+        patience: Duration,
+    ) -> (Self, std::thread::JoinHandle<()>) {
         let shared = Shared::new();
-        let writer = Writer::new(store, metrics, shared.clone(), next_seq);
+        let mut writer = Writer::new(store, metrics, shared.clone(), next_seq);
+        writer.patience = patience;
         let thread = std::thread::Builder::new()
             .name("journal-writer".into())
             .spawn(move || writer.run())
@@ -268,6 +277,9 @@ struct Writer {
     checkpoints: Vec<(u64, u64, oneshot::Sender<()>)>,
     /// Set once the journal is closed: nothing is paced any more.
     closing: bool,
+    /// Nor once the checkpoint last moved longer than `patience` ago.
+    patience: Duration,
+    checkpointed_at: Instant,
     /// When the last commit with entries began.
     last_entries: Instant,
     /// Time the writer may still spend on background work while busy, and
@@ -343,6 +355,8 @@ impl Writer {
             popped: 0,
             checkpoints: Vec::new(),
             closing: false,
+            patience: Duration::from_secs(60),
+            checkpointed_at: Instant::now(),
             last_entries: Instant::now(),
             credit: Duration::ZERO,
             credited: Instant::now(),
@@ -357,7 +371,7 @@ impl Writer {
                 while queue.ops.is_empty() && !queue.closed {
                     if self.snapshots.is_empty() && !self.trimming() {
                         self.shared.wake.wait(&mut queue);
-                    } else if !self.busy(Instant::now())
+                    } else if !self.paced(Instant::now())
                         || self.shared.wake.wait_for(&mut queue, BACKGROUND_PACE).timed_out()
                     {
                         break;
@@ -388,9 +402,12 @@ impl Writer {
         0 < self.trim_below
     }
 
-    /// Whether entries are coming in: snapshots are then paced.
-    fn busy(&self, now: Instant) -> bool {
-        !self.closing && now.saturating_duration_since(self.last_entries) < BUSY_WITHIN
+    /// Whether background work is paced: entries are coming in, the
+    /// journal is open, and the last checkpoint is recent enough.
+    fn paced(&self, now: Instant) -> bool {
+        !self.closing
+            && now.saturating_duration_since(self.last_entries) < BUSY_WITHIN
+            && now.saturating_duration_since(self.checkpointed_at) < self.patience
     }
 
     /// How much background work (snapshots, then deleting old batches)
@@ -401,7 +418,7 @@ impl Writer {
         let since = started.saturating_duration_since(self.credited);
         self.credited = started;
         self.credit = (self.credit + since / BACKGROUND_SHARE).min(MAX_BACKGROUND_CREDIT);
-        Budget { paced: self.busy(started), began: Instant::now(), credit: self.credit }
+        Budget { paced: self.paced(started), began: Instant::now(), credit: self.credit }
     }
 
     /// Writes queued snapshots, in order, as far as `budget` allows (a
@@ -502,6 +519,7 @@ impl Writer {
             // garbage from now on, deleted a slice per commit.
             self.store.meta.insert(CHECKPOINT_KEY, &upto.to_be_bytes())?;
             self.trim_below = self.trim_below.max(upto);
+            self.checkpointed_at = started;
         }
         self.trim(&budget)?;
         self.shared.snapshot_backlog.store(self.snapshots.len(), Ordering::Relaxed);
@@ -833,7 +851,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(dir.path()).expect("open");
         let metrics = Arc::new(Metrics::new().expect("metrics"));
-        let (journal, thread) = Journal::start(store.clone(), metrics.clone(), 0);
+        let (journal, thread) = Journal::start(store.clone(), metrics.clone(), 0, Duration::from_secs(60));
         let tickets: Vec<Ticket> = (0..50).map(|n| journal.submit(entry(n)).expect("open")).collect();
         assert_eq!(tickets, (1..=50).collect::<Vec<_>>());
         journal.durable(50).await.expect("durable");
@@ -931,7 +949,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(dir.path()).expect("open");
         let metrics = Arc::new(Metrics::new().expect("metrics"));
-        let (journal, thread) = Journal::start(store.clone(), metrics.clone(), 0);
+        let (journal, thread) = Journal::start(store.clone(), metrics.clone(), 0, Duration::from_secs(60));
         let batches = TRIM_SLICE as u64 + 44;
         for n in 0..batches {
             let ticket = journal.submit(JournalEntry { outbox: vec![], ..entry(n) }).expect("open");
@@ -948,7 +966,7 @@ mod tests {
         for seq in 0..batches {
             store.journal.insert(seq.to_be_bytes(), encode(&Vec::<JournalEntry>::new())).expect("insert");
         }
-        let (journal, thread) = Journal::start(store.clone(), metrics, marker);
+        let (journal, thread) = Journal::start(store.clone(), metrics, marker, Duration::from_secs(60));
         trimmed_then_stopped(journal, thread, &store).await;
     }
 }
