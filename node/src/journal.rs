@@ -434,7 +434,6 @@ impl Writer {
             }
             after_flush.push(AfterFlush::Done(snapshot.done));
         }
-        self.credit = budget.left();
         Ok(())
     }
 
@@ -445,13 +444,11 @@ impl Writer {
         }
         for (deleted, key) in self.store.journal.range(..self.trim_below.to_be_bytes()).keys().enumerate() {
             if TRIM_SLICE <= deleted || budget.spent() {
-                self.credit = budget.left();
                 return Ok(());
             }
             self.store.journal.remove(key?)?;
         }
         self.trim_below = 0;
-        self.credit = budget.left();
         Ok(())
     }
 
@@ -522,6 +519,7 @@ impl Writer {
             self.checkpointed_at = started;
         }
         self.trim(&budget)?;
+        self.credit = budget.left();
         self.shared.snapshot_backlog.store(self.snapshots.len(), Ordering::Relaxed);
         self.store.flush()?;
         if !entries.is_empty() {
