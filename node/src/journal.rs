@@ -143,8 +143,7 @@ impl Journal {
         patience: Duration,
     ) -> (Self, std::thread::JoinHandle<()>) {
         let shared = Shared::new();
-        let mut writer = Writer::new(store, metrics, shared.clone(), next_seq);
-        writer.patience = patience;
+        let writer = Writer::new(store, metrics, shared.clone(), next_seq, patience);
         let thread = std::thread::Builder::new()
             .name("journal-writer".into())
             .spawn(move || writer.run())
@@ -269,8 +268,7 @@ struct Writer {
     /// Snapshots not written yet, in the order they came; a slice goes per
     /// commit ([`SNAPSHOT_SLICE`]).
     snapshots: VecDeque<QueuedSnapshot>,
-    /// How many snapshots (and barriers) were ever queued, and written.
-    queued: u64,
+    /// How many snapshots (and barriers) were ever written.
     popped: u64,
     /// Checkpoints waiting for the snapshots queued before them: the
     /// checkpoint, how many had been queued when it came, its waiter.
@@ -339,7 +337,7 @@ const BUSY_WITHIN: Duration = Duration::from_millis(100);
 const BACKGROUND_PACE: Duration = Duration::from_millis(1);
 
 impl Writer {
-    fn new(store: Store, metrics: Arc<Metrics>, shared: Arc<Shared>, next_seq: u64) -> Self {
+    fn new(store: Store, metrics: Arc<Metrics>, shared: Arc<Shared>, next_seq: u64, patience: Duration) -> Self {
         // Batches below the checkpoint that a crash left undeleted go
         // first, a slice at a time.
         let trim_below = read_checkpoint(&store).unwrap_or(0);
@@ -351,11 +349,10 @@ impl Writer {
             indexer: Indexer::default(),
             trim_below,
             snapshots: VecDeque::new(),
-            queued: 0,
             popped: 0,
             checkpoints: Vec::new(),
             closing: false,
-            patience: Duration::from_secs(60),
+            patience,
             checkpointed_at: Instant::now(),
             last_entries: Instant::now(),
             credit: Duration::ZERO,
@@ -466,7 +463,6 @@ impl Writer {
                 }
                 Op::Snapshot { write, done } => {
                     self.snapshots.push_back(QueuedSnapshot { write, done });
-                    self.queued += 1;
                 }
                 Op::OutboxAck(key) => {
                     if self.store.outbox.remove(key)?.is_some() {
@@ -478,7 +474,10 @@ impl Writer {
                     settle = true;
                     after_flush.push(AfterFlush::Done(Some(reply)));
                 }
-                Op::Checkpoint { upto, done } => self.checkpoints.push((upto, self.queued, done)),
+                Op::Checkpoint { upto, done } => {
+                    let queued = self.popped + self.snapshots.len() as u64;
+                    self.checkpoints.push((upto, queued, done));
+                }
             }
         }
         // sled persists writes in the order they are made, so they go in
@@ -879,7 +878,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(dir.path()).expect("open");
         let metrics = Arc::new(Metrics::new().expect("metrics"));
-        let mut writer = Writer::new(store.clone(), metrics, Shared::new(), 0);
+        let mut writer = Writer::new(store.clone(), metrics, Shared::new(), 0, Duration::from_secs(60));
         writer.commit(vec![(1, Op::Entry(JournalEntry { outbox: vec![], ..entry(0) }))]).expect("commit");
         // A quiet node: no entries for a while, so nothing is paced.
         writer.last_entries = Instant::now().checked_sub(Duration::from_secs(1)).unwrap_or_else(Instant::now);
