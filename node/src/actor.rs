@@ -172,6 +172,7 @@ impl Message for SnapshotNow {
 #[derive(Serialize, Deserialize)]
 struct SeenValue {
     fingerprint: u64,
+    #[serde(with = "serde_bytes")]
     answer: Vec<u8>,
 }
 

@@ -54,12 +54,16 @@ pub struct JournalEntry {
     /// after the one its snapshot covers.
     pub entity_seq: u64,
     /// The entity's change: its new state, or an operation (leaderboards).
+    #[serde(with = "serde_bytes")]
     pub change: Vec<u8>,
     /// The idempotency record (`seen` tree).
+    #[serde(with = "crate::storage::byte_pairs::option")]
     pub seen: Option<KeyValue>,
     /// Cross-entity messages (`outbox` tree) until acknowledged.
+    #[serde(with = "crate::storage::byte_pairs")]
     pub outbox: Vec<KeyValue>,
     /// Draws and hits (`audit` tree).
+    #[serde(with = "crate::storage::byte_pairs")]
     pub audit: Vec<KeyValue>,
 }
 
@@ -67,6 +71,7 @@ pub struct JournalEntry {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Snapshot {
     pub entity_seq: u64,
+    #[serde(with = "serde_bytes")]
     pub state: Vec<u8>,
 }
 
@@ -760,6 +765,46 @@ mod tests {
             outbox: vec![message(n).record()],
             audit: Vec::new(),
         }
+    }
+
+    /// Entries and snapshots as every earlier build wrote them: byte
+    /// strings as plain `Vec<u8>` sequences.
+    #[derive(Serialize, Deserialize, PartialEq, Debug)]
+    struct PlainEntry {
+        entity: String,
+        entity_seq: u64,
+        change: Vec<u8>,
+        seen: Option<KeyValue>,
+        outbox: Vec<KeyValue>,
+        audit: Vec<KeyValue>,
+    }
+
+    #[test]
+    fn byte_strings_are_written_as_they_always_were() {
+        let mut entries = vec![entry(1), entry(300)];
+        entries[1].seen = None;
+        entries[1].audit = vec![(b"t/draw/w/d-1".to_vec(), vec![0, 255, 7]), (Vec::new(), Vec::new())];
+        let plain: Vec<PlainEntry> = entries
+            .iter()
+            .map(|e| PlainEntry {
+                entity: e.entity.clone(),
+                entity_seq: e.entity_seq,
+                change: e.change.clone(),
+                seen: e.seen.clone(),
+                outbox: e.outbox.clone(),
+                audit: e.audit.clone(),
+            })
+            .collect();
+        assert_eq!(encode(&entries), encode(&plain));
+        let read: Vec<PlainEntry> = decode(&encode(&entries)).expect("decodes as the old form");
+        assert_eq!(read, plain);
+        let back: Vec<JournalEntry> = decode(&encode(&plain)).expect("decodes the old form");
+        assert_eq!(encode(&back), encode(&entries));
+
+        let snapshot = Snapshot { entity_seq: 9, state: vec![3; 70] };
+        assert_eq!(encode(&snapshot), encode(&(9u64, vec![3u8; 70])));
+        let read: Snapshot = decode(&encode(&(9u64, vec![3u8; 70]))).expect("decodes the old form");
+        assert_eq!((read.entity_seq, read.state), (9, vec![3; 70]));
     }
 
     #[test]
