@@ -161,6 +161,7 @@ pub async fn serve_with(
     let routes = grpc::router(service.clone()).await.map_err(|e| anyhow::anyhow!("setting up gRPC: {e}"))?;
     let grpc_server = tokio::spawn(
         tonic::transport::Server::builder()
+            .layer(grpc::GrpcMetricsLayer::new(service.metrics.clone()))
             .add_routes(routes)
             .serve_with_incoming_shutdown(nodelay_incoming(grpc_listener), stopped(stopping.clone())),
     );

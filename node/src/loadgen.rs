@@ -709,7 +709,32 @@ async fn server_figures(url: &str) -> anyhow::Result<Value> {
         text.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
     };
     let batches = sum("bazaar_journal_batch_entries_count");
+    // The server's own mean gRPC latency per method (a stream's: to open).
+    let mut grpc: std::collections::BTreeMap<String, (f64, f64)> = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        let Some((series, value)) = line.rsplit_once(' ') else { continue };
+        let (slot, labels) = match series.split_once('{') {
+            Some(("bazaar_grpc_request_duration_seconds_sum", labels)) => (0, labels),
+            Some(("bazaar_grpc_request_duration_seconds_count", labels)) => (1, labels),
+            _ => continue,
+        };
+        let method = labels.split("method=\"").nth(1).and_then(|m| m.split('"').next()).unwrap_or("?");
+        let method = method.rsplit('/').next().unwrap_or(method).to_owned();
+        let figures = grpc.entry(method).or_default();
+        let value = value.parse::<f64>().unwrap_or(0.0);
+        if slot == 0 {
+            figures.0 += value;
+        } else {
+            figures.1 += value;
+        }
+    }
+    let grpc_mean_ms: serde_json::Map<String, Value> = grpc
+        .into_iter()
+        .filter(|(_, (_, count))| 0.0 < *count)
+        .map(|(method, (seconds, count))| (method, json!(1_000.0 * seconds / count)))
+        .collect();
     Ok(json!({
+        "grpc_mean_ms": grpc_mean_ms,
         "events_ingested": sum("bazaar_events_ingested_total{"),
         "journal_flushes": batches,
         "entries_per_flush": if 0.0 < batches { sum("bazaar_journal_batch_entries_sum") / batches } else { 0.0 },

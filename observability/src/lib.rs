@@ -20,6 +20,9 @@ pub struct Metrics {
     pub events_duplicate: IntCounterVec,
     /// HTTP requests by matched route, method and status code.
     pub http_request_duration: HistogramVec,
+    /// gRPC calls by method and status code, until the response's head:
+    /// a unary call's whole latency, a stream's time to open.
+    pub grpc_request_duration: HistogramVec,
     /// Spins by tenant, wheel and prize kind.
     pub spins: IntCounterVec,
     /// Current pool of each jackpot, in minor units.
@@ -69,6 +72,14 @@ impl Metrics {
                 HistogramOpts::new("bazaar_http_request_duration_seconds", "HTTP request latency")
                     .buckets(latency_buckets.clone()),
                 &["route", "method", "code"],
+            )?,
+            grpc_request_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "bazaar_grpc_request_duration_seconds",
+                    "gRPC latency until the response head (a unary call's answer, a stream's opening)",
+                )
+                .buckets(latency_buckets.clone()),
+                &["method", "code"],
             )?,
             spins: IntCounterVec::new(
                 Opts::new("bazaar_spins_total", "Wheel spins, by tenant, wheel and prize kind"),
@@ -147,6 +158,7 @@ impl Metrics {
         r.register(Box::new(self.events_ingested.clone()))?;
         r.register(Box::new(self.events_duplicate.clone()))?;
         r.register(Box::new(self.http_request_duration.clone()))?;
+        r.register(Box::new(self.grpc_request_duration.clone()))?;
         r.register(Box::new(self.spins.clone()))?;
         r.register(Box::new(self.jackpot_pool.clone()))?;
         r.register(Box::new(self.jackpot_contributed.clone()))?;

@@ -341,6 +341,30 @@ async fn errors_map_to_grpc_codes_with_field_violations() {
     };
     let error = catalog.put_jackpot(with_key(&operator, jackpot)).await.expect_err("cap not above seed");
     assert_eq!(error.get_error_details().bad_request().expect("a BadRequest").field_violations[0].field, "cap_minor");
+
+    // A method the server does not have: counted, but not by its name.
+    let mut raw = tonic::client::Grpc::new(channel.clone());
+    raw.ready().await.expect("the channel is ready");
+    let nothing = tonic::codegen::http::uri::PathAndQuery::from_static("/bazaar.v1.EventService/NoSuchMethod");
+    let codec = tonic_prost::ProstCodec::<pb::GetCustomerRequest, pb::Customer>::default();
+    let error = raw.unary(Request::new(pb::GetCustomerRequest::default()), nothing, codec).await.expect_err("none");
+    assert_eq!(error.code(), Code::Unimplemented);
+
+    // The server's own latency histogram saw each call with its code.
+    let scrape = node.admin().get("/metrics").text;
+    let count = |method: &str, code: &str| -> f64 {
+        let series = format!("bazaar_grpc_request_duration_seconds_count{{code=\"{code}\",method=\"{method}\"}} ");
+        scrape.lines().find_map(|l| l.strip_prefix(series.as_str())?.parse().ok()).unwrap_or(0.0)
+    };
+    let record = "/bazaar.v1.EventService/RecordEvent";
+    assert_eq!(count(record, "0"), 1.0, "one event recorded\n{scrape}");
+    assert_eq!(count(record, "3"), 1.0, "one invalid argument\n{scrape}");
+    assert_eq!(count(record, "16"), 1.0, "one unauthenticated\n{scrape}");
+    assert_eq!(count(record, "7"), 2.0, "two permission denied\n{scrape}");
+    assert_eq!(count(record, "10"), 1.0, "one idempotency conflict\n{scrape}");
+    assert_eq!(count("/bazaar.v1.GameService/Spin", "9"), 1.0, "one daily limit\n{scrape}");
+    assert_eq!(count("unknown", "12"), 1.0, "the missing method\n{scrape}");
+    assert!(!scrape.contains("NoSuchMethod"), "a client cannot name a label value");
 }
 
 #[tokio::test]

@@ -50,6 +50,11 @@ fn loadgen_measures_and_verifies_over_every_transport() {
         }
         assert!(0.0 < report["throughput_per_s"].as_f64().expect("throughput"));
         assert!(0.0 < report["server"]["journal_flushes"].as_f64().expect("server figures"), "{report}");
+        if transport == "grpc" {
+            let method = if extra.contains(&"--batch") { "StreamEvents" } else { "RecordEvent" };
+            let mean = report["server"]["grpc_mean_ms"][method].as_f64();
+            assert!(mean.is_some_and(|ms| 0.0 < ms), "the server's own {method} latency: {report}");
+        }
     }
 }
 
