@@ -4,7 +4,8 @@
 //!
 //! - the disk's fsync rate (4 KiB write + fdatasync, back to back);
 //! - sled group commit for the journal's write pattern: one value of
-//!   `group` entries of ~300 bytes per flush, as the journal writes it;
+//!   `group` entries of ~300 bytes per flush, as the journal writes it,
+//!   flushed as the node flushes ([`crate::storage::Store::flush`]);
 //! - the transport ceilings, on loopback, each against a server in this
 //!   process that does nothing else:
 //!   - the load generator's own client (`bazaar loadgen`: the same events,
@@ -113,19 +114,18 @@ fn fsync_rate(dir: &std::path::Path, window: Duration) -> anyhow::Result<f64> {
 }
 
 fn sled_group_commit(dir: &std::path::Path, group: usize, window: Duration) -> anyhow::Result<(f64, f64)> {
-    let db = sled::Config::new().path(dir.join("sled-probe")).mode(sled::Mode::HighThroughput).open()?;
-    let tree = db.open_tree("journal")?;
+    // The node's own store and flush: sled's, made durable the same way.
+    let store = crate::storage::Store::open(&dir.join("sled-probe"))?;
     let value = vec![42u8; 300 * group];
     let started = Instant::now();
     let mut flushes = 0u64;
     while started.elapsed() < window {
-        tree.insert(flushes.to_be_bytes(), value.as_slice())?;
-        db.flush()?;
+        store.journal.insert(flushes.to_be_bytes(), value.as_slice())?;
+        store.flush()?;
         flushes += 1;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    drop(tree);
-    drop(db);
+    drop(store);
     let _ = std::fs::remove_dir_all(dir.join("sled-probe"));
     Ok((flushes as f64 * group as f64 / elapsed, flushes as f64 / elapsed))
 }
