@@ -251,7 +251,8 @@ async fn drive(
         won_minor: AtomicU64::new(0),
     });
     let started = Instant::now();
-    let mut clients = Vec::new();
+    // Dropped on the first client's failure: the others stop with it.
+    let mut clients = tokio::task::JoinSet::new();
     for client in 0..args.clients {
         let context = Client {
             id: client,
@@ -266,7 +267,7 @@ async fn drive(
             Transport::Grpc(channel) => Transport::Grpc(channel.clone()),
             Transport::Http(agent, url) => Transport::Http(agent.clone(), url.clone()),
         };
-        clients.push(tokio::spawn(context.run(transport)));
+        clients.spawn(context.run(transport));
     }
     let ticker = {
         let (shared, progress) = (shared.clone(), progress.clone());
@@ -282,12 +283,17 @@ async fn drive(
             }
         })
     };
-    for client in clients {
-        client.await.context("a client task failed")??;
+    let mut outcome = Ok(());
+    while let Some(client) = clients.join_next().await {
+        outcome = client.context("a client task failed").and_then(|run| run);
+        if outcome.is_err() {
+            clients.abort_all();
+            break;
+        }
     }
     let elapsed = started.elapsed();
     ticker.abort();
-    Ok((shared, elapsed))
+    outcome.map(|()| (shared, elapsed))
 }
 
 /// Events per second the load generator's own gRPC client gets from the
