@@ -136,8 +136,13 @@ pub trait Entity: Sized + Unpin + 'static {
     }
 }
 
+/// What a message carries, taken by the actor that handles it. A send that
+/// meets an actor that has just stopped finds it still there and hands it
+/// to the next activation, so no send copies its commands.
+pub type Parcel<T> = Arc<Mutex<Option<T>>>;
+
 /// A request to an entity.
-pub struct Request<E: Entity>(pub E::Command);
+pub struct Request<E: Entity>(pub Parcel<E::Command>);
 
 /// The actor's reply: the answer, whether it is a retry's, and the ticket
 /// to wait for before the answer may leave the node.
@@ -155,7 +160,7 @@ impl<E: Entity> Message for Request<E> {
 /// actor; each gets its own reply. Batched ingestion sends a customer's
 /// events, and a jackpot's or a leaderboard's deliveries, this way: one
 /// mailbox message instead of one per event.
-pub struct Requests<E: Entity>(pub Vec<E::Command>);
+pub struct Requests<E: Entity>(pub Parcel<Vec<E::Command>>);
 
 impl<E: Entity> Message for Requests<E> {
     type Result = Vec<Result<Reply<E::Answer>, ServiceError>>;
@@ -309,7 +314,10 @@ impl<E: Entity> EntityActor<E> {
 impl<E: Entity> Handler<Request<E>> for EntityActor<E> {
     type Result = Result<Reply<E::Answer>, ServiceError>;
 
-    fn handle(&mut self, Request(command): Request<E>, ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, Request(parcel): Request<E>, ctx: &mut Self::Context) -> Self::Result {
+        let Some(command) = parcel.lock().take() else {
+            return Err(ServiceError::internal("a request reached its entity twice"));
+        };
         self.last_active = Instant::now();
         self.forget_indexed();
         self.apply(command, ctx)
@@ -319,7 +327,10 @@ impl<E: Entity> Handler<Request<E>> for EntityActor<E> {
 impl<E: Entity> Handler<Requests<E>> for EntityActor<E> {
     type Result = Vec<Result<Reply<E::Answer>, ServiceError>>;
 
-    fn handle(&mut self, Requests(commands): Requests<E>, ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, Requests(parcel): Requests<E>, ctx: &mut Self::Context) -> Self::Result {
+        // Taken twice is impossible; the caller would answer each command
+        // with an error for a missing reply.
+        let commands = parcel.lock().take().unwrap_or_default();
         self.last_active = Instant::now();
         self.forget_indexed();
         commands.into_iter().map(|command| self.apply(command, ctx)).collect()
@@ -425,7 +436,7 @@ impl<E: Entity> Registry<E> {
 
     /// Sends `command` to the entity's actor, activating it if needed.
     pub async fn call(&self, entity: &EntityKey, command: E::Command) -> ServiceResult<Reply<E::Answer>> {
-        self.send(entity, || Request::<E>(command.clone())).await?
+        self.send(entity, command, Request::<E>).await?
     }
 
     /// Sends `commands` to the entity's actor as one message, activating it
@@ -435,23 +446,38 @@ impl<E: Entity> Registry<E> {
         entity: &EntityKey,
         commands: Vec<E::Command>,
     ) -> ServiceResult<Vec<ServiceResult<Reply<E::Answer>>>> {
-        self.send(entity, || Requests::<E>(commands.clone())).await
+        self.send(entity, commands, Requests::<E>).await
     }
 
     /// Sends the message `make` builds to the entity's actor, activating it
     /// if needed, and again to a fresh activation if the actor had just
     /// stopped.
-    async fn send<M>(&self, entity: &EntityKey, make: impl Fn() -> M) -> ServiceResult<M::Result>
+    async fn send<T, M>(
+        &self,
+        entity: &EntityKey,
+        payload: T,
+        wrap: impl Fn(Parcel<T>) -> M,
+    ) -> ServiceResult<M::Result>
     where
         M: Message + Send + 'static,
         M::Result: Send,
         EntityActor<E>: Handler<M>,
         <EntityActor<E> as Actor>::Context: actix::dev::ToEnvelope<EntityActor<E>, M>,
     {
+        let parcel = Arc::new(Mutex::new(Some(payload)));
         for _ in 0..ACTIVATION_ATTEMPTS {
             let addr = self.activate(entity)?;
-            match addr.send(make()).await {
+            match addr.send(wrap(parcel.clone())).await {
                 Ok(result) => return Ok(result),
+                Err(MailboxError::Closed) if parcel.lock().is_none() => {
+                    // Taken, then no answer: the actor stopped while handling
+                    // it. Retrying the request is safe (idempotent); sending
+                    // it again here is impossible.
+                    self.remove(entity, &addr);
+                    return Err(ServiceError::unavailable(format!(
+                        "{entity} stopped while handling the request; retry"
+                    )));
+                }
                 Err(MailboxError::Closed) => self.remove(entity, &addr),
                 Err(MailboxError::Timeout) => {
                     return Err(ServiceError::unavailable("the entity did not answer in time"))
