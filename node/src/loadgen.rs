@@ -211,11 +211,25 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     };
     let pos_key = if args.setup { set_up(&transport, &args, &tenant).await? } else { args.admin_key.clone() };
 
+    // The server's counters before the run: the report gives what this run
+    // added, not what the node did since it started.
+    let before = match &args.metrics {
+        Some(url) => Some(Scrape::read(url).await),
+        None => None,
+    };
     let progress = progress_bar(&args);
     let (shared, elapsed) = drive(&args, &transport, &tenant, &pos_key, &run_id, &progress).await?;
     progress.finish_and_clear();
 
-    let report = report(&args, &shared, elapsed, &tenant).await?;
+    let server = match (&args.metrics, before) {
+        (Some(url), Some(Ok(before))) => match Scrape::read(url).await {
+            Ok(after) => after.since(&before),
+            Err(error) => json!({"error": error.to_string()}),
+        },
+        (_, Some(Err(error))) => json!({"error": error.to_string()}),
+        _ => Value::Null,
+    };
+    let report = report(&args, &shared, elapsed, &tenant, server).await?;
     print_table(&report);
     if args.verify {
         let verdict = verify(&transport, &args, &tenant, &shared).await?;
@@ -678,15 +692,17 @@ async fn set_up(transport: &Transport, args: &LoadgenArgs, tenant: &str) -> anyh
     }
 }
 
-async fn report(args: &LoadgenArgs, shared: &Shared, elapsed: Duration, tenant: &str) -> anyhow::Result<Value> {
+async fn report(
+    args: &LoadgenArgs,
+    shared: &Shared,
+    elapsed: Duration,
+    tenant: &str,
+    server: Value,
+) -> anyhow::Result<Value> {
     let timed = shared.latencies.lock().await;
     let latencies = &timed.all;
     let ms = |quantile: f64| latencies.value_at_quantile(quantile) as f64 / 1_000.0;
     let acknowledged = shared.acknowledged.load(Ordering::Relaxed);
-    let server = match &args.metrics {
-        Some(url) => server_figures(url).await.unwrap_or_else(|error| json!({"error": error.to_string()})),
-        None => Value::Null,
-    };
     Ok(json!({
         "transport": if args.http.is_some() { "http" } else { "grpc" },
         "mode": if args.rate.is_some() { "open" } else { "closed" },
@@ -706,47 +722,74 @@ async fn report(args: &LoadgenArgs, shared: &Shared, elapsed: Duration, tenant: 
     }))
 }
 
-/// The server's own figures, from its /metrics.
-async fn server_figures(url: &str) -> anyhow::Result<Value> {
-    let url = url.to_owned();
-    let text = tokio::task::spawn_blocking(move || ureq::get(&url).call()?.into_string().map_err(anyhow::Error::from))
-        .await??;
-    let sum = |name: &str| -> f64 {
-        text.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
-    };
-    let batches = sum("bazaar_journal_batch_entries_count");
-    // The server's own mean gRPC latency per method (a stream's: to open).
-    let mut grpc: std::collections::BTreeMap<String, (f64, f64)> = std::collections::BTreeMap::new();
-    for line in text.lines() {
-        let Some((series, value)) = line.rsplit_once(' ') else { continue };
-        let (slot, labels) = match series.split_once('{') {
-            Some(("bazaar_grpc_request_duration_seconds_sum", labels)) => (0, labels),
-            Some(("bazaar_grpc_request_duration_seconds_count", labels)) => (1, labels),
-            _ => continue,
-        };
-        let method = labels.split("method=\"").nth(1).and_then(|m| m.split('"').next()).unwrap_or("?");
-        let method = method.rsplit('/').next().unwrap_or(method).to_owned();
-        let figures = grpc.entry(method).or_default();
-        let value = value.parse::<f64>().unwrap_or(0.0);
-        if slot == 0 {
-            figures.0 += value;
-        } else {
-            figures.1 += value;
+/// The counters of the node's /metrics that the report uses.
+#[derive(Default)]
+struct Scrape {
+    ingested: f64,
+    flushes: f64,
+    entries: f64,
+    flush_seconds: f64,
+    outbox_backlog: f64,
+    /// Per gRPC method: seconds and calls.
+    grpc: BTreeMap<String, (f64, f64)>,
+}
+
+impl Scrape {
+    async fn read(url: &str) -> anyhow::Result<Self> {
+        let url = url.to_owned();
+        let text =
+            tokio::task::spawn_blocking(move || ureq::get(&url).call()?.into_string().map_err(anyhow::Error::from))
+                .await??;
+        let mut scrape = Scrape::default();
+        for line in text.lines().filter(|line| !line.starts_with('#')) {
+            let Some((series, value)) = line.rsplit_once(' ') else { continue };
+            let Ok(value) = value.parse::<f64>() else { continue };
+            let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+            match name {
+                "bazaar_events_ingested_total" => scrape.ingested += value,
+                "bazaar_journal_batch_entries_count" => scrape.flushes += value,
+                "bazaar_journal_batch_entries_sum" => scrape.entries += value,
+                "bazaar_journal_flush_seconds_sum" => scrape.flush_seconds += value,
+                "bazaar_outbox_backlog" => scrape.outbox_backlog += value,
+                "bazaar_grpc_request_duration_seconds_sum" | "bazaar_grpc_request_duration_seconds_count" => {
+                    let method = labels.split("method=\"").nth(1).and_then(|m| m.split('"').next()).unwrap_or("?");
+                    let method = method.rsplit('/').next().unwrap_or(method).to_owned();
+                    let figures = scrape.grpc.entry(method).or_default();
+                    if name.ends_with("_sum") {
+                        figures.0 += value;
+                    } else {
+                        figures.1 += value;
+                    }
+                }
+                _ => {}
+            }
         }
+        Ok(scrape)
     }
-    let grpc_mean_ms: serde_json::Map<String, Value> = grpc
-        .into_iter()
-        .filter(|(_, (_, count))| 0.0 < *count)
-        .map(|(method, (seconds, count))| (method, json!(1_000.0 * seconds / count)))
-        .collect();
-    Ok(json!({
-        "grpc_mean_ms": grpc_mean_ms,
-        "events_ingested": sum("bazaar_events_ingested_total{"),
-        "journal_flushes": batches,
-        "entries_per_flush": if 0.0 < batches { sum("bazaar_journal_batch_entries_sum") / batches } else { 0.0 },
-        "mean_flush_ms": if 0.0 < batches { 1_000.0 * sum("bazaar_journal_flush_seconds_sum") / batches } else { 0.0 },
-        "outbox_backlog": sum("bazaar_outbox_backlog"),
-    }))
+
+    /// The server's own figures for what happened between `before` and
+    /// this scrape.
+    fn since(&self, before: &Scrape) -> Value {
+        let flushes = self.flushes - before.flushes;
+        let per_flush = |total: f64| if 0.0 < flushes { total / flushes } else { 0.0 };
+        let grpc_mean_ms: serde_json::Map<String, Value> = self
+            .grpc
+            .iter()
+            .filter_map(|(method, (seconds, calls))| {
+                let (seconds_before, calls_before) = before.grpc.get(method).copied().unwrap_or_default();
+                let calls = calls - calls_before;
+                (0.0 < calls).then(|| (method.clone(), json!(1_000.0 * (seconds - seconds_before) / calls)))
+            })
+            .collect();
+        json!({
+            "events_ingested": self.ingested - before.ingested,
+            "journal_flushes": flushes,
+            "entries_per_flush": per_flush(self.entries - before.entries),
+            "mean_flush_ms": 1_000.0 * per_flush(self.flush_seconds - before.flush_seconds),
+            "grpc_mean_ms": grpc_mean_ms,
+            "outbox_backlog": self.outbox_backlog,
+        })
+    }
 }
 
 fn print_table(report: &Value) {
