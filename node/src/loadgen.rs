@@ -753,8 +753,7 @@ impl Scrape {
                 "bazaar_outbox_backlog" => scrape.outbox_backlog += value,
                 "bazaar_grpc_request_duration_seconds_sum" | "bazaar_grpc_request_duration_seconds_count" => {
                     let method = labels.split("method=\"").nth(1).and_then(|m| m.split('"').next()).unwrap_or("?");
-                    let method = method.rsplit('/').next().unwrap_or(method).to_owned();
-                    let figures = scrape.grpc.entry(method).or_default();
+                    let figures = scrape.grpc.entry(method.to_owned()).or_default();
                     if name.ends_with("_sum") {
                         figures.0 += value;
                     } else {

@@ -22,7 +22,7 @@
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -123,22 +123,30 @@ struct Files {
     log: File,
     /// Where sled writes log records too large for a segment.
     blobs: PathBuf,
-    /// Blob files already synced.
-    synced: parking_lot::Mutex<HashSet<OsString>>,
+    /// Blob files already synced: their length then, and whether a later
+    /// flush found it unchanged. sled's flusher thread may be writing one
+    /// (a page its garbage collection rewrote) while a flush lists the
+    /// directory, so each is looked at once more, and synced again if it
+    /// grew.
+    synced: parking_lot::Mutex<HashMap<OsString, (u64, bool)>>,
 }
 
 impl Files {
     fn open(dir: &Path) -> StorageResult<Self> {
+        let failed = |path: &Path, e| StorageError::Sync(path.display().to_string(), e);
         let log = dir.join("db");
-        let file = File::open(&log).map_err(|e| StorageError::Sync(log.display().to_string(), e))?;
-        Ok(Self { log: file, blobs: dir.join("blobs"), synced: parking_lot::Mutex::new(HashSet::new()) })
+        let file = File::open(&log).map_err(|e| failed(&log, e))?;
+        // The entries sled created (`db`, `conf`, `blobs`) are durable too.
+        File::open(dir).and_then(|d| d.sync_all()).map_err(|e| failed(dir, e))?;
+        Ok(Self { log: file, blobs: dir.join("blobs"), synced: parking_lot::Mutex::new(HashMap::new()) })
     }
 
-    /// Syncs the blob files written since the last call, then the log.
+    /// Syncs the blob files written since the last call (and those synced
+    /// lately that grew since), then the log.
     fn sync(&self) -> StorageResult<()> {
         let failed = |path: &Path, e| StorageError::Sync(path.display().to_string(), e);
         let mut synced = self.synced.lock();
-        let mut present = HashSet::new();
+        let mut present = HashMap::new();
         let mut added = false;
         let listing = match std::fs::read_dir(&self.blobs) {
             Ok(listing) => Some(listing),
@@ -147,16 +155,25 @@ impl Files {
         };
         for entry in listing.into_iter().flatten() {
             let name = entry.map_err(|e| failed(&self.blobs, e))?.file_name();
-            if !synced.contains(&name) {
-                let path = self.blobs.join(&name);
-                match File::open(&path).and_then(|f| f.sync_data()) {
-                    Ok(()) => added = true,
-                    // Collected by sled since it was listed.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(failed(&path, e)),
-                }
+            let known = synced.get(&name).copied();
+            if let Some((length, true)) = known {
+                present.insert(name, (length, true));
+                continue;
             }
-            present.insert(name);
+            let path = self.blobs.join(&name);
+            let file = match File::open(&path) {
+                Ok(file) => file,
+                // Collected by sled since it was listed.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(failed(&path, e)),
+            };
+            let length = file.metadata().map_err(|e| failed(&path, e))?.len();
+            let unchanged = known.is_some_and(|(synced_length, _)| synced_length == length);
+            if !unchanged {
+                file.sync_data().map_err(|e| failed(&path, e))?;
+                added = true;
+            }
+            present.insert(name, (length, unchanged));
         }
         if added {
             File::open(&self.blobs).and_then(|d| d.sync_all()).map_err(|e| failed(&self.blobs, e))?;
@@ -199,7 +216,9 @@ impl Store {
     /// `sync_file_range`, which flushes neither the drive's write cache nor
     /// the file's metadata, and records larger than a quarter segment go to
     /// blob files it never syncs. So the blob files written since the last
-    /// flush are synced (and their directory), then the log.
+    /// flush are synced (and their directory), then the log. What this
+    /// cannot close is in ARCHITECTURE.md ("What an acknowledgement
+    /// survives").
     pub fn flush(&self) -> StorageResult<()> {
         self.db.flush()?;
         self.files.sync()
@@ -239,21 +258,55 @@ mod tests {
     fn a_flush_syncs_the_blob_files_sled_wrote() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(dir.path()).expect("open");
-        let names = || -> HashSet<OsString> {
-            std::fs::read_dir(dir.path().join("blobs"))
-                .map(|listing| listing.map(|entry| entry.expect("entry").file_name()).collect())
+        let blobs = dir.path().join("blobs");
+        let listed = || -> HashMap<OsString, u64> {
+            std::fs::read_dir(&blobs)
+                .map(|listing| {
+                    listing
+                        .map(|entry| entry.expect("entry"))
+                        .filter_map(|entry| Some((entry.file_name(), entry.metadata().ok()?.len())))
+                        .collect()
+                })
                 .unwrap_or_default()
         };
+        // Every blob present before a flush is synced by it, at its length
+        // (sled's flusher may add or collect others meanwhile).
+        let synced_all = |before: &HashMap<OsString, u64>| {
+            let synced = store.files.synced.lock();
+            for (name, length) in before {
+                if blobs.join(name).exists() {
+                    assert!(synced.get(name).is_some_and(|(l, _)| *length <= *l), "{name:?} synced");
+                }
+            }
+        };
         store.journal.insert(1u64.to_be_bytes(), vec![7u8; 300_000]).expect("insert");
-        store.flush().expect("flush");
-        let first = names();
+        let first = listed();
         assert!(!first.is_empty(), "sled writes a 300 kB value to a blob file of its own");
-        assert_eq!(*store.files.synced.lock(), first);
-        store.journal.insert(2u64.to_be_bytes(), vec![8u8; 300_000]).expect("insert");
         store.flush().expect("flush");
-        let second = names();
-        assert!(!second.is_subset(&first), "another blob: {first:?} then {second:?}");
-        assert_eq!(*store.files.synced.lock(), second);
+        synced_all(&first);
+        store.journal.insert(2u64.to_be_bytes(), vec![8u8; 300_000]).expect("insert");
+        let second = listed();
+        assert!(second.keys().any(|name| !first.contains_key(name)), "another blob: {first:?} then {second:?}");
+        store.flush().expect("flush");
+        synced_all(&second);
+
+        // A blob that grows after a flush synced it (one sled's flusher was
+        // still writing) is synced again at its new length.
+        let growing = blobs.join("9223372036854775000");
+        std::fs::write(&growing, [1u8; 10]).expect("write");
+        store.flush().expect("flush");
+        synced_all(&listed());
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&growing)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, &[2u8; 90]))
+            .expect("append");
+        store.flush().expect("flush");
+        let name = growing.file_name().expect("name").to_owned();
+        assert_eq!(store.files.synced.lock().get(&name).copied(), Some((100, false)), "synced again");
+        store.flush().expect("flush");
+        assert_eq!(store.files.synced.lock().get(&name).copied(), Some((100, true)), "then left alone");
+        std::fs::remove_file(&growing).expect("remove");
     }
 
     #[test]

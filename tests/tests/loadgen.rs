@@ -54,7 +54,10 @@ fn loadgen_measures_and_verifies_over_every_transport() {
         // started (four runs share it).
         assert_eq!(report["server"]["events_ingested"].as_f64(), report["acknowledged"].as_f64(), "{report}");
         if transport == "grpc" {
-            let method = if extra.contains(&"--batch") { "StreamEvents" } else { "RecordEvent" };
+            let method = match extra.contains(&"--batch") {
+                true => "/bazaar.v1.EventService/StreamEvents",
+                false => "/bazaar.v1.EventService/RecordEvent",
+            };
             let mean = report["server"]["grpc_mean_ms"][method].as_f64();
             assert!(mean.is_some_and(|ms| 0.0 < ms), "the server's own {method} latency: {report}");
         }
