@@ -131,9 +131,12 @@ struct Files {
     synced: parking_lot::Mutex<HashMap<OsString, (u64, bool)>>,
 }
 
+fn failed(path: &Path, error: std::io::Error) -> StorageError {
+    StorageError::Sync(path.display().to_string(), error)
+}
+
 impl Files {
     fn open(dir: &Path) -> StorageResult<Self> {
-        let failed = |path: &Path, e| StorageError::Sync(path.display().to_string(), e);
         let log = dir.join("db");
         let file = File::open(&log).map_err(|e| failed(&log, e))?;
         // The entries sled created (`db`, `conf`, `blobs`) are durable too.
@@ -144,7 +147,6 @@ impl Files {
     /// Syncs the blob files written since the last call (and those synced
     /// lately that grew since), then the log.
     fn sync(&self) -> StorageResult<()> {
-        let failed = |path: &Path, e| StorageError::Sync(path.display().to_string(), e);
         let mut synced = self.synced.lock();
         let mut present = HashMap::new();
         let mut added = false;
