@@ -237,14 +237,42 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
             }
             .into());
         }
-        let body = axum::body::to_bytes(request.into_body(), state.max_body_bytes).await.map_err(|_| ServiceError {
-            code: Code::PayloadTooLarge,
-            field: Some("body".into()),
-            message: format!("must be at most {} bytes", state.max_body_bytes),
-            reason: None,
-        })?;
+        let body = read_body(request, state.max_body_bytes).await?;
         from_json_bytes(&body).map(JsonBody).map_err(HttpError)
     }
+}
+
+/// A too large body is still read, up to this much, before the answer: a
+/// connection closed with unread request bytes is reset, and the client
+/// can lose the answer that explains why.
+const DRAIN_BYTES: usize = 1 << 20;
+
+/// The request's body, or `payload_too_large` past `max` bytes.
+async fn read_body(request: Request, max: usize) -> Result<Bytes, ServiceError> {
+    let too_large = || ServiceError {
+        code: Code::PayloadTooLarge,
+        field: Some("body".into()),
+        message: format!("must be at most {max} bytes"),
+        reason: None,
+    };
+    let mut chunks = request.into_body().into_data_stream();
+    let mut body = Vec::new();
+    let mut read = 0usize;
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(|e| ServiceError::invalid("body", format!("could not be read: {e}")))?;
+        read = read.saturating_add(chunk.len());
+        if max < read {
+            if DRAIN_BYTES < read {
+                break;
+            }
+            continue;
+        }
+        body.extend_from_slice(&chunk);
+    }
+    if max < read {
+        return Err(too_large());
+    }
+    Ok(Bytes::from(body))
 }
 
 /// Parses JSON, naming the field of any error.
