@@ -99,7 +99,7 @@ impl Env<'_> {
 pub trait Entity: Sized + Unpin + 'static {
     const KIND: EntityKind;
     type State: Serialize + DeserializeOwned + Default + Send + Unpin + 'static;
-    type Command: Clone + Send + 'static;
+    type Command: Send + 'static;
     type Answer: Serialize + DeserializeOwned + Clone + Send + 'static;
 
     /// The command's idempotency key, if it has one.
@@ -449,9 +449,9 @@ impl<E: Entity> Registry<E> {
         self.send(entity, commands, Requests::<E>).await
     }
 
-    /// Sends the message `make` builds to the entity's actor, activating it
-    /// if needed, and again to a fresh activation if the actor had just
-    /// stopped.
+    /// Sends `payload`, in the message `wrap` makes of its parcel, to the
+    /// entity's actor, activating it if needed, and again to a fresh
+    /// activation if the actor had just stopped without taking it.
     async fn send<T, M>(
         &self,
         entity: &EntityKey,
