@@ -242,19 +242,13 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     }
 }
 
-/// A too large body is still read, up to this much, before the answer: a
-/// connection closed with unread request bytes is reset, and the client
-/// can lose the answer that explains why.
+/// A too large body is still read, up to this much past the limit, before
+/// the answer: a connection closed with unread request bytes is reset, and
+/// the client can lose the answer that explains why.
 const DRAIN_BYTES: usize = 1 << 20;
 
 /// The request's body, or `payload_too_large` past `max` bytes.
 async fn read_body(request: Request, max: usize) -> Result<Bytes, ServiceError> {
-    let too_large = || ServiceError {
-        code: Code::PayloadTooLarge,
-        field: Some("body".into()),
-        message: format!("must be at most {max} bytes"),
-        reason: None,
-    };
     let mut chunks = request.into_body().into_data_stream();
     let mut body = Vec::new();
     let mut read = 0usize;
@@ -262,7 +256,7 @@ async fn read_body(request: Request, max: usize) -> Result<Bytes, ServiceError> 
         let chunk = chunk.map_err(|e| ServiceError::invalid("body", format!("could not be read: {e}")))?;
         read = read.saturating_add(chunk.len());
         if max < read {
-            if DRAIN_BYTES < read {
+            if max.saturating_add(DRAIN_BYTES) < read {
                 break;
             }
             continue;
@@ -270,7 +264,12 @@ async fn read_body(request: Request, max: usize) -> Result<Bytes, ServiceError> 
         body.extend_from_slice(&chunk);
     }
     if max < read {
-        return Err(too_large());
+        return Err(ServiceError {
+            code: Code::PayloadTooLarge,
+            field: Some("body".into()),
+            message: format!("must be at most {max} bytes"),
+            reason: None,
+        });
     }
     Ok(Bytes::from(body))
 }
