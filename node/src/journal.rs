@@ -11,8 +11,9 @@
 //! The writer is one OS thread (flushing blocks), looping:
 //! 1. take every queued operation;
 //! 2. append all entries as one `journal` value (key: batch sequence),
-//!    delete acknowledged outbox messages, index the outbox messages the
-//!    previous batch left undelivered (see [`Indexer`]), and do some
+//!    delete acknowledged outbox messages, index the outbox messages
+//!    earlier batches left undelivered for [`CARRY_COMMITS`] commits (see
+//!    [`Indexer`]), and do some
 //!    background work: write queued snapshots, move the checkpoint once the
 //!    snapshots queued before it are written, delete batches below it.
 //!    While entries come in, background work takes at most a tenth of the
@@ -89,7 +90,8 @@ enum Op {
         write: Option<KeyValue>,
         done: Option<oneshot::Sender<()>>,
     },
-    OutboxAck(Vec<u8>),
+    /// Acknowledged outbox messages: out of the `outbox` tree if there.
+    OutboxAck(Vec<Vec<u8>>),
     /// Index every carried outbox message now; reply once flushed.
     Settle(oneshot::Sender<()>),
     /// Reply with the sequence number the next batch will get.
@@ -146,14 +148,14 @@ impl Journal {
         metrics: Arc<Metrics>,
         next_seq: u64,
         patience: Duration,
-    ) -> (Self, std::thread::JoinHandle<()>) {
+    ) -> StorageResult<(Self, std::thread::JoinHandle<()>)> {
         let shared = Shared::new();
-        let writer = Writer::new(store, metrics, shared.clone(), next_seq, patience);
+        let writer = Writer::new(store, metrics, shared.clone(), next_seq, patience)?;
         let thread = std::thread::Builder::new()
             .name("journal-writer".into())
             .spawn(move || writer.run())
             .expect("the OS can start one thread at start-up");
-        (Self { shared }, thread)
+        Ok((Self { shared }, thread))
     }
 
     fn push(&self, op: Op) -> Result<Ticket, StorageError> {
@@ -193,9 +195,13 @@ impl Journal {
         Ok(written)
     }
 
-    /// Queues the deletion of an acknowledged outbox message.
-    pub fn outbox_ack(&self, key: Vec<u8>) -> StorageResult<()> {
-        self.push(Op::OutboxAck(key)).map(|_| ())
+    /// Queues the deletion of acknowledged outbox messages (by their
+    /// `outbox` keys), in one operation however many.
+    pub fn outbox_ack(&self, keys: Vec<Vec<u8>>) -> StorageResult<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.push(Op::OutboxAck(keys)).map(|_| ())
     }
 
     /// Writes every outbox message still carried in memory (see
@@ -342,16 +348,22 @@ const BUSY_WITHIN: Duration = Duration::from_millis(100);
 const BACKGROUND_PACE: Duration = Duration::from_millis(1);
 
 impl Writer {
-    fn new(store: Store, metrics: Arc<Metrics>, shared: Arc<Shared>, next_seq: u64, patience: Duration) -> Self {
+    fn new(
+        store: Store,
+        metrics: Arc<Metrics>,
+        shared: Arc<Shared>,
+        next_seq: u64,
+        patience: Duration,
+    ) -> StorageResult<Self> {
         // Batches below the checkpoint that a crash left undeleted go
         // first, a slice at a time.
-        let trim_below = read_checkpoint(&store).unwrap_or(0);
-        Writer {
+        let trim_below = read_checkpoint(&store)?;
+        Ok(Writer {
+            indexer: Indexer::writing(&store)?,
             store,
             metrics,
             shared,
             next_seq,
-            indexer: Indexer::default(),
             trim_below,
             snapshots: VecDeque::new(),
             popped: 0,
@@ -362,7 +374,7 @@ impl Writer {
             last_entries: Instant::now(),
             credit: Duration::ZERO,
             credited: Instant::now(),
-        }
+        })
     }
 
     fn run(mut self) {
@@ -469,9 +481,11 @@ impl Writer {
                 Op::Snapshot { write, done } => {
                     self.snapshots.push_back(QueuedSnapshot { write, done });
                 }
-                Op::OutboxAck(key) => {
-                    if self.store.outbox.remove(key)?.is_some() {
-                        self.metrics.outbox_backlog.dec();
+                Op::OutboxAck(keys) => {
+                    for key in keys {
+                        if self.indexer.acknowledge(&self.store, &key)? {
+                            self.metrics.outbox_backlog.dec();
+                        }
                     }
                 }
                 Op::Marker(reply) => after_flush.push(AfterFlush::Marker(reply)),
@@ -511,9 +525,9 @@ impl Writer {
         // past a checkpoint or a request to settle them. (They may go after
         // the snapshots: only the checkpoint, which drops their batch,
         // relies on them.)
-        let indexed = match entries.is_empty() && checkpoint.is_none() && !settle {
-            true => 0,
-            false => self.indexer.before_flush(&self.store, &entries)?,
+        let indexed = match (entries.is_empty(), checkpoint.is_some() || settle) {
+            (true, false) => 0,
+            (_, all) => self.indexer.before_flush(&self.store, &entries, all)?,
         };
         if let Some(upto) = checkpoint {
             // Recovery reads from the checkpoint on: the batches below it are
@@ -563,19 +577,26 @@ enum AfterFlush {
 /// commit by commit: the writer after each flush, recovery for each batch
 /// of the tail.
 ///
-/// An outbox message is indexed only if its receiver has not applied it by
-/// the commit after its cause's. A receiver that applied it in the cause's
-/// commit or the next one left its idempotency record in one of the two
-/// commits, so no crash can leave the effect without the cause, or the
-/// cause durable without either the effect or the message waiting in the
-/// outbox: the message can never need redelivery, and saves an insert and
-/// a delete. With inline delivery that is nearly every message. For the
-/// same reason the receiver's record of such a message is not indexed
-/// either when nobody needs its answer again (a score: see
-/// [`crate::outbox::OutboxMessage::needs_receipt`]); a retry of the cause
-/// delivers a score again only while it is in the `outbox` tree.
+/// An outbox message is indexed only if its receiver has not applied it
+/// within [`CARRY_COMMITS`] commits (with entries) after its cause's. Until
+/// then the journal holds it, and recovery indexes what the tail holds
+/// unapplied. A receiver that applied it by then left its idempotency
+/// record in one of those commits, so no crash can leave the effect without
+/// the cause, or the cause durable without either the effect or the message
+/// in the journal tail or the `outbox` tree: the message can never need
+/// redelivery, and saves an insert and a delete. With inline delivery that
+/// is nearly every message. For the same reason the receiver's record of
+/// such a message is not indexed either when nobody needs its answer again
+/// (a score: see [`crate::outbox::OutboxMessage::needs_receipt`]); a retry
+/// of the cause delivers a score again only while it is in the `outbox`
+/// tree. Every carried message is indexed before a checkpoint drops the
+/// batches that hold it, and before a retry looks ([`Journal::settle`]).
 #[derive(Default)]
 pub struct Indexer {
+    /// The keys of the `outbox` tree as this indexer wrote them (the
+    /// writer's starts from the tree): an acknowledgement of a message
+    /// that was never indexed, nearly every one, costs no lookup.
+    indexed: HashSet<Vec<u8>>,
     /// The previous commit's messages whose receivers had not applied them.
     carried: Vec<Carried>,
     /// Receipts of carried scores applied in this commit: not indexed.
@@ -595,13 +616,30 @@ struct Carried {
     receipt: Vec<u8>,
     record: KeyValue,
     needs_receipt: bool,
+    /// Commits with entries since its cause's.
+    age: u32,
 }
+
+/// How many commits with entries after its cause's a message's receiver
+/// may take to apply it before the message is indexed in the `outbox`
+/// tree. Under batched load the receivers (one leaderboard, one jackpot)
+/// apply a batch's messages only after its customers, a few commits later:
+/// with one commit, most messages went into the tree and out again.
+/// Recovery indexes the last `CARRY_COMMITS + 1` batches again.
+pub const CARRY_COMMITS: u32 = 8;
 
 fn applied(entries: &[JournalEntry]) -> HashSet<&[u8]> {
     entries.iter().filter_map(|entry| entry.seen.as_ref()).map(|(key, _)| key.as_slice()).collect()
 }
 
 impl Indexer {
+    /// The writer's indexer, knowing which messages wait in the `outbox`
+    /// tree (recovery's and earlier runs').
+    pub fn writing(store: &Store) -> StorageResult<Self> {
+        let indexed = store.outbox.iter().keys().map(|key| Ok(key?.to_vec())).collect::<StorageResult<_>>()?;
+        Ok(Self { indexed, ..Self::default() })
+    }
+
     /// The indexer recovery uses for the journal tail `batches`, of which it
     /// indexes those from `reindex_from` on. Only their messages can be
     /// carried, so only their receivers' records are looked for in the
@@ -627,22 +665,44 @@ impl Indexer {
 
     /// Before `entries`' commit is flushed (so that it is durable with
     /// it): indexes the carried messages whose receivers did not apply them
-    /// in this commit either. Returns how many it added to the outbox.
-    pub fn before_flush(&mut self, store: &Store, entries: &[JournalEntry]) -> StorageResult<i64> {
+    /// in this commit either and have had their [`CARRY_COMMITS`], or all
+    /// of them (`all`: before a checkpoint, a settle, a stop). Returns how
+    /// many it added to the outbox.
+    pub fn before_flush(&mut self, store: &Store, entries: &[JournalEntry], all: bool) -> StorageResult<i64> {
         let applied = applied(entries);
         let mut added = 0;
-        for carried in std::mem::take(&mut self.carried) {
+        for mut carried in std::mem::take(&mut self.carried) {
             if applied.contains(carried.receipt.as_slice()) {
                 if !carried.needs_receipt && !self.keep_receipts {
                     self.unneeded.insert(carried.receipt);
                 }
             } else if self.applied_later.contains(&carried.receipt) {
                 // Applied in a later commit of the tail: its record is kept.
-            } else if store.outbox.insert(carried.record.0, carried.record.1)?.is_none() {
+            } else if !all && carried.age + 1 < CARRY_COMMITS {
+                carried.age += 1;
+                self.carried.push(carried);
+            } else if self.index(store, carried.record)? {
                 added += 1;
             }
         }
         Ok(added)
+    }
+
+    /// Writes a message to the `outbox` tree; whether it was not there.
+    fn index(&mut self, store: &Store, (key, value): KeyValue) -> StorageResult<bool> {
+        let added = store.outbox.insert(key.as_slice(), value)?.is_none();
+        self.indexed.insert(key);
+        Ok(added)
+    }
+
+    /// Deletes an acknowledged message from the `outbox` tree; whether it
+    /// was there. Most never were: only those this indexer wrote (or found
+    /// there at start) are looked for.
+    pub fn acknowledge(&mut self, store: &Store, key: &[u8]) -> StorageResult<bool> {
+        if !self.indexed.remove(key) {
+            return Ok(false);
+        }
+        Ok(store.outbox.remove(key)?.is_some())
     }
 
     /// After the flush: the idempotency records and the audit; this
@@ -667,11 +727,11 @@ impl Indexer {
                     // Its receiver's record is only half of its effect (a
                     // draw still has to be settled): it waits in the outbox
                     // until acknowledged.
-                    if store.outbox.insert(key.as_slice(), value.as_slice())?.is_none() {
+                    if self.index(store, (key.clone(), value.clone()))? {
                         added += 1;
                     }
                 } else if !applied.contains(receipt.as_slice()) {
-                    self.carried.push(Carried { receipt, record: (key.clone(), value.clone()), needs_receipt });
+                    self.carried.push(Carried { receipt, record: (key.clone(), value.clone()), needs_receipt, age: 0 });
                 } else if !needs_receipt {
                     unneeded.insert(receipt);
                 }
@@ -691,7 +751,7 @@ impl Indexer {
     /// Indexes every carried message (when the writer stops, and at the end
     /// of recovery). Returns how many it added to the outbox.
     pub fn finish(&mut self, store: &Store) -> StorageResult<i64> {
-        self.before_flush(store, &[])
+        self.before_flush(store, &[], true)
     }
 }
 
@@ -819,7 +879,7 @@ mod tests {
         let receiver =
             |m: &OutboxMessage| JournalEntry { seen: Some((receipt(m), vec![1])), outbox: vec![], ..entry(2) };
         let commit = |indexer: &mut Indexer, store: &Store, entries: &[JournalEntry]| {
-            let added = indexer.before_flush(store, entries).expect("before");
+            let added = indexer.before_flush(store, entries, false).expect("before");
             added + indexer.after_flush(store, entries).expect("after")
         };
         let fresh = || {
@@ -846,11 +906,23 @@ mod tests {
             assert!(store.seen.get(receipt(&contribution)).expect("read").is_some(), "split {split}");
             assert!(store.seen.get(b"t/event/e-1").expect("read").is_some());
         }
-        // Not applied by the next commit: both wait in the outbox, and the
-        // receivers' records are kept when they come.
+        // Applied by the last commit they may wait for: not indexed.
+        let unrelated = JournalEntry { outbox: vec![], ..entry(3) };
         let (_dir, store, mut indexer) = fresh();
         assert_eq!(commit(&mut indexer, &store, std::slice::from_ref(&cause)), 0);
-        let unrelated = JournalEntry { outbox: vec![], ..entry(3) };
+        for _ in 1..CARRY_COMMITS {
+            assert_eq!(commit(&mut indexer, &store, std::slice::from_ref(&unrelated)), 0);
+        }
+        assert_eq!(commit(&mut indexer, &store, &[receiver(&score), receiver(&contribution)]), 0);
+        assert_eq!(indexer.finish(&store).expect("finish"), 0);
+        assert!(store.outbox.get(score.storage_key()).expect("read").is_none());
+        // Not applied by then: both wait in the outbox, and the receivers'
+        // records are kept when they come.
+        let (_dir, store, mut indexer) = fresh();
+        assert_eq!(commit(&mut indexer, &store, std::slice::from_ref(&cause)), 0);
+        for _ in 1..CARRY_COMMITS {
+            assert_eq!(commit(&mut indexer, &store, std::slice::from_ref(&unrelated)), 0);
+        }
         assert_eq!(commit(&mut indexer, &store, std::slice::from_ref(&unrelated)), 2);
         assert_eq!(commit(&mut indexer, &store, &[receiver(&score)]), 0);
         assert!(store.outbox.get(score.storage_key()).expect("read").is_some());
@@ -882,10 +954,25 @@ mod tests {
         let reserve = JournalEntry { outbox: vec![draw.record()], ..entry(4) };
         assert_eq!(commit(&mut indexer, &store, &[reserve, receiver(&draw)]), 1);
         assert!(store.outbox.get(draw.storage_key()).expect("read").is_some());
-        // A writer that stops indexes what it carries.
+        // A writer that stops indexes what it carries, and so does one
+        // asked to settle (a retry looks in the tree), whatever their age.
         let (_dir, store, mut indexer) = fresh();
         commit(&mut indexer, &store, std::slice::from_ref(&cause));
         assert_eq!(indexer.finish(&store).expect("finish"), 2);
+        let (_dir, store, mut indexer) = fresh();
+        commit(&mut indexer, &store, std::slice::from_ref(&cause));
+        assert_eq!(indexer.before_flush(&store, &[receiver(&score)], true).expect("settle"), 1);
+        assert!(store.outbox.get(contribution.storage_key()).expect("read").is_some());
+        // Only what was indexed is looked for when acknowledged.
+        assert!(!indexer.acknowledge(&store, &score.storage_key()).expect("ack"));
+        assert!(indexer.acknowledge(&store, &contribution.storage_key()).expect("ack"));
+        assert!(store.outbox.is_empty());
+        assert!(!indexer.acknowledge(&store, &contribution.storage_key()).expect("ack"), "once");
+        // The writer's indexer knows what an earlier run left in the tree.
+        store.outbox.insert(score.storage_key(), score.record().1).expect("insert");
+        let mut writing = Indexer::writing(&store).expect("writing");
+        assert!(writing.acknowledge(&store, &score.storage_key()).expect("ack"));
+        assert!(store.outbox.is_empty());
     }
 
     #[tokio::test]
@@ -893,24 +980,31 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(dir.path()).expect("open");
         let metrics = Arc::new(Metrics::new().expect("metrics"));
-        let (journal, thread) = Journal::start(store.clone(), metrics.clone(), 0, Duration::from_secs(60));
+        let (journal, thread) =
+            Journal::start(store.clone(), metrics.clone(), 0, Duration::from_secs(60)).expect("start");
         let tickets: Vec<Ticket> = (0..50).map(|n| journal.submit(entry(n)).expect("open")).collect();
         assert_eq!(tickets, (1..=50).collect::<Vec<_>>());
         journal.durable(50).await.expect("durable");
         assert!(store.seen.get(b"t/event/e-49").expect("read").is_some());
-        // No receiver applied the messages by the next commit with entries:
-        // they wait in the outbox.
-        journal.submit(entry(50)).expect("open");
-        journal.durable(51).await.expect("durable");
+        // No receiver applied the messages by the last commit with entries
+        // they may wait for: they wait in the outbox. (The writer may have
+        // split the fifty over two commits; the last one has waited one
+        // commit less.)
+        for n in 1..=CARRY_COMMITS {
+            let ticket = journal.submit(JournalEntry { outbox: vec![], ..entry(100 + u64::from(n)) }).expect("open");
+            journal.durable(ticket).await.expect("durable");
+            let indexed = store.outbox.get(message(49).storage_key()).expect("read").is_some();
+            assert_eq!(indexed, n == CARRY_COMMITS, "after {n} commits");
+        }
         assert_eq!(metrics.outbox_backlog.get(), 50);
         assert!(store.outbox.get(message(3).storage_key()).expect("read").is_some());
-        journal.outbox_ack(message(3).storage_key()).expect("open");
+        journal.outbox_ack(vec![message(3).storage_key()]).expect("open");
         let marker = journal.marker().await.expect("marker");
         assert_eq!(metrics.outbox_backlog.get(), 49);
         let (checkpoint, batches) = read_tail(&store).expect("tail");
         assert_eq!(checkpoint, 0);
         let replayed: usize = batches.iter().map(|(_, entries)| entries.len()).sum();
-        assert_eq!(replayed, 51);
+        assert_eq!(replayed, 50 + CARRY_COMMITS as usize);
         journal.checkpoint(marker).await.expect("checkpoint");
         let (checkpoint, batches) = read_tail(&store).expect("tail");
         assert_eq!((checkpoint, batches.len()), (marker, 0));
@@ -923,7 +1017,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(dir.path()).expect("open");
         let metrics = Arc::new(Metrics::new().expect("metrics"));
-        let mut writer = Writer::new(store.clone(), metrics, Shared::new(), 0, Duration::from_secs(60));
+        let mut writer =
+            Writer::new(store.clone(), metrics, Shared::new(), 0, Duration::from_secs(60)).expect("writer");
         writer.commit(vec![(1, Op::Entry(JournalEntry { outbox: vec![], ..entry(0) }))]).expect("commit");
         // A quiet node: no entries for a while, so nothing is paced.
         writer.last_entries = Instant::now().checked_sub(Duration::from_secs(1)).unwrap_or_else(Instant::now);
@@ -991,7 +1086,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(dir.path()).expect("open");
         let metrics = Arc::new(Metrics::new().expect("metrics"));
-        let (journal, thread) = Journal::start(store.clone(), metrics.clone(), 0, Duration::from_secs(60));
+        let (journal, thread) =
+            Journal::start(store.clone(), metrics.clone(), 0, Duration::from_secs(60)).expect("start");
         let batches = TRIM_SLICE as u64 + 44;
         for n in 0..batches {
             let ticket = journal.submit(JournalEntry { outbox: vec![], ..entry(n) }).expect("open");
@@ -1008,7 +1104,7 @@ mod tests {
         for seq in 0..batches {
             store.journal.insert(seq.to_be_bytes(), encode(&Vec::<JournalEntry>::new())).expect("insert");
         }
-        let (journal, thread) = Journal::start(store.clone(), metrics, marker, Duration::from_secs(60));
+        let (journal, thread) = Journal::start(store.clone(), metrics, marker, Duration::from_secs(60)).expect("start");
         trimmed_then_stopped(journal, thread, &store).await;
     }
 }

@@ -83,7 +83,8 @@ pub async fn serve_with(
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);
     let (report, recovered) = recovery::recover(&store, &metrics).context("recovering the journal")?;
     let (journal, writer) =
-        Journal::start(store.clone(), metrics.clone(), report.next_seq, 2 * config.checkpoint_interval);
+        Journal::start(store.clone(), metrics.clone(), report.next_seq, 2 * config.checkpoint_interval)
+            .context("starting the journal writer")?;
 
     let arbiters: Vec<Arbiter> = (0..config.actor_threads).map(|_| Arbiter::new()).collect();
     let handles: Vec<_> = arbiters.iter().map(Arbiter::handle).collect();

@@ -3,8 +3,8 @@
 //! The journal holds every acknowledged entry since the last checkpoint. At
 //! start-up, before the node takes requests, each batch after the
 //! checkpoint is read once; the derived indexes (seen ids, outbox, audit)
-//! of the last two are written again (the last one's may have been lost
-//! with the crash), and each entity that has entries there gets its
+//! of the last few are written again (the last one's may have been lost
+//! with the crash; see [`journal::CARRY_COMMITS`]), and each entity that has entries there gets its
 //! snapshot, the entries after it replayed, and a new snapshot. An entity
 //! that journals its whole state (customers, wheels, jackpots) simply takes
 //! its last entry as its snapshot, kept in memory ([`Recovered`]) and
@@ -45,14 +45,15 @@ pub fn recover(store: &Store, metrics: &Metrics) -> StorageResult<(RecoveryRepor
     let mut report = RecoveryReport { next_seq: checkpoint, batches: batches.len(), entries: 0, entities: 0 };
     // The writer indexes a batch after flushing it and before the next
     // one, whose flush makes the indexes durable: only the last batch's
-    // indexes can be missing. The one before it is indexed again too, for
-    // the outbox messages it carried into the last.
-    let reindex_from = batches.len().saturating_sub(2);
+    // indexes can be missing. The batches before it are indexed again too,
+    // as far back as the outbox messages they carried into the last
+    // ([`journal::CARRY_COMMITS`]).
+    let reindex_from = batches.len().saturating_sub(journal::CARRY_COMMITS as usize + 1);
     // A message whose receiver's record is anywhere in the tail was applied
     // and replays with it: it needs no redelivery.
     let mut indexer = journal::Indexer::recovering(&batches, reindex_from)?;
     for (_, entries) in &batches[reindex_from..] {
-        indexer.before_flush(store, entries)?;
+        indexer.before_flush(store, entries, false)?;
         indexer.after_flush(store, entries)?;
     }
     indexer.finish(store)?;

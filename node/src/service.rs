@@ -524,9 +524,7 @@ impl Service {
             deliveries.push(delivery);
         }
         self.durable(last_ticket).await?;
-        for message in &applied.answer.deliveries {
-            self.journal.outbox_ack(message.storage_key())?;
-        }
+        self.journal.outbox_ack(applied.answer.deliveries.iter().map(OutboxMessage::storage_key).collect())?;
         for delivery in &deliveries {
             self.publish(tenant.as_str(), delivery);
         }
@@ -623,16 +621,13 @@ impl Service {
             .flatten();
         let durable = self.durable(last_ticket).await;
         let mut leaderboards = std::collections::HashSet::new();
+        let mut acknowledged = Vec::new();
         for (((index, _, event), applied), delivered) in admitted.iter().zip(applied).zip(delivered) {
             results[*index] = Some(match (applied, delivered, &durable) {
                 (Err(error), _, _) | (_, Err(error), _) => Err(error),
                 (_, _, Err(error)) => Err(error.clone()),
                 (Ok(applied), Ok(deliveries), Ok(())) => {
-                    for message in &applied.answer.deliveries {
-                        if let Err(error) = self.journal.outbox_ack(message.storage_key()) {
-                            tracing::warn!(%error, message = %message.id, "outbox acknowledgement not queued");
-                        }
-                    }
+                    acknowledged.extend(applied.answer.deliveries.iter().map(OutboxMessage::storage_key));
                     for delivery in &deliveries {
                         // A leaderboard's watchers need one nudge per batch.
                         let nudged = delivery.leaderboard.as_ref().is_some_and(|l| !leaderboards.insert(l.clone()));
@@ -643,6 +638,9 @@ impl Service {
                     Ok(self.answered(tenant, event, applied, deliveries))
                 }
             });
+        }
+        if let Err(error) = self.journal.outbox_ack(acknowledged) {
+            tracing::warn!(%error, "outbox acknowledgements not queued");
         }
         drop(guards);
         for (index, request) in repeated {
@@ -894,7 +892,7 @@ impl Service {
                     return Err(ServiceError::internal("a customer answered a settlement with something else"));
                 };
                 self.durable(ticket.max(reserved.ticket)).await?;
-                self.journal.outbox_ack(message.storage_key())?;
+                self.journal.outbox_ack(vec![message.storage_key()])?;
                 (settled, reply.duplicate, ticket)
             }
             _ => return Err(ServiceError::internal("a customer answered a spin with something else")),
@@ -1245,7 +1243,7 @@ impl Service {
             match self.deliver(&message, &entry.catalog()).await {
                 Ok(delivery) => {
                     if self.durable(delivery.ticket).await.is_ok()
-                        && self.journal.outbox_ack(message.storage_key()).is_ok()
+                        && self.journal.outbox_ack(vec![message.storage_key()]).is_ok()
                     {
                         self.publish(&message.tenant, &delivery);
                         delivered += 1;
