@@ -25,6 +25,8 @@ use serde::Serialize;
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs::File;
+use std::mem::MaybeUninit;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -123,66 +125,206 @@ struct Files {
     log: File,
     /// Where sled writes log records too large for a segment.
     blobs: PathBuf,
-    /// Blob files already synced: their length then, and whether a later
-    /// flush found it unchanged. sled's flusher thread may be writing one
-    /// (a page its garbage collection rewrote) while a flush lists the
-    /// directory, so each is looked at once more, and synced again if it
-    /// grew.
-    synced: parking_lot::Mutex<HashMap<OsString, (u64, bool)>>,
+    blob_sync: parking_lot::Mutex<BlobSync>,
+}
+
+/// How a flush learns which blob files sled wrote since the last one.
+enum BlobSync {
+    /// An inotify watch on the blobs directory names them: a flush reads
+    /// the events and syncs those files, and the directory if files were
+    /// created. Listing the directory at every flush instead cost more
+    /// than half of the journal writer's CPU under unary load: sled keeps
+    /// hundreds of live blobs (its consolidated journal pages), and every
+    /// one was listed and looked up at every flush.
+    Watched {
+        inotify: OwnedFd,
+        buffer: Vec<MaybeUninit<u8>>,
+        /// Files the last flush synced, and whether it had to list the
+        /// directory (the kernel dropped events): what tests look at.
+        #[cfg_attr(not(test), allow(dead_code))]
+        last: Vec<OsString>,
+        #[cfg_attr(not(test), allow(dead_code))]
+        listed: bool,
+    },
+    /// No inotify instance to be had (the per-user limit reached): the
+    /// directory is listed at every flush. Blob files already synced map to
+    /// their length then, and whether a later flush found it unchanged.
+    /// sled's flusher thread may be writing one (a page its garbage
+    /// collection rewrote) while a flush lists the directory, so each is
+    /// looked at once more, and synced again if it grew.
+    Listed { synced: HashMap<OsString, (u64, bool)> },
+}
+
+/// What a flush read from the inotify watch.
+struct Events {
+    /// Files written (or created) since the last flush.
+    written: Vec<OsString>,
+    /// Whether any was created: the directory is synced too.
+    created: bool,
+    /// Whether the kernel dropped events: every file is synced.
+    lost: bool,
+    /// Whether the watch ended: the directory is listed from now on.
+    unwatched: bool,
 }
 
 fn failed(path: &Path, error: std::io::Error) -> StorageError {
     StorageError::Sync(path.display().to_string(), error)
 }
 
+/// Syncs the file `name` in `dir`; its length, or `None` if sled has
+/// collected it meanwhile.
+fn sync_file(dir: &Path, name: &std::ffi::OsStr) -> StorageResult<Option<u64>> {
+    let path = dir.join(name);
+    let file = match File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(failed(&path, e)),
+    };
+    file.sync_data().map_err(|e| failed(&path, e))?;
+    Ok(Some(file.metadata().map_err(|e| failed(&path, e))?.len()))
+}
+
+fn sync_dir(dir: &Path) -> StorageResult<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| failed(dir, e))
+}
+
+/// The names in `dir`.
+fn list(dir: &Path) -> StorageResult<Vec<OsString>> {
+    std::fs::read_dir(dir)
+        .and_then(|listing| listing.map(|entry| entry.map(|e| e.file_name())).collect())
+        .map_err(|e| failed(dir, e))
+}
+
 impl Files {
     fn open(dir: &Path) -> StorageResult<Self> {
         let log = dir.join("db");
         let file = File::open(&log).map_err(|e| failed(&log, e))?;
+        let blobs = dir.join("blobs");
+        // sled creates it at open; made sure of, since it is watched.
+        std::fs::create_dir_all(&blobs).map_err(|e| failed(&blobs, e))?;
         // The entries sled created (`db`, `conf`, `blobs`) are durable too.
-        File::open(dir).and_then(|d| d.sync_all()).map_err(|e| failed(dir, e))?;
-        Ok(Self { log: file, blobs: dir.join("blobs"), synced: parking_lot::Mutex::new(HashMap::new()) })
+        sync_dir(dir)?;
+        let blob_sync = match Self::watch(&blobs) {
+            Ok(inotify) => {
+                // Blobs written before the watch began (sled's recovery
+                // writes some) are synced now.
+                let last = list(&blobs)?;
+                for name in &last {
+                    sync_file(&blobs, name)?;
+                }
+                sync_dir(&blobs)?;
+                BlobSync::Watched { inotify, buffer: vec![MaybeUninit::uninit(); 64 << 10], last, listed: true }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "no inotify watch on sled's blob directory; every flush lists it instead");
+                BlobSync::Listed { synced: HashMap::new() }
+            }
+        };
+        Ok(Self { log: file, blobs, blob_sync: parking_lot::Mutex::new(blob_sync) })
     }
 
-    /// Syncs the blob files written since the last call (and those synced
-    /// lately that grew since), then the log.
+    fn watch(blobs: &Path) -> std::io::Result<OwnedFd> {
+        use rustix::fs::inotify::{self, WatchFlags};
+        let fd = inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC)?;
+        inotify::add_watch(
+            &fd,
+            blobs,
+            WatchFlags::CREATE | WatchFlags::MODIFY | WatchFlags::CLOSE_WRITE | WatchFlags::MOVED_TO,
+        )?;
+        Ok(fd)
+    }
+
+    /// Syncs the blob files written since the last call, then the log.
     fn sync(&self) -> StorageResult<()> {
-        let mut synced = self.synced.lock();
+        let mut blob_sync = self.blob_sync.lock();
+        match &mut *blob_sync {
+            BlobSync::Watched { inotify, buffer, last, listed } => {
+                let Events { written, created, lost, unwatched } =
+                    Self::written(inotify, buffer).map_err(|e| failed(&self.blobs, e))?;
+                last.clear();
+                *listed = lost;
+                // The kernel dropped events (its queue overflowed): every
+                // file is synced, as at open.
+                let names = if lost { list(&self.blobs)? } else { written };
+                for name in names {
+                    if sync_file(&self.blobs, &name)?.is_some() {
+                        last.push(name);
+                    }
+                }
+                if created || lost {
+                    sync_dir(&self.blobs)?;
+                }
+                if unwatched {
+                    tracing::warn!(
+                        "the inotify watch on sled's blob directory ended; every flush lists it from now on"
+                    );
+                    *blob_sync = BlobSync::Listed { synced: HashMap::new() };
+                }
+            }
+            BlobSync::Listed { synced } => self.sync_listed(synced)?,
+        }
+        drop(blob_sync);
+        self.log.sync_data().map_err(|e| failed(Path::new("the sled log"), e))
+    }
+
+    /// Reads every pending inotify event.
+    fn written(inotify: &OwnedFd, buffer: &mut [MaybeUninit<u8>]) -> std::io::Result<Events> {
+        use rustix::fs::inotify::{ReadFlags, Reader};
+        use std::os::unix::ffi::OsStrExt;
+        let mut names = std::collections::HashSet::new();
+        let (mut created, mut lost, mut unwatched) = (false, false, false);
+        let mut reader = Reader::new(inotify, buffer);
+        loop {
+            let event = match reader.next() {
+                Ok(event) => event,
+                Err(rustix::io::Errno::AGAIN) => break,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(errno) => return Err(errno.into()),
+            };
+            let flags = event.events();
+            lost |= flags.contains(ReadFlags::QUEUE_OVERFLOW);
+            // The watch ended (the directory went, or its file system).
+            unwatched |= flags.intersects(ReadFlags::IGNORED | ReadFlags::UNMOUNT);
+            created |= flags.intersects(ReadFlags::CREATE | ReadFlags::MOVED_TO);
+            if let Some(name) = event.file_name() {
+                names.insert(std::ffi::OsStr::from_bytes(name.to_bytes()).to_owned());
+            }
+        }
+        Ok(Events { written: names.into_iter().collect(), created, lost: lost || unwatched, unwatched })
+    }
+
+    fn sync_listed(&self, synced: &mut HashMap<OsString, (u64, bool)>) -> StorageResult<()> {
         let mut present = HashMap::new();
         let mut added = false;
-        let listing = match std::fs::read_dir(&self.blobs) {
-            Ok(listing) => Some(listing),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(failed(&self.blobs, e)),
-        };
-        for entry in listing.into_iter().flatten() {
-            let name = entry.map_err(|e| failed(&self.blobs, e))?.file_name();
+        for name in list(&self.blobs)? {
             let known = synced.get(&name).copied();
             if let Some((length, true)) = known {
                 present.insert(name, (length, true));
                 continue;
             }
             let path = self.blobs.join(&name);
-            let file = match File::open(&path) {
-                Ok(file) => file,
+            let length = match std::fs::metadata(&path) {
+                Ok(metadata) => metadata.len(),
                 // Collected by sled since it was listed.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(failed(&path, e)),
             };
-            let length = file.metadata().map_err(|e| failed(&path, e))?.len();
             let unchanged = known.is_some_and(|(synced_length, _)| synced_length == length);
             if !unchanged {
-                file.sync_data().map_err(|e| failed(&path, e))?;
+                match sync_file(&self.blobs, &name)? {
+                    Some(length) => present.insert(name, (length, false)),
+                    None => continue,
+                };
                 added = true;
+            } else {
+                present.insert(name, (length, true));
             }
-            present.insert(name, (length, unchanged));
         }
         if added {
-            File::open(&self.blobs).and_then(|d| d.sync_all()).map_err(|e| failed(&self.blobs, e))?;
+            sync_dir(&self.blobs)?;
         }
         *synced = present;
-        drop(synced);
-        self.log.sync_data().map_err(|e| failed(Path::new("the sled log"), e))
+        Ok(())
     }
 }
 
@@ -256,48 +398,116 @@ mod tests {
         assert!(decode::<u64>(&[]).is_err());
     }
 
+    type Names = std::collections::HashSet<OsString>;
+
+    fn names(dir: &Path) -> Names {
+        list(dir).expect("list").into_iter().collect()
+    }
+
+    /// What the last flush synced, and whether it listed the directory.
+    fn last_synced(store: &Store) -> (Names, bool) {
+        match &*store.files.blob_sync.lock() {
+            BlobSync::Watched { last, listed, .. } => (last.iter().cloned().collect(), *listed),
+            BlobSync::Listed { .. } => panic!("this machine has inotify"),
+        }
+    }
+
     #[test]
-    fn a_flush_syncs_the_blob_files_sled_wrote() {
+    fn a_flush_syncs_the_blob_files_written_since_the_last_one() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(dir.path()).expect("open");
         let blobs = dir.path().join("blobs");
-        let listed = || -> HashMap<OsString, u64> {
-            std::fs::read_dir(&blobs)
-                .map(|listing| {
-                    listing
-                        .map(|entry| entry.expect("entry"))
-                        .filter_map(|entry| Some((entry.file_name(), entry.metadata().ok()?.len())))
-                        .collect()
-                })
-                .unwrap_or_default()
+        store.flush().expect("flush");
+        let mut earlier = Names::new();
+        for round in 1..=2u64 {
+            let before = names(&blobs);
+            store.journal.insert(round.to_be_bytes(), vec![7u8; 300_000]).expect("insert");
+            let new: Names = names(&blobs).difference(&before).cloned().collect();
+            assert!(!new.is_empty(), "sled writes a 300 kB value to a blob file of its own");
+            store.flush().expect("flush");
+            let (synced, listed) = last_synced(&store);
+            assert!(!listed, "the kernel named the files; nothing was listed");
+            assert!(new.is_subset(&synced), "{new:?} synced: {synced:?}");
+            assert!(synced.is_disjoint(&earlier), "files synced before and unchanged since are left alone");
+            earlier.extend(new);
+        }
+
+        // A file written again after a flush synced it (one sled's flusher
+        // was still writing) is synced again, then left alone.
+        let growing = blobs.join("9223372036854775000");
+        let name = growing.file_name().expect("name").to_owned();
+        std::fs::write(&growing, [1u8; 10]).expect("write");
+        store.flush().expect("flush");
+        assert!(last_synced(&store).0.contains(&name));
+        let append = |path: &Path| {
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(path)
+                .and_then(|mut f| std::io::Write::write_all(&mut f, &[2u8]))
+                .expect("append")
+        };
+        append(&growing);
+        store.flush().expect("flush");
+        assert!(last_synced(&store).0.contains(&name), "synced again");
+        store.flush().expect("flush");
+        assert!(!last_synced(&store).0.contains(&name), "then left alone");
+
+        // Events the kernel dropped (more than its queue holds between two
+        // flushes): every file is listed and synced.
+        let queue: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(16_384);
+        let other = blobs.join("9223372036854775001");
+        std::fs::write(&other, [1u8]).expect("write");
+        // Alternating files: the kernel merges only identical events in a row.
+        for _ in 0..queue / 2 + 10 {
+            append(&growing);
+            append(&other);
+        }
+        store.flush().expect("flush");
+        let (synced, listed) = last_synced(&store);
+        assert!(listed, "the queue overflowed");
+        assert!(names(&blobs).is_subset(&synced), "every file synced");
+        store.flush().expect("flush");
+        assert_eq!(last_synced(&store), (Names::new(), false), "and watched again");
+        std::fs::remove_file(&growing).expect("remove");
+        std::fs::remove_file(&other).expect("remove");
+    }
+
+    #[test]
+    fn without_inotify_a_flush_lists_the_blobs_and_syncs_the_new_and_grown_ones() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("open");
+        *store.files.blob_sync.lock() = BlobSync::Listed { synced: HashMap::new() };
+        let blobs = dir.path().join("blobs");
+        let synced = |name: &OsString| match &*store.files.blob_sync.lock() {
+            BlobSync::Listed { synced } => synced.get(name).copied(),
+            BlobSync::Watched { .. } => None,
         };
         // Every blob present before a flush is synced by it, at its length
         // (sled's flusher may add or collect others meanwhile).
-        let synced_all = |before: &HashMap<OsString, u64>| {
-            let synced = store.files.synced.lock();
-            for (name, length) in before {
-                if blobs.join(name).exists() {
-                    assert!(synced.get(name).is_some_and(|(l, _)| *length <= *l), "{name:?} synced");
+        let synced_all = |before: &Names| {
+            for name in before {
+                let length = std::fs::metadata(blobs.join(name)).map(|m| m.len());
+                if let Ok(length) = length {
+                    assert!(synced(name).is_some_and(|(l, _)| length <= l), "{name:?} synced");
                 }
             }
         };
-        store.journal.insert(1u64.to_be_bytes(), vec![7u8; 300_000]).expect("insert");
-        let first = listed();
-        assert!(!first.is_empty(), "sled writes a 300 kB value to a blob file of its own");
-        store.flush().expect("flush");
-        synced_all(&first);
-        store.journal.insert(2u64.to_be_bytes(), vec![8u8; 300_000]).expect("insert");
-        let second = listed();
-        assert!(second.keys().any(|name| !first.contains_key(name)), "another blob: {first:?} then {second:?}");
-        store.flush().expect("flush");
-        synced_all(&second);
-
+        for round in 1..=2u64 {
+            store.journal.insert(round.to_be_bytes(), vec![7u8; 300_000]).expect("insert");
+            let present = names(&blobs);
+            assert!(!present.is_empty(), "sled writes a 300 kB value to a blob file of its own");
+            store.flush().expect("flush");
+            synced_all(&present);
+        }
         // A blob that grows after a flush synced it (one sled's flusher was
         // still writing) is synced again at its new length.
         let growing = blobs.join("9223372036854775000");
         std::fs::write(&growing, [1u8; 10]).expect("write");
         store.flush().expect("flush");
-        synced_all(&listed());
+        synced_all(&names(&blobs));
         std::fs::OpenOptions::new()
             .append(true)
             .open(&growing)
@@ -305,9 +515,9 @@ mod tests {
             .expect("append");
         store.flush().expect("flush");
         let name = growing.file_name().expect("name").to_owned();
-        assert_eq!(store.files.synced.lock().get(&name).copied(), Some((100, false)), "synced again");
+        assert_eq!(synced(&name), Some((100, false)), "synced again");
         store.flush().expect("flush");
-        assert_eq!(store.files.synced.lock().get(&name).copied(), Some((100, true)), "then left alone");
+        assert_eq!(synced(&name), Some((100, true)), "then left alone");
         std::fs::remove_file(&growing).expect("remove");
     }
 
