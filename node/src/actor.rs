@@ -205,6 +205,8 @@ pub struct EntityActor<E: Entity> {
     /// The entity's own CSPRNG, seeded from the OS when first needed.
     rng: Option<Box<ChaCha20Rng>>,
     last_active: Instant,
+    /// Whether a timer to forget indexed answers is set.
+    forgetting: bool,
     passivating: bool,
     /// Set when a journal submission failed: the state holds a change the
     /// journal does not, so nothing more may be applied to it.
@@ -215,24 +217,54 @@ impl<E: Entity> Actor for EntityActor<E> {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        let tick = (self.node.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
-        ctx.run_interval(tick, |actor, ctx| {
-            // Release answers the `seen` tree now holds: an actor that got
-            // one event and no more would otherwise keep its answer, and
-            // the map, until it is passivated.
-            actor.forget_indexed();
-            // Not while a checkpoint's snapshots are being written: its own
-            // would wait behind them, and its mailbox with it.
-            if actor.node.idle_timeout <= actor.last_active.elapsed() && !actor.node.journal.snapshots_waiting() {
-                actor.passivate(ctx);
-            }
-        });
+        self.watch_idle(ctx, self.node.idle_timeout);
     }
 }
+
+/// How long after keeping an answer for retries an actor looks whether
+/// the `seen` tree holds it yet (and forgets it then).
+const FORGET_AFTER: Duration = Duration::from_secs(1);
 
 impl<E: Entity> EntityActor<E> {
     fn seen_key(&self, dedupe: &Dedupe) -> Vec<u8> {
         key(&[&self.key.tenant, dedupe.scope, &dedupe.id])
+    }
+
+    /// Looks after `after` whether the actor has been idle for the idle
+    /// timeout, and passivates it then. One timer at a time per actor, set
+    /// for when it could be idle at the earliest: a tick every few seconds
+    /// in each of a hundred thousand live actors woke them twenty thousand
+    /// times a second.
+    fn watch_idle(&self, ctx: &mut Context<Self>, after: Duration) {
+        ctx.run_later(after, |actor, ctx| {
+            let (idle, timeout) = (actor.last_active.elapsed(), actor.node.idle_timeout);
+            if idle < timeout {
+                actor.watch_idle(ctx, timeout - idle);
+            } else if actor.node.journal.snapshots_waiting() {
+                // Not while a checkpoint's snapshots are being written: its
+                // own would wait behind them, and its mailbox with it.
+                actor.watch_idle(ctx, (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5)));
+            } else {
+                actor.passivate(ctx);
+            }
+        });
+    }
+
+    /// Releases, a little later, the answers the `seen` tree holds by then:
+    /// an actor that got one event and no more would otherwise keep its
+    /// answer, and the map, until it is passivated.
+    fn forget_later(&mut self, ctx: &mut Context<Self>) {
+        if self.forgetting {
+            return;
+        }
+        self.forgetting = true;
+        ctx.run_later(FORGET_AFTER, |actor, ctx| {
+            actor.forgetting = false;
+            actor.forget_indexed();
+            if !actor.inflight.is_empty() {
+                actor.forget_later(ctx);
+            }
+        });
     }
 
     /// Drops in-flight answers whose records the writer has indexed.
@@ -389,6 +421,7 @@ impl<E: Entity> EntityActor<E> {
         if let Some((fingerprint, seen_key)) = remembered {
             self.inflight_order.push_back((ticket, seen_key.clone()));
             self.inflight.insert(seen_key, Inflight { fingerprint, answer: answer_bytes, ticket });
+            self.forget_later(ctx);
         }
         self.entries_since_snapshot += 1;
         if E::snapshot_every(self.node.snapshot_every) <= self.entries_since_snapshot {
@@ -528,6 +561,7 @@ impl<E: Entity> Registry<E> {
             registry: self.this.clone(),
             rng: None,
             last_active: Instant::now(),
+            forgetting: false,
             passivating: false,
             stopping: false,
         };
