@@ -33,7 +33,7 @@ use crate::storage::{decode, encode, StorageError, StorageResult, Store};
 use bazaar_observability::Metrics;
 use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -502,9 +502,9 @@ impl Writer {
         // sled persists writes in the order they are made, so they go in
         // the order that keeps every prefix consistent: the entries, the
         // snapshots (which may cover these entries), the outbox messages
-        // carried from the previous batch, then the checkpoint (which
-        // relies on the snapshots queued before it and may drop the carried
-        // messages' batch).
+        // carried from earlier batches, then the checkpoint (which relies on
+        // the snapshots queued before it and may drop the carried messages'
+        // batches).
         if !entries.is_empty() {
             self.store.journal.insert(self.next_seq.to_be_bytes(), encode(&entries))?;
             self.next_seq += 1;
@@ -521,10 +521,10 @@ impl Writer {
         self.checkpoints = waiting;
         let checkpoint = ready.iter().map(|(upto, _, _)| *upto).max();
         after_flush.extend(ready.into_iter().map(|(_, _, done)| AfterFlush::Checkpointed(done)));
-        // Carried messages wait for the next commit with entries, but never
-        // past a checkpoint or a request to settle them. (They may go after
-        // the snapshots: only the checkpoint, which drops their batch,
-        // relies on them.)
+        // Carried messages wait for commits with entries (up to
+        // CARRY_COMMITS of them), but never past a checkpoint or a request
+        // to settle them. (They may go after the snapshots: only the
+        // checkpoint, which drops their batches, relies on them.)
         let indexed = match (entries.is_empty(), checkpoint.is_some() || settle) {
             (true, false) => 0,
             (_, all) => self.indexer.before_flush(&self.store, &entries, all)?,
@@ -597,8 +597,9 @@ pub struct Indexer {
     /// writer's starts from the tree): an acknowledgement of a message
     /// that was never indexed, nearly every one, costs no lookup.
     indexed: HashSet<Vec<u8>>,
-    /// The previous commit's messages whose receivers had not applied them.
-    carried: Vec<Carried>,
+    /// Messages of the last [`CARRY_COMMITS`] commits whose receivers had
+    /// not applied them, by their `outbox` key.
+    carried: HashMap<Vec<u8>, Carried>,
     /// Receipts of carried scores applied in this commit: not indexed.
     unneeded: HashSet<Vec<u8>>,
     /// In recovery, every receiver record of the journal tail: a message
@@ -614,7 +615,7 @@ pub struct Indexer {
 
 struct Carried {
     receipt: Vec<u8>,
-    record: KeyValue,
+    value: Vec<u8>,
     needs_receipt: bool,
     /// Commits with entries since its cause's.
     age: u32,
@@ -671,7 +672,7 @@ impl Indexer {
     pub fn before_flush(&mut self, store: &Store, entries: &[JournalEntry], all: bool) -> StorageResult<i64> {
         let applied = applied(entries);
         let mut added = 0;
-        for mut carried in std::mem::take(&mut self.carried) {
+        for (key, mut carried) in std::mem::take(&mut self.carried) {
             if applied.contains(carried.receipt.as_slice()) {
                 if !carried.needs_receipt && !self.keep_receipts {
                     self.unneeded.insert(carried.receipt);
@@ -680,8 +681,8 @@ impl Indexer {
                 // Applied in a later commit of the tail: its record is kept.
             } else if !all && carried.age + 1 < CARRY_COMMITS {
                 carried.age += 1;
-                self.carried.push(carried);
-            } else if self.index(store, carried.record)? {
+                self.carried.insert(key, carried);
+            } else if self.index(store, (key, carried.value))? {
                 added += 1;
             }
         }
@@ -697,9 +698,14 @@ impl Indexer {
 
     /// Deletes an acknowledged message from the `outbox` tree; whether it
     /// was there. Most never were: only those this indexer wrote (or found
-    /// there at start) are looked for.
+    /// there at start) are looked for. One still carried is dropped: an
+    /// acknowledgement comes once its receiver's answer is durable, and a
+    /// receiver whose record was in a commit by then has resolved it, so
+    /// this one's receiver left no record (it changed nothing, or there is
+    /// none any more) and the message has nothing left to do.
     pub fn acknowledge(&mut self, store: &Store, key: &[u8]) -> StorageResult<bool> {
         if !self.indexed.remove(key) {
+            self.carried.remove(key);
             return Ok(false);
         }
         Ok(store.outbox.remove(key)?.is_some())
@@ -707,7 +713,7 @@ impl Indexer {
 
     /// After the flush: the idempotency records and the audit; this
     /// commit's messages that their receivers have not applied yet are
-    /// carried to the next commit, except draws, which are indexed at once.
+    /// carried to the next commits, except draws, which are indexed at once.
     /// Returns how many messages it added to the outbox.
     pub fn after_flush(&mut self, store: &Store, entries: &[JournalEntry]) -> StorageResult<i64> {
         let applied = applied(entries);
@@ -731,7 +737,8 @@ impl Indexer {
                         added += 1;
                     }
                 } else if !applied.contains(receipt.as_slice()) {
-                    self.carried.push(Carried { receipt, record: (key.clone(), value.clone()), needs_receipt, age: 0 });
+                    let carried = Carried { receipt, value: value.clone(), needs_receipt, age: 0 };
+                    self.carried.insert(key.clone(), carried);
                 } else if !needs_receipt {
                     unneeded.insert(receipt);
                 }
@@ -868,7 +875,7 @@ mod tests {
     }
 
     #[test]
-    fn messages_applied_by_the_next_commit_are_not_indexed() {
+    fn messages_applied_within_the_carry_window_are_not_indexed() {
         use crate::outbox::OutboxMessage;
         let id = |s: &str| bazaar_games::Id::parse(s).expect("id");
         let score = OutboxMessage::score("t", &id("e-1"), &id("top"), &id("c-1"), 5, 1);
@@ -972,7 +979,13 @@ mod tests {
         store.outbox.insert(score.storage_key(), score.record().1).expect("insert");
         let mut writing = Indexer::writing(&store).expect("writing");
         assert!(writing.acknowledge(&store, &score.storage_key()).expect("ack"));
-        assert!(store.outbox.is_empty());
+        assert!(store.outbox.is_empty()); // A message still carried when acknowledged (its receiver changed
+                                          // nothing) has nothing left to do: it is not indexed.
+        let (_dir, store, mut indexer) = fresh();
+        commit(&mut indexer, &store, std::slice::from_ref(&cause));
+        assert!(!indexer.acknowledge(&store, &score.storage_key()).expect("ack"));
+        assert_eq!(indexer.finish(&store).expect("finish"), 1, "only the contribution");
+        assert!(store.outbox.get(score.storage_key()).expect("read").is_none());
     }
 
     #[tokio::test]

@@ -216,6 +216,42 @@ mod tests {
     use super::*;
 
     #[test]
+    fn recovery_indexes_again_the_messages_a_crash_may_have_left_carried() {
+        use crate::journal::{JournalEntry, CARRY_COMMITS};
+        use crate::outbox::OutboxMessage;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("open");
+        let id = |s: &str| bazaar_games::Id::parse(s).expect("id");
+        let score = |n: usize| OutboxMessage::score("t", &id(&format!("e-{n}")), &id("top"), &id("c-1"), 1, 1);
+        let cause = |n: usize| JournalEntry {
+            entity: "t/customer/c-1".into(),
+            entity_seq: n as u64 + 1,
+            change: vec![1],
+            seen: Some((format!("t/event/e-{n}").into_bytes(), vec![1])),
+            outbox: vec![score(n).record()],
+            audit: Vec::new(),
+        };
+        // A tail of CARRY_COMMITS + 2 batches, each with one score no
+        // receiver applied, and none in the `outbox` tree: the writer
+        // indexes a batch's message in the commit CARRY_COMMITS later, so
+        // only the last CARRY_COMMITS + 1 batches' can be missing (the
+        // last commit's indexing may be lost with the crash); the one
+        // before them was indexed by a commit the tail shows durable.
+        let batches = CARRY_COMMITS as usize + 2;
+        for n in 0..batches {
+            store.journal.insert((n as u64).to_be_bytes(), encode(&vec![cause(n)])).expect("insert");
+        }
+        let metrics = Metrics::new().expect("metrics");
+        let (report, _) = recover(&store, &metrics).expect("recover");
+        assert_eq!((report.batches, report.next_seq), (batches, batches as u64));
+        assert!(store.outbox.get(score(0).storage_key()).expect("read").is_none(), "before the window");
+        for n in 1..batches {
+            assert!(store.outbox.get(score(n).storage_key()).expect("read").is_some(), "batch {n} indexed again");
+            assert!(store.seen.get(format!("t/event/e-{n}")).expect("read").is_some());
+        }
+    }
+
+    #[test]
     fn a_pending_snapshot_is_taken_by_its_activation_or_written_never_both() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(dir.path()).expect("open");
