@@ -47,7 +47,8 @@ pub struct LoadgenArgs {
     /// The tenant to send to (with --setup: its prefix).
     #[arg(long, default_value = "loadgen")]
     pub tenant: String,
-    /// Concurrent clients (closed loop: each sends when it has its answer).
+    /// Concurrent clients (closed loop: each sends when it has its answer;
+    /// open loop: at most this many requests in flight, so give it room).
     #[arg(long, default_value_t = 64)]
     pub clients: usize,
     /// Open loop: this many events per second in all, whatever the answers.
