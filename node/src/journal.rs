@@ -979,8 +979,9 @@ mod tests {
         store.outbox.insert(score.storage_key(), score.record().1).expect("insert");
         let mut writing = Indexer::writing(&store).expect("writing");
         assert!(writing.acknowledge(&store, &score.storage_key()).expect("ack"));
-        assert!(store.outbox.is_empty()); // A message still carried when acknowledged (its receiver changed
-                                          // nothing) has nothing left to do: it is not indexed.
+        assert!(store.outbox.is_empty());
+        // A message still carried when acknowledged (its receiver changed
+        // nothing) has nothing left to do: it is not indexed.
         let (_dir, store, mut indexer) = fresh();
         commit(&mut indexer, &store, std::slice::from_ref(&cause));
         assert!(!indexer.acknowledge(&store, &score.storage_key()).expect("ack"));
