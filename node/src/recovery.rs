@@ -4,8 +4,9 @@
 //! start-up, before the node takes requests, each batch after the
 //! checkpoint is read once; the derived indexes (seen ids, outbox, audit)
 //! of the last few are written again (the last one's may have been lost
-//! with the crash; see [`journal::CARRY_COMMITS`]), and each entity that has entries there gets its
-//! snapshot, the entries after it replayed, and a new snapshot. An entity
+//! with the crash; see [`journal::CARRY_COMMITS`]), and each entity that
+//! has entries there gets its snapshot, the entries after it replayed, and
+//! a new snapshot. An entity
 //! that journals its whole state (customers, wheels, jackpots) simply takes
 //! its last entry as its snapshot, kept in memory ([`Recovered`]) and
 //! written after the node is ready; until they are all written, the tail
