@@ -44,9 +44,9 @@ pub fn recover(store: &Store, metrics: &Metrics) -> StorageResult<(RecoveryRepor
     let (checkpoint, batches) = journal::read_tail(store)?;
     let read = started.elapsed();
     let mut report = RecoveryReport { next_seq: checkpoint, batches: batches.len(), entries: 0, entities: 0 };
-    // The writer indexes a batch after flushing it and before the next
-    // one, whose flush makes the indexes durable: only the last batch's
-    // indexes can be missing. The batches before it are indexed again too,
+    // The writer indexes a batch while flushing it and before it writes the
+    // next one, whose flush makes the indexes durable: only the last
+    // batch's indexes can be missing. The batches before it are indexed again too,
     // as far back as the outbox messages they carried into the last
     // ([`journal::CARRY_COMMITS`]).
     let reindex_from = batches.len().saturating_sub(journal::CARRY_COMMITS as usize + 1);
@@ -55,7 +55,7 @@ pub fn recover(store: &Store, metrics: &Metrics) -> StorageResult<(RecoveryRepor
     let mut indexer = journal::Indexer::recovering(&batches, reindex_from)?;
     for (_, entries) in &batches[reindex_from..] {
         indexer.before_flush(store, entries, false)?;
-        indexer.after_flush(store, entries)?;
+        indexer.index_derived(store, entries)?;
     }
     indexer.finish(store)?;
     let indexed = started.elapsed();
