@@ -18,6 +18,7 @@
 use crate::error::{Code, ServiceError, ServiceResult};
 use crate::journal::{Journal, JournalEntry, KeyValue, Snapshot, Ticket};
 use crate::storage::{decode, encode, key, StorageResult, Store};
+use crate::FastMap;
 use actix::prelude::*;
 use bazaar_cluster::{EntityKey, EntityKind};
 use bazaar_games::UnixMillis;
@@ -27,7 +28,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -198,7 +199,7 @@ pub struct EntityActor<E: Entity> {
     entries_since_snapshot: u32,
     /// Answers whose idempotency record the writer has not indexed yet,
     /// oldest first.
-    inflight: HashMap<Vec<u8>, Inflight>,
+    inflight: FastMap<Vec<u8>, Inflight>,
     inflight_order: VecDeque<(Ticket, Vec<u8>)>,
     node: Arc<NodeShared>,
     registry: Weak<Registry<E>>,
@@ -279,7 +280,7 @@ impl<E: Entity> EntityActor<E> {
             }
         }
         if self.inflight.is_empty() && 0 < self.inflight.capacity() {
-            self.inflight = HashMap::new();
+            self.inflight = FastMap::default();
             self.inflight_order = VecDeque::new();
         }
     }
@@ -446,7 +447,7 @@ impl<E: Entity> Handler<SnapshotNow> for EntityActor<E> {
 
 /// The actors of one entity kind on this node.
 pub struct Registry<E: Entity> {
-    actors: Mutex<HashMap<EntityKey, Addr<EntityActor<E>>>>,
+    actors: Mutex<FastMap<EntityKey, Addr<EntityActor<E>>>>,
     node: Arc<NodeShared>,
     /// The threads actors run on; an entity always lands on the same one.
     arbiters: Vec<ArbiterHandle>,
@@ -464,7 +465,7 @@ const ACTIVATION_ATTEMPTS: usize = 8;
 impl<E: Entity> Registry<E> {
     pub fn new(node: Arc<NodeShared>, arbiters: Vec<ArbiterHandle>) -> Arc<Self> {
         assert!(!arbiters.is_empty(), "a node runs actors on at least one arbiter");
-        Arc::new_cyclic(|this| Self { actors: Mutex::new(HashMap::new()), node, arbiters, this: this.clone() })
+        Arc::new_cyclic(|this| Self { actors: Mutex::new(FastMap::default()), node, arbiters, this: this.clone() })
     }
 
     /// Sends `command` to the entity's actor, activating it if needed.
@@ -555,7 +556,7 @@ impl<E: Entity> Registry<E> {
             state,
             entity_seq,
             entries_since_snapshot: unwritten,
-            inflight: HashMap::new(),
+            inflight: FastMap::default(),
             inflight_order: VecDeque::new(),
             node: self.node.clone(),
             registry: self.this.clone(),

@@ -31,10 +31,11 @@
 //! from the journal) makes the two agree again.
 
 use crate::storage::{decode, encode, StorageError, StorageResult, Store};
+use crate::{FastMap, FastSet};
 use bazaar_observability::Metrics;
 use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -656,16 +657,16 @@ pub struct Indexer {
     /// The keys of the `outbox` tree as this indexer wrote them (the
     /// writer's starts from the tree): an acknowledgement of a message
     /// that was never indexed, nearly every one, costs no lookup.
-    indexed: HashSet<Vec<u8>>,
+    indexed: FastSet<Vec<u8>>,
     /// Messages of the last [`CARRY_COMMITS`] commits whose receivers had
     /// not applied them, by their `outbox` key.
-    carried: HashMap<Vec<u8>, Carried>,
+    carried: FastMap<Vec<u8>, Carried>,
     /// Receipts of carried scores applied in this commit: not indexed.
-    unneeded: HashSet<Vec<u8>>,
+    unneeded: FastSet<Vec<u8>>,
     /// In recovery, every receiver record of the journal tail: a message
     /// applied anywhere in it replays with its effect and is not indexed
     /// (at run time it was acknowledged, which the journal does not hold).
-    applied_later: HashSet<Vec<u8>>,
+    applied_later: FastSet<Vec<u8>>,
     /// In recovery every receiver record is written: recovery sees only
     /// the batches, not the commits without entries (checkpoints, a stop)
     /// in which the writer may have indexed a carried message, so it cannot
@@ -689,7 +690,7 @@ struct Carried {
 /// Recovery indexes the last `CARRY_COMMITS + 1` batches again.
 pub const CARRY_COMMITS: u32 = 8;
 
-fn applied(entries: &[JournalEntry]) -> HashSet<&[u8]> {
+fn applied(entries: &[JournalEntry]) -> FastSet<&[u8]> {
     entries.iter().filter_map(|entry| entry.seen.as_ref()).map(|(key, _)| key.as_slice()).collect()
 }
 
@@ -706,7 +707,7 @@ impl Indexer {
     /// carried, so only their receivers' records are looked for in the
     /// rest of the tail.
     pub fn recovering(batches: &[Batch], reindex_from: usize) -> StorageResult<Self> {
-        let mut candidates = HashSet::new();
+        let mut candidates = FastSet::default();
         for entry in batches.iter().skip(reindex_from).flat_map(|(_, entries)| entries) {
             for (key, _) in &entry.outbox {
                 candidates.insert(crate::outbox::receipt_key(key).ok_or_else(|| {

@@ -49,6 +49,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The hash maps on the per-event path (actors and their in-flight
+/// answers, the journal's indexer, per-event-id locks): foldhash instead
+/// of the standard SipHash, which took 3-4 % of a batched run's samples.
+/// Seeded per process; the keys come from authenticated callers.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+/// The set of [`FastMap`].
+pub type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
+
 /// How often undelivered outbox messages are retried.
 const REDELIVERY_INTERVAL: Duration = Duration::from_secs(2);
 

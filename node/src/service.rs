@@ -16,6 +16,7 @@ use crate::live::{Live, PoolUpdate};
 use crate::outbox::{OutboxMessage, Payload};
 use crate::storage::{decode, Store};
 use crate::tenancy::{DefKind, Principal, Role, Tenancy, Tenant, TenantEntry};
+use crate::FastMap;
 use bazaar_cluster::{EntityKey, EntityKind};
 use bazaar_games::catalog::{Catalog, StoreDef};
 use bazaar_games::jackpot::JackpotDef;
@@ -47,7 +48,7 @@ struct Delivery {
 /// held or awaited.
 #[derive(Default)]
 pub struct KeyedLock {
-    locks: parking_lot::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    locks: parking_lot::Mutex<FastMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// Held while a key is in use; frees the key's entry when the last user
