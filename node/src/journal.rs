@@ -545,9 +545,9 @@ impl Writer {
         self.shared.snapshot_backlog.store(self.snapshots.len(), Ordering::Relaxed);
         // The derived indexes go while the flush runs: the writer's CPU work
         // and the disk's wait overlap instead of adding up (under batched
-        // load each took about half of a commit). Whatever of them the flush
-        // misses is durable with the next, and a crash before that loses
-        // only what recovery rebuilds from this batch.
+        // load the indexing had been about 40 % of a commit). Whatever of
+        // them the flush misses is durable with the next, and a crash before
+        // that loses only what recovery rebuilds from this batch.
         self.flusher.begin()?;
         let derived = self.indexer.index_derived(&self.store, &entries);
         self.flusher.finish()?;
