@@ -6,12 +6,11 @@
 //! of the last few are written again (the last one's may have been lost
 //! with the crash; see [`journal::CARRY_COMMITS`]), and each entity that
 //! has entries there gets its snapshot, the entries after it replayed, and
-//! a new snapshot. An entity
-//! that journals its whole state (customers, wheels, jackpots) simply takes
-//! its last entry as its snapshot, kept in memory ([`Recovered`]) and
-//! written after the node is ready; until they are all written, the tail
-//! stays and the next checkpoint writes what is left before it drops the
-//! tail. When nothing is pending, the checkpoint moves to the end at once
+//! a new snapshot. An entity that journals its whole state (customers,
+//! wheels, jackpots) simply takes its last entry as its snapshot, kept in
+//! memory ([`Recovered`]) and written after the node is ready; until they
+//! are all written, the tail stays and the next checkpoint writes what is
+//! left before it drops the tail. When nothing is pending, the checkpoint moves to the end at once
 //! and the replayed batches are dropped. The tail is bounded by the
 //! checkpoint interval, so recovery time is too.
 //!
@@ -46,9 +45,9 @@ pub fn recover(store: &Store, metrics: &Metrics) -> StorageResult<(RecoveryRepor
     let mut report = RecoveryReport { next_seq: checkpoint, batches: batches.len(), entries: 0, entities: 0 };
     // The writer indexes a batch while flushing it and before it writes the
     // next one, whose flush makes the indexes durable: only the last
-    // batch's indexes can be missing. The batches before it are indexed again too,
-    // as far back as the outbox messages they carried into the last
-    // ([`journal::CARRY_COMMITS`]).
+    // batch's indexes can be missing. The batches before it are indexed
+    // again too, as far back as the outbox messages they carried into the
+    // last ([`journal::CARRY_COMMITS`]).
     let reindex_from = batches.len().saturating_sub(journal::CARRY_COMMITS as usize + 1);
     // A message whose receiver's record is anywhere in the tail was applied
     // and replays with it: it needs no redelivery.
