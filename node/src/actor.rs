@@ -182,7 +182,7 @@ struct SeenValue {
     answer: Vec<u8>,
 }
 
-/// An answer given and journaled but maybe not yet in the `seen` tree.
+/// An answer given and journaled but maybe not yet in the `seen` index.
 struct Inflight {
     fingerprint: u64,
     answer: Vec<u8>,
@@ -223,7 +223,7 @@ impl<E: Entity> Actor for EntityActor<E> {
 }
 
 /// How long after keeping an answer for retries an actor looks whether
-/// the `seen` tree holds it yet (and forgets it then).
+/// the `seen` index holds it yet (and forgets it then).
 const FORGET_AFTER: Duration = Duration::from_secs(1);
 
 impl<E: Entity> EntityActor<E> {
@@ -251,7 +251,7 @@ impl<E: Entity> EntityActor<E> {
         });
     }
 
-    /// Releases, a little later, the answers the `seen` tree holds by then:
+    /// Releases, a little later, the answers the `seen` index holds by then:
     /// an actor that got one event and no more would otherwise keep its
     /// answer, and the map, until it is passivated.
     fn forget_later(&mut self, ctx: &mut Context<Self>) {
@@ -288,7 +288,7 @@ impl<E: Entity> EntityActor<E> {
     fn duplicate(&self, dedupe: &Dedupe, seen_key: &[u8]) -> ServiceResult<Option<Reply<E::Answer>>> {
         let (fingerprint, answer, ticket) = if let Some(inflight) = self.inflight.get(seen_key) {
             (inflight.fingerprint, inflight.answer.clone(), Some(inflight.ticket))
-        } else if let Some(bytes) = self.node.store.seen.get(seen_key).map_err(crate::storage::StorageError::from)? {
+        } else if let Some(bytes) = self.node.store.seen.get(seen_key)? {
             let seen: SeenValue = decode(&bytes)?;
             (seen.fingerprint, seen.answer, None)
         } else {

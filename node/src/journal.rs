@@ -20,9 +20,11 @@
 //!    writer's time, so a checkpoint's hundred thousand snapshots do not
 //!    hold answers up;
 //! 3. flush once, on a thread of its own ([`Flusher`]), and meanwhile
-//! 4. write the indexes derived from the entries (seen ids, audit): in
-//!    sled's memory at once, durable with this flush or the next, and
-//!    rebuilt from the journal by recovery if the node dies first;
+//! 4. write the indexes derived from the entries: the audit, in sled's
+//!    memory at once and durable with this flush or the next, and the
+//!    seen ids, in the [`crate::seen`] index's memtable, durable once a
+//!    run holds them; recovery rebuilds both from the journal if the node
+//!    dies first;
 //! 5. once both are done, publish the durable ticket and release whoever
 //!    waited.
 //!
@@ -135,6 +137,7 @@ impl Shared {
 #[derive(Clone)]
 pub struct Journal {
     shared: Arc<Shared>,
+    seen: crate::seen::SeenIndex,
 }
 
 /// The key under `meta` of the first batch not yet covered by snapshots.
@@ -152,12 +155,13 @@ impl Journal {
         patience: Duration,
     ) -> StorageResult<(Self, std::thread::JoinHandle<()>)> {
         let shared = Shared::new();
+        let seen = store.seen.clone();
         let writer = Writer::new(store, metrics, shared.clone(), next_seq, patience)?;
         let thread = std::thread::Builder::new()
             .name("journal-writer".into())
             .spawn(move || writer.run())
             .expect("the OS can start one thread at start-up");
-        Ok((Self { shared }, thread))
+        Ok((Self { shared, seen }, thread))
     }
 
     fn push(&self, op: Op) -> Result<Ticket, StorageError> {
@@ -222,8 +226,13 @@ impl Journal {
     }
 
     /// Drops the journal below `upto`; the caller guarantees that snapshots
-    /// cover every entry there.
+    /// cover every entry there. The idempotency records of those entries
+    /// are written as runs first (see [`crate::seen`]).
     pub async fn checkpoint(&self, upto: u64) -> StorageResult<()> {
+        let seen = self.seen.clone();
+        tokio::task::spawn_blocking(move || seen.persist())
+            .await
+            .map_err(|e| StorageError::Unavailable(format!("writing the seen index: {e}")))??;
         let (done, finished) = oneshot::channel();
         self.push(Op::Checkpoint { upto, done })?;
         finished.await.map_err(|_| writer_gone())
@@ -549,7 +558,7 @@ impl Writer {
         // them the flush misses is durable with the next, and a crash before
         // that loses only what recovery rebuilds from this batch.
         self.flusher.begin()?;
-        let derived = self.indexer.index_derived(&self.store, &entries);
+        let derived = self.indexer.index_derived(&self.store, self.next_seq.saturating_sub(1), &entries);
         self.flusher.finish()?;
         let indexed = indexed + derived?;
         if !entries.is_empty() {
@@ -772,12 +781,12 @@ impl Indexer {
         Ok(store.outbox.remove(key)?.is_some())
     }
 
-    /// After `entries`' batch is written (the writer: while it is flushed):
-    /// the idempotency records and the audit; this commit's messages that
+    /// After `entries`' batch (number `batch`) is written (the writer: while
+    /// it is flushed): the idempotency records and the audit; this commit's messages that
     /// their receivers have not applied yet are carried to the next commits,
     /// except draws, which are indexed at once. Returns how many messages
     /// it added to the outbox.
-    pub fn index_derived(&mut self, store: &Store, entries: &[JournalEntry]) -> StorageResult<i64> {
+    pub fn index_derived(&mut self, store: &Store, batch: u64, entries: &[JournalEntry]) -> StorageResult<i64> {
         let applied = applied(entries);
         let mut unneeded = std::mem::take(&mut self.unneeded);
         let mut added = 0;
@@ -809,10 +818,14 @@ impl Indexer {
                 store.audit.insert(key.as_slice(), value.as_slice())?;
             }
         }
-        for (key, value) in entries.iter().filter_map(|entry| entry.seen.as_ref()) {
-            if self.keep_receipts || !unneeded.contains(key) {
-                store.seen.insert(key.as_slice(), value.as_slice())?;
-            }
+        if !entries.is_empty() {
+            let records = entries.iter().filter_map(|entry| entry.seen.as_ref());
+            store.seen.insert(
+                batch,
+                records
+                    .filter(|(key, _)| self.keep_receipts || !unneeded.contains(key))
+                    .map(|(key, value)| (key.as_slice(), value.as_slice())),
+            );
         }
         Ok(added)
     }
@@ -949,7 +962,7 @@ mod tests {
             |m: &OutboxMessage| JournalEntry { seen: Some((receipt(m), vec![1])), outbox: vec![], ..entry(2) };
         let commit = |indexer: &mut Indexer, store: &Store, entries: &[JournalEntry]| {
             let added = indexer.before_flush(store, entries, false).expect("before");
-            added + indexer.index_derived(store, entries).expect("after")
+            added + indexer.index_derived(store, 0, entries).expect("after")
         };
         let fresh = || {
             let dir = tempfile::tempdir().expect("temp dir");

@@ -30,6 +30,7 @@ pub mod loadgen;
 pub mod openapi;
 pub mod outbox;
 pub mod recovery;
+pub mod seen;
 pub mod service;
 pub mod storage;
 pub mod tenancy;

@@ -2,9 +2,10 @@
 //!
 //! The journal holds every acknowledged entry since the last checkpoint. At
 //! start-up, before the node takes requests, each batch after the
-//! checkpoint is read once; the derived indexes (seen ids, outbox, audit)
-//! of the last few are written again (the last one's may have been lost
-//! with the crash; see [`journal::CARRY_COMMITS`]), and each entity that
+//! checkpoint is read once; the derived indexes (outbox, audit) of the last
+//! few are written again (the last one's may have been lost with the
+//! crash; see [`journal::CARRY_COMMITS`]), the seen ids of every batch the
+//! [`crate::seen`] index's runs do not cover yet, and each entity that
 //! has entries there gets its snapshot, the entries after it replayed, and
 //! a new snapshot. An entity that journals its whole state (customers,
 //! wheels, jackpots) simply takes its last entry as its snapshot, kept in
@@ -49,12 +50,21 @@ pub fn recover(store: &Store, metrics: &Metrics) -> StorageResult<(RecoveryRepor
     // again too, as far back as the outbox messages they carried into the
     // last ([`journal::CARRY_COMMITS`]).
     let reindex_from = batches.len().saturating_sub(journal::CARRY_COMMITS as usize + 1);
+    // The idempotency records are the exception: those after the index's
+    // last run are only in the journal (see [`crate::seen`]).
+    let covered = store.seen.covered();
+    for (seq, entries) in &batches[..reindex_from] {
+        if covered.is_none_or(|covered| covered < *seq) {
+            let records = entries.iter().filter_map(|entry| entry.seen.as_ref());
+            store.seen.insert(*seq, records.map(|(key, value)| (key.as_slice(), value.as_slice())));
+        }
+    }
     // A message whose receiver's record is anywhere in the tail was applied
     // and replays with it: it needs no redelivery.
     let mut indexer = journal::Indexer::recovering(&batches, reindex_from)?;
-    for (_, entries) in &batches[reindex_from..] {
+    for (seq, entries) in &batches[reindex_from..] {
         indexer.before_flush(store, entries, false)?;
-        indexer.index_derived(store, entries)?;
+        indexer.index_derived(store, *seq, entries)?;
     }
     indexer.finish(store)?;
     let indexed = started.elapsed();
@@ -103,6 +113,7 @@ pub fn recover(store: &Store, metrics: &Metrics) -> StorageResult<(RecoveryRepor
     if !pending.is_empty() {
         store.flush()?;
     } else if !batches.is_empty() {
+        store.seen.persist()?;
         store.meta.insert(CHECKPOINT_KEY, &report.next_seq.to_be_bytes())?;
         for (seq, _) in &batches {
             store.journal.remove(seq.to_be_bytes())?;

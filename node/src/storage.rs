@@ -7,7 +7,7 @@
 //! | --- | --- | --- |
 //! | `journal` | batch sequence number, big-endian `u64` | every entry of one group commit |
 //! | `snapshots` | entity key `tenant/kind/id` | the entity's state and the entity sequence it covers |
-//! | `seen` | `tenant/scope/id` | fingerprint and first answer of an idempotent request |
+//! | `seen_runs` | run id, big-endian `u64` | the description of one run of the idempotency index, whose records (`tenant/scope/id` → fingerprint and first answer of an idempotent request) are in the file `seen/<id>.run` ([`crate::seen`]) |
 //! | `outbox` | `tenant/message id` | a cross-entity message not yet acknowledged |
 //! | `audit` | `tenant/kind/game/draw id` | a draw or hit, as JSON, with what re-checks it |
 //! | `defs` | `tenant/...` | tenants, stores, keys and game definitions |
@@ -20,8 +20,7 @@
 //! reads older values, and an older node refuses newer ones with a clear
 //! error instead of misreading them.
 
-use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs::File;
@@ -93,7 +92,8 @@ pub mod byte_pairs {
 }
 
 /// Reads a value written by [`encode`] of this or an older format.
-pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> StorageResult<T> {
+/// A value may borrow from `bytes` (the `seen` index's blocks do).
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> StorageResult<T> {
     match bytes.split_first() {
         Some((&version, rest)) if version == FORMAT_VERSION => {
             bincode::deserialize(rest).map_err(|e| StorageError::Codec(e.to_string()))
@@ -111,7 +111,8 @@ pub struct Store {
     pub db: sled::Db,
     pub journal: sled::Tree,
     pub snapshots: sled::Tree,
-    pub seen: sled::Tree,
+    /// The idempotency index (see [`crate::seen`]).
+    pub seen: crate::seen::SeenIndex,
     pub outbox: sled::Tree,
     pub audit: sled::Tree,
     pub defs: sled::Tree,
@@ -189,7 +190,7 @@ fn sync_file(dir: &Path, name: &std::ffi::OsStr) -> StorageResult<Option<u64>> {
     Ok(Some(length))
 }
 
-fn sync_dir(dir: &Path) -> StorageResult<()> {
+pub(crate) fn sync_dir(dir: &Path) -> StorageResult<()> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| failed(dir, e))
 }
 
@@ -359,15 +360,23 @@ impl Store {
     /// Opens the database with `cache_bytes` of page cache.
     pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> StorageResult<Self> {
         let db = sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).cache_capacity(cache_bytes).open()?;
+        let files = Arc::new(Files::open(dir)?);
+        let flush: crate::seen::Flush = {
+            let (db, files) = (db.clone(), files.clone());
+            Arc::new(move || {
+                db.flush()?;
+                files.sync()
+            })
+        };
         Ok(Self {
             journal: db.open_tree("journal")?,
             snapshots: db.open_tree("snapshots")?,
-            seen: db.open_tree("seen")?,
+            seen: crate::seen::SeenIndex::open(&db, &dir.join("seen"), flush)?,
             outbox: db.open_tree("outbox")?,
             audit: db.open_tree("audit")?,
             defs: db.open_tree("defs")?,
             meta: db.open_tree("meta")?,
-            files: Arc::new(Files::open(dir)?),
+            files,
             db,
         })
     }

@@ -1,0 +1,924 @@
+//! The idempotency index: every request id a node has applied (event ids,
+//! outbox receipts), with the request's fingerprint and its first answer.
+//!
+//! It is written once per event and read once per new event id, almost
+//! always to learn that the id is new. As a sled tree it was the journal
+//! writer's largest cost: one random-key insert per event, in a tree that
+//! splits a leaf every sixteen inserts. So it is a small log-structured
+//! merge index instead:
+//!
+//! - the **memtable**: a hash map of the records the writer indexed since
+//!   the last run was cut. The journal holds them too, so they need not be
+//!   durable: recovery indexes them again from the journal tail;
+//! - **runs**: immutable files (`seen/<id>.run` beside sled's), records
+//!   sorted by key in blocks of about [`BLOCK_BYTES`], ending with the
+//!   first key of each block and a binary fuse filter of the keys' hashes
+//!   (about 9 bits per record, 0.4 % false positives), both kept in
+//!   memory. A lookup of a new id costs a hash-map probe and one filter
+//!   probe per run; a block is read only for the ids a filter lets by.
+//!
+//! Once the memtable holds [`MEMTABLE_RECORDS`] records, or a checkpoint
+//! is about to drop the journal batches it was built from
+//! ([`SeenIndex::persist`]), it is frozen (still read) and the
+//! `seen-compactor` thread writes it as a run. That thread also merges
+//! [`FANOUT`] runs of a size into one of the next size, so a lookup probes
+//! a few filters per size and every record is rewritten a few times in
+//! all, off the writer's path. (Blocks stored as sled values cost the
+//! compactor more than the inserts they replaced: sled rewrites a whole
+//! leaf at each split, as a blob file once it passes 128 KiB.)
+//!
+//! A run exists once its description is in sled's `seen_runs` tree, which
+//! is written after its file is synced; the description names the runs a
+//! merge replaced, whose files go once it is durable. Start-up deletes
+//! files without a description and runs another names. Each run records
+//! the last journal batch whose records it (or an older run) holds, and
+//! recovery indexes only the batches after it ([`SeenIndex::covered`]).
+//! Since sled keeps a prefix of its writes, a checkpoint (written after the
+//! runs it relies on) is never durable without them.
+//!
+//! A node that ran with the former `seen` tree keeps reading it (records
+//! written there stay valid) until it is empty.
+
+use crate::storage::{decode, encode, StorageError, StorageResult, FORMAT_VERSION};
+use crate::FastMap;
+use parking_lot::{Condvar, Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use xorf::{BinaryFuse8, BinaryFuse8Ref, DmaSerializable, Filter, FilterRef};
+
+/// Records the memtable takes before it is cut into a run: a run a second
+/// at thirty thousand events a second, a few megabytes of memory.
+pub const MEMTABLE_RECORDS: usize = 32 * 1024;
+
+/// A block (the unit a lookup reads) is cut once it holds this many bytes
+/// (records are about 230 bytes under the load generator's workload).
+pub const BLOCK_BYTES: usize = 8 * 1024;
+
+/// Runs of one size merged into one of the next: lookups probe at most
+/// `FANOUT - 1` runs per size, and each record is rewritten once per size.
+pub const FANOUT: usize = 4;
+
+/// The key of a run's description in the `seen_runs` tree.
+fn meta_key(id: u64) -> [u8; 8] {
+    id.to_be_bytes()
+}
+
+fn run_file(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id:016x}.run"))
+}
+
+fn hash(key: &[u8]) -> u64 {
+    // A hash with a fixed definition: the filters are stored.
+    xxhash_rust::xxh3::xxh3_64(key)
+}
+
+/// A run's description, in sled: stored once its file is synced, so a run
+/// is there exactly when its description is.
+#[derive(Serialize, Deserialize)]
+struct RunMeta {
+    /// Every journal batch up to this one has its records in this run or
+    /// an older one.
+    upto: u64,
+    records: u64,
+    /// Runs this one was merged from: gone once it is stored.
+    replaces: Vec<u64>,
+}
+
+/// What a run file ends with (before its last 8 bytes: where this starts).
+#[derive(Serialize, Deserialize)]
+struct Footer {
+    /// The first key and the offset of each block.
+    fences: Vec<(ByteBuf, u64)>,
+    /// The filter of the records' hashes: its descriptor and fingerprints
+    /// as `xorf` lays them out for storing.
+    filter_descriptor: ByteBuf,
+    filter: ByteBuf,
+}
+
+struct Run {
+    id: u64,
+    meta: RunMeta,
+    footer: Footer,
+    /// Where the footer starts: the end of the last block.
+    blocks_end: u64,
+    file: File,
+}
+
+impl Run {
+    fn open(dir: &Path, id: u64, meta: RunMeta) -> StorageResult<Self> {
+        let path = run_file(dir, id);
+        let io = |e: std::io::Error| StorageError::Sync(path.display().to_string(), e);
+        let file = File::open(&path).map_err(io)?;
+        let length = file.metadata().map_err(io)?.len();
+        let mut trailer = [0; 8];
+        let corrupt = || StorageError::Codec(format!("{} is not a whole seen run", path.display()));
+        let trailer_at = length.checked_sub(8).ok_or_else(corrupt)?;
+        file.read_exact_at(&mut trailer, trailer_at).map_err(io)?;
+        let blocks_end = u64::from_le_bytes(trailer);
+        let footer_length =
+            usize::try_from(trailer_at.checked_sub(blocks_end).ok_or_else(corrupt)?).map_err(|_| corrupt())?;
+        let mut footer = vec![0; footer_length];
+        file.read_exact_at(&mut footer, blocks_end).map_err(io)?;
+        Ok(Self { id, meta, footer: decode(&footer)?, blocks_end, file })
+    }
+
+    /// Its size class: 0 below `FANOUT` memtables' records, and one more
+    /// for every further factor of `FANOUT`.
+    fn tier(&self, memtable_records: usize) -> u32 {
+        let mut tier = 0;
+        let mut bound = (memtable_records * FANOUT) as u64;
+        while bound <= self.meta.records {
+            tier += 1;
+            bound = bound.saturating_mul(FANOUT as u64);
+        }
+        tier
+    }
+
+    fn get(&self, key: &[u8], hash: u64) -> StorageResult<Option<Vec<u8>>> {
+        let filter = BinaryFuse8Ref::from_dma(&self.footer.filter_descriptor, &self.footer.filter);
+        if !filter.contains(&hash) {
+            return Ok(None);
+        }
+        let block = self.footer.fences.partition_point(|(first, _)| first.as_slice() <= key);
+        let Some(block) = block.checked_sub(1) else {
+            return Ok(None);
+        };
+        let mut bytes = Vec::new();
+        self.read_block(block, &mut bytes)?;
+        let records = parse_block(&bytes)?;
+        let found = records.binary_search_by(|(candidate, _)| bytes[candidate.clone()].cmp(key));
+        Ok(found.ok().map(|at| bytes[records[at].1.clone()].to_vec()))
+    }
+
+    fn read_block(&self, block: usize, into: &mut Vec<u8>) -> StorageResult<()> {
+        let start = self.footer.fences[block].1;
+        let end = self.footer.fences.get(block + 1).map_or(self.blocks_end, |(_, offset)| *offset);
+        let length = end
+            .checked_sub(start)
+            .and_then(|length| usize::try_from(length).ok())
+            .ok_or_else(|| StorageError::Codec(format!("seen run {} has its blocks out of order", self.id)))?;
+        into.resize(length, 0);
+        self.file.read_exact_at(into, start).map_err(|e| StorageError::Sync(format!("seen run {}", self.id), e))
+    }
+}
+
+/// A block as stored is what [`encode`] makes of a `Vec<(&Bytes, &Bytes)>`
+/// (the format version, the count, then each key and value after its
+/// length), built and read in place: merging runs neither copies nor
+/// allocates record by record.
+struct BlockBuilder {
+    bytes: Vec<u8>,
+    count: u64,
+}
+
+impl BlockBuilder {
+    fn new() -> Self {
+        let mut bytes = Vec::with_capacity(BLOCK_BYTES + 512);
+        bytes.push(FORMAT_VERSION);
+        bytes.extend_from_slice(&0u64.to_le_bytes());
+        Self { bytes, count: 0 }
+    }
+
+    fn push(&mut self, key: &[u8], value: &[u8]) {
+        for part in [key, value] {
+            self.bytes.extend_from_slice(&(part.len() as u64).to_le_bytes());
+            self.bytes.extend_from_slice(part);
+        }
+        self.count += 1;
+    }
+
+    /// The block's bytes; the builder starts the next.
+    fn finish(&mut self) -> &[u8] {
+        self.bytes[1..9].copy_from_slice(&self.count.to_le_bytes());
+        &self.bytes
+    }
+
+    fn clear(&mut self) {
+        self.bytes.truncate(9);
+        self.count = 0;
+    }
+}
+
+/// Where the records of a stored block are: key and value ranges.
+fn parse_block(bytes: &[u8]) -> StorageResult<Vec<(Range<usize>, Range<usize>)>> {
+    let truncated = || StorageError::Codec("a seen block is truncated".into());
+    match bytes.first() {
+        Some(&FORMAT_VERSION) => {}
+        Some(version) => {
+            return Err(StorageError::Codec(format!(
+                "seen block has format version {version}; this build reads up to {FORMAT_VERSION} (upgrade the node)"
+            )))
+        }
+        None => return Err(truncated()),
+    }
+    let read_u64 = |at: &mut usize| -> StorageResult<usize> {
+        let field = bytes.get(*at..*at + 8).ok_or_else(truncated)?;
+        *at += 8;
+        usize::try_from(u64::from_le_bytes(field.try_into().map_err(|_| truncated())?)).map_err(|_| truncated())
+    };
+    let read_part = |at: &mut usize| -> StorageResult<Range<usize>> {
+        let length = read_u64(at)?;
+        let part = *at..at.checked_add(length).filter(|end| *end <= bytes.len()).ok_or_else(truncated)?;
+        *at = part.end;
+        Ok(part)
+    };
+    let mut at = 1;
+    let count = read_u64(&mut at)?;
+    let mut records = Vec::with_capacity(count.min(BLOCK_BYTES / 16));
+    for _ in 0..count {
+        records.push((read_part(&mut at)?, read_part(&mut at)?));
+    }
+    Ok(records)
+}
+
+/// Writes one run file, block by block, from records in key order.
+struct RunWriter<'a> {
+    inner: &'a Inner,
+    id: u64,
+    path: PathBuf,
+    out: BufWriter<File>,
+    offset: u64,
+    block: BlockBuilder,
+    fences: Vec<(ByteBuf, u64)>,
+    hashes: Vec<u64>,
+    records: u64,
+}
+
+impl<'a> RunWriter<'a> {
+    fn start(inner: &'a Inner) -> StorageResult<Self> {
+        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let path = run_file(&inner.dir, id);
+        let file = File::create(&path).map_err(|e| StorageError::Sync(path.display().to_string(), e))?;
+        Ok(Self {
+            inner,
+            id,
+            path,
+            out: BufWriter::with_capacity(256 * 1024, file),
+            offset: 0,
+            block: BlockBuilder::new(),
+            fences: Vec::new(),
+            hashes: Vec::new(),
+            records: 0,
+        })
+    }
+
+    fn io(&self) -> impl Fn(std::io::Error) -> StorageError + '_ {
+        |e| StorageError::Sync(self.path.display().to_string(), e)
+    }
+
+    fn push(&mut self, key: &[u8], value: &[u8]) -> StorageResult<()> {
+        if self.block.count == 0 {
+            self.fences.push((ByteBuf::from(key), self.offset));
+        }
+        self.hashes.push(hash(key));
+        self.block.push(key, value);
+        self.records += 1;
+        if BLOCK_BYTES <= self.block.bytes.len() {
+            self.write_block()?;
+        }
+        Ok(())
+    }
+
+    fn write_block(&mut self) -> StorageResult<()> {
+        let bytes = self.block.finish();
+        self.out.write_all(bytes).map_err(|e| StorageError::Sync(self.path.display().to_string(), e))?;
+        self.offset += bytes.len() as u64;
+        self.block.clear();
+        Ok(())
+    }
+
+    /// Writes the footer, syncs the file, then stores the description.
+    fn finish(mut self, upto: u64, replaces: Vec<u64>) -> StorageResult<Run> {
+        if 0 < self.block.count {
+            self.write_block()?;
+        }
+        let mut hashes = std::mem::take(&mut self.hashes);
+        hashes.sort_unstable();
+        hashes.dedup();
+        let filter = BinaryFuse8::try_from(&hashes)
+            .map_err(|e| StorageError::Codec(format!("building the filter of seen run {}: {e}", self.id)))?;
+        let mut descriptor = vec![0; BinaryFuse8::DESCRIPTOR_LEN];
+        filter.dma_copy_descriptor_to(&mut descriptor);
+        let footer = Footer {
+            fences: std::mem::take(&mut self.fences),
+            filter_descriptor: ByteBuf::from(descriptor),
+            filter: ByteBuf::from(filter.fingerprints),
+        };
+        self.out.write_all(&encode(&footer)).map_err(self.io())?;
+        self.out.write_all(&self.offset.to_le_bytes()).map_err(self.io())?;
+        self.out.flush().map_err(self.io())?;
+        self.out.get_ref().sync_all().map_err(self.io())?;
+        crate::storage::sync_dir(&self.inner.dir)?;
+        let meta = RunMeta { upto, records: self.records, replaces };
+        self.inner.tree.insert(meta_key(self.id), encode(&meta))?;
+        Run::open(&self.inner.dir, self.id, meta)
+    }
+}
+
+/// Deletes a run's description, then its file.
+fn delete_run(tree: &sled::Tree, dir: &Path, id: u64) -> StorageResult<()> {
+    tree.remove(meta_key(id))?;
+    let path = run_file(dir, id);
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StorageError::Sync(path.display().to_string(), e)),
+        _ => Ok(()),
+    }
+}
+
+#[derive(Default)]
+struct Memtable {
+    records: FastMap<Box<[u8]>, Box<[u8]>>,
+    /// The last journal batch indexed.
+    upto: Option<u64>,
+}
+
+struct Frozen {
+    records: FastMap<Box<[u8]>, Box<[u8]>>,
+    upto: u64,
+}
+
+/// What the compactor is asked to do and has done, shared with its
+/// thread apart from the index (which the thread holds only while it
+/// works, so that dropping the index ends it).
+#[derive(Default)]
+struct Signal {
+    state: Mutex<Progress>,
+    /// The compactor waits on this for work.
+    work: Condvar,
+    /// Callers wait on this for the compactor's progress.
+    progress: Condvar,
+}
+
+#[derive(Default)]
+struct Progress {
+    requested: bool,
+    busy: bool,
+    /// The index is gone: the compactor ends.
+    closed: bool,
+    /// Why the compactor stopped, if it did.
+    failed: Option<String>,
+}
+
+struct Inner {
+    /// The runs' descriptions.
+    tree: sled::Tree,
+    /// The run files.
+    dir: PathBuf,
+    /// Makes the store's writes durable (before a merge deletes its inputs).
+    flush: Flush,
+    memtable_records: usize,
+    /// The former `seen` tree, while it holds records.
+    legacy: Option<sled::Tree>,
+    memtable: RwLock<Memtable>,
+    /// Cut memtables not written as runs yet, oldest first.
+    frozen: RwLock<VecDeque<Arc<Frozen>>>,
+    /// Newest first.
+    runs: RwLock<Vec<Arc<Run>>>,
+    next_id: AtomicU64,
+    signal: Arc<Signal>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.signal.state.lock().closed = true;
+        self.signal.work.notify_all();
+    }
+}
+
+/// Makes every write to the store so far durable ([`crate::storage::Store::flush`]).
+pub type Flush = Arc<dyn Fn() -> StorageResult<()> + Send + Sync>;
+
+/// The index; cheap to clone. Its compactor thread ends once the last
+/// clone is dropped.
+#[derive(Clone)]
+pub struct SeenIndex {
+    inner: Arc<Inner>,
+}
+
+/// How many runs and records the index holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeenStats {
+    pub runs: usize,
+    pub run_records: u64,
+    pub memory_records: usize,
+}
+
+impl SeenIndex {
+    /// Opens the index in `db`: finishes what a crash interrupted (a run
+    /// half written, runs merged but not deleted), loads the runs'
+    /// descriptions and starts the compactor.
+    pub fn open(db: &sled::Db, dir: &Path, flush: Flush) -> StorageResult<Self> {
+        Self::open_with(db, dir, flush, MEMTABLE_RECORDS)
+    }
+
+    /// The same, cutting the memtable at `memtable_records` (tests).
+    pub fn open_with(db: &sled::Db, dir: &Path, flush: Flush, memtable_records: usize) -> StorageResult<Self> {
+        let io = |e: std::io::Error| StorageError::Sync(dir.display().to_string(), e);
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let tree = db.open_tree("seen_runs")?;
+        let mut metas = std::collections::BTreeMap::new();
+        for item in tree.iter() {
+            let (key, value) = item?;
+            let id = key.as_ref().try_into().map(u64::from_be_bytes);
+            let id = id.map_err(|_| StorageError::Codec("seen run key is not 8 bytes".into()))?;
+            metas.insert(id, decode::<RunMeta>(&value)?);
+        }
+        // A merge stored its run but had not deleted its inputs yet.
+        let replaced: std::collections::BTreeSet<u64> =
+            metas.values().flat_map(|meta| meta.replaces.iter().copied()).collect();
+        for id in &replaced {
+            metas.remove(id);
+            delete_run(&tree, dir, *id)?;
+        }
+        // A run file without a description was cut short by a crash.
+        let mut next_id = replaced.iter().chain(metas.keys()).map(|id| id + 1).max().unwrap_or(0);
+        for entry in std::fs::read_dir(dir).map_err(io)? {
+            let name = entry.map_err(io)?.file_name();
+            let id = name.to_str().and_then(|name| name.strip_suffix(".run"));
+            let Some(id) = id.and_then(|id| u64::from_str_radix(id, 16).ok()) else { continue };
+            next_id = next_id.max(id + 1);
+            if !metas.contains_key(&id) {
+                delete_run(&tree, dir, id)?;
+            }
+        }
+        let mut runs = Vec::new();
+        for (id, meta) in metas.into_iter().rev() {
+            runs.push(Arc::new(Run::open(dir, id, meta)?));
+        }
+        let legacy = db.open_tree("seen")?;
+        let legacy = (!legacy.is_empty()).then_some(legacy);
+        let signal = Arc::new(Signal::default());
+        let inner = Arc::new(Inner {
+            tree,
+            dir: dir.to_owned(),
+            flush,
+            memtable_records: memtable_records.max(1),
+            legacy,
+            memtable: RwLock::default(),
+            frozen: RwLock::default(),
+            runs: RwLock::new(runs),
+            next_id: AtomicU64::new(next_id),
+            signal: signal.clone(),
+        });
+        let weak = Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name("seen-compactor".into())
+            .spawn(move || compact(&weak, &signal))
+            .map_err(|e| StorageError::Unavailable(format!("starting the seen index's compactor: {e}")))?;
+        // Merges the last run left undone.
+        let index = Self { inner };
+        index.wake();
+        Ok(index)
+    }
+
+    /// The record of `key`, if any.
+    pub fn get(&self, key: impl AsRef<[u8]>) -> StorageResult<Option<Vec<u8>>> {
+        let key = key.as_ref();
+        // Memtable, then frozen ones, then runs: a record moves the other
+        // way, each step published before the last is retired, so a lookup
+        // that missed it in one place finds it in the next.
+        if let Some(value) = self.inner.memtable.read().records.get(key) {
+            return Ok(Some(value.to_vec()));
+        }
+        for frozen in self.inner.frozen.read().iter().rev() {
+            if let Some(value) = frozen.records.get(key) {
+                return Ok(Some(value.to_vec()));
+            }
+        }
+        let hash = hash(key);
+        for run in self.inner.runs.read().iter() {
+            if let Some(value) = run.get(key, hash)? {
+                return Ok(Some(value));
+            }
+        }
+        match &self.inner.legacy {
+            Some(legacy) => Ok(legacy.get(key)?.map(|value| value.to_vec())),
+            None => Ok(None),
+        }
+    }
+
+    /// Indexes the records of journal batch `batch` (and every batch
+    /// before it, which callers index in order).
+    pub fn insert<'a>(&self, batch: u64, records: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) {
+        let mut memtable = self.inner.memtable.write();
+        for (key, value) in records {
+            memtable.records.insert(key.into(), value.into());
+        }
+        memtable.upto = memtable.upto.max(Some(batch));
+        if self.inner.memtable_records <= memtable.records.len() {
+            self.freeze(&mut memtable);
+        }
+    }
+
+    fn freeze(&self, memtable: &mut Memtable) {
+        let (Some(upto), false) = (memtable.upto, memtable.records.is_empty()) else {
+            return;
+        };
+        let records = std::mem::take(&mut memtable.records);
+        // Published before the memtable lets go of them.
+        self.inner.frozen.write().push_back(Arc::new(Frozen { records, upto }));
+        self.wake();
+    }
+
+    fn wake(&self) {
+        self.inner.signal.state.lock().requested = true;
+        self.inner.signal.work.notify_all();
+    }
+
+    /// Writes every record indexed so far as runs, and returns once they
+    /// are written (durable with the next flush): before a checkpoint drops
+    /// the journal batches that hold them.
+    pub fn persist(&self) -> StorageResult<()> {
+        self.freeze(&mut self.inner.memtable.write());
+        let mut progress = self.inner.signal.state.lock();
+        loop {
+            if let Some(error) = &progress.failed {
+                return Err(StorageError::Unavailable(format!("the seen index's compactor stopped: {error}")));
+            }
+            if self.inner.frozen.read().is_empty() {
+                return Ok(());
+            }
+            self.inner.signal.progress.wait(&mut progress);
+        }
+    }
+
+    /// Waits until the compactor has nothing left to do (tests).
+    pub fn wait_idle(&self) -> StorageResult<()> {
+        let mut progress = self.inner.signal.state.lock();
+        while progress.requested || progress.busy {
+            if let Some(error) = &progress.failed {
+                return Err(StorageError::Unavailable(format!("the seen index's compactor stopped: {error}")));
+            }
+            self.inner.signal.progress.wait(&mut progress);
+        }
+        Ok(())
+    }
+
+    /// The last journal batch whose records are all in runs: recovery
+    /// indexes the batches after it.
+    pub fn covered(&self) -> Option<u64> {
+        self.inner.runs.read().iter().map(|run| run.meta.upto).max()
+    }
+
+    pub fn stats(&self) -> SeenStats {
+        let runs = self.inner.runs.read();
+        let frozen: usize = self.inner.frozen.read().iter().map(|frozen| frozen.records.len()).sum();
+        SeenStats {
+            runs: runs.len(),
+            run_records: runs.iter().map(|run| run.meta.records).sum(),
+            memory_records: self.inner.memtable.read().records.len() + frozen,
+        }
+    }
+}
+
+/// The compactor: writes frozen memtables as runs, oldest first, and
+/// merges runs between them, until the index is dropped or a write fails
+/// (then checkpoints fail, and the journal keeps what they would drop).
+fn compact(inner: &Weak<Inner>, signal: &Signal) {
+    /// Reports a panic as a failure, so that no caller waits for ever.
+    struct Failed<'a>(&'a Signal);
+    impl Drop for Failed<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                let mut progress = self.0.state.lock();
+                progress.busy = false;
+                progress.failed = Some("it panicked".into());
+                self.0.progress.notify_all();
+            }
+        }
+    }
+    let _failed = Failed(signal);
+    loop {
+        {
+            let mut progress = signal.state.lock();
+            while !progress.requested && !progress.closed {
+                signal.work.wait(&mut progress);
+            }
+            if progress.closed {
+                return;
+            }
+            progress.requested = false;
+            progress.busy = true;
+        }
+        let result = match inner.upgrade() {
+            Some(inner) => (|| {
+                write_frozen(&inner)?;
+                while merge_once(&inner)? {
+                    write_frozen(&inner)?;
+                }
+                Ok::<_, StorageError>(())
+            })(),
+            None => return,
+        };
+        let mut progress = signal.state.lock();
+        progress.busy = false;
+        signal.progress.notify_all();
+        if let Err(error) = result {
+            tracing::error!(%error, "the seen index's compactor stopped; checkpoints fail until a restart");
+            progress.failed = Some(error.to_string());
+            return;
+        }
+    }
+}
+
+fn write_frozen(inner: &Inner) -> StorageResult<()> {
+    loop {
+        let Some(frozen) = inner.frozen.read().front().cloned() else { return Ok(()) };
+        let mut records: Vec<_> = frozen.records.iter().collect();
+        records.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let mut writer = RunWriter::start(inner)?;
+        for (key, value) in records {
+            writer.push(key, value)?;
+        }
+        let run = writer.finish(frozen.upto, Vec::new())?;
+        // Published before the frozen memtable goes (see `SeenIndex::get`).
+        inner.runs.write().insert(0, Arc::new(run));
+        inner.frozen.write().pop_front();
+        let _progress = inner.signal.state.lock();
+        inner.signal.progress.notify_all();
+    }
+}
+
+/// Merges the oldest `FANOUT` runs of the smallest size that has that
+/// many; whether there were.
+fn merge_once(inner: &Inner) -> StorageResult<bool> {
+    let inputs: Vec<Arc<Run>> = {
+        let mut tiers: std::collections::BTreeMap<u32, Vec<Arc<Run>>> = Default::default();
+        for run in inner.runs.read().iter().rev() {
+            tiers.entry(run.tier(inner.memtable_records)).or_default().push(run.clone());
+        }
+        match tiers.into_values().find(|runs| FANOUT <= runs.len()) {
+            Some(mut runs) => {
+                runs.truncate(FANOUT);
+                runs
+            }
+            None => return Ok(false),
+        }
+    };
+    let merged = merge_runs(inner, &inputs)?;
+    {
+        let mut runs = inner.runs.write();
+        runs.retain(|run| !inputs.iter().any(|input| input.id == run.id));
+        runs.push(Arc::new(merged));
+        runs.sort_by_key(|run| std::cmp::Reverse(run.id));
+    }
+    // Once the merged run's description, which names them, is durable: a
+    // crash before they are all gone leaves the rest to start-up.
+    (inner.flush)()?;
+    for input in &inputs {
+        delete_run(&inner.tree, &inner.dir, input.id)?;
+    }
+    Ok(true)
+}
+
+/// One input of a merge: its records in order, a block at a time.
+struct Source<'a> {
+    run: &'a Run,
+    next_block: usize,
+    bytes: Vec<u8>,
+    records: Vec<(Range<usize>, Range<usize>)>,
+    at: usize,
+}
+
+impl<'a> Source<'a> {
+    fn new(run: &'a Run) -> Self {
+        Self { run, next_block: 0, bytes: Vec::new(), records: Vec::new(), at: 0 }
+    }
+
+    /// Reads blocks until one has a record at `at`, or there are none.
+    fn fill(&mut self) -> StorageResult<()> {
+        while self.records.len() <= self.at && self.next_block < self.run.footer.fences.len() {
+            self.run.read_block(self.next_block, &mut self.bytes)?;
+            self.records = parse_block(&self.bytes)?;
+            self.next_block += 1;
+            self.at = 0;
+        }
+        Ok(())
+    }
+
+    fn head(&self) -> Option<(&[u8], &[u8])> {
+        let (key, value) = self.records.get(self.at)?;
+        Some((&self.bytes[key.clone()], &self.bytes[value.clone()]))
+    }
+}
+
+/// Writes the records of `inputs` (oldest first) as one run; a key in
+/// more than one keeps the newest input's record.
+fn merge_runs(inner: &Inner, inputs: &[Arc<Run>]) -> StorageResult<Run> {
+    let mut writer = RunWriter::start(inner)?;
+    let mut sources: Vec<_> = inputs.iter().map(|run| Source::new(run)).collect();
+    loop {
+        for source in &mut sources {
+            source.fill()?;
+        }
+        // The smallest key; of equal ones the newest input's.
+        let next = sources
+            .iter()
+            .enumerate()
+            .filter_map(|(at, source)| source.head().map(|(key, _)| (at, key)))
+            .min_by(|(a, a_key), (b, b_key)| a_key.cmp(b_key).then(b.cmp(a)))
+            .map(|(at, _)| at);
+        let Some(next) = next else { break };
+        let Some((key, value)) = sources[next].head() else { break };
+        writer.push(key, value)?;
+        let same: Vec<bool> =
+            sources.iter().map(|source| source.head().is_some_and(|(other, _)| other == key)).collect();
+        for (source, same) in sources.iter_mut().zip(same) {
+            if same {
+                source.at += 1;
+            }
+        }
+    }
+    let upto = inputs.iter().map(|run| run.meta.upto).max().unwrap_or(0);
+    writer.finish(upto, inputs.iter().map(|run| run.id).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database and its index in `dir`.
+    fn open(dir: &tempfile::TempDir, memtable_records: usize) -> (sled::Db, SeenIndex) {
+        let db = sled::open(dir.path().join("db")).expect("open");
+        (db.clone(), reopen(dir, &db, memtable_records))
+    }
+
+    fn reopen(dir: &tempfile::TempDir, db: &sled::Db, memtable_records: usize) -> SeenIndex {
+        let flushed = db.clone();
+        let flush: Flush = Arc::new(move || flushed.flush().map(drop).map_err(StorageError::from));
+        SeenIndex::open_with(db, &dir.path().join("seen"), flush, memtable_records).expect("open the index")
+    }
+
+    fn key(n: u64) -> Vec<u8> {
+        format!("t/event/e-{n:06}").into_bytes()
+    }
+
+    fn value(n: u64) -> Vec<u8> {
+        format!("answer {n}").into_bytes()
+    }
+
+    /// Indexes records `from..to`, ten per batch, batches numbered by
+    /// their first record / 10.
+    fn index(seen: &SeenIndex, from: u64, to: u64) {
+        let mut n = from;
+        while n < to {
+            let batch: Vec<_> = (n..(n + 10).min(to)).map(|n| (key(n), value(n))).collect();
+            seen.insert(n / 10, batch.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
+            n += 10;
+        }
+    }
+
+    fn assert_holds(seen: &SeenIndex, range: std::ops::Range<u64>) {
+        for n in range {
+            assert_eq!(seen.get(key(n)).expect("get"), Some(value(n)), "record {n}");
+        }
+    }
+
+    #[test]
+    fn records_are_found_in_the_memtable_in_runs_and_after_a_reopen() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (db, seen) = open(&dir, 100);
+        assert_eq!(seen.covered(), None);
+        index(&seen, 0, 1_000);
+        seen.persist().expect("persist");
+        assert_holds(&seen, 0..1_000);
+        // Ten runs of a hundred were cut; four of a size merge into one:
+        // two of 400 and two of 100 are left.
+        seen.wait_idle().expect("idle");
+        let stats = seen.stats();
+        assert_eq!(stats, SeenStats { runs: 4, run_records: 1_000, memory_records: 0 });
+        assert_eq!(seen.covered(), Some(99));
+        // Unknown ids, before, between and after the stored ones.
+        for missing in [b"t/event/a".as_slice(), b"t/event/e-000000x", b"t/event/e-001000", b"u"] {
+            assert_eq!(seen.get(missing).expect("get"), None);
+        }
+        index(&seen, 1_000, 1_050);
+        seen.wait_idle().expect("idle");
+        drop(seen);
+        // Records only in the memtable are gone with it (recovery indexes
+        // them again from the journal); runs stay.
+        let seen = reopen(&dir, &db, 100);
+        assert_holds(&seen, 0..1_000);
+        assert_eq!(seen.get(key(1_000)).expect("get"), None);
+        assert_eq!(seen.covered(), Some(99));
+        let stats = seen.stats();
+        assert_eq!(stats.run_records, 1_000, "{stats:?}");
+    }
+
+    #[test]
+    fn merging_keeps_every_record_once_and_the_newest_value() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (_db, seen) = open(&dir, 1_000_000);
+        // Four runs of overlapping ranges; the overlap's later records win.
+        for (run, (from, to)) in [(0, 300), (200, 500), (400, 700), (650, 1_000)].into_iter().enumerate() {
+            let records: Vec<_> = (from..to).map(|n| (key(n), format!("run {run}").into_bytes())).collect();
+            seen.insert(run as u64, records.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
+            seen.persist().expect("persist");
+        }
+        seen.wait_idle().expect("idle");
+        assert_eq!(seen.stats().runs, 1);
+        assert_eq!(seen.stats().run_records, 1_000);
+        for n in 0..1_000 {
+            let run = [(0, 300), (200, 500), (400, 700), (650, 1_000)]
+                .iter()
+                .rposition(|(from, to)| (*from..*to).contains(&n))
+                .expect("in a run");
+            assert_eq!(seen.get(key(n)).expect("get"), Some(format!("run {run}").into_bytes()), "record {n}");
+        }
+        assert_eq!(seen.covered(), Some(3));
+        // The inputs' files and descriptions are gone.
+        let merged = seen.inner.runs.read()[0].id;
+        assert_eq!(
+            seen.inner.tree.iter().keys().map(|key| key.expect("key").to_vec()).collect::<Vec<_>>(),
+            vec![meta_key(merged).to_vec()]
+        );
+        assert_eq!(run_files(&seen.inner.dir), vec![merged]);
+    }
+
+    fn run_files(dir: &Path) -> Vec<u64> {
+        let mut ids: Vec<u64> = std::fs::read_dir(dir)
+            .expect("list")
+            .map(|entry| entry.expect("entry").file_name().into_string().expect("utf-8"))
+            .filter_map(|name| u64::from_str_radix(name.strip_suffix(".run")?, 16).ok())
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    #[test]
+    fn start_up_deletes_what_a_crash_left_half_done() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (db, seen) = open(&dir, 1_000_000);
+        index(&seen, 0, 100);
+        seen.persist().expect("persist");
+        let input = seen.inner.runs.read()[0].id;
+        // A merge that stored its run but had not deleted its input yet,
+        // and a run file whose description a crash lost.
+        let mut merged = RunWriter::start(&seen.inner).expect("start");
+        for n in 0..100 {
+            merged.push(&key(n), &value(n)).expect("push");
+        }
+        let merged = merged.finish(9, vec![input]).expect("finish").id;
+        let mut lost = RunWriter::start(&seen.inner).expect("start");
+        for n in 500..700 {
+            lost.push(&key(n), &value(n)).expect("push");
+        }
+        let lost = lost.finish(10, vec![]).expect("finish").id;
+        seen.inner.tree.remove(meta_key(lost)).expect("lose the description");
+        let runs_dir = seen.inner.dir.clone();
+        assert_eq!(run_files(&runs_dir), vec![input, merged, lost]);
+        seen.wait_idle().expect("idle");
+        drop(seen);
+        let seen = reopen(&dir, &db, 1_000_000);
+        assert_eq!(seen.stats().runs, 1);
+        assert_eq!(seen.inner.runs.read()[0].id, merged);
+        assert_eq!(run_files(&runs_dir), vec![merged]);
+        assert_holds(&seen, 0..100);
+        assert_eq!(seen.get(key(500)).expect("get"), None);
+        assert_eq!(seen.covered(), Some(9));
+        // New runs take ids after every one seen.
+        index(&seen, 100, 110);
+        seen.persist().expect("persist");
+        assert_eq!(seen.inner.runs.read()[0].id, lost + 1);
+    }
+
+    #[test]
+    fn blocks_are_laid_out_as_bincode_lays_out_their_records() {
+        let records = [(b"a".as_slice(), b"1".as_slice()), (b"bc", b""), (b"", b"xyz")];
+        let mut block = BlockBuilder::new();
+        for (key, value) in records {
+            block.push(key, value);
+        }
+        let bytes = block.finish().to_vec();
+        let as_bincode: Vec<(&serde_bytes::Bytes, &serde_bytes::Bytes)> =
+            records.iter().map(|(key, value)| (serde_bytes::Bytes::new(key), serde_bytes::Bytes::new(value))).collect();
+        assert_eq!(bytes, encode(&as_bincode));
+        let parsed = parse_block(&bytes).expect("parse");
+        let parsed: Vec<_> = parsed.into_iter().map(|(key, value)| (&bytes[key], &bytes[value])).collect();
+        assert_eq!(parsed, records);
+        for cut in 0..bytes.len() {
+            assert!(parse_block(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut newer = bytes.clone();
+        newer[0] = FORMAT_VERSION + 1;
+        assert!(parse_block(&newer).expect_err("newer").to_string().contains("upgrade the node"));
+    }
+
+    #[test]
+    fn the_former_seen_tree_is_still_read() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = sled::open(dir.path().join("db")).expect("open");
+        db.open_tree("seen").expect("tree").insert(key(1), value(1)).expect("insert");
+        let seen = reopen(&dir, &db, 100);
+        assert_eq!(seen.get(key(1)).expect("get"), Some(value(1)));
+        assert_eq!(seen.get(key(2)).expect("get"), None);
+    }
+}
