@@ -630,6 +630,11 @@ pub(crate) async fn readyz(State(s): State<AppState>) -> Response {
 
 #[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Prometheus text format (docs/metrics.md)", content_type = "text/plain", body = String)))]
 pub(crate) async fn metrics(State(s): State<AppState>) -> Response {
+    let seen = s.service.store.seen.stats();
+    let metrics = &s.service.metrics;
+    metrics.seen_runs.set(i64::try_from(seen.runs).unwrap_or(i64::MAX));
+    metrics.seen_records.with_label_values(&["runs"]).set(i64::try_from(seen.run_records).unwrap_or(i64::MAX));
+    metrics.seen_records.with_label_values(&["memory"]).set(i64::try_from(seen.memory_records).unwrap_or(i64::MAX));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.service.metrics.render()).into_response()
 }
 

@@ -40,6 +40,10 @@ pub struct Metrics {
     pub passivations: IntCounterVec,
     /// Cross-entity messages journaled but not yet acknowledged.
     pub outbox_backlog: IntGauge,
+    /// The idempotency index: its runs, and its records by where they are
+    /// (`place="runs"`: in run files; `"memory"`: not yet written as a run).
+    pub seen_runs: IntGauge,
+    pub seen_records: IntGaugeVec,
     /// Share of customers active in a window who played a game, progressed
     /// in a mission, won a reward, or any of these; refreshed on a schedule.
     pub engagement_ratio: GaugeVec,
@@ -139,6 +143,11 @@ impl Metrics {
                 "bazaar_outbox_backlog",
                 "Cross-entity messages journaled and not yet acknowledged",
             )?,
+            seen_runs: IntGauge::new("bazaar_seen_runs", "Run files of the idempotency index")?,
+            seen_records: IntGaugeVec::new(
+                Opts::new("bazaar_seen_records", "Records of the idempotency index, in run files or not yet"),
+                &["place"],
+            )?,
             journal_flush_seconds: Histogram::with_opts(
                 HistogramOpts::new("bazaar_journal_flush_seconds", "Duration of one journal group commit")
                     .buckets(latency_buckets),
@@ -169,6 +178,8 @@ impl Metrics {
         r.register(Box::new(self.activations.clone()))?;
         r.register(Box::new(self.passivations.clone()))?;
         r.register(Box::new(self.outbox_backlog.clone()))?;
+        r.register(Box::new(self.seen_runs.clone()))?;
+        r.register(Box::new(self.seen_records.clone()))?;
         r.register(Box::new(self.engagement_ratio.clone()))?;
         r.register(Box::new(self.engagement_customers.clone()))?;
         r.register(Box::new(self.engagement_refreshes.clone()))?;

@@ -61,6 +61,14 @@ fn promtool_accepts_the_scrape_and_engagement_follows_customers() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert_eq!(spins, 1.0, "one spin, counted by prize kind");
+    // Every event and spin left an idempotency record, in memory or in a
+    // run file (a checkpoint may have written them).
+    let seen: f64 = scrape
+        .lines()
+        .filter(|l| l.starts_with("bazaar_seen_records{place="))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(4.0 <= seen, "idempotency records: {seen}");
     for family in [
         "bazaar_events_ingested_total",
         "bazaar_http_request_duration_seconds",
@@ -71,6 +79,8 @@ fn promtool_accepts_the_scrape_and_engagement_follows_customers() {
         "bazaar_active_actors",
         "bazaar_actor_activations_total",
         "bazaar_outbox_backlog",
+        "bazaar_seen_runs",
+        "bazaar_seen_records",
         "bazaar_journal_flush_seconds",
         "bazaar_journal_batch_entries",
         "bazaar_engagement_refreshes_total",
