@@ -115,8 +115,8 @@ pub fn recover(store: &Store, metrics: &Metrics) -> StorageResult<(RecoveryRepor
     } else if !batches.is_empty() {
         store.seen.persist()?;
         store.meta.insert(CHECKPOINT_KEY, &report.next_seq.to_be_bytes())?;
-        for (seq, _) in &batches {
-            store.journal.remove(seq.to_be_bytes())?;
+        for key in store.journal.range(..report.next_seq.to_be_bytes()).keys() {
+            store.journal.remove(key?)?;
         }
         store.flush()?;
     }
