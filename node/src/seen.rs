@@ -36,8 +36,11 @@
 //! Since sled keeps a prefix of its writes, a checkpoint (written after the
 //! runs it relies on) is never durable without them.
 //!
-//! A node that ran with the former `seen` tree keeps reading it (records
-//! written there stay valid) until it is empty.
+//! A node that ran with the former `seen` tree keeps reading it for the
+//! records written there (nothing moves them; it is read only while it
+//! holds any). A node older than this index does not know the runs: going
+//! back to one after an upgrade loses the idempotency of what the newer
+//! node applied.
 
 use crate::storage::{decode, encode, StorageError, StorageResult, FORMAT_VERSION};
 use crate::FastMap;
@@ -85,7 +88,7 @@ fn hash(key: &[u8]) -> u64 {
 #[derive(Serialize, Deserialize)]
 struct RunMeta {
     /// Every journal batch up to this one has its records in this run or
-    /// an older one.
+    /// another (the newest run's is the index's coverage).
     upto: u64,
     records: u64,
     /// Runs this one was merged from: gone once it is stored.
@@ -250,6 +253,16 @@ struct RunWriter<'a> {
     fences: Vec<(ByteBuf, u64)>,
     hashes: Vec<u64>,
     records: u64,
+    finished: bool,
+}
+
+impl Drop for RunWriter<'_> {
+    /// A run that failed half-way leaves no file (start-up would delete it).
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 impl<'a> RunWriter<'a> {
@@ -267,6 +280,7 @@ impl<'a> RunWriter<'a> {
             fences: Vec::new(),
             hashes: Vec::new(),
             records: 0,
+            finished: false,
         })
     }
 
@@ -319,6 +333,7 @@ impl<'a> RunWriter<'a> {
         crate::storage::sync_dir(&self.inner.dir)?;
         let meta = RunMeta { upto, records: self.records, replaces };
         self.inner.tree.insert(meta_key(self.id), encode(&meta))?;
+        self.finished = true;
         Run::open(&self.inner.dir, self.id, meta)
     }
 }
@@ -343,6 +358,8 @@ struct Memtable {
 struct Frozen {
     records: FastMap<Box<[u8]>, Box<[u8]>>,
     upto: u64,
+    /// How many memtables were frozen before it, and it.
+    generation: u64,
 }
 
 /// What the compactor is asked to do and has done, shared with its
@@ -363,7 +380,9 @@ struct Progress {
     busy: bool,
     /// The index is gone: the compactor ends.
     closed: bool,
-    /// Why the compactor stopped, if it did.
+    /// Frozen memtables written as runs so far (they go in order).
+    written: u64,
+    /// Why the compactor's last attempt failed, until one succeeds.
     failed: Option<String>,
 }
 
@@ -383,6 +402,8 @@ struct Inner {
     /// Newest first.
     runs: RwLock<Vec<Arc<Run>>>,
     next_id: AtomicU64,
+    /// Memtables frozen so far.
+    freezes: AtomicU64,
     signal: Arc<Signal>,
 }
 
@@ -423,6 +444,9 @@ impl SeenIndex {
     pub fn open_with(db: &sled::Db, dir: &Path, flush: Flush, memtable_records: usize) -> StorageResult<Self> {
         let io = |e: std::io::Error| StorageError::Sync(dir.display().to_string(), e);
         std::fs::create_dir_all(dir).map_err(io)?;
+        if let Some(parent) = dir.parent() {
+            crate::storage::sync_dir(parent)?;
+        }
         let tree = db.open_tree("seen_runs")?;
         let mut metas = std::collections::BTreeMap::new();
         for item in tree.iter() {
@@ -466,6 +490,7 @@ impl SeenIndex {
             frozen: RwLock::default(),
             runs: RwLock::new(runs),
             next_id: AtomicU64::new(next_id),
+            freezes: AtomicU64::new(0),
             signal: signal.clone(),
         });
         let weak = Arc::downgrade(&inner);
@@ -518,14 +543,18 @@ impl SeenIndex {
         }
     }
 
-    fn freeze(&self, memtable: &mut Memtable) {
+    /// Freezes the memtable if it holds records; returns how many have
+    /// been frozen so far.
+    fn freeze(&self, memtable: &mut Memtable) -> u64 {
         let (Some(upto), false) = (memtable.upto, memtable.records.is_empty()) else {
-            return;
+            return self.inner.freezes.load(Ordering::SeqCst);
         };
         let records = std::mem::take(&mut memtable.records);
+        let generation = self.inner.freezes.fetch_add(1, Ordering::SeqCst) + 1;
         // Published before the memtable lets go of them.
-        self.inner.frozen.write().push_back(Arc::new(Frozen { records, upto }));
+        self.inner.frozen.write().push_back(Arc::new(Frozen { records, upto, generation }));
         self.wake();
+        generation
     }
 
     fn wake(&self) {
@@ -537,17 +566,17 @@ impl SeenIndex {
     /// are written (durable with the next flush): before a checkpoint drops
     /// the journal batches that hold them.
     pub fn persist(&self) -> StorageResult<()> {
-        self.freeze(&mut self.inner.memtable.write());
+        // Only what was frozen by now: under load, memtables frozen later
+        // would keep it waiting.
+        let frozen = self.freeze(&mut self.inner.memtable.write());
         let mut progress = self.inner.signal.state.lock();
-        loop {
+        while progress.written < frozen {
             if let Some(error) = &progress.failed {
-                return Err(StorageError::Unavailable(format!("the seen index's compactor stopped: {error}")));
-            }
-            if self.inner.frozen.read().is_empty() {
-                return Ok(());
+                return Err(StorageError::Unavailable(format!("the seen index's compactor failed: {error}")));
             }
             self.inner.signal.progress.wait(&mut progress);
         }
+        Ok(())
     }
 
     /// Waits until the compactor has nothing left to do (tests).
@@ -580,8 +609,10 @@ impl SeenIndex {
 }
 
 /// The compactor: writes frozen memtables as runs, oldest first, and
-/// merges runs between them, until the index is dropped or a write fails
-/// (then checkpoints fail, and the journal keeps what they would drop).
+/// merges runs between them, until the index is dropped. A failed attempt
+/// (a full disk) is retried after a pause that doubles up to a minute;
+/// until one succeeds, checkpoints fail (the journal keeps what they would
+/// drop) and frozen memtables stay in memory.
 fn compact(inner: &Weak<Inner>, signal: &Signal) {
     /// Reports a panic as a failure, so that no caller waits for ever.
     struct Failed<'a>(&'a Signal);
@@ -596,6 +627,7 @@ fn compact(inner: &Weak<Inner>, signal: &Signal) {
         }
     }
     let _failed = Failed(signal);
+    let mut pause = RETRY_PAUSE;
     loop {
         {
             let mut progress = signal.state.lock();
@@ -608,26 +640,50 @@ fn compact(inner: &Weak<Inner>, signal: &Signal) {
             progress.requested = false;
             progress.busy = true;
         }
-        let result = match inner.upgrade() {
-            Some(inner) => (|| {
-                write_frozen(&inner)?;
-                while merge_once(&inner)? {
+        // The index is held only here, and let go before the lock is
+        // taken: its last holder's drop takes the lock too.
+        let (result, frozen) = match inner.upgrade() {
+            Some(inner) => {
+                let result = (|| {
                     write_frozen(&inner)?;
-                }
-                Ok::<_, StorageError>(())
-            })(),
+                    while merge_once(&inner)? {
+                        write_frozen(&inner)?;
+                    }
+                    Ok::<_, StorageError>(())
+                })();
+                let frozen = inner.frozen.read().len();
+                (result, frozen)
+            }
             None => return,
         };
         let mut progress = signal.state.lock();
         progress.busy = false;
-        signal.progress.notify_all();
-        if let Err(error) = result {
-            tracing::error!(%error, "the seen index's compactor stopped; checkpoints fail until a restart");
-            progress.failed = Some(error.to_string());
-            return;
+        match result {
+            Ok(()) => {
+                progress.failed = None;
+                pause = RETRY_PAUSE;
+                signal.progress.notify_all();
+            }
+            Err(error) => {
+                tracing::error!(
+                    %error,
+                    frozen_memtables = frozen,
+                    retry_in_s = pause.as_secs(),
+                    "the seen index's compactor failed; checkpoints fail until it succeeds"
+                );
+                progress.failed = Some(error.to_string());
+                signal.progress.notify_all();
+                let _ = signal.work.wait_for(&mut progress, pause);
+                pause = (pause * 2).min(MAX_RETRY_PAUSE);
+                progress.requested = true;
+            }
         }
     }
 }
+
+/// The compactor's first pause after a failure, and its longest.
+const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+const MAX_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn write_frozen(inner: &Inner) -> StorageResult<()> {
     loop {
@@ -642,7 +698,7 @@ fn write_frozen(inner: &Inner) -> StorageResult<()> {
         // Published before the frozen memtable goes (see `SeenIndex::get`).
         inner.runs.write().insert(0, Arc::new(run));
         inner.frozen.write().pop_front();
-        let _progress = inner.signal.state.lock();
+        inner.signal.state.lock().written = frozen.generation;
         inner.signal.progress.notify_all();
     }
 }
@@ -729,6 +785,11 @@ fn merge_runs(inner: &Inner, inputs: &[Arc<Run>]) -> StorageResult<Run> {
         let Some(next) = next else { break };
         let Some((key, value)) = sources[next].head() else { break };
         writer.push(key, value)?;
+        // A large merge takes seconds: memtables frozen meanwhile (which a
+        // checkpoint may wait for) are written first.
+        if writer.records % 4096 == 0 && !inner.frozen.read().is_empty() {
+            write_frozen(inner)?;
+        }
         let same: Vec<bool> =
             sources.iter().map(|source| source.head().is_some_and(|(other, _)| other == key)).collect();
         for (source, same) in sources.iter_mut().zip(same) {
@@ -888,6 +949,29 @@ mod tests {
         index(&seen, 100, 110);
         seen.persist().expect("persist");
         assert_eq!(seen.inner.runs.read()[0].id, lost + 1);
+    }
+
+    #[test]
+    fn a_failed_run_is_retried_and_leaves_no_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (_db, seen) = open(&dir, 1_000_000);
+        let runs = dir.path().join("seen");
+        std::fs::remove_dir_all(&runs).expect("remove");
+        std::fs::write(&runs, b"not a directory").expect("block the run files");
+        index(&seen, 0, 10);
+        let error = seen.persist().expect_err("no run can be written");
+        assert!(error.to_string().contains("compactor failed"), "{error}");
+        assert_holds(&seen, 0..10);
+        std::fs::remove_file(&runs).expect("unblock");
+        std::fs::create_dir(&runs).expect("unblock");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while let Err(error) = seen.persist() {
+            assert!(std::time::Instant::now() < deadline, "never retried: {error}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        assert_eq!(seen.stats(), SeenStats { runs: 1, run_records: 10, memory_records: 0 });
+        assert_eq!(run_files(&runs).len(), 1);
+        assert_holds(&seen, 0..10);
     }
 
     #[test]
