@@ -844,13 +844,15 @@ impl Indexer {
 pub type Batch = (u64, Vec<JournalEntry>);
 
 /// A batch is stored in parts of about this many bytes, each one sled
-/// value. A value larger than a quarter of sled's segment (128 KiB) goes to
-/// a blob file of its own, and sled's cache counts a page held in a blob
-/// by the size of its pointer: the batches of a batched load (hundreds of
-/// kilobytes each) were never evicted, and a million-customer run held
-/// about 850 MB more than it needed until checkpoints dropped them. Inline
-/// parts are counted and evicted, and a commit creates and syncs no file.
-pub const PART_BYTES: usize = 64 * 1024;
+/// value. sled writes a log record of more than a quarter segment
+/// (128 KiB) to a blob file of its own, and its cache counts a page held
+/// in a blob by the size of its pointer, so never evicts it: whole batches
+/// of a batched load (hundreds of kilobytes) went there, and a
+/// million-customer run held about 850 MB more than it needed until
+/// checkpoints dropped them. sled also rewrites a whole leaf (up to 17
+/// values) when it consolidates or splits it, so parts this small keep
+/// even the leaves under the blob size.
+pub const PART_BYTES: usize = 7 * 1024;
 
 /// The entries of one batch, cut into parts of about [`PART_BYTES`]
 /// encoded (an entry larger than that is a part of its own).
@@ -878,7 +880,7 @@ fn parts(entries: &[JournalEntry]) -> impl Iterator<Item = &[JournalEntry]> {
 /// big-endian, so that keys sort by batch and a batch's range starts at
 /// its 8-byte sequence number. (Nodes before parts wrote the 8 bytes
 /// alone: read as part 0.)
-fn part_key(seq: u64, part: usize) -> StorageResult<[u8; 10]> {
+pub(crate) fn part_key(seq: u64, part: usize) -> StorageResult<[u8; 10]> {
     let part = u16::try_from(part).map_err(|_| StorageError::Codec("a journal batch has over 65,535 parts".into()))?;
     let mut key = [0; 10];
     key[..8].copy_from_slice(&seq.to_be_bytes());

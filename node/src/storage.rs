@@ -5,7 +5,7 @@
 //!
 //! | tree | key | value |
 //! | --- | --- | --- |
-//! | `journal` | batch sequence number, big-endian `u64`, then part number, big-endian `u16` | the entries of one group commit, in parts of about 64 KiB ([`crate::journal::PART_BYTES`]) |
+//! | `journal` | batch sequence number, big-endian `u64`, then part number, big-endian `u16` | the entries of one group commit, in parts of about 7 KiB ([`crate::journal::PART_BYTES`]) |
 //! | `snapshots` | entity key `tenant/kind/id` | the entity's state and the entity sequence it covers |
 //! | `seen_runs` | run id, big-endian `u64` | the description of one run of the idempotency index, whose records (`tenant/scope/id` → fingerprint and first answer of an idempotent request) are in the file `seen/<id>.run` ([`crate::seen`]) |
 //! | `outbox` | `tenant/message id` | a cross-entity message not yet acknowledged |
