@@ -4,7 +4,7 @@
 //!
 //! - the disk's fsync rate (4 KiB write + fdatasync, back to back);
 //! - sled group commit for the journal's write pattern: `group` entries of
-//!   ~300 bytes per flush, in values of at most 64 KiB as the journal
+//!   ~300 bytes per flush, in values of at most 7 KiB as the journal
 //!   writes them,
 //!   flushed as the node flushes ([`crate::storage::Store::flush`]);
 //! - the transport ceilings, on loopback, each against a server in this
