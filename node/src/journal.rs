@@ -915,16 +915,15 @@ impl JournalEntry {
 /// Reads the checkpoint and every batch from it on, in order.
 pub fn read_tail(store: &Store) -> StorageResult<(u64, Vec<Batch>)> {
     let checkpoint = read_checkpoint(store)?;
-    let mut values = Vec::new();
-    for item in store.journal.range(checkpoint.to_be_bytes()..) {
-        let (key, value) = item?;
-        values.push((batch_of(&key)?, value));
-    }
-    // Parts decoded apart, then joined into their batches in order.
+    let Some((last, _)) = store.journal.last()? else {
+        return Ok((checkpoint, Vec::new()));
+    };
+    let last = batch_of(&last)?;
+    // Parts read and decoded apart, then joined into their batches.
     let mut batches: Vec<Batch> = Vec::new();
-    for (seq, entries) in decode_batches(&values)? {
+    for (seq, entries) in read_parts(store, checkpoint, last)? {
         match batches.last_mut() {
-            Some((last, joined)) if *last == seq => joined.extend(entries),
+            Some((previous, joined)) if *previous == seq => joined.extend(entries),
             _ => batches.push((seq, entries)),
         }
     }
@@ -941,27 +940,36 @@ fn read_checkpoint(store: &Store) -> StorageResult<u64> {
     })
 }
 
-/// Decodes journal values on every core: a tail of two million entries
-/// is most of a restart's work.
-fn decode_batches(values: &[(u64, sled::IVec)]) -> StorageResult<Vec<Batch>> {
-    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-    let chunk = values.len().div_ceil(threads).max(1);
+/// Reads and decodes the parts of batches `from..=last` on every core,
+/// each thread its share of the batches: a tail of millions of entries
+/// (hundreds of thousands of parts) is most of a restart's work.
+fn read_parts(store: &Store, from: u64, last: u64) -> StorageResult<Vec<(u64, Vec<JournalEntry>)>> {
+    if last < from {
+        return Ok(Vec::new());
+    }
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get) as u64;
+    let share = (last - from + 1).div_ceil(threads).max(1);
     std::thread::scope(|scope| {
-        let parts: Vec<_> = values
-            .chunks(chunk)
-            .map(|part| {
+        let readers: Vec<_> = (0..threads)
+            .map(|n| from.saturating_add(n.saturating_mul(share)))
+            .take_while(|start| *start <= last)
+            .map(|start| {
+                let end = start.saturating_add(share);
                 scope.spawn(move || {
-                    part.iter()
-                        .map(|(seq, value)| Ok((*seq, decode::<Vec<JournalEntry>>(value)?)))
-                        .collect::<StorageResult<Vec<Batch>>>()
+                    let mut parts = Vec::new();
+                    for item in store.journal.range(start.to_be_bytes()..end.to_be_bytes()) {
+                        let (key, value) = item?;
+                        parts.push((batch_of(&key)?, decode::<Vec<JournalEntry>>(&value)?));
+                    }
+                    Ok::<_, StorageError>(parts)
                 })
             })
             .collect();
-        let mut batches = Vec::with_capacity(values.len());
-        for part in parts {
-            batches.extend(part.join().map_err(|_| StorageError::Codec("a journal decoding thread panicked".into()))??);
+        let mut parts = Vec::new();
+        for reader in readers {
+            parts.extend(reader.join().map_err(|_| StorageError::Codec("a journal reading thread panicked".into()))??);
         }
-        Ok(batches)
+        Ok(parts)
     })
 }
 
