@@ -784,11 +784,11 @@ impl Indexer {
         Ok(store.outbox.remove(key)?.is_some())
     }
 
-    /// After `entries`' batch (number `batch`) is written (the writer: while
-    /// it is flushed): the idempotency records and the audit; this commit's messages that
-    /// their receivers have not applied yet are carried to the next commits,
-    /// except draws, which are indexed at once. Returns how many messages
-    /// it added to the outbox.
+    /// After `entries`' batch (number `batch`) is written (the writer:
+    /// while it is flushed): the idempotency records and the audit; this
+    /// commit's messages that their receivers have not applied yet are
+    /// carried to the next commits, except draws, which are indexed at
+    /// once. Returns how many messages it added to the outbox.
     pub fn index_derived(&mut self, store: &Store, batch: u64, entries: &[JournalEntry]) -> StorageResult<i64> {
         let applied = applied(entries);
         let mut unneeded = std::mem::take(&mut self.unneeded);
@@ -847,11 +847,12 @@ pub type Batch = (u64, Vec<JournalEntry>);
 /// value. sled writes a log record of more than a quarter segment
 /// (128 KiB) to a blob file of its own, and its cache counts a page held
 /// in a blob by the size of its pointer, so never evicts it: whole batches
-/// of a batched load (hundreds of kilobytes) went there, and a
-/// million-customer run held about 850 MB more than it needed until
-/// checkpoints dropped them. sled also rewrites a whole leaf (up to 17
-/// values) when it consolidates or splits it, so parts this small keep
-/// even the leaves under the blob size.
+/// of a batched load (hundreds of kilobytes) went there. sled also
+/// rewrites a whole leaf (up to 17 values) when it consolidates or splits
+/// it, so parts this small keep even the leaves under the blob size. A
+/// million customers and two million batched events without a checkpoint
+/// took 4.46 GB with whole batches, 3.92 GB with 64 KiB parts and 2.72 GB
+/// with these.
 pub const PART_BYTES: usize = 7 * 1024;
 
 /// The entries of one batch, cut into parts of about [`PART_BYTES`]
