@@ -78,6 +78,11 @@ fn run_file(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("{id:016x}.run"))
 }
 
+/// The run id a file name of [`run_file`]'s gives (none for other names).
+fn run_of(name: &std::ffi::OsStr) -> Option<u64> {
+    u64::from_str_radix(name.to_str()?.strip_suffix(".run")?, 16).ok()
+}
+
 fn hash(key: &[u8]) -> u64 {
     // A hash with a fixed definition: the filters are stored.
     xxhash_rust::xxh3::xxh3_64(key)
@@ -465,9 +470,7 @@ impl SeenIndex {
         // A run file without a description was cut short by a crash.
         let mut next_id = replaced.iter().chain(metas.keys()).map(|id| id + 1).max().unwrap_or(0);
         for entry in std::fs::read_dir(dir).map_err(io)? {
-            let name = entry.map_err(io)?.file_name();
-            let id = name.to_str().and_then(|name| name.strip_suffix(".run"));
-            let Some(id) = id.and_then(|id| u64::from_str_radix(id, 16).ok()) else { continue };
+            let Some(id) = run_of(&entry.map_err(io)?.file_name()) else { continue };
             next_id = next_id.max(id + 1);
             if !metas.contains_key(&id) {
                 delete_run(&tree, dir, id)?;
@@ -907,8 +910,7 @@ mod tests {
     fn run_files(dir: &Path) -> Vec<u64> {
         let mut ids: Vec<u64> = std::fs::read_dir(dir)
             .expect("list")
-            .map(|entry| entry.expect("entry").file_name().into_string().expect("utf-8"))
-            .filter_map(|name| u64::from_str_radix(name.strip_suffix(".run")?, 16).ok())
+            .filter_map(|entry| run_of(&entry.expect("entry").file_name()))
             .collect();
         ids.sort_unstable();
         ids
