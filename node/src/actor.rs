@@ -28,7 +28,6 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use std::collections::VecDeque;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -182,13 +181,6 @@ struct SeenValue {
     answer: Vec<u8>,
 }
 
-/// An answer given and journaled but maybe not yet in the `seen` index.
-struct Inflight {
-    fingerprint: u64,
-    answer: Vec<u8>,
-    ticket: Ticket,
-}
-
 pub struct EntityActor<E: Entity> {
     key: EntityKey,
     /// `tenant/kind/id`, the key of its snapshot and its journal entries.
@@ -197,17 +189,11 @@ pub struct EntityActor<E: Entity> {
     /// Entries applied since the entity was created.
     entity_seq: u64,
     entries_since_snapshot: u32,
-    /// Answers whose idempotency record the writer has not indexed yet,
-    /// oldest first.
-    inflight: FastMap<Vec<u8>, Inflight>,
-    inflight_order: VecDeque<(Ticket, Vec<u8>)>,
     node: Arc<NodeShared>,
     registry: Weak<Registry<E>>,
     /// The entity's own CSPRNG, seeded from the OS when first needed.
     rng: Option<Box<ChaCha20Rng>>,
     last_active: Instant,
-    /// Whether a timer to forget indexed answers is set.
-    forgetting: bool,
     passivating: bool,
     /// Set when a journal submission failed: the state holds a change the
     /// journal does not, so nothing more may be applied to it.
@@ -221,10 +207,6 @@ impl<E: Entity> Actor for EntityActor<E> {
         self.watch_idle(ctx, self.node.idle_timeout);
     }
 }
-
-/// How long after keeping an answer for retries an actor looks whether
-/// the `seen` index holds it yet (and forgets it then).
-const FORGET_AFTER: Duration = Duration::from_secs(1);
 
 impl<E: Entity> EntityActor<E> {
     fn seen_key(&self, dedupe: &Dedupe) -> Vec<u8> {
@@ -251,49 +233,12 @@ impl<E: Entity> EntityActor<E> {
         });
     }
 
-    /// Releases, a little later, the answers the `seen` index holds by then:
-    /// an actor that got one event and no more would otherwise keep its
-    /// answer, and the map, until it is passivated.
-    fn forget_later(&mut self, ctx: &mut Context<Self>) {
-        if self.forgetting {
-            return;
-        }
-        self.forgetting = true;
-        ctx.run_later(FORGET_AFTER, |actor, ctx| {
-            actor.forgetting = false;
-            actor.forget_indexed();
-            if !actor.inflight.is_empty() {
-                actor.forget_later(ctx);
-            }
-        });
-    }
-
-    /// Drops in-flight answers whose records the writer has indexed.
-    fn forget_indexed(&mut self) {
-        let durable = self.node.journal.durable_ticket();
-        while let Some((ticket, _)) = self.inflight_order.front() {
-            if durable < *ticket {
-                break;
-            }
-            if let Some((_, seen_key)) = self.inflight_order.pop_front() {
-                self.inflight.remove(&seen_key);
-            }
-        }
-        if self.inflight.is_empty() && 0 < self.inflight.capacity() {
-            self.inflight = FastMap::default();
-            self.inflight_order = VecDeque::new();
-        }
-    }
-
     fn duplicate(&self, dedupe: &Dedupe, seen_key: &[u8]) -> ServiceResult<Option<Reply<E::Answer>>> {
-        let (fingerprint, answer, ticket) = if let Some(inflight) = self.inflight.get(seen_key) {
-            (inflight.fingerprint, inflight.answer.clone(), Some(inflight.ticket))
-        } else if let Some(bytes) = self.node.store.seen.get(seen_key)? {
-            let seen: SeenValue = decode(&bytes)?;
-            (seen.fingerprint, seen.answer, None)
-        } else {
+        // A pending record comes with the ticket its answer waits for.
+        let Some((bytes, ticket)) = self.node.store.seen.lookup(seen_key)? else {
             return Ok(None);
         };
+        let SeenValue { fingerprint, answer } = decode(&bytes)?;
         if fingerprint != dedupe.fingerprint {
             return Err(ServiceError {
                 code: Code::IdempotencyConflict,
@@ -352,7 +297,6 @@ impl<E: Entity> Handler<Request<E>> for EntityActor<E> {
             return Err(ServiceError::internal("a request reached its entity twice"));
         };
         self.last_active = Instant::now();
-        self.forget_indexed();
         self.apply(command, ctx)
     }
 }
@@ -365,7 +309,6 @@ impl<E: Entity> Handler<Requests<E>> for EntityActor<E> {
         // with an error for a missing reply.
         let commands = parcel.lock().take().unwrap_or_default();
         self.last_active = Instant::now();
-        self.forget_indexed();
         commands.into_iter().map(|command| self.apply(command, ctx)).collect()
     }
 }
@@ -390,18 +333,18 @@ impl<E: Entity> EntityActor<E> {
             return Ok(Reply { answer: handled.answer, duplicate: false, ticket: None });
         }
         self.entity_seq += 1;
-        let answer_bytes = encode(&handled.answer);
-        let remembered = match (&dedupe, seen_key) {
-            (Some(dedupe), Some(seen_key)) if handled.remember => Some((dedupe.fingerprint, seen_key)),
+        let seen = match (&dedupe, seen_key) {
+            (Some(dedupe), Some(seen_key)) if handled.remember => {
+                let answer = encode(&handled.answer);
+                Some((seen_key, encode(&SeenValue { fingerprint: dedupe.fingerprint, answer })))
+            }
             _ => None,
         };
         let entry = JournalEntry {
             entity: self.storage_key.clone(),
             entity_seq: self.entity_seq,
             change: handled.op.unwrap_or_else(|| encode(&self.state)),
-            seen: remembered.as_ref().map(|(fingerprint, seen_key)| {
-                (seen_key.clone(), encode(&SeenValue { fingerprint: *fingerprint, answer: answer_bytes.clone() }))
-            }),
+            seen,
             outbox: handled.outbox,
             audit: handled.audit,
         };
@@ -419,11 +362,6 @@ impl<E: Entity> EntityActor<E> {
                 return Err(error.into());
             }
         };
-        if let Some((fingerprint, seen_key)) = remembered {
-            self.inflight_order.push_back((ticket, seen_key.clone()));
-            self.inflight.insert(seen_key, Inflight { fingerprint, answer: answer_bytes, ticket });
-            self.forget_later(ctx);
-        }
         self.entries_since_snapshot += 1;
         if E::snapshot_every(self.node.snapshot_every) <= self.entries_since_snapshot {
             self.snapshot();
@@ -556,13 +494,10 @@ impl<E: Entity> Registry<E> {
             state,
             entity_seq,
             entries_since_snapshot: unwritten,
-            inflight: FastMap::default(),
-            inflight_order: VecDeque::new(),
             node: self.node.clone(),
             registry: self.this.clone(),
             rng: None,
             last_active: Instant::now(),
-            forgetting: false,
             passivating: false,
             stopping: false,
         };

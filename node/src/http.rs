@@ -635,6 +635,7 @@ pub(crate) async fn metrics(State(s): State<AppState>) -> Response {
     metrics.seen_runs.set(i64::try_from(seen.runs).unwrap_or(i64::MAX));
     metrics.seen_records.with_label_values(&["runs"]).set(i64::try_from(seen.run_records).unwrap_or(i64::MAX));
     metrics.seen_records.with_label_values(&["memory"]).set(i64::try_from(seen.memory_records).unwrap_or(i64::MAX));
+    metrics.seen_records.with_label_values(&["pending"]).set(i64::try_from(seen.pending_records).unwrap_or(i64::MAX));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.service.metrics.render()).into_response()
 }
 

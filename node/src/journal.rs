@@ -166,6 +166,12 @@ impl Journal {
     }
 
     fn push(&self, op: Op) -> Result<Ticket, StorageError> {
+        self.push_then(op, |_| ())
+    }
+
+    /// Queues `op`, calling `queued` with its ticket before the writer can
+    /// take it.
+    fn push_then(&self, op: Op, queued: impl FnOnce(Ticket)) -> Result<Ticket, StorageError> {
         let mut queue = self.shared.queue.lock();
         if queue.closed || self.shared.durable.borrow().failed {
             return Err(StorageError::Unavailable(
@@ -176,6 +182,7 @@ impl Journal {
         if matches!(op, Op::Entry(_)) {
             queue.next_ticket += 1;
         }
+        queued(ticket);
         queue.ops.push((ticket, op));
         drop(queue);
         self.shared.wake.notify_one();
@@ -183,8 +190,17 @@ impl Journal {
     }
 
     /// Queues an entry; it is durable once [`Journal::durable`] says so.
+    /// Its idempotency record is pending in the [`crate::seen`] index from
+    /// now until then.
     pub fn submit(&self, entry: JournalEntry) -> StorageResult<Ticket> {
-        self.push(Op::Entry(entry))
+        let held = entry.seen.clone();
+        self.push_then(Op::Entry(entry), |ticket| {
+            if let Some((key, value)) = held {
+                // Before the writer can see the entry, so its release
+                // comes after.
+                self.seen.hold(key, value, ticket);
+            }
+        })
     }
 
     /// Queues a snapshot; the receiver fires once it is written (after every
@@ -572,6 +588,9 @@ impl Writer {
         if let Some(ticket) = last_ticket {
             self.shared.durable.send_modify(|d| d.ticket = ticket);
         }
+        // Durable and indexed (see `index_derived`): a retry finds them in
+        // the index now.
+        self.store.seen.release(entries.iter().filter_map(|entry| entry.seen.as_ref()).map(|(key, _)| key.as_slice()));
         for action in after_flush {
             match action {
                 AfterFlush::Done(Some(done)) => {
@@ -1157,10 +1176,25 @@ mod tests {
         let metrics = Arc::new(Metrics::new().expect("metrics"));
         let (journal, thread) =
             Journal::start(store.clone(), metrics.clone(), 0, Duration::from_secs(60)).expect("start");
-        let tickets: Vec<Ticket> = (0..50).map(|n| journal.submit(entry(n)).expect("open")).collect();
+        let tickets: Vec<Ticket> = (0..50)
+            .map(|n| {
+                let ticket = journal.submit(entry(n)).expect("open");
+                // A retry finds the record from the moment it is submitted:
+                // pending with its ticket, or already durable and indexed.
+                let found = store.seen.lookup(format!("t/event/e-{n}").as_bytes()).expect("read");
+                let (value, pending) = found.expect("the record is pending or indexed");
+                assert_eq!(value, vec![1]);
+                assert!(pending.is_none_or(|pending| pending == ticket), "{pending:?} is not {ticket}");
+                assert!(pending.is_some() || ticket <= journal.durable_ticket());
+                ticket
+            })
+            .collect();
         assert_eq!(tickets, (1..=50).collect::<Vec<_>>());
         journal.durable(50).await.expect("durable");
         assert!(store.seen.get(b"t/event/e-49").expect("read").is_some());
+        // Released once durable (the writer answers a marker after that).
+        journal.marker().await.expect("marker");
+        assert_eq!(store.seen.stats().pending_records, 0);
         // No receiver applied the messages by the last commit with entries
         // they may wait for: they wait in the outbox. (The writer may have
         // split the fifty over two commits; the last one has waited one
