@@ -193,12 +193,12 @@ impl Journal {
     /// Its idempotency record is pending in the [`crate::seen`] index from
     /// now until then.
     pub fn submit(&self, entry: JournalEntry) -> StorageResult<Ticket> {
-        let held = entry.seen.clone();
+        let held = entry.seen.clone().map(|(key, value)| self.seen.prepare(key, value));
         self.push_then(Op::Entry(entry), |ticket| {
-            if let Some((key, value)) = held {
+            if let Some(record) = held {
                 // Before the writer can see the entry, so its release
                 // comes after.
-                self.seen.hold(key, value, ticket);
+                self.seen.hold(record, ticket);
             }
         })
     }
@@ -587,10 +587,11 @@ impl Writer {
         self.metrics.outbox_backlog.add(indexed);
         if let Some(ticket) = last_ticket {
             self.shared.durable.send_modify(|d| d.ticket = ticket);
+            // Durable and indexed (see `index_derived`): a retry finds them
+            // in the index now.
+            let records = entries.iter().filter_map(|entry| entry.seen.as_ref());
+            self.store.seen.release(records.map(|(key, _)| key.as_slice()), ticket);
         }
-        // Durable and indexed (see `index_derived`): a retry finds them in
-        // the index now.
-        self.store.seen.release(entries.iter().filter_map(|entry| entry.seen.as_ref()).map(|(key, _)| key.as_slice()));
         for action in after_flush {
             match action {
                 AfterFlush::Done(Some(done)) => {

@@ -88,6 +88,13 @@ struct Pending {
     ticket: u64,
 }
 
+/// A record [`SeenIndex::prepare`]d for [`SeenIndex::hold`].
+pub struct ToHold {
+    shard: usize,
+    key: Box<[u8]>,
+    value: Box<[u8]>,
+}
+
 /// The key of a run's description in the `seen_runs` tree.
 fn meta_key(id: u64) -> [u8; 8] {
     id.to_be_bytes()
@@ -546,19 +553,31 @@ impl SeenIndex {
         &self.inner.pending[hash(key) as usize % PENDING_SHARDS]
     }
 
-    /// Holds a record handed to the journal under `ticket` until
-    /// [`SeenIndex::release`]: the journal calls it before the writer can
-    /// see the entry.
-    pub fn hold(&self, key: Vec<u8>, value: Vec<u8>, ticket: u64) {
-        let key = key.into_boxed_slice();
-        self.pending_shard(&key).lock().insert(key, Pending { value: value.into_boxed_slice(), ticket });
+    /// A record made ready to hold, so that holding it (which the journal
+    /// does under its queue's lock) is one insert.
+    pub fn prepare(&self, key: Vec<u8>, value: Vec<u8>) -> ToHold {
+        let shard = hash(&key) as usize % PENDING_SHARDS;
+        ToHold { shard, key: key.into_boxed_slice(), value: value.into_boxed_slice() }
     }
 
-    /// Lets go of pending records once their commit is durable and they
-    /// are indexed (or were left out of the index on purpose).
-    pub fn release<'a>(&self, keys: impl IntoIterator<Item = &'a [u8]>) {
+    /// Holds a record handed to the journal under `ticket` until
+    /// [`SeenIndex::release`]: the journal calls it before the writer can
+    /// see the entry. A later record of the same key replaces it, as it
+    /// does in the index.
+    pub fn hold(&self, ToHold { shard, key, value }: ToHold, ticket: u64) {
+        self.inner.pending[shard].lock().insert(key, Pending { value, ticket });
+    }
+
+    /// Lets go of pending records once their commit (the last of whose
+    /// entries has ticket `upto`) is durable and they are indexed, or left
+    /// out of the index on purpose. A record of the same key held since,
+    /// by an entry of a later commit, stays.
+    pub fn release<'a>(&self, keys: impl IntoIterator<Item = &'a [u8]>, upto: u64) {
         for key in keys {
-            self.pending_shard(key).lock().remove(key);
+            let mut shard = self.pending_shard(key).lock();
+            if shard.get(key).is_some_and(|pending| pending.ticket <= upto) {
+                shard.remove(key);
+            }
         }
     }
 
@@ -1013,18 +1032,23 @@ mod tests {
     fn a_pending_record_is_found_with_its_ticket_until_released() {
         let dir = tempfile::tempdir().expect("temp dir");
         let (_db, seen) = open(&dir, 1_000_000);
-        seen.hold(key(1), value(1), 7);
-        seen.hold(key(2), value(2), 8);
+        seen.hold(seen.prepare(key(1), value(1)), 7);
+        seen.hold(seen.prepare(key(2), value(2)), 8);
+        seen.hold(seen.prepare(key(4), value(4)), 9);
         assert_eq!(seen.lookup(&key(1)).expect("lookup"), Some((value(1), Some(7))));
         assert_eq!(seen.get(key(1)).expect("get"), None, "not indexed yet");
-        assert_eq!(seen.stats().pending_records, 2);
-        // The writer indexes, then releases; one record it leaves out of
-        // the index on purpose is gone once released.
-        seen.insert(0, [(key(1).as_slice(), value(1).as_slice())]);
-        seen.release([key(1).as_slice(), key(2).as_slice(), key(3).as_slice()]);
+        assert_eq!(seen.stats().pending_records, 3);
+        // Key 4 again, by an entry of a later commit.
+        seen.hold(seen.prepare(key(4), value(5)), 10);
+        // The writer indexes the commit up to ticket 9, then releases; a
+        // record it leaves out of the index on purpose is gone once
+        // released, and the one held again since stays.
+        seen.insert(0, [(key(1).as_slice(), value(1).as_slice()), (key(4).as_slice(), value(4).as_slice())]);
+        seen.release([key(1).as_slice(), key(2).as_slice(), key(3).as_slice(), key(4).as_slice()], 9);
         assert_eq!(seen.lookup(&key(1)).expect("lookup"), Some((value(1), None)));
         assert_eq!(seen.lookup(&key(2)).expect("lookup"), None);
-        assert_eq!(seen.stats().pending_records, 0);
+        assert_eq!(seen.lookup(&key(4)).expect("lookup"), Some((value(5), Some(10))));
+        assert_eq!(seen.stats().pending_records, 1);
     }
 
     #[test]

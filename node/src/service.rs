@@ -145,7 +145,6 @@ fn applied_event(reply: Reply<CustomerAnswer>) -> ServiceResult<Applied> {
     Ok(Applied { answer, duplicate, ticket })
 }
 
-/// The key under which requests with one event id are serialised.
 /// Where an outbox message goes, and the command that delivers it.
 enum Route {
     /// Its receiver is no longer defined: nothing to deliver.
@@ -1427,9 +1426,9 @@ fn spin_fingerprint(customer: &Id, wheel: &Id) -> u64 {
     xxhash_rust::xxh3::xxh3_64(format!("{customer}/{wheel}").as_bytes())
 }
 
-/// Custom kinds share one label value, so operators' names cannot grow the
-/// metric's label set without bound.
-/// The `kind` label of an event's counter: custom kinds share one.
+/// The `kind` label of an event's counter. Custom kinds share one label
+/// value, so operators' names cannot grow the metric's label set without
+/// bound.
 fn kind_label(kind: &EventKind) -> &'static str {
     match kind {
         EventKind::Purchase => "purchase",
