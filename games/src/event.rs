@@ -48,16 +48,26 @@ impl EventKind {
     pub fn is_purchase(&self) -> bool {
         matches!(self, Self::Purchase)
     }
+
+    /// The name of a built-in kind as it is written (none for a custom
+    /// kind, written `custom:<name>`).
+    pub fn builtin_name(&self) -> Option<&'static str> {
+        match self {
+            Self::Purchase => Some("purchase"),
+            Self::Visit => Some("visit"),
+            Self::ProfileCompleted => Some("profile_completed"),
+            Self::Referral => Some("referral"),
+            Self::Custom(_) => None,
+        }
+    }
 }
 
 impl fmt::Display for EventKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Purchase => f.write_str("purchase"),
-            Self::Visit => f.write_str("visit"),
-            Self::ProfileCompleted => f.write_str("profile_completed"),
-            Self::Referral => f.write_str("referral"),
-            Self::Custom(name) => write!(f, "custom:{name}"),
+        match (self.builtin_name(), self) {
+            (Some(name), _) => f.write_str(name),
+            (None, Self::Custom(name)) => write!(f, "custom:{name}"),
+            (None, _) => unreachable!("only custom kinds have no built-in name"),
         }
     }
 }

@@ -1430,13 +1430,7 @@ fn spin_fingerprint(customer: &Id, wheel: &Id) -> u64 {
 /// value, so operators' names cannot grow the metric's label set without
 /// bound.
 fn kind_label(kind: &EventKind) -> &'static str {
-    match kind {
-        EventKind::Purchase => "purchase",
-        EventKind::Visit => "visit",
-        EventKind::ProfileCompleted => "profile_completed",
-        EventKind::Referral => "referral",
-        EventKind::Custom(_) => "custom",
-    }
+    kind.builtin_name().unwrap_or("custom")
 }
 
 /// The events a request recorded, by counter label, and the retries it
