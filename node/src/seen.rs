@@ -109,6 +109,11 @@ fn run_of(name: &std::ffi::OsStr) -> Option<u64> {
     u64::from_str_radix(name.to_str()?.strip_suffix(".run")?, 16).ok()
 }
 
+/// The pending map's shard of a key.
+fn pending_shard_of(key: &[u8]) -> usize {
+    hash(key) as usize % PENDING_SHARDS
+}
+
 fn hash(key: &[u8]) -> u64 {
     // A hash with a fixed definition: the filters are stored.
     xxhash_rust::xxh3::xxh3_64(key)
@@ -550,14 +555,13 @@ impl SeenIndex {
     }
 
     fn pending_shard(&self, key: &[u8]) -> &Mutex<FastMap<Box<[u8]>, Pending>> {
-        &self.inner.pending[hash(key) as usize % PENDING_SHARDS]
+        &self.inner.pending[pending_shard_of(key)]
     }
 
     /// A record made ready to hold, so that holding it (which the journal
     /// does under its queue's lock) is one insert.
     pub fn prepare(&self, key: Vec<u8>, value: Vec<u8>) -> ToHold {
-        let shard = hash(&key) as usize % PENDING_SHARDS;
-        ToHold { shard, key: key.into_boxed_slice(), value: value.into_boxed_slice() }
+        ToHold { shard: pending_shard_of(&key), key: key.into_boxed_slice(), value: value.into_boxed_slice() }
     }
 
     /// Holds a record handed to the journal under `ticket` until
