@@ -589,8 +589,7 @@ impl Writer {
             self.shared.durable.send_modify(|d| d.ticket = ticket);
             // Durable and indexed (see `index_derived`): a retry finds them
             // in the index now.
-            let records = entries.iter().filter_map(|entry| entry.seen.as_ref());
-            self.store.seen.release(records.map(|(key, _)| key.as_slice()), ticket);
+            self.store.seen.release(seen_keys(&entries), ticket);
         }
         for action in after_flush {
             match action {
@@ -731,8 +730,14 @@ struct Carried {
 /// `CARRY_COMMITS + 1` batches again.
 pub const CARRY_COMMITS: u32 = 32;
 
+/// The keys of `entries`' idempotency records (for a receiver's entry,
+/// the receipts of the messages it applied).
+fn seen_keys(entries: &[JournalEntry]) -> impl Iterator<Item = &[u8]> {
+    entries.iter().filter_map(|entry| entry.seen.as_ref()).map(|(key, _)| key.as_slice())
+}
+
 fn applied(entries: &[JournalEntry]) -> FastSet<&[u8]> {
-    entries.iter().filter_map(|entry| entry.seen.as_ref()).map(|(key, _)| key.as_slice()).collect()
+    seen_keys(entries).collect()
 }
 
 impl Indexer {
@@ -772,10 +777,10 @@ impl Indexer {
     /// of them (`all`: before a checkpoint, a settle, a stop). Returns how
     /// many it added to the outbox.
     pub fn before_flush(&mut self, store: &Store, entries: &[JournalEntry], all: bool) -> StorageResult<i64> {
-        for (receipt, _) in entries.iter().filter_map(|entry| entry.seen.as_ref()) {
-            if let Some(carried) = self.carried.remove(receipt.as_slice()) {
+        for receipt in seen_keys(entries) {
+            if let Some(carried) = self.carried.remove(receipt) {
                 if !carried.needs_receipt && !self.keep_receipts {
-                    self.unneeded.insert(receipt.clone());
+                    self.unneeded.insert(receipt.to_vec());
                 }
             }
         }
