@@ -23,13 +23,32 @@ pub enum IdError {
 }
 
 /// A validated identifier.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(try_from = "String")]
 pub struct Id(String);
+
+/// Serialized as its text, borrowed: `#[serde(into = "String")]` cloned
+/// the string at every encode of a state, answer or journal entry.
+impl Serialize for Id {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
 
 impl Id {
     /// Checks `text` against the id rule.
     pub fn parse(text: &str) -> Result<Self, IdError> {
+        Self::check(text)?;
+        Ok(Self(text.to_owned()))
+    }
+
+    fn check(text: &str) -> Result<(), IdError> {
+        // Every allowed character is one byte, so a valid id's length is
+        // its byte count; the slow path below finds the error otherwise.
+        let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-');
+        if !text.is_empty() && text.len() <= MAX_ID_LEN && text.bytes().all(|b| allowed(char::from(b))) {
+            return Ok(());
+        }
         if text.is_empty() {
             return Err(IdError::Empty);
         }
@@ -37,10 +56,10 @@ impl Id {
         if MAX_ID_LEN < length {
             return Err(IdError::TooLong(length));
         }
-        if let Some(bad) = text.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-'))) {
+        if let Some(bad) = text.chars().find(|c| !allowed(*c)) {
             return Err(IdError::BadCharacter(bad));
         }
-        Ok(Self(text.to_owned()))
+        Ok(())
     }
 
     pub fn as_str(&self) -> &str {
@@ -51,7 +70,8 @@ impl Id {
 impl TryFrom<String> for Id {
     type Error = IdError;
     fn try_from(value: String) -> Result<Self, Self::Error> {
-        Self::parse(&value)
+        Self::check(&value)?;
+        Ok(Self(value))
     }
 }
 
