@@ -138,6 +138,7 @@ impl Entity for CustomerEntity {
                         env.metrics.mission_completions.with_label_values(&[tenant, status.mission.as_str()]).inc();
                     }
                 }
+                let outbox = deliveries.iter().map(OutboxMessage::record).collect();
                 let mut handled = Handled::changed(CustomerAnswer::Event(EventAnswer {
                     points_earned: outcome.points_earned,
                     points_balance: customer.points_balance,
@@ -145,9 +146,9 @@ impl Entity for CustomerEntity {
                     spins_granted: outcome.spins_granted,
                     missions: outcome.missions,
                     coupons: outcome.coupons_won,
-                    deliveries: deliveries.clone(),
+                    deliveries,
                 }));
-                handled.outbox = deliveries.iter().map(OutboxMessage::record).collect();
+                handled.outbox = outbox;
                 Ok(handled)
             }
             CustomerCommand::ReserveSpin { wheel, def, request_id, .. } => {
