@@ -7,7 +7,7 @@
 //! registries, cross-entity messages delivered, and the answer released
 //! only once every journal entry it depends on is durable.
 
-use crate::actor::{now_millis, Registry, Reply};
+use crate::actor::{now_millis, Call, Registry, Reply};
 use crate::api::{self, parse_id};
 use crate::entities::*;
 use crate::error::{Code, ServiceError, ServiceResult};
@@ -26,7 +26,6 @@ use bazaar_games::wheel::{WheelDef, WonPrize};
 use bazaar_games::Id;
 use bazaar_observability::Metrics;
 use serde::Serialize;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,23 +46,23 @@ struct Delivery {
 /// Serialises work per key (an event id): holders of the same key run one
 /// after the other, different keys in parallel. A key is known by its
 /// 64-bit hash (two ids that share one only wait for each other), and
-/// lives only while held or awaited, in one of [`KEYED_SHARDS`] maps.
-/// (Keys as strings, in one map, were a tenth of a batch's work on the
-/// gRPC threads.)
+/// lives only while held, in one of [`KEYED_SHARDS`] maps. A key nobody
+/// waits for costs a map entry and nothing else; the first to wait for it
+/// adds a [`tokio::sync::Notify`] that its holder wakes on leaving. (Keys
+/// as strings, in one map, were a tenth of a batch's work on the gRPC
+/// threads; a mutex allocated per key, another twentieth.)
 #[derive(Default)]
 pub struct KeyedLock {
     hasher: foldhash::fast::RandomState,
-    shards: [parking_lot::Mutex<FastMap<u64, Arc<tokio::sync::Mutex<()>>>>; KEYED_SHARDS],
+    shards: [parking_lot::Mutex<FastMap<u64, Option<Arc<tokio::sync::Notify>>>>; KEYED_SHARDS],
 }
 
 const KEYED_SHARDS: usize = 16;
 
-/// Held while a key is in use; frees the key's entry when the last user
-/// leaves.
+/// Held while a key is in use; frees the key and wakes its waiters on drop.
 pub struct KeyedGuard<'a> {
     owner: &'a KeyedLock,
     key: u64,
-    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 impl KeyedLock {
@@ -72,14 +71,31 @@ impl KeyedLock {
         std::hash::BuildHasher::hash_one(&self.hasher, (tenant.as_str(), event_id.as_str()))
     }
 
-    fn shard(&self, key: u64) -> &parking_lot::Mutex<FastMap<u64, Arc<tokio::sync::Mutex<()>>>> {
+    fn shard(&self, key: u64) -> &parking_lot::Mutex<FastMap<u64, Option<Arc<tokio::sync::Notify>>>> {
         &self.shards[(key % KEYED_SHARDS as u64) as usize]
     }
 
     pub async fn acquire(&self, key: u64) -> KeyedGuard<'_> {
-        let lock = self.shard(key).lock().entry(key).or_default().clone();
-        let guard = lock.lock_owned().await;
-        KeyedGuard { owner: self, key, guard: Some(guard) }
+        loop {
+            let notify;
+            let released;
+            {
+                let mut held = self.shard(key).lock();
+                match held.entry(key) {
+                    std::collections::hash_map::Entry::Vacant(free) => {
+                        free.insert(None);
+                        return KeyedGuard { owner: self, key };
+                    }
+                    std::collections::hash_map::Entry::Occupied(mut taken) => {
+                        notify = taken.get_mut().get_or_insert_with(Default::default).clone();
+                        // Made under the shard's lock, so the holder's
+                        // `notify_waiters` on leaving cannot come before it.
+                        released = notify.notified();
+                    }
+                }
+            }
+            released.await;
+        }
     }
 
     /// Acquires every key of `keys`, each once, in one global order (so
@@ -97,11 +113,9 @@ impl KeyedLock {
 
 impl Drop for KeyedGuard<'_> {
     fn drop(&mut self) {
-        drop(self.guard.take());
-        let mut locks = self.owner.shard(self.key).lock();
-        // Only the map still holds it: nobody uses or awaits the key.
-        if locks.get(&self.key).is_some_and(|lock| Arc::strong_count(lock) == 1) {
-            locks.remove(&self.key);
+        let waiters = self.owner.shard(self.key).lock().remove(&self.key).flatten();
+        if let Some(waiters) = waiters {
+            waiters.notify_waiters();
         }
     }
 }
@@ -211,6 +225,40 @@ fn scored(message: &OutboxMessage, reply: Reply<LeaderboardAnswer>) -> ServiceRe
         return Err(ServiceError::internal("a score's delivery without a score"));
     };
     Ok(Delivery { ticket: reply.ticket, leaderboard: Some(leaderboard.clone()), ..Delivery::default() })
+}
+
+/// Commands for entities, gathered by entity (in the order each first
+/// appears) with the indexes of what they came from.
+struct Calls<C> {
+    slots: FastMap<EntityKey, usize>,
+    indexes: Vec<Vec<usize>>,
+    calls: Vec<Call<C>>,
+}
+
+impl<C> Default for Calls<C> {
+    fn default() -> Self {
+        Self { slots: FastMap::default(), indexes: Vec::new(), calls: Vec::new() }
+    }
+}
+
+impl<C> Calls<C> {
+    fn add(&mut self, key: EntityKey, index: usize, command: C) {
+        let slot = match self.slots.get(&key) {
+            Some(&slot) => slot,
+            None => {
+                self.slots.insert(key.clone(), self.calls.len());
+                self.calls.push((key, Vec::new()));
+                self.indexes.push(Vec::new());
+                self.calls.len() - 1
+            }
+        };
+        self.indexes[slot].push(index);
+        self.calls[slot].1.push(command);
+    }
+
+    fn split(self) -> (Vec<Vec<usize>>, Vec<Call<C>>) {
+        (self.indexes, self.calls)
+    }
 }
 
 /// Puts the replies of one batched call into `results` at `indexes`; a
@@ -576,37 +624,36 @@ impl Service {
         // they go afterwards, one by one, and meet its idempotency record.
         let mut admitted = Vec::new();
         let mut repeated = Vec::new();
-        let mut ids = std::collections::HashSet::new();
+        // By the event-id lock's key: the (vanishingly rare) collision of two
+        // ids only sends the second one the way of a repeated id.
+        let mut keys = crate::FastSet::default();
         for (index, request) in requests.into_iter().enumerate() {
             match request.and_then(|request| self.admit(&catalog, &request).map(|event| (request, event))) {
                 Err(error) => results[index] = Some(Err(error)),
-                Ok((request, event)) if !ids.insert(event.event_id.clone()) => repeated.push((index, request)),
+                Ok((request, event)) if !keys.insert(self.in_flight.key(tenant, &event.event_id)) => {
+                    repeated.push((index, request))
+                }
                 Ok((request, event)) => admitted.push((index, request.fingerprint(&event), event)),
             }
         }
-        let keys = admitted.iter().map(|(_, _, event)| self.in_flight.key(tenant, &event.event_id)).collect();
-        let guards = self.in_flight.acquire_all(keys).await;
+        let guards = self.in_flight.acquire_all(keys.into_iter().collect()).await;
 
         // The events go to their customers; what their answers need stays.
-        let mut by_customer: HashMap<EntityKey, (Vec<usize>, Vec<CustomerCommand>)> = HashMap::new();
+        let mut calls: Calls<CustomerCommand> = Calls::default();
         let admitted: Vec<(usize, Id, &'static str)> = admitted
             .into_iter()
             .enumerate()
             .map(|(position, (index, fingerprint, event))| {
-                let (positions, commands) =
-                    by_customer.entry(entity(tenant, EntityKind::Customer, &event.customer)).or_default();
-                positions.push(position);
                 let kept = (index, event.event_id.clone(), kind_label(&event.kind));
-                commands.push(CustomerCommand::Event { event, fingerprint, catalog: catalog.clone() });
+                let key = entity(tenant, EntityKind::Customer, &event.customer);
+                calls.add(key, position, CustomerCommand::Event { event, fingerprint, catalog: catalog.clone() });
                 kept
             })
             .collect();
-        let calls = by_customer.into_iter().map(|(key, (positions, commands))| async move {
-            (positions, self.customers.call_many(&key, commands).await)
-        });
+        let (positions, calls) = calls.split();
         let mut applied: Vec<Option<ServiceResult<Applied>>> = admitted.iter().map(|_| None).collect();
-        for (positions, replies) in futures_util::future::join_all(calls).await {
-            spread(&mut applied, positions, replies, |_, reply| applied_event(reply));
+        for (at, replies) in positions.into_iter().zip(self.customers.call_each(calls).await) {
+            spread(&mut applied, at, replies, |_, reply| applied_event(reply));
         }
         let mut applied: Vec<ServiceResult<Applied>> = applied
             .into_iter()
@@ -644,7 +691,7 @@ impl Service {
             .max()
             .flatten();
         let durable = self.durable(last_ticket).await;
-        let mut leaderboards = std::collections::HashSet::new();
+        let mut leaderboards = crate::FastSet::default();
         let mut acknowledged = Vec::new();
         let mut tally = Tally::default();
         for (((index, event_id, kind), applied), delivered) in admitted.into_iter().zip(applied).zip(delivered) {
@@ -762,41 +809,29 @@ impl Service {
     /// Answers in the messages' order.
     async fn deliver_many(&self, messages: &[&OutboxMessage], catalog: &Catalog) -> Vec<ServiceResult<Delivery>> {
         let mut results: Vec<Option<ServiceResult<Delivery>>> = messages.iter().map(|_| None).collect();
-        let mut jackpots: HashMap<EntityKey, (Vec<usize>, Vec<JackpotCommand>)> = HashMap::new();
-        let mut leaderboards: HashMap<EntityKey, (Vec<usize>, Vec<LeaderboardCommand>)> = HashMap::new();
+        let mut jackpots: Calls<JackpotCommand> = Calls::default();
+        let mut leaderboards: Calls<LeaderboardCommand> = Calls::default();
         let mut draws = Vec::new();
         for (index, message) in messages.iter().enumerate() {
             match route(message, catalog) {
                 Err(error) => results[index] = Some(Err(error)),
                 Ok(Route::Nowhere) => results[index] = Some(Ok(Delivery::default())),
-                Ok(Route::Jackpot(key, command)) => {
-                    let (indexes, commands) = jackpots.entry(key).or_default();
-                    indexes.push(index);
-                    commands.push(command);
-                }
-                Ok(Route::Leaderboard(key, command)) => {
-                    let (indexes, commands) = leaderboards.entry(key).or_default();
-                    indexes.push(index);
-                    commands.push(command);
-                }
+                Ok(Route::Jackpot(key, command)) => jackpots.add(key, index, command),
+                Ok(Route::Leaderboard(key, command)) => leaderboards.add(key, index, command),
                 Ok(Route::Wheel) => draws.push(index),
             }
         }
-        let jackpot_calls = jackpots
-            .into_iter()
-            .map(|(key, (indexes, commands))| async move { (indexes, self.jackpots.call_many(&key, commands).await) });
-        let leaderboard_calls = leaderboards.into_iter().map(|(key, (indexes, commands))| async move {
-            (indexes, self.leaderboards.call_many(&key, commands).await)
-        });
+        let (jackpot_at, jackpot_calls) = jackpots.split();
+        let (leaderboard_at, leaderboard_calls) = leaderboards.split();
         let (jackpot_replies, leaderboard_replies) = futures_util::future::join(
-            futures_util::future::join_all(jackpot_calls),
-            futures_util::future::join_all(leaderboard_calls),
+            self.jackpots.call_each(jackpot_calls),
+            self.leaderboards.call_each(leaderboard_calls),
         )
         .await;
-        for (indexes, replies) in jackpot_replies {
+        for (indexes, replies) in jackpot_at.into_iter().zip(jackpot_replies) {
             spread(&mut results, indexes, replies, |index, reply| contributed(messages[index], reply));
         }
-        for (indexes, replies) in leaderboard_replies {
+        for (indexes, replies) in leaderboard_at.into_iter().zip(leaderboard_replies) {
             spread(&mut results, indexes, replies, |index, reply| scored(messages[index], reply));
         }
         for index in draws {
@@ -1479,5 +1514,44 @@ fn prize_kind(prize: &WonPrize) -> &'static str {
         WonPrize::CashbackMinor(_) => "cashback",
         WonPrize::Item(_) => "item",
         WonPrize::Nothing => "nothing",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+
+    #[tokio::test]
+    async fn a_key_has_one_holder_at_a_time_and_is_forgotten_when_free() {
+        let locks = KeyedLock::default();
+        let first = locks.acquire(7).await;
+        let mut second = std::pin::pin!(locks.acquire(7));
+        let mut third = std::pin::pin!(locks.acquire(7));
+        assert!(second.as_mut().now_or_never().is_none(), "the key is held");
+        assert!(third.as_mut().now_or_never().is_none(), "the key is held");
+        // Another key (in the same shard) is free meanwhile.
+        drop(locks.acquire(7 + KEYED_SHARDS as u64).now_or_never().expect("another key is free"));
+
+        drop(first);
+        // Both waiters are woken; the first polled takes the key, the
+        // other waits for it again.
+        let second = second.await;
+        assert!(third.as_mut().now_or_never().is_none(), "the second holder has it");
+        drop(second);
+        drop(third.await);
+        assert!(locks.shards.iter().all(|shard| shard.lock().is_empty()), "no key stays behind");
+    }
+
+    #[tokio::test]
+    async fn a_set_of_keys_is_taken_whole_in_one_order() {
+        let locks = KeyedLock::default();
+        let guards = locks.acquire_all(vec![3, 1, 3, 2]).await;
+        assert_eq!(guards.iter().map(|guard| guard.key).collect::<Vec<_>>(), [1, 2, 3], "sorted, each once");
+        let mut overlapping = std::pin::pin!(locks.acquire_all(vec![4, 2]));
+        assert!(overlapping.as_mut().now_or_never().is_none(), "2 is held");
+        drop(guards);
+        assert_eq!(overlapping.await.len(), 2);
+        assert!(locks.shards.iter().all(|shard| shard.lock().is_empty()), "no key stays behind");
     }
 }
