@@ -48,9 +48,9 @@ pub struct NodeShared {
 /// the first answer; a different fingerprint under the same id is a
 /// conflict.
 #[derive(Clone, Debug)]
-pub struct Dedupe {
+pub struct Dedupe<'a> {
     pub scope: &'static str,
-    pub id: String,
+    pub id: &'a str,
     pub fingerprint: u64,
 }
 
@@ -103,7 +103,7 @@ pub trait Entity: Sized + Unpin + 'static {
     type Answer: Serialize + DeserializeOwned + Clone + Send + 'static;
 
     /// The command's idempotency key, if it has one.
-    fn dedupe(command: &Self::Command) -> Option<Dedupe>;
+    fn dedupe(command: &Self::Command) -> Option<Dedupe<'_>>;
 
     /// Applies a command. On `Err` the state must be unchanged: handlers
     /// check everything before they change anything.
@@ -212,8 +212,8 @@ impl<E: Entity> Actor for EntityActor<E> {
 }
 
 impl<E: Entity> EntityActor<E> {
-    fn seen_key(&self, dedupe: &Dedupe) -> Vec<u8> {
-        key(&[&self.key.tenant, dedupe.scope, &dedupe.id])
+    fn seen_key(&self, dedupe: &Dedupe<'_>) -> Vec<u8> {
+        key(&[&self.key.tenant, dedupe.scope, dedupe.id])
     }
 
     /// Looks after `after` whether the actor has been idle for the idle
@@ -236,7 +236,7 @@ impl<E: Entity> EntityActor<E> {
         });
     }
 
-    fn duplicate(&self, dedupe: &Dedupe, seen_key: &[u8]) -> ServiceResult<Option<Reply<E::Answer>>> {
+    fn duplicate(&self, dedupe: &Dedupe<'_>, seen_key: &[u8]) -> ServiceResult<Option<Reply<E::Answer>>> {
         // A pending record comes with the ticket its answer waits for.
         let Some((bytes, ticket)) = self.node.store.seen.lookup(seen_key)? else {
             return Ok(None);
@@ -323,23 +323,27 @@ impl<E: Entity> EntityActor<E> {
         if self.stopping {
             return Err(ServiceError::unavailable(format!("{} is restarting; retry", self.key)));
         }
-        let dedupe = E::dedupe(&command);
-        let seen_key = dedupe.as_ref().map(|d| self.seen_key(d));
-        if let (Some(dedupe), Some(seen_key)) = (&dedupe, &seen_key) {
-            if let Some(reply) = self.duplicate(dedupe, seen_key)? {
-                return Ok(reply);
+        // The idempotency record's key and the request's fingerprint.
+        let dedupe = match E::dedupe(&command) {
+            Some(dedupe) => {
+                let seen_key = self.seen_key(&dedupe);
+                if let Some(reply) = self.duplicate(&dedupe, &seen_key)? {
+                    return Ok(reply);
+                }
+                Some((seen_key, dedupe.fingerprint))
             }
-        }
+            None => None,
+        };
         let mut env = Env { key: &self.key, rng: &mut self.rng, now: now_millis(), metrics: &self.node.metrics };
         let handled = E::handle(&mut self.state, &mut env, command)?;
         if !handled.changed {
             return Ok(Reply { answer: handled.answer, duplicate: false, ticket: None });
         }
         self.entity_seq += 1;
-        let seen = match (&dedupe, seen_key) {
-            (Some(dedupe), Some(seen_key)) if handled.remember => {
+        let seen = match dedupe {
+            Some((seen_key, fingerprint)) if handled.remember => {
                 let answer = encode(&handled.answer);
-                Some((seen_key, encode(&SeenValue { fingerprint: dedupe.fingerprint, answer })))
+                Some((seen_key, encode(&SeenValue { fingerprint, answer })))
             }
             _ => None,
         };

@@ -80,20 +80,25 @@ pub enum CustomerAnswer {
     View(Box<Customer>),
 }
 
+/// The idempotency scope of events' ids (part of their records' keys).
+pub const EVENT_SCOPE: &str = "event";
+/// The idempotency scope of spins' request ids.
+pub const SPIN_SCOPE: &str = "spin";
+
 impl Entity for CustomerEntity {
     const KIND: EntityKind = EntityKind::Customer;
     type State = Customer;
     type Command = CustomerCommand;
     type Answer = CustomerAnswer;
 
-    fn dedupe(command: &CustomerCommand) -> Option<Dedupe> {
+    fn dedupe(command: &CustomerCommand) -> Option<Dedupe<'_>> {
         match command {
             CustomerCommand::Event { event, fingerprint, .. } => {
-                Some(Dedupe { scope: "event", id: event.event_id.to_string(), fingerprint: *fingerprint })
+                Some(Dedupe { scope: EVENT_SCOPE, id: event.event_id.as_str(), fingerprint: *fingerprint })
             }
             CustomerCommand::ReserveSpin { request_id, fingerprint, .. }
             | CustomerCommand::SettleSpin { request_id, fingerprint, .. } => {
-                Some(Dedupe { scope: "spin", id: request_id.to_string(), fingerprint: *fingerprint })
+                Some(Dedupe { scope: SPIN_SCOPE, id: request_id.as_str(), fingerprint: *fingerprint })
             }
             CustomerCommand::View => None,
         }
@@ -226,7 +231,7 @@ impl Entity for WheelEntity {
     type Command = WheelCommand;
     type Answer = WheelAnswer;
 
-    fn dedupe(command: &WheelCommand) -> Option<Dedupe> {
+    fn dedupe(command: &WheelCommand) -> Option<Dedupe<'_>> {
         match command {
             WheelCommand::Draw { message, .. } => Some(message.dedupe()),
             WheelCommand::View => None,
@@ -302,7 +307,7 @@ impl Entity for JackpotEntity {
     type Command = JackpotCommand;
     type Answer = JackpotAnswer;
 
-    fn dedupe(command: &JackpotCommand) -> Option<Dedupe> {
+    fn dedupe(command: &JackpotCommand) -> Option<Dedupe<'_>> {
         match command {
             JackpotCommand::Contribute { message, .. } => Some(message.dedupe()),
             JackpotCommand::Ensure { .. } | JackpotCommand::View => None,
@@ -391,7 +396,7 @@ impl Entity for LeaderboardEntity {
     type Command = LeaderboardCommand;
     type Answer = LeaderboardAnswer;
 
-    fn dedupe(command: &LeaderboardCommand) -> Option<Dedupe> {
+    fn dedupe(command: &LeaderboardCommand) -> Option<Dedupe<'_>> {
         match command {
             LeaderboardCommand::Score { message } => Some(message.dedupe()),
             _ => None,

@@ -127,8 +127,8 @@ impl OutboxMessage {
     }
 
     /// The receiver's idempotency key for this message.
-    pub fn dedupe(&self) -> crate::actor::Dedupe {
-        crate::actor::Dedupe { scope: MESSAGE_SCOPE, id: self.id.clone(), fingerprint: self.fingerprint() }
+    pub fn dedupe(&self) -> crate::actor::Dedupe<'_> {
+        crate::actor::Dedupe { scope: MESSAGE_SCOPE, id: &self.id, fingerprint: self.fingerprint() }
     }
 
     /// A fingerprint of the message, for the receiver's idempotency check.
