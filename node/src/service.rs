@@ -66,9 +66,10 @@ pub struct KeyedGuard<'a> {
 }
 
 impl KeyedLock {
-    /// The key of an event id in a tenant.
-    pub fn key(&self, tenant: &Id, event_id: &Id) -> u64 {
-        std::hash::BuildHasher::hash_one(&self.hasher, (tenant.as_str(), event_id.as_str()))
+    /// The key of a request id (an event id, a spin's request id: the
+    /// idempotency scope says which) in a tenant.
+    pub fn key(&self, tenant: &Id, scope: &str, id: &Id) -> u64 {
+        std::hash::BuildHasher::hash_one(&self.hasher, (tenant.as_str(), scope, id.as_str()))
     }
 
     fn shard(&self, key: u64) -> &parking_lot::Mutex<FastMap<u64, Option<Arc<tokio::sync::Notify>>>> {
@@ -579,7 +580,7 @@ impl Service {
         // One request per event id at a time: a second request with the
         // same id, even for another customer (another actor), waits and then
         // meets the first one's idempotency record.
-        let _in_flight = self.in_flight.acquire(self.in_flight.key(tenant, &event.event_id)).await;
+        let _in_flight = self.in_flight.acquire(self.in_flight.key(tenant, EVENT_SCOPE, &event.event_id)).await;
         let fingerprint = request.fingerprint(&event);
         let customer_key = entity(tenant, EntityKind::Customer, &event.customer);
         let (event_id, kind) = (event.event_id.clone(), kind_label(&event.kind));
@@ -630,7 +631,7 @@ impl Service {
         for (index, request) in requests.into_iter().enumerate() {
             match request.and_then(|request| self.admit(&catalog, &request).map(|event| (request, event))) {
                 Err(error) => results[index] = Some(Err(error)),
-                Ok((request, event)) if !keys.insert(self.in_flight.key(tenant, &event.event_id)) => {
+                Ok((request, event)) if !keys.insert(self.in_flight.key(tenant, EVENT_SCOPE, &event.event_id)) => {
                     repeated.push((index, request))
                 }
                 Ok((request, event)) => admitted.push((index, request.fingerprint(&event), event)),
@@ -918,6 +919,10 @@ impl Service {
         let catalog = entry.catalog();
         let def = catalog.wheels.get(&wheel).ok_or_else(|| ServiceError::not_found("wheel", wheel.as_str()))?;
         let tenant_id = &entry.tenant.id;
+        // One spin per request id at a time, as for event ids: the same id
+        // sent at once for two customers reached two actors that each found
+        // it unused, and both reserved a spin.
+        let _in_flight = self.in_flight.acquire(self.in_flight.key(tenant_id, SPIN_SCOPE, &request_id)).await;
         let reserved = self
             .customers
             .call(

@@ -308,6 +308,51 @@ fn one_event_id_sent_at_once_for_two_customers_is_applied_once() {
     assert_eq!(purchases("c-a") + purchases("c-b"), 20, "each event id counted once");
 }
 
+/// The same for spins: one request id sent at once for two customers
+/// reserves, draws and settles one spin; the other request is refused and
+/// costs its customer nothing. (Each round has customers of its own: the
+/// wheel allows three spins a day.)
+#[test]
+fn one_spin_request_id_sent_at_once_for_two_customers_spins_once() {
+    let node = Node::start(&[]);
+    let mall = Mall::create(&node, "mall", default_jackpot());
+    const ROUNDS: usize = 16;
+    let pair = |round: usize| [format!("c-{round}-a"), format!("c-{round}-b")];
+    let spins = |customer: &str| {
+        let view = mall.pos.get(&mall.path(&format!("customers/{customer}"))).expect(200);
+        view["spins"]["w-main"].as_u64().unwrap_or(0)
+    };
+    for customer in (0..ROUNDS).flat_map(pair) {
+        let event_id = format!("{customer}-earn");
+        mall.pos.post(&mall.path("events"), Mall::purchase(&event_id, &customer, "s-1", 20_000)).expect(200);
+        assert_eq!(spins(&customer), 1, "the purchase earned a spin");
+    }
+    let mut outcomes = Vec::new();
+    for round in 0..ROUNDS {
+        let request_id = format!("race-spin-{round}");
+        let threads: Vec<_> = pair(round)
+            .into_iter()
+            .map(|customer| {
+                let (pos, path) = (mall.pos.clone(), mall.path("wheels/w-main/spins"));
+                let body = json!({"customer": customer, "request_id": request_id});
+                std::thread::spawn(move || {
+                    let answer = pos.post(&path, body);
+                    (answer.status, answer.body["error"]["code"].as_str().unwrap_or("").to_owned())
+                })
+            })
+            .collect();
+        let mut both: Vec<(u16, String)> = threads.into_iter().map(|t| t.join().expect("the request thread")).collect();
+        both.sort_unstable();
+        outcomes.push(both);
+        let left: u64 = pair(round).iter().map(|customer| spins(customer)).sum();
+        assert_eq!(left, 1, "round {round}: one of the two spent its spin");
+    }
+    let once = [(200, String::new()), (409, "idempotency_conflict".to_owned())];
+    assert!(outcomes.iter().all(|both| both == &once), "{outcomes:?}");
+    let draws = mall.operator.get(&mall.path(&format!("audit/wheels/w-main?limit={}", 2 * ROUNDS))).expect(200);
+    assert_eq!(draws["records"].as_array().expect("records").len(), ROUNDS, "one audited draw per request id");
+}
+
 #[test]
 fn an_event_id_reused_for_another_customer_right_after_its_answer_is_a_conflict() {
     let node = Node::start(&[]);
