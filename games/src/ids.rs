@@ -118,6 +118,16 @@ mod tests {
     }
 
     #[test]
+    fn ids_are_stored_as_their_text() {
+        let id = Id::parse("till-7.000123:a_b").expect("an id");
+        let stored = bincode::serialize(&id).expect("serialises");
+        assert_eq!(stored, bincode::serialize("till-7.000123:a_b").expect("serialises"));
+        assert_eq!(bincode::deserialize::<Id>(&stored).expect("reads back"), id);
+        let bad = bincode::serialize("a/b").expect("serialises");
+        assert!(bincode::deserialize::<Id>(&bad).is_err(), "the rule holds when reading too");
+    }
+
+    #[test]
     fn id_rules() {
         check("c-42", Ok(()));
         check("till-7.000123:a_b", Ok(()));
