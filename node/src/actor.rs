@@ -392,7 +392,8 @@ impl<E: Entity> Handler<SnapshotNow> for EntityActor<E> {
 
 /// The actors of one entity kind on this node.
 pub struct Registry<E: Entity> {
-    actors: Mutex<FastMap<EntityKey, Addr<EntityActor<E>>>>,
+    /// Shared, not cloned: see [`Registry::send_now`].
+    actors: Mutex<FastMap<EntityKey, Arc<Addr<EntityActor<E>>>>>,
     node: Arc<NodeShared>,
     /// The threads actors run on; an entity always lands on the same one.
     arbiters: Vec<ArbiterHandle>,
@@ -441,18 +442,15 @@ impl<E: Entity> Registry<E> {
             .into_iter()
             .map(|(entity, commands)| {
                 let parcel = Arc::new(Mutex::new(Some(commands)));
-                let first = self.activate(&entity).map(|addr| {
-                    let request = addr.send(Requests::<E>(parcel.clone()));
-                    (addr, request)
-                });
-                (entity, parcel, first)
+                let request = self.send_now(&entity, Requests::<E>(parcel.clone()));
+                (entity, parcel, request)
             })
             .collect();
         let mut answers = Vec::with_capacity(sent.len());
-        for (entity, parcel, first) in sent {
-            answers.push(match first {
+        for (entity, parcel, request) in sent {
+            answers.push(match request {
                 Err(error) => Err(error),
-                Ok((addr, request)) => match self.answered(&entity, &parcel, &addr, request.await) {
+                Ok(request) => match self.answered(&entity, &parcel, request.await) {
                     Sent::Answered(answer) => answer,
                     Sent::Again => self.send_parcel(&entity, parcel, Requests::<E>).await,
                 },
@@ -492,23 +490,39 @@ impl<E: Entity> Registry<E> {
         <EntityActor<E> as Actor>::Context: actix::dev::ToEnvelope<EntityActor<E>, M>,
     {
         for _ in 0..ACTIVATION_ATTEMPTS {
-            let addr = self.activate(entity)?;
-            let outcome = addr.send(wrap(parcel.clone())).await;
-            if let Sent::Answered(answer) = self.answered(entity, &parcel, &addr, outcome) {
+            let outcome = self.send_now(entity, wrap(parcel.clone()))?.await;
+            if let Sent::Answered(answer) = self.answered(entity, &parcel, outcome) {
                 return answer;
             }
         }
         Err(ServiceError::unavailable(format!("{entity} is restarting; retry")))
     }
 
-    /// What the outcome of a send to `addr` means: an answer (or an error
-    /// to answer with), or a closed mailbox that never took the parcel, to
-    /// send again to a fresh activation.
+    /// Sends `message` to the entity's actor, activating it if needed.
+    ///
+    /// The send goes through the registry's own address, shared: a clone
+    /// of an actix address is a sender of its own, which cost two
+    /// allocations and two shared counters per message. (Actors' mailboxes
+    /// are unbounded, see `activated`, so this sender does not wait.)
+    fn send_now<M>(&self, entity: &EntityKey, message: M) -> ServiceResult<actix::dev::Request<EntityActor<E>, M>>
+    where
+        M: Message + Send + 'static,
+        M::Result: Send,
+        EntityActor<E>: Handler<M>,
+        <EntityActor<E> as Actor>::Context: actix::dev::ToEnvelope<EntityActor<E>, M>,
+    {
+        // Not under the lock: a send wakes the actor's thread.
+        let addr = self.activated(&mut self.actors.lock(), entity)?.clone();
+        Ok(addr.send(message))
+    }
+
+    /// What the outcome of a send means: an answer (or an error to answer
+    /// with), or a closed mailbox that never took the parcel, to send again
+    /// to a fresh activation.
     fn answered<T, R>(
         &self,
         entity: &EntityKey,
         parcel: &Parcel<T>,
-        addr: &Addr<EntityActor<E>>,
         outcome: Result<R, MailboxError>,
     ) -> Sent<ServiceResult<R>> {
         match outcome {
@@ -517,13 +531,13 @@ impl<E: Entity> Registry<E> {
                 // Taken, then no answer: the actor stopped while handling
                 // it. Retrying the request is safe (idempotent); sending it
                 // again here is impossible.
-                self.remove(entity, addr);
+                self.forget_stopped(entity);
                 Sent::Answered(Err(ServiceError::unavailable(format!(
                     "{entity} stopped while handling the request; retry"
                 ))))
             }
             Err(MailboxError::Closed) => {
-                self.remove(entity, addr);
+                self.forget_stopped(entity);
                 Sent::Again
             }
             Err(MailboxError::Timeout) => {
@@ -532,12 +546,15 @@ impl<E: Entity> Registry<E> {
         }
     }
 
-    fn activate(&self, entity: &EntityKey) -> ServiceResult<Addr<EntityActor<E>>> {
-        let mut actors = self.actors.lock();
-        if let Some(addr) = actors.get(entity) {
-            if addr.connected() {
-                return Ok(addr.clone());
-            }
+    /// The address of the entity's actor in `actors` (the registry's map,
+    /// locked), activating it if it has none or its actor has stopped.
+    fn activated<'a>(
+        &self,
+        actors: &'a mut FastMap<EntityKey, Arc<Addr<EntityActor<E>>>>,
+        entity: &EntityKey,
+    ) -> ServiceResult<&'a Arc<Addr<EntityActor<E>>>> {
+        if actors.get(entity).is_some_and(|addr| addr.connected()) {
+            return Ok(&actors[entity]);
         }
         let storage_key = entity.to_string();
         let restore = |snapshot: &Snapshot| Ok((decode::<E::State>(&snapshot.state)?, snapshot.entity_seq));
@@ -575,23 +592,46 @@ impl<E: Entity> Registry<E> {
             stopping: false,
         };
         let arbiter = &self.arbiters[arbiter_of(entity, self.arbiters.len())];
-        let addr = EntityActor::start_in_arbiter(arbiter, move |_| actor);
-        actors.insert(entity.clone(), addr.clone());
+        let addr = EntityActor::start_in_arbiter(arbiter, move |ctx| {
+            // Unbounded, as mailboxes were when every send used a fresh
+            // address (each sender may always add one message): the service
+            // bounds what is in flight (event-id locks, stream windows).
+            ctx.set_mailbox_capacity(0);
+            actor
+        });
         let kind = E::KIND.as_str();
         self.node.metrics.activations.with_label_values(&[kind]).inc();
-        self.node.metrics.active_actors.with_label_values(&[kind]).inc();
-        Ok(addr)
+        if actors.insert(entity.clone(), Arc::new(addr)).is_none() {
+            self.node.metrics.active_actors.with_label_values(&[kind]).inc();
+        } else {
+            // It replaced a stopped actor nobody had removed yet.
+            self.node.metrics.passivations.with_label_values(&[kind]).inc();
+        }
+        Ok(&actors[entity])
     }
 
     /// Forgets `addr` as the actor of `entity` (if it still is).
     fn remove(&self, entity: &EntityKey, addr: &Addr<EntityActor<E>>) {
         let mut actors = self.actors.lock();
-        if actors.get(entity) == Some(addr) {
-            actors.remove(entity);
-            let kind = E::KIND.as_str();
-            self.node.metrics.passivations.with_label_values(&[kind]).inc();
-            self.node.metrics.active_actors.with_label_values(&[kind]).dec();
+        if actors.get(entity).is_some_and(|known| **known == *addr) {
+            self.forgotten(&mut actors, entity);
         }
+    }
+
+    /// Forgets the actor of `entity` if it has stopped (a send met its
+    /// closed mailbox).
+    fn forget_stopped(&self, entity: &EntityKey) {
+        let mut actors = self.actors.lock();
+        if actors.get(entity).is_some_and(|addr| !addr.connected()) {
+            self.forgotten(&mut actors, entity);
+        }
+    }
+
+    fn forgotten(&self, actors: &mut FastMap<EntityKey, Arc<Addr<EntityActor<E>>>>, entity: &EntityKey) {
+        actors.remove(entity);
+        let kind = E::KIND.as_str();
+        self.node.metrics.passivations.with_label_values(&[kind]).inc();
+        self.node.metrics.active_actors.with_label_values(&[kind]).dec();
     }
 
     /// What the actors of this node share.
