@@ -24,6 +24,11 @@ pub fn parse_id(field: &str, text: &str) -> ServiceResult<Id> {
     Id::parse(text).map_err(|error| ServiceError::invalid(field, error.to_string()))
 }
 
+/// [`parse_id`] of a string the id may keep.
+pub fn take_id(field: &str, text: String) -> ServiceResult<Id> {
+    Id::try_from(text).map_err(|error| ServiceError::invalid(field, error.to_string()))
+}
+
 /// Parses an RFC 3339 time into Unix milliseconds.
 pub fn parse_time(field: &str, text: &str) -> ServiceResult<UnixMillis> {
     DateTime::parse_from_rfc3339(text)
@@ -168,10 +173,13 @@ pub const MAX_FUTURE_MILLIS: i64 = 5 * 60 * 1000;
 impl EventRequest {
     /// Validates every field into an [`Event`]; `max_age_millis` is how old
     /// an event may be (tills that were offline send late).
-    pub fn validate(&self, now: UnixMillis, max_age_millis: i64) -> ServiceResult<Event> {
-        let event_id = parse_id("event_id", &self.event_id)?;
-        let customer = parse_id("customer", &self.customer)?;
-        let store = self.store.as_deref().map(|s| parse_id("store", s)).transpose()?;
+    ///
+    /// The request's strings become the event's ids without a copy.
+    pub fn validate(self, now: UnixMillis, max_age_millis: i64) -> ServiceResult<ValidEvent> {
+        let dated = self.at.is_some();
+        let event_id = take_id("event_id", self.event_id)?;
+        let customer = take_id("customer", self.customer)?;
+        let store = self.store.map(|s| take_id("store", s)).transpose()?;
         let kind = EventKind::parse(&self.kind).map_err(|e| ServiceError::invalid("kind", e.to_string()))?;
         let amount_minor = match (self.amount_minor, &kind) {
             (None, EventKind::Purchase) => {
@@ -202,18 +210,26 @@ impl EventRequest {
                 ),
             ));
         }
-        Ok(Event { event_id, customer, store, kind, amount_minor, at })
+        let event = Event { event_id, customer, store, kind, amount_minor, at };
+        Ok(ValidEvent { fingerprint: fingerprint(&event, dated), event })
     }
+}
 
-    /// What makes two requests with the same event id the same request:
-    /// the body as sent (a missing `at` stays missing, so a retry of an
-    /// undated event is still the same event).
-    pub fn fingerprint(&self, event: &Event) -> u64 {
-        let at_as_sent = self.at.as_ref().map(|_| event.at);
-        let canonical =
-            crate::storage::encode(&(&event.customer, &event.store, &event.kind, event.amount_minor, at_as_sent));
-        xxhash_rust::xxh3::xxh3_64(&canonical)
-    }
+/// A valid event, and the fingerprint of the request it came from.
+#[derive(Clone, Debug)]
+pub struct ValidEvent {
+    pub event: Event,
+    pub fingerprint: u64,
+}
+
+/// What makes two requests with the same event id the same request: the
+/// body as sent (a missing `at` stays missing, so a retry of an undated
+/// event is still the same event).
+fn fingerprint(event: &Event, dated: bool) -> u64 {
+    let at_as_sent = dated.then_some(event.at);
+    let canonical =
+        crate::storage::encode(&(&event.customer, &event.store, &event.kind, event.amount_minor, at_as_sent));
+    xxhash_rust::xxh3::xxh3_64(&canonical)
 }
 
 #[derive(utoipa::ToSchema, Clone, Debug, Deserialize)]
@@ -494,13 +510,16 @@ mod tests {
 
     #[test]
     fn fingerprint_keeps_a_missing_time_missing() {
-        let r = request();
-        let first = r.validate(NOW, WEEK).expect("valid");
-        let retry = r.validate(NOW + 60_000, WEEK).expect("valid");
-        assert_eq!(r.fingerprint(&first), r.fingerprint(&retry));
+        let first = request().validate(NOW, WEEK).expect("valid");
+        let retry = request().validate(NOW + 60_000, WEEK).expect("valid");
+        assert_ne!(first.event.at, retry.event.at, "undated events take the server's time");
+        assert_eq!(first.fingerprint, retry.fingerprint);
         let mut other = request();
         other.amount_minor = Some(1);
-        assert_ne!(r.fingerprint(&first), other.fingerprint(&other.validate(NOW, WEEK).expect("valid")));
+        assert_ne!(first.fingerprint, other.validate(NOW, WEEK).expect("valid").fingerprint);
+        let mut dated = request();
+        dated.at = Some(format_time(first.event.at));
+        assert_ne!(first.fingerprint, dated.validate(NOW, WEEK).expect("valid").fingerprint, "a time sent counts");
     }
 
     #[test]

@@ -160,35 +160,36 @@ fn applied_event(reply: Reply<CustomerAnswer>) -> ServiceResult<Applied> {
     Ok(Applied { answer, duplicate, ticket })
 }
 
-/// Where an outbox message goes, and the command that delivers it.
-enum Route {
+/// Where an outbox message goes (its receiver's id), and the command that
+/// delivers it.
+enum Route<'a> {
     /// Its receiver is no longer defined: nothing to deliver.
     Nowhere,
-    Jackpot(EntityKey, JackpotCommand),
-    Leaderboard(EntityKey, LeaderboardCommand),
+    Jackpot(&'a Id, JackpotCommand),
+    Leaderboard(&'a Id, LeaderboardCommand),
     /// A draw: the wheel draws, then the customer settles.
     Wheel,
 }
 
-fn route(message: &OutboxMessage, catalog: &Catalog) -> ServiceResult<Route> {
-    let tenant = parse_id("tenant", &message.tenant)?;
-    Ok(match &message.payload {
+fn route<'a>(message: &'a OutboxMessage, catalog: &Catalog) -> Route<'a> {
+    match &message.payload {
         Payload::Contribution { jackpot, .. } => match catalog.jackpots.get(jackpot) {
-            Some(def) => Route::Jackpot(
-                entity(&tenant, EntityKind::Jackpot, jackpot),
-                JackpotCommand::Contribute { message: message.clone(), def: def.clone() },
-            ),
+            Some(def) => {
+                Route::Jackpot(jackpot, JackpotCommand::Contribute { message: message.clone(), def: def.clone() })
+            }
             None => Route::Nowhere,
         },
         Payload::Score { leaderboard, .. } => match catalog.leaderboards.contains_key(leaderboard) {
-            true => Route::Leaderboard(
-                entity(&tenant, EntityKind::Leaderboard, leaderboard),
-                LeaderboardCommand::Score { message: message.clone() },
-            ),
+            true => Route::Leaderboard(leaderboard, LeaderboardCommand::Score { message: message.clone() }),
             false => Route::Nowhere,
         },
         Payload::WheelDraw { .. } => Route::Wheel,
-    })
+    }
+}
+
+/// The receiver of an outbox message, in its tenant.
+fn receiver(tenant: &str, kind: EntityKind, id: &Id) -> EntityKey {
+    EntityKey::new(tenant, kind, id.as_str())
 }
 
 /// The delivery of a contribution, from its jackpot's reply.
@@ -229,36 +230,41 @@ fn scored(message: &OutboxMessage, reply: Reply<LeaderboardAnswer>) -> ServiceRe
 }
 
 /// Commands for entities, gathered by entity (in the order each first
-/// appears) with the indexes of what they came from.
-struct Calls<C> {
-    slots: FastMap<EntityKey, usize>,
+/// appears, by any key that tells them apart) with the indexes of what they
+/// came from.
+struct Calls<K, C> {
+    slots: FastMap<K, usize>,
     indexes: Vec<Vec<usize>>,
-    calls: Vec<Call<C>>,
+    commands: Vec<Vec<C>>,
 }
 
-impl<C> Default for Calls<C> {
+impl<K, C> Default for Calls<K, C> {
     fn default() -> Self {
-        Self { slots: FastMap::default(), indexes: Vec::new(), calls: Vec::new() }
+        Self { slots: FastMap::default(), indexes: Vec::new(), commands: Vec::new() }
     }
 }
 
-impl<C> Calls<C> {
-    fn add(&mut self, key: EntityKey, index: usize, command: C) {
-        let slot = match self.slots.get(&key) {
-            Some(&slot) => slot,
-            None => {
-                self.slots.insert(key.clone(), self.calls.len());
-                self.calls.push((key, Vec::new()));
-                self.indexes.push(Vec::new());
-                self.calls.len() - 1
-            }
-        };
+impl<K: std::hash::Hash + Eq, C> Calls<K, C> {
+    fn add(&mut self, key: K, index: usize, command: C) {
+        let next = self.commands.len();
+        let slot = *self.slots.entry(key).or_insert(next);
+        if slot == next {
+            self.indexes.push(Vec::new());
+            self.commands.push(Vec::new());
+        }
         self.indexes[slot].push(index);
-        self.calls[slot].1.push(command);
+        self.commands[slot].push(command);
     }
 
-    fn split(self) -> (Vec<Vec<usize>>, Vec<Call<C>>) {
-        (self.indexes, self.calls)
+    /// The indexes and the calls, in the order their entities first
+    /// appeared; `entity` makes each entity's key from its own.
+    fn split(self, entity: impl Fn(K) -> EntityKey) -> (Vec<Vec<usize>>, Vec<Call<C>>) {
+        let mut keys: Vec<Option<EntityKey>> = self.commands.iter().map(|_| None).collect();
+        for (key, slot) in self.slots {
+            keys[slot] = Some(entity(key));
+        }
+        let calls = keys.into_iter().map(|key| key.expect("every slot has its key")).zip(self.commands).collect();
+        (self.indexes, calls)
     }
 }
 
@@ -540,7 +546,9 @@ impl Service {
         request: api::EventRequest,
     ) -> ServiceResult<api::EventAnswer> {
         let (_, entry) = self.authorise(key, tenant, &[Role::Pos])?;
-        self.record_validated(&entry, &request).await
+        let catalog = entry.catalog();
+        let valid = self.admit(&catalog, request)?;
+        self.record_admitted(&entry, catalog, valid).await
     }
 
     /// Records many events of one tenant (a stream's run), each with its own
@@ -558,30 +566,29 @@ impl Service {
     }
 
     /// Validates one event against the clock and the tenant's catalog.
-    fn admit(&self, catalog: &Catalog, request: &api::EventRequest) -> ServiceResult<bazaar_games::event::Event> {
+    fn admit(&self, catalog: &Catalog, request: api::EventRequest) -> ServiceResult<api::ValidEvent> {
         let max_age = i64::try_from(self.config.max_event_age.as_millis()).unwrap_or(i64::MAX);
-        let event = request.validate(now_millis(), max_age)?;
-        if let Some(store) = &event.store {
+        let valid = request.validate(now_millis(), max_age)?;
+        if let Some(store) = &valid.event.store {
             if !catalog.stores.contains_key(store) {
                 return Err(not_found_field("store", "store", store));
             }
         }
-        Ok(event)
+        Ok(valid)
     }
 
-    async fn record_validated(
+    /// Records one admitted event (of `catalog`, the tenant's).
+    async fn record_admitted(
         &self,
         entry: &TenantEntry,
-        request: &api::EventRequest,
+        catalog: Arc<Catalog>,
+        api::ValidEvent { event, fingerprint }: api::ValidEvent,
     ) -> ServiceResult<api::EventAnswer> {
-        let catalog = entry.catalog();
-        let event = self.admit(&catalog, request)?;
         let tenant = &entry.tenant.id;
         // One request per event id at a time: a second request with the
         // same id, even for another customer (another actor), waits and then
         // meets the first one's idempotency record.
         let _in_flight = self.in_flight.acquire(self.in_flight.key(tenant, EVENT_SCOPE, &event.event_id)).await;
-        let fingerprint = request.fingerprint(&event);
         let customer_key = entity(tenant, EntityKind::Customer, &event.customer);
         let (event_id, kind) = (event.event_id.clone(), kind_label(&event.kind));
         let reply = self
@@ -629,18 +636,18 @@ impl Service {
         // ids only sends the second one the way of a repeated id.
         let mut keys = crate::FastSet::default();
         for (index, request) in requests.into_iter().enumerate() {
-            match request.and_then(|request| self.admit(&catalog, &request).map(|event| (request, event))) {
+            match request.and_then(|request| self.admit(&catalog, request)) {
                 Err(error) => results[index] = Some(Err(error)),
-                Ok((request, event)) if !keys.insert(self.in_flight.key(tenant, EVENT_SCOPE, &event.event_id)) => {
-                    repeated.push((index, request))
+                Ok(valid) if !keys.insert(self.in_flight.key(tenant, EVENT_SCOPE, &valid.event.event_id)) => {
+                    repeated.push((index, valid))
                 }
-                Ok((request, event)) => admitted.push((index, request.fingerprint(&event), event)),
+                Ok(api::ValidEvent { event, fingerprint }) => admitted.push((index, fingerprint, event)),
             }
         }
         let guards = self.in_flight.acquire_all(keys.into_iter().collect()).await;
 
         // The events go to their customers; what their answers need stays.
-        let mut calls: Calls<CustomerCommand> = Calls::default();
+        let mut calls: Calls<EntityKey, CustomerCommand> = Calls::default();
         let admitted: Vec<(usize, Id, &'static str)> = admitted
             .into_iter()
             .enumerate()
@@ -651,7 +658,7 @@ impl Service {
                 kept
             })
             .collect();
-        let (positions, calls) = calls.split();
+        let (positions, calls) = calls.split(|key| key);
         let mut applied: Vec<Option<ServiceResult<Applied>>> = admitted.iter().map(|_| None).collect();
         for (at, replies) in positions.into_iter().zip(self.customers.call_each(calls).await) {
             spread(&mut applied, at, replies, |_, reply| applied_event(reply));
@@ -717,8 +724,8 @@ impl Service {
             tracing::warn!(%error, "outbox acknowledgements not queued");
         }
         drop(guards);
-        for (index, request) in repeated {
-            results[index] = Some(self.record_validated(entry, &request).await);
+        for (index, valid) in repeated {
+            results[index] = Some(self.record_admitted(entry, catalog.clone(), valid).await);
         }
         results
             .into_iter()
@@ -794,10 +801,16 @@ impl Service {
 
     /// Delivers one outbox message to its receiver.
     async fn deliver(&self, message: &OutboxMessage, catalog: &Catalog) -> ServiceResult<Delivery> {
-        match route(message, catalog)? {
+        match route(message, catalog) {
             Route::Nowhere => Ok(Delivery::default()),
-            Route::Jackpot(key, command) => contributed(message, self.jackpots.call(&key, command).await?),
-            Route::Leaderboard(key, command) => scored(message, self.leaderboards.call(&key, command).await?),
+            Route::Jackpot(id, command) => {
+                let key = receiver(&message.tenant, EntityKind::Jackpot, id);
+                contributed(message, self.jackpots.call(&key, command).await?)
+            }
+            Route::Leaderboard(id, command) => {
+                let key = receiver(&message.tenant, EntityKind::Leaderboard, id);
+                scored(message, self.leaderboards.call(&key, command).await?)
+            }
             Route::Wheel => {
                 let (_, ticket) = self.settle_draw(message, catalog).await?;
                 Ok(Delivery { ticket, ..Delivery::default() })
@@ -810,20 +823,21 @@ impl Service {
     /// Answers in the messages' order.
     async fn deliver_many(&self, messages: &[&OutboxMessage], catalog: &Catalog) -> Vec<ServiceResult<Delivery>> {
         let mut results: Vec<Option<ServiceResult<Delivery>>> = messages.iter().map(|_| None).collect();
-        let mut jackpots: Calls<JackpotCommand> = Calls::default();
-        let mut leaderboards: Calls<LeaderboardCommand> = Calls::default();
+        // By receiver, borrowed: a key is made once per receiver, not per message.
+        let mut jackpots: Calls<(&str, &Id), JackpotCommand> = Calls::default();
+        let mut leaderboards: Calls<(&str, &Id), LeaderboardCommand> = Calls::default();
         let mut draws = Vec::new();
         for (index, message) in messages.iter().enumerate() {
             match route(message, catalog) {
-                Err(error) => results[index] = Some(Err(error)),
-                Ok(Route::Nowhere) => results[index] = Some(Ok(Delivery::default())),
-                Ok(Route::Jackpot(key, command)) => jackpots.add(key, index, command),
-                Ok(Route::Leaderboard(key, command)) => leaderboards.add(key, index, command),
-                Ok(Route::Wheel) => draws.push(index),
+                Route::Nowhere => results[index] = Some(Ok(Delivery::default())),
+                Route::Jackpot(id, command) => jackpots.add((&message.tenant, id), index, command),
+                Route::Leaderboard(id, command) => leaderboards.add((&message.tenant, id), index, command),
+                Route::Wheel => draws.push(index),
             }
         }
-        let (jackpot_at, jackpot_calls) = jackpots.split();
-        let (leaderboard_at, leaderboard_calls) = leaderboards.split();
+        let (jackpot_at, jackpot_calls) = jackpots.split(|(tenant, id)| receiver(tenant, EntityKind::Jackpot, id));
+        let (leaderboard_at, leaderboard_calls) =
+            leaderboards.split(|(tenant, id)| receiver(tenant, EntityKind::Leaderboard, id));
         let (jackpot_replies, leaderboard_replies) = futures_util::future::join(
             self.jackpots.call_each(jackpot_calls),
             self.leaderboards.call_each(leaderboard_calls),
