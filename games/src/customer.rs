@@ -153,12 +153,13 @@ impl Customer {
         let mut outcome = EventOutcome::default();
         self.record_stats(event);
         let campaigns = catalog.campaigns_for(event);
-        let tier_before = self.tier.clone();
-        let mut points_by_campaign: BTreeMap<Id, i64> = BTreeMap::new();
+        // Per-event tallies key by the catalog's ids, borrowed.
+        let mut points_by_campaign: BTreeMap<&Id, i64> = BTreeMap::new();
+        let tier_before = self.tier.as_deref();
         for campaign_id in &campaigns {
             let campaign = &catalog.campaigns[*campaign_id];
-            let points = campaign.points_for(event, tier_before.as_deref());
-            *points_by_campaign.entry((*campaign_id).clone()).or_insert(0) += points;
+            let points = campaign.points_for(event, tier_before);
+            *points_by_campaign.entry(*campaign_id).or_insert(0) += points;
         }
 
         for (wheel_id, wheel) in &catalog.wheels {
@@ -172,12 +173,12 @@ impl Customer {
         }
 
         let category = catalog.category_of(event.store.as_ref());
-        let mut missions_completed: BTreeMap<Id, i64> = BTreeMap::new();
+        let mut missions_completed: BTreeMap<&Id, i64> = BTreeMap::new();
         for (mission_id, def) in &catalog.missions {
             if !campaigns.contains(&&def.campaign) {
                 continue;
             }
-            let progress = self.missions.entry(mission_id.clone()).or_default();
+            let progress = slot(&mut self.missions, mission_id);
             let Some(advance) = mission::advance(def, progress, event, category) else {
                 continue;
             };
@@ -191,11 +192,11 @@ impl Customer {
                 outcome.steps_completed.push(mission_id.clone());
             }
             if advance.mission_completed {
-                *missions_completed.entry(def.campaign.clone()).or_insert(0) += 1;
+                *missions_completed.entry(&def.campaign).or_insert(0) += 1;
             }
             let run = progress.completions;
             for (index, reward) in advance.rewards.iter().enumerate() {
-                *points_by_campaign.entry(def.campaign.clone()).or_insert(0) += reward.points;
+                *points_by_campaign.entry(&def.campaign).or_insert(0) += reward.points;
                 self.grant_reward(
                     reward,
                     mission_id,
@@ -208,15 +209,17 @@ impl Customer {
 
         for (campaign, points) in &points_by_campaign {
             outcome.points_earned = outcome.points_earned.saturating_add(*points);
-            let total = self.campaign_points.entry(campaign.clone()).or_insert(0);
+            let total = slot(&mut self.campaign_points, campaign);
             *total = total.saturating_add(*points);
         }
         self.credit_points(outcome.points_earned);
         for (wheel, spins) in &outcome.spins_granted {
-            *self.spins.entry(wheel.clone()).or_insert(0) += spins;
+            *slot(&mut self.spins, wheel) += spins;
         }
         if let Some(tier) = campaigns.iter().filter_map(|c| catalog.campaigns[*c].tier_for(self.points_earned)).next() {
-            self.tier = Some(tier.to_owned());
+            if self.tier.as_deref() != Some(tier) {
+                self.tier = Some(tier.to_owned());
+            }
         }
 
         if event.kind.is_purchase() {
@@ -360,6 +363,16 @@ impl Customer {
         }
         true
     }
+}
+
+/// The value of `key` in `map`, inserted as the default if missing. The key
+/// is cloned only then: `entry` takes it owned, which cloned an id at every
+/// event for every mission, campaign and wheel it touched.
+fn slot<'m, K: Ord + Clone, V: Default>(map: &'m mut BTreeMap<K, V>, key: &K) -> &'m mut V {
+    if !map.contains_key(key) {
+        map.insert(key.clone(), V::default());
+    }
+    map.get_mut(key).expect("present or just inserted")
 }
 
 #[cfg(test)]

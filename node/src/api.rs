@@ -227,9 +227,7 @@ pub struct ValidEvent {
 /// event is still the same event).
 fn fingerprint(event: &Event, dated: bool) -> u64 {
     let at_as_sent = dated.then_some(event.at);
-    let canonical =
-        crate::storage::encode(&(&event.customer, &event.store, &event.kind, event.amount_minor, at_as_sent));
-    xxhash_rust::xxh3::xxh3_64(&canonical)
+    crate::storage::hash_encoded(&(&event.customer, &event.store, &event.kind, event.amount_minor, at_as_sent))
 }
 
 #[derive(utoipa::ToSchema, Clone, Debug, Deserialize)]

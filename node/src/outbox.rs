@@ -133,6 +133,6 @@ impl OutboxMessage {
 
     /// A fingerprint of the message, for the receiver's idempotency check.
     pub fn fingerprint(&self) -> u64 {
-        xxhash_rust::xxh3::xxh3_64(&encode(&self.payload))
+        crate::storage::hash_encoded(&self.payload)
     }
 }

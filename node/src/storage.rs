@@ -57,6 +57,25 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     bytes
 }
 
+/// The xxh3 hash of what [`encode`] makes of `value`, without making it
+/// (fingerprints of requests and messages, one per event).
+pub fn hash_encoded<T: Serialize + ?Sized>(value: &T) -> u64 {
+    struct Hashing(xxhash_rust::xxh3::Xxh3);
+    impl std::io::Write for Hashing {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.update(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut hashing = Hashing(xxhash_rust::xxh3::Xxh3::new());
+    hashing.0.update(&[FORMAT_VERSION]);
+    bincode::serialize_into(&mut hashing, value).expect("bincode serialises every type stored by Bazaar");
+    hashing.0.digest()
+}
+
 /// Byte strings as bincode bytes (a length, then a copy) rather than a
 /// sequence of `u8`s serialised one by one: the same bytes on disk, read
 /// and written many times faster. For `#[serde(with = "...")]`.
@@ -411,6 +430,13 @@ pub fn key(parts: &[&str]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hash_of_the_encoding_is_the_hash_of_the_bytes() {
+        for value in [(0u64, String::new()), (42, "x".to_owned()), (u64::MAX, "y".repeat(1_000))] {
+            assert_eq!(hash_encoded(&value), xxhash_rust::xxh3::xxh3_64(&encode(&value)));
+        }
+    }
 
     #[test]
     fn values_carry_their_format_version() {
