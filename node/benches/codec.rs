@@ -1,14 +1,16 @@
 //! What the node writes per event: encoding one journal entry (a
 //! customer's post-image, its idempotency record and two outbox messages),
 //! a group-commit batch of 64 entries, and a snapshot of a 100,000-member
-//! leaderboard. `cargo bench -p bazaar-node --bench codec`.
+//! leaderboard; and a message's fingerprint, which every receiver computes
+//! (against encoding into a new buffer and hashing that).
+//! `cargo bench -p bazaar-node --bench codec`.
 
 use bazaar_games::customer::Customer;
 use bazaar_games::leaderboard::Leaderboard;
 use bazaar_games::Id;
 use bazaar_node::journal::{JournalEntry, Snapshot};
 use bazaar_node::outbox::OutboxMessage;
-use bazaar_node::storage::encode;
+use bazaar_node::storage::{encode, hash_encoded};
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 
 fn id(text: &str) -> Id {
@@ -42,6 +44,13 @@ fn codec(c: &mut Criterion) {
     c.bench_function("journal/encode_entry", |b| b.iter(|| black_box(encode(&one))));
     let batch: Vec<JournalEntry> = (0..64).map(entry).collect();
     c.bench_function("journal/encode_batch_64", |b| b.iter(|| black_box(encode(&batch))));
+
+    let score = OutboxMessage::score("mall", &id("till-7-00000001"), &id("lb-spend"), &id("c-42"), 125_000, 0);
+    assert_eq!(hash_encoded(&score.payload), xxhash_rust::xxh3::xxh3_64(&encode(&score.payload)));
+    c.bench_function("fingerprint/score", |b| b.iter(|| black_box(score.fingerprint())));
+    c.bench_function("fingerprint/score_new_buffer", |b| {
+        b.iter(|| black_box(xxhash_rust::xxh3::xxh3_64(&encode(&score.payload))))
+    });
 
     let mut board = Leaderboard::default();
     for n in 0..100_000u64 {
