@@ -611,9 +611,9 @@ impl<E: Entity> Registry<E> {
         };
         let arbiter = &self.arbiters[arbiter_of(entity, self.arbiters.len())];
         let addr = EntityActor::start_in_arbiter(arbiter, move |ctx| {
-            // Unbounded, as mailboxes were when every send used a fresh
-            // address (each sender may always add one message): the service
-            // bounds what is in flight (event-id locks, stream windows).
+            // Unbounded, as mailboxes in effect were when every send used a
+            // fresh address (a sender may always add one message): with one
+            // shared sender, a bound would park it for every caller.
             ctx.set_mailbox_capacity(0);
             actor
         });
