@@ -441,7 +441,7 @@ impl<E: Entity> Registry<E> {
 
     /// Sends `command` to the entity's actor, activating it if needed.
     pub async fn call(&self, entity: &EntityKey, command: E::Command) -> ServiceResult<Reply<E::Answer>> {
-        self.send(entity, command, Request::<E>).await?
+        self.send(entity, Arc::new(Mutex::new(Some(command))), Request::<E>).await?
     }
 
     /// Sends each entity its commands as one message, all of them before
@@ -470,32 +470,17 @@ impl<E: Entity> Registry<E> {
                 Err(error) => Err(error),
                 Ok(request) => match self.answered(&entity, &parcel, request.await) {
                     Sent::Answered(answer) => answer,
-                    Sent::Again => self.send_parcel(&entity, parcel, Requests::<E>).await,
+                    Sent::Again => self.send(&entity, parcel, Requests::<E>).await,
                 },
             });
         }
         answers
     }
 
-    /// Sends `payload`, in the message `wrap` makes of its parcel, to the
-    /// entity's actor, activating it if needed, and again to a fresh
-    /// activation if the actor had just stopped without taking it.
+    /// Sends `parcel`, in the message `wrap` makes of it, to the entity's
+    /// actor, activating it if needed, and again to a fresh activation if
+    /// the actor had just stopped without taking it.
     async fn send<T, M>(
-        &self,
-        entity: &EntityKey,
-        payload: T,
-        wrap: impl Fn(Parcel<T>) -> M,
-    ) -> ServiceResult<M::Result>
-    where
-        M: Message + Send + 'static,
-        M::Result: Send,
-        EntityActor<E>: Handler<M>,
-        <EntityActor<E> as Actor>::Context: actix::dev::ToEnvelope<EntityActor<E>, M>,
-    {
-        self.send_parcel(entity, Arc::new(Mutex::new(Some(payload))), wrap).await
-    }
-
-    async fn send_parcel<T, M>(
         &self,
         entity: &EntityKey,
         parcel: Parcel<T>,
