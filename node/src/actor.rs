@@ -595,13 +595,17 @@ impl<E: Entity> Registry<E> {
             stopping: false,
         };
         let arbiter = &self.arbiters[arbiter_of(entity, self.arbiters.len())];
-        let addr = EntityActor::start_in_arbiter(arbiter, move |ctx| {
-            // Unbounded, as mailboxes in effect were when every send used a
-            // fresh address (a sender may always add one message): with one
-            // shared sender, a bound would park it for every caller.
-            ctx.set_mailbox_capacity(0);
-            actor
+        // As `Actor::start_in_arbiter` does, but with an unbounded mailbox
+        // from its first message: mailboxes in effect were unbounded when
+        // every send used a fresh address (a sender may always add one
+        // message), and with one shared sender a bound would park it for
+        // every caller.
+        let (sender, mailbox) = actix::dev::channel::channel(0);
+        arbiter.spawn_fn(move || {
+            let context = Context::with_receiver(mailbox);
+            actix_rt::spawn(context.into_future(actor));
         });
+        let addr = Addr::new(sender);
         let kind = E::KIND.as_str();
         self.node.metrics.activations.with_label_values(&[kind]).inc();
         if actors.insert(entity.clone(), Arc::new(addr)).is_none() {
