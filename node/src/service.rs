@@ -187,11 +187,6 @@ fn route<'a>(message: &'a OutboxMessage, catalog: &Catalog) -> Route<'a> {
     }
 }
 
-/// The receiver of an outbox message, in its tenant.
-fn receiver(tenant: &str, kind: EntityKind, id: &Id) -> EntityKey {
-    EntityKey::new(tenant, kind, id.as_str())
-}
-
 /// The delivery of a contribution, from its jackpot's reply.
 fn contributed(message: &OutboxMessage, reply: Reply<JackpotAnswer>) -> ServiceResult<Delivery> {
     let Payload::Contribution { jackpot, .. } = &message.payload else {
@@ -294,8 +289,10 @@ fn spread<A, T>(
     }
 }
 
-fn entity(tenant: &Id, kind: EntityKind, id: &Id) -> EntityKey {
-    EntityKey::new(tenant.as_str(), kind, id.as_str())
+/// The key of an entity of a tenant (an `Id`, or an outbox message's
+/// tenant as written).
+fn entity(tenant: impl AsRef<str>, kind: EntityKind, id: &Id) -> EntityKey {
+    EntityKey::new(tenant.as_ref(), kind, id.as_str())
 }
 
 impl Service {
@@ -804,11 +801,11 @@ impl Service {
         match route(message, catalog) {
             Route::Nowhere => Ok(Delivery::default()),
             Route::Jackpot(id, command) => {
-                let key = receiver(&message.tenant, EntityKind::Jackpot, id);
+                let key = entity(&message.tenant, EntityKind::Jackpot, id);
                 contributed(message, self.jackpots.call(&key, command).await?)
             }
             Route::Leaderboard(id, command) => {
-                let key = receiver(&message.tenant, EntityKind::Leaderboard, id);
+                let key = entity(&message.tenant, EntityKind::Leaderboard, id);
                 scored(message, self.leaderboards.call(&key, command).await?)
             }
             Route::Wheel => {
@@ -835,9 +832,9 @@ impl Service {
                 Route::Wheel => draws.push(index),
             }
         }
-        let (jackpot_at, jackpot_calls) = jackpots.split(|(tenant, id)| receiver(tenant, EntityKind::Jackpot, id));
+        let (jackpot_at, jackpot_calls) = jackpots.split(|(tenant, id)| entity(tenant, EntityKind::Jackpot, id));
         let (leaderboard_at, leaderboard_calls) =
-            leaderboards.split(|(tenant, id)| receiver(tenant, EntityKind::Leaderboard, id));
+            leaderboards.split(|(tenant, id)| entity(tenant, EntityKind::Leaderboard, id));
         let (jackpot_replies, leaderboard_replies) = futures_util::future::join(
             self.jackpots.call_each(jackpot_calls),
             self.leaderboards.call_each(leaderboard_calls),
