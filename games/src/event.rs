@@ -91,12 +91,6 @@ impl TryFrom<String> for EventKind {
     }
 }
 
-impl From<EventKind> for String {
-    fn from(kind: EventKind) -> Self {
-        kind.to_string()
-    }
-}
-
 #[cfg(feature = "openapi")]
 impl utoipa::PartialSchema for EventKind {
     fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
