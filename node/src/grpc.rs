@@ -611,7 +611,7 @@ impl pb::game_service_server::GameService for Grpc {
         let r = request.into_inner();
         let after = (r.after != 0).then_some(r.after);
         let limit = (r.limit != 0).then_some(r.limit);
-        let answer = self.service.audit(key.as_deref(), &r.tenant, &r.kind, &r.id, after, limit);
+        let answer = self.service.audit(key.as_deref(), &r.tenant, &r.kind, &r.id, after, limit).await;
         reply(answer.map(|a| pb::AuditRecords { records: a.records.iter().map(Value::to_string).collect() }))
     }
 }

@@ -515,7 +515,7 @@ pub(crate) async fn get_audit(
 ) -> HttpResult<Json<api::AuditAnswer>> {
     let after = query_u32(&query, "after")?;
     let limit = query_u32(&query, "limit")?;
-    Ok(Json(s.service.audit(bearer(&headers), &tenant, &kind, &id, after, limit)?))
+    Ok(Json(s.service.audit(bearer(&headers), &tenant, &kind, &id, after, limit).await?))
 }
 
 /// Server-Sent Events of a jackpot: `pool` (coalesced to ten a second) and

@@ -1,40 +1,48 @@
 //! The journal writer: group commit of every entry that arrived since the
-//! last flush, as one sled value, with one flush.
+//! last commit, as one record of the journal's segment files
+//! ([`crate::wal`]), with one `fdatasync`.
 //!
 //! Actors never wait for it. An actor applies a message, hands the entry to
 //! [`Journal::submit`] and gets a [`Ticket`] back at once; whoever answers
-//! the client waits with [`Journal::durable`] until the writer has flushed
+//! the client waits with [`Journal::durable`] until the writer has synced
 //! that ticket. Tickets are handed out under the same lock that queues the
 //! entry, so the journal's order is the tickets' order, and "ticket `t` is
 //! durable" means every ticket up to `t` is.
 //!
-//! The writer is one OS thread (flushing blocks), looping:
+//! The writer is one OS thread (syncing blocks), looping:
 //! 1. take every queued operation;
-//! 2. append all entries as one `journal` batch (key: batch sequence, then
-//!    part: see [`PART_BYTES`]),
+//! 2. encode the entries as the next batch and hand it to the flusher
+//!    thread ([`Flusher`]), which appends it to the newest segment and
+//!    syncs it;
+//! 3. meanwhile, do the last commit's work on sled ([`Writer::apply`]):
 //!    delete acknowledged outbox messages, index the outbox messages
 //!    earlier batches left undelivered for [`CARRY_COMMITS`] commits (see
-//!    [`Indexer`]), and do some
-//!    background work: write queued snapshots, move the checkpoint once the
-//!    snapshots queued before it are written, delete batches below it.
-//!    While entries come in, background work takes at most a tenth of the
-//!    writer's time, so a checkpoint's hundred thousand snapshots do not
-//!    hold answers up;
-//! 3. flush once, on a thread of its own ([`Flusher`]), and meanwhile
-//! 4. write the indexes derived from the entries: the audit, in sled's
-//!    memory at once and durable with this flush or the next, and the
-//!    seen ids, in the [`crate::seen`] index's memtable, durable once a
-//!    run holds them; recovery rebuilds both from the journal if the node
-//!    dies first;
-//! 5. once both are done, publish the durable ticket and release whoever
-//!    waited.
+//!    [`Indexer`]), write the indexes derived from its entries (the audit,
+//!    and the seen ids in the [`crate::seen`] index's memtable, durable
+//!    once a run holds them), release its idempotency records, and do
+//!    some background work: write queued snapshots, move the checkpoint
+//!    once the snapshots queued before it are written, delete segments
+//!    below it. While entries come in, background work takes at most a
+//!    tenth of the writer's time, so a checkpoint's hundred thousand
+//!    snapshots do not hold answers up;
+//! 4. once the batch is durable, publish its ticket and release whoever
+//!    waited; its own work on sled is done in the next commit, or at once
+//!    if none comes.
 //!
-//! If a flush fails the writer stops and the node answers 503 from then on:
-//! actors may hold state the disk does not, and only a restart (recovery
-//! from the journal) makes the two agree again.
+//! Nothing reaches sled before the batch it derives from is durable: sled
+//! makes its writes durable on its own schedule too, and nothing durable
+//! there may refer to an entry a crash could still take. sled is not
+//! flushed per commit: what a crash takes of its writes is rebuilt by
+//! recovery from the journal, after the last batch sled had indexed
+//! ([`INDEXED_KEY`]). A checkpoint flushes it before the segments it
+//! covers are deleted.
+//!
+//! If a write or a sync fails the writer stops and the node answers 503 from
+//! then on: actors may hold state the disk does not, and only a restart
+//! (recovery from the journal) makes the two agree again.
 
 use crate::storage::{decode, encode, StorageError, StorageResult, Store};
-use crate::{FastMap, FastSet};
+use crate::{wal, FastMap, FastSet};
 use bazaar_observability::Metrics;
 use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
@@ -118,6 +126,9 @@ struct Shared {
     queue: Mutex<Queue>,
     wake: Condvar,
     durable: watch::Sender<Durability>,
+    /// The last ticket whose commit's work on sled is done (its indexes
+    /// are readable): what readers of the derived trees wait for.
+    indexed: watch::Sender<Ticket>,
     /// Snapshots the writer holds and has not written yet.
     snapshot_backlog: AtomicUsize,
 }
@@ -125,10 +136,12 @@ struct Shared {
 impl Shared {
     fn new() -> Arc<Self> {
         let (durable, _) = watch::channel(Durability { ticket: 0, failed: false });
+        let (indexed, _) = watch::channel(0);
         Arc::new(Shared {
             queue: Mutex::new(Queue { next_ticket: 1, ops: Vec::new(), closed: false }),
             wake: Condvar::new(),
             durable,
+            indexed,
             snapshot_backlog: AtomicUsize::new(0),
         })
     }
@@ -144,6 +157,12 @@ pub struct Journal {
 /// The key under `meta` of the first batch not yet covered by snapshots.
 pub const CHECKPOINT_KEY: &[u8] = b"journal_checkpoint";
 
+/// The key under `meta` of the last batch whose derived writes (indexes,
+/// carried outbox messages) the writer made in sled. Recovery indexes
+/// again the batches after it, and the [`CARRY_COMMITS`] before it whose
+/// carried messages it may not have written yet.
+pub const INDEXED_KEY: &[u8] = b"journal_indexed";
+
 impl Journal {
     /// Starts the writer thread, appending from batch `next_seq` on.
     /// `patience`: once the last checkpoint moved this long ago, background
@@ -155,9 +174,22 @@ impl Journal {
         next_seq: u64,
         patience: Duration,
     ) -> StorageResult<(Self, std::thread::JoinHandle<()>)> {
+        Self::start_with(store, metrics, next_seq, patience, wal::SEGMENT_BYTES)
+    }
+
+    /// [`Journal::start`] with segments of `segment_bytes` (tests use
+    /// small ones).
+    fn start_with(
+        store: Store,
+        metrics: Arc<Metrics>,
+        next_seq: u64,
+        patience: Duration,
+        segment_bytes: u64,
+    ) -> StorageResult<(Self, std::thread::JoinHandle<()>)> {
         let shared = Shared::new();
         let seen = store.seen.clone();
-        let writer = Writer::new(store, metrics, shared.clone(), next_seq, patience)?;
+        let appender = wal::Appender::open_with(&store.journal_dir, next_seq, segment_bytes)?;
+        let writer = Writer::new(store, appender, metrics, shared.clone(), next_seq, patience)?;
         let thread = std::thread::Builder::new()
             .name("journal-writer".into())
             .spawn(move || writer.run())
@@ -266,6 +298,19 @@ impl Journal {
         }
     }
 
+    /// Waits until every durable entry's derived writes (audit, outbox,
+    /// idempotency index) are in sled, so that a read of those trees sees
+    /// what every answer given so far caused.
+    pub async fn indexed(&self) -> StorageResult<()> {
+        let durable = self.durable_ticket();
+        let mut indexed = self.shared.indexed.subscribe();
+        let mut durability = self.shared.durable.subscribe();
+        tokio::select! {
+            reached = indexed.wait_for(|indexed| durable <= *indexed) => reached.map(drop).map_err(|_| writer_gone()),
+            _ = durability.wait_for(|d| d.failed) => Err(writer_gone()),
+        }
+    }
+
     /// Whether the writer holds more than a commit's slice of snapshots
     /// not written yet (after a checkpoint's request): an actor that
     /// passivated now would wait for them all, its mailbox closed.
@@ -297,13 +342,16 @@ fn writer_gone() -> StorageError {
 
 struct Writer {
     store: Store,
+    /// Appends and syncs batches on a thread of its own.
     flusher: Flusher,
     metrics: Arc<Metrics>,
     shared: Arc<Shared>,
+    /// The number the next batch gets.
     next_seq: u64,
     indexer: Indexer,
-    /// Batches below this are covered by snapshots and go, a slice per
-    /// commit ([`TRIM_SLICE`]).
+    /// Batches a node before the segment files left in the sled tree below
+    /// this are covered by snapshots and go, a slice per commit
+    /// ([`TRIM_SLICE`]).
     trim_below: u64,
     /// Snapshots not written yet, in the order they came; a slice goes per
     /// commit ([`SNAPSHOT_SLICE`]).
@@ -348,9 +396,9 @@ struct QueuedSnapshot {
     done: Option<oneshot::Sender<()>>,
 }
 
-/// Old batches deleted per commit. A checkpoint after 30 s at ten thousand
-/// events a second leaves tens of thousands of them; deleted in one commit,
-/// they held every answer up for half a second.
+/// Old batches of the sled tree deleted per commit. A checkpoint after
+/// 30 s at ten thousand events a second left tens of thousands of them;
+/// deleted in one commit, they held every answer up for half a second.
 const TRIM_SLICE: usize = 256;
 
 /// Snapshots written per commit at most. A checkpoint asks every changed
@@ -379,17 +427,19 @@ const BACKGROUND_PACE: Duration = Duration::from_millis(1);
 impl Writer {
     fn new(
         store: Store,
+        appender: wal::Appender,
         metrics: Arc<Metrics>,
         shared: Arc<Shared>,
         next_seq: u64,
         patience: Duration,
     ) -> StorageResult<Self> {
-        // Batches below the checkpoint that a crash left undeleted go
-        // first, a slice at a time.
+        // Batches below the checkpoint that a crash left undeleted go: the
+        // segments at once, the sled tree's a slice at a time.
         let trim_below = read_checkpoint(&store)?;
+        wal::trim(&store.journal_dir, trim_below)?;
         Ok(Writer {
             indexer: Indexer::writing(&store)?,
-            flusher: Flusher::start(store.clone())?,
+            flusher: Flusher::start(appender)?,
             store,
             metrics,
             shared,
@@ -408,10 +458,22 @@ impl Writer {
     }
 
     fn run(mut self) {
-        loop {
+        // The last commit's work on sled, done while the next commit's
+        // batch is written and synced, or at once when none comes.
+        let mut deferred: Option<Deferred> = None;
+        let stopped = loop {
             let ops = {
                 let mut queue = self.shared.queue.lock();
                 self.closing = queue.closed;
+                if queue.ops.is_empty() {
+                    if let Some(last) = deferred.take() {
+                        drop(queue);
+                        match self.apply(last) {
+                            Ok(()) => continue,
+                            Err(error) => break Err(error),
+                        }
+                    }
+                }
                 while queue.ops.is_empty() && !queue.closed {
                     if self.snapshots.is_empty() && !self.trimming() {
                         self.shared.wake.wait(&mut queue);
@@ -422,22 +484,25 @@ impl Writer {
                     }
                 }
                 if queue.ops.is_empty() && queue.closed && self.snapshots.is_empty() && self.checkpoints.is_empty() {
-                    break;
+                    break Ok(());
                 }
                 std::mem::take(&mut queue.ops)
             };
-            if let Err(error) = self.commit(ops) {
-                tracing::error!(%error, "journal commit failed; the node stops accepting writes");
-                self.shared.durable.send_modify(|d| d.failed = true);
-                return;
+            if let Err(error) = self.commit(ops, &mut deferred) {
+                break Err(error);
             }
+        };
+        if let Err(error) = stopped {
+            tracing::error!(%error, "journal commit failed; the node stops accepting writes");
+            self.shared.durable.send_modify(|d| d.failed = true);
+            return;
         }
         match self.indexer.finish(&self.store) {
             Ok(added) => self.metrics.outbox_backlog.add(added),
             Err(error) => tracing::error!(%error, "indexing the last outbox messages failed; recovery will"),
         }
         if let Err(error) = self.store.flush() {
-            tracing::error!(%error, "final journal flush failed");
+            tracing::error!(%error, "final flush of the derived indexes failed; recovery will rebuild them");
         }
     }
 
@@ -467,7 +532,7 @@ impl Writer {
 
     /// Writes queued snapshots, in order, as far as `budget` allows (a
     /// barrier costs nothing).
-    fn write_snapshots(&mut self, budget: &Budget, after_flush: &mut Vec<AfterFlush>) -> StorageResult<()> {
+    fn write_snapshots(&mut self, budget: &Budget, replies: &mut Vec<Reply>) -> StorageResult<()> {
         let mut written = 0;
         while written < SNAPSHOT_SLICE && !budget.spent() {
             let Some(snapshot) = self.snapshots.pop_front() else { break };
@@ -476,12 +541,13 @@ impl Writer {
                 self.store.snapshots.insert(key, value)?;
                 written += 1;
             }
-            after_flush.push(AfterFlush::Done(snapshot.done));
+            replies.push(Reply::Done(snapshot.done));
         }
         Ok(())
     }
 
-    /// Deletes batches below the checkpoint, as far as `budget` allows.
+    /// Deletes batches a node before the segment files left in the sled
+    /// tree below the checkpoint, as far as `budget` allows.
     fn trim(&mut self, budget: &Budget) -> StorageResult<()> {
         if !self.trimming() {
             return Ok(());
@@ -496,18 +562,64 @@ impl Writer {
         Ok(())
     }
 
-    fn commit(&mut self, ops: Vec<(Ticket, Op)>) -> StorageResult<()> {
+    /// Begins one commit: its entries, as the next batch, go to the
+    /// flusher thread, which appends them to the journal's segment and
+    /// syncs it; meanwhile the last commit's work on sled is done
+    /// ([`Writer::apply`]). Once the batch is durable its ticket is
+    /// published, and this commit's work on sled waits for the next one.
+    fn commit(&mut self, ops: Vec<(Ticket, Op)>, deferred: &mut Option<Deferred>) -> StorageResult<()> {
         let started = Instant::now();
         let mut entries = Vec::new();
-        let mut settle = false;
         let mut last_ticket = None;
-        let mut after_flush = Vec::new();
+        let mut others = Vec::new();
         for (ticket, op) in ops {
             match op {
                 Op::Entry(entry) => {
                     entries.push(entry);
                     last_ticket = Some(ticket);
                 }
+                op => others.push(op),
+            }
+        }
+        let batch = (!entries.is_empty()).then_some(self.next_seq);
+        if let Some(seq) = batch {
+            self.flusher.begin(seq, &entries)?;
+            self.next_seq += 1;
+            self.last_entries = started;
+        }
+        if let Some(last) = deferred.take() {
+            self.apply(last)?;
+        }
+        if batch.is_some() {
+            self.flusher.finish()?;
+            if let Some(ticket) = last_ticket {
+                self.shared.durable.send_modify(|d| d.ticket = ticket);
+            }
+            self.metrics.journal_flush_seconds.observe(started.elapsed().as_secs_f64());
+            self.metrics.journal_batch_entries.observe(entries.len() as f64);
+        }
+        *deferred = Some(Deferred { started, batch, entries, last_ticket, ops: others, next_seq: self.next_seq });
+        Ok(())
+    }
+
+    /// A commit's work on sled, once its batch is durable (so that nothing
+    /// sled makes durable on its own, every half second, refers to a batch
+    /// a crash could still take): acknowledged outbox messages, queued
+    /// snapshots, the checkpoint, the indexes derived from the entries,
+    /// then the replies that wait for them.
+    ///
+    /// Writes go in the order snapshots, carried outbox messages,
+    /// checkpoint, this batch's indexes, the mark of the last batch
+    /// indexed: sled persists its writes in order, so every prefix a crash
+    /// can leave is consistent, and recovery indexes again what comes after
+    /// the mark (see [`INDEXED_KEY`]).
+    fn apply(&mut self, commit: Deferred) -> StorageResult<()> {
+        let Deferred { started, batch, entries, last_ticket, ops, next_seq } = commit;
+        let mut settle = false;
+        let mut replies = Vec::new();
+        for op in ops {
+            match op {
+                Op::Entry(_) => return Err(StorageError::Codec("a journal entry outside its batch".into())),
                 Op::Snapshot { write, done } => {
                     self.snapshots.push_back(QueuedSnapshot { write, done });
                 }
@@ -518,10 +630,10 @@ impl Writer {
                         }
                     }
                 }
-                Op::Marker(reply) => after_flush.push(AfterFlush::Marker(reply)),
+                Op::Marker(reply) => replies.push(Reply::Marker(reply, next_seq)),
                 Op::Settle(reply) => {
                     settle = true;
-                    after_flush.push(AfterFlush::Done(Some(reply)));
+                    replies.push(Reply::Done(Some(reply)));
                 }
                 Op::Checkpoint { upto, done } => {
                     let queued = self.popped + self.snapshots.len() as u64;
@@ -529,21 +641,8 @@ impl Writer {
                 }
             }
         }
-        // sled persists writes in the order they are made, so they go in
-        // the order that keeps every prefix consistent: the entries, the
-        // snapshots (which may cover these entries), the outbox messages
-        // carried from earlier batches, then the checkpoint (which relies on
-        // the snapshots queued before it and may drop the carried messages'
-        // batches).
-        if !entries.is_empty() {
-            for (part, entries) in parts(&entries).enumerate() {
-                self.store.journal.insert(part_key(self.next_seq, part)?, encode(entries))?;
-            }
-            self.next_seq += 1;
-            self.last_entries = started;
-        }
         let budget = self.background_budget(started);
-        self.write_snapshots(&budget, &mut after_flush)?;
+        self.write_snapshots(&budget, &mut replies)?;
         // A checkpoint moves once every snapshot queued before it is
         // written (not every snapshot queued since: under load those never
         // stop coming).
@@ -552,56 +651,48 @@ impl Writer {
             std::mem::take(&mut self.checkpoints).into_iter().partition(|(_, queued, _)| *queued <= popped);
         self.checkpoints = waiting;
         let checkpoint = ready.iter().map(|(upto, _, _)| *upto).max();
-        after_flush.extend(ready.into_iter().map(|(_, _, done)| AfterFlush::Checkpointed(done)));
+        replies.extend(ready.into_iter().map(|(_, _, done)| Reply::Checkpointed(done)));
         // Carried messages wait for commits with entries (up to
         // CARRY_COMMITS of them), but never past a checkpoint or a request
-        // to settle them. (They may go after the snapshots: only the
-        // checkpoint, which drops their batches, relies on them.)
-        let indexed = match (entries.is_empty(), checkpoint.is_some() || settle) {
+        // to settle them.
+        let mut indexed = match (entries.is_empty(), checkpoint.is_some() || settle) {
             (true, false) => 0,
             (_, all) => self.indexer.before_flush(&self.store, &entries, all)?,
         };
         if let Some(upto) = checkpoint {
             // Recovery reads from the checkpoint on: the batches below it are
-            // garbage from now on, deleted a slice per commit.
+            // garbage from now on.
             self.store.meta.insert(CHECKPOINT_KEY, &upto.to_be_bytes())?;
             self.trim_below = self.trim_below.max(upto);
             self.checkpointed_at = started;
         }
+        if let Some(batch) = batch {
+            indexed += self.indexer.index_derived(&self.store, batch, &entries)?;
+            self.store.meta.insert(INDEXED_KEY, &batch.to_be_bytes())?;
+        }
+        if let Some(ticket) = last_ticket {
+            // Durable and indexed: a retry finds them in the index now.
+            self.store.seen.release(seen_keys(&entries), ticket);
+            self.shared.indexed.send_replace(ticket);
+        }
+        if let Some(upto) = checkpoint {
+            // The segments below the checkpoint go once it is durable, with
+            // every snapshot and index it relies on.
+            self.store.flush()?;
+            wal::trim(&self.store.journal_dir, upto)?;
+        }
         self.trim(&budget)?;
         self.credit = budget.left();
         self.shared.snapshot_backlog.store(self.snapshots.len(), Ordering::Relaxed);
-        // The derived indexes go while the flush runs: the writer's CPU work
-        // and the disk's wait overlap instead of adding up (under batched
-        // load the indexing had been about 40 % of a commit). Whatever of
-        // them the flush misses is durable with the next, and a crash before
-        // that loses only what recovery rebuilds from this batch.
-        self.flusher.begin()?;
-        let derived = self.indexer.index_derived(&self.store, self.next_seq.saturating_sub(1), &entries);
-        self.flusher.finish()?;
-        let indexed = indexed + derived?;
-        if !entries.is_empty() {
-            self.metrics.journal_flush_seconds.observe(started.elapsed().as_secs_f64());
-            self.metrics.journal_batch_entries.observe(entries.len() as f64);
-        }
         self.metrics.outbox_backlog.add(indexed);
-        if let Some(ticket) = last_ticket {
-            self.shared.durable.send_modify(|d| d.ticket = ticket);
-            // Durable and indexed (see `index_derived`): a retry finds them
-            // in the index now.
-            self.store.seen.release(seen_keys(&entries), ticket);
-        }
-        for action in after_flush {
-            match action {
-                AfterFlush::Done(Some(done)) => {
+        for reply in replies {
+            match reply {
+                Reply::Done(Some(done)) | Reply::Checkpointed(done) => {
                     let _ = done.send(());
                 }
-                AfterFlush::Done(None) => {}
-                AfterFlush::Marker(reply) => {
-                    let _ = reply.send(self.next_seq);
-                }
-                AfterFlush::Checkpointed(done) => {
-                    let _ = done.send(());
+                Reply::Done(None) => {}
+                Reply::Marker(reply, next_seq) => {
+                    let _ = reply.send(next_seq);
                 }
             }
         }
@@ -609,39 +700,68 @@ impl Writer {
     }
 }
 
-/// The thread that flushes the store while the writer indexes: one
-/// flush at a time, each begun after the writes it must make durable.
-struct Flusher {
-    requests: Option<std::sync::mpsc::Sender<()>>,
-    results: std::sync::mpsc::Receiver<StorageResult<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+/// A commit whose batch is durable (or that had none), waiting for its
+/// work on sled ([`Writer::apply`]).
+struct Deferred {
+    started: Instant,
+    /// The number of its batch, if it had entries.
+    batch: Option<u64>,
+    entries: Vec<JournalEntry>,
+    last_ticket: Option<Ticket>,
+    /// Its other operations, in their order.
+    ops: Vec<Op>,
+    /// The number the batch after this commit gets.
+    next_seq: u64,
 }
 
+/// The thread that appends batches to the journal's segment and syncs
+/// them, while the writer does the last commit's work on sled: one batch
+/// at a time.
+struct Flusher {
+    requests: Option<std::sync::mpsc::Sender<(u64, Vec<u8>)>>,
+    results: std::sync::mpsc::Receiver<(StorageResult<()>, Vec<u8>)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// The buffer a batch is encoded into, back from the thread.
+    spare: Vec<u8>,
+}
+
+/// A buffer this large is not kept for the next batch.
+const SPARE_BYTES: usize = 16 << 20;
+
 impl Flusher {
-    fn start(store: Store) -> StorageResult<Self> {
-        let (requests, requested) = std::sync::mpsc::channel::<()>();
+    fn start(mut appender: wal::Appender) -> StorageResult<Self> {
+        let (requests, requested) = std::sync::mpsc::channel::<(u64, Vec<u8>)>();
         let (done, results) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("journal-flusher".into())
             .spawn(move || {
-                for () in requested {
-                    if done.send(store.flush()).is_err() {
+                for (seq, record) in requested {
+                    let written = appender.append(seq, &record).and_then(|()| appender.sync());
+                    if done.send((written, record)).is_err() {
                         return;
                     }
                 }
             })
             .map_err(|e| StorageError::Unavailable(format!("starting the journal's flush thread: {e}")))?;
-        Ok(Self { requests: Some(requests), results, thread: Some(thread) })
+        Ok(Self { requests: Some(requests), results, thread: Some(thread), spare: Vec::new() })
     }
 
-    /// Starts a flush of every write made so far.
-    fn begin(&self) -> StorageResult<()> {
-        self.requests.as_ref().and_then(|requests| requests.send(()).ok()).ok_or_else(flusher_gone)
+    /// Encodes `entries` as batch `seq` and starts writing and syncing it.
+    fn begin(&mut self, seq: u64, entries: &[JournalEntry]) -> StorageResult<()> {
+        let mut record = std::mem::take(&mut self.spare);
+        wal::begin_record(&mut record);
+        crate::storage::encode_into(&mut record, entries);
+        wal::seal_record(&mut record, seq)?;
+        self.requests.as_ref().and_then(|requests| requests.send((seq, record)).ok()).ok_or_else(flusher_gone)
     }
 
-    /// Waits for the flush begun last.
-    fn finish(&self) -> StorageResult<()> {
-        self.results.recv().map_err(|_| flusher_gone())?
+    /// Waits until the batch begun last is durable.
+    fn finish(&mut self) -> StorageResult<()> {
+        let (written, record) = self.results.recv().map_err(|_| flusher_gone())?;
+        if record.capacity() <= SPARE_BYTES {
+            self.spare = record;
+        }
+        written
     }
 }
 
@@ -651,7 +771,7 @@ fn flusher_gone() -> StorageError {
 
 impl Drop for Flusher {
     fn drop(&mut self) {
-        // Its channel closed, the thread ends after the flush it may be in.
+        // Its channel closed, the thread ends after the batch it may be in.
         self.requests = None;
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
@@ -659,9 +779,11 @@ impl Drop for Flusher {
     }
 }
 
-enum AfterFlush {
+/// What a commit answers once its work on sled is done.
+enum Reply {
     Done(Option<oneshot::Sender<()>>),
-    Marker(oneshot::Sender<u64>),
+    /// A marker, with the number of the batch after its commit.
+    Marker(oneshot::Sender<u64>, u64),
     Checkpointed(oneshot::Sender<()>),
 }
 
@@ -896,44 +1018,10 @@ impl Indexer {
 /// One group commit: its sequence number and entries.
 pub type Batch = (u64, Vec<JournalEntry>);
 
-/// A batch is stored in parts of about this many bytes, each one sled
-/// value. sled writes a log record of more than a quarter segment
-/// (128 KiB) to a blob file of its own, and its cache counts a page held
-/// in a blob by the size of its pointer, so never evicts it: whole batches
-/// of a batched load (hundreds of kilobytes) went there. sled also
-/// rewrites a whole leaf (up to 17 values) when it consolidates or splits
-/// it, so parts this small keep even the leaves under the blob size. A
-/// million customers and two million batched events without a checkpoint
-/// took 4.46 GB with whole batches, 3.92 GB with 64 KiB parts and 2.72 GB
-/// with these.
-pub const PART_BYTES: usize = 7 * 1024;
-
-/// The entries of one batch, cut into parts of about [`PART_BYTES`]
-/// encoded (an entry larger than that is a part of its own).
-fn parts(entries: &[JournalEntry]) -> impl Iterator<Item = &[JournalEntry]> {
-    let mut rest = entries;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        let mut bytes = 0;
-        let length = rest
-            .iter()
-            .position(|entry| {
-                bytes += entry.encoded_len_estimate();
-                PART_BYTES < bytes
-            })
-            .map_or(rest.len(), |at| at.max(1));
-        let (part, after) = rest.split_at(length);
-        rest = after;
-        Some(part)
-    })
-}
-
-/// A part's key: the batch's sequence number, then the part's, both
-/// big-endian, so that keys sort by batch and a batch's range starts at
-/// its 8-byte sequence number. (Nodes before parts wrote the 8 bytes
-/// alone: read as part 0.)
+/// A key of the sled tree nodes before the segment files kept the journal
+/// in: the batch's sequence number, then the part's, both big-endian.
+/// (Nodes before parts wrote the 8 bytes alone: read as part 0.) Tests and
+/// `bazaar limits` write such batches too.
 pub(crate) fn part_key(seq: u64, part: usize) -> StorageResult<[u8; 10]> {
     let part = u16::try_from(part).map_err(|_| StorageError::Codec("a journal batch has over 65,535 parts".into()))?;
     let mut key = [0; 10];
@@ -942,7 +1030,7 @@ pub(crate) fn part_key(seq: u64, part: usize) -> StorageResult<[u8; 10]> {
     Ok(key)
 }
 
-/// The batch sequence number of a journal key.
+/// The batch sequence number of a key of the sled tree.
 pub fn batch_of(key: &[u8]) -> StorageResult<u64> {
     match key.len() {
         8 | 10 => Ok(u64::from_be_bytes(key[..8].try_into().map_err(|_| bad_journal_key())?)),
@@ -954,49 +1042,83 @@ fn bad_journal_key() -> StorageError {
     StorageError::Codec("journal key is neither 8 nor 10 bytes".into())
 }
 
-impl JournalEntry {
-    /// About how many bytes the entry encodes to (a little more).
-    fn encoded_len_estimate(&self) -> usize {
-        let pair = |(key, value): &KeyValue| 16 + key.len() + value.len();
-        64 + self.entity.len()
-            + self.change.len()
-            + self.seen.as_ref().map_or(0, pair)
-            + self.outbox.iter().map(pair).sum::<usize>()
-            + self.audit.iter().map(pair).sum::<usize>()
-    }
-}
-
-/// Reads the checkpoint and every batch from it on, in order.
+/// Reads the checkpoint and every batch from it on, in order: first what a
+/// node before the segment files left in the sled tree, then the segments.
 pub fn read_tail(store: &Store) -> StorageResult<(u64, Vec<Batch>)> {
     let checkpoint = read_checkpoint(store)?;
-    let Some((last, _)) = store.journal.last()? else {
-        return Ok((checkpoint, Vec::new()));
-    };
-    let last = batch_of(&last)?;
-    // Parts read and decoded apart, then joined into their batches.
     let mut batches: Vec<Batch> = Vec::new();
-    for (seq, entries) in read_parts(store, checkpoint, last)? {
-        match batches.last_mut() {
-            Some((previous, joined)) if *previous == seq => joined.extend(entries),
-            _ => batches.push((seq, entries)),
+    if let Some((last, _)) = store.journal.last()? {
+        // Parts read and decoded apart, then joined into their batches.
+        for (seq, entries) in read_parts(store, checkpoint, batch_of(&last)?)? {
+            match batches.last_mut() {
+                Some((previous, joined)) if *previous == seq => joined.extend(entries),
+                _ => batches.push((seq, entries)),
+            }
         }
     }
+    let from = batches.last().map_or(checkpoint, |(seq, _)| seq + 1);
+    batches.extend(decode_segments(wal::read_from(&store.journal_dir, from)?)?);
     Ok((checkpoint, batches))
 }
 
 /// The first batch not yet covered by snapshots (0: none is).
 fn read_checkpoint(store: &Store) -> StorageResult<u64> {
-    Ok(match store.meta.get(CHECKPOINT_KEY)? {
-        Some(bytes) => u64::from_be_bytes(
-            bytes.as_ref().try_into().map_err(|_| StorageError::Codec("journal checkpoint is not 8 bytes".into()))?,
-        ),
-        None => 0,
+    read_batch_number(store, CHECKPOINT_KEY).map(Option::unwrap_or_default)
+}
+
+/// The last batch whose derived writes are in sled (see [`INDEXED_KEY`]);
+/// none from a node before the segment files, which flushed them with
+/// the commit after.
+pub fn read_indexed(store: &Store) -> StorageResult<Option<u64>> {
+    read_batch_number(store, INDEXED_KEY)
+}
+
+fn read_batch_number(store: &Store, key: &[u8]) -> StorageResult<Option<u64>> {
+    store
+        .meta
+        .get(key)?
+        .map(|bytes| {
+            let bytes: [u8; 8] = bytes.as_ref().try_into().map_err(|_| {
+                StorageError::Codec(format!("{} in the meta tree is not 8 bytes", String::from_utf8_lossy(key)))
+            })?;
+            Ok(u64::from_be_bytes(bytes))
+        })
+        .transpose()
+}
+
+/// Decodes the batches read from the segments on every core, each thread
+/// its share of the records: a tail of millions of entries is most of a
+/// restart's work.
+fn decode_segments(segments: Vec<wal::SegmentRead>) -> StorageResult<Vec<Batch>> {
+    let records: Vec<(u64, &[u8])> = segments
+        .iter()
+        .flat_map(|segment| segment.records.iter().map(|(seq, range)| (*seq, &segment.bytes[range.clone()])))
+        .collect();
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let share = records.len().div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        let decoders: Vec<_> = records
+            .chunks(share)
+            .map(|chunk| {
+                scope.spawn(move || {
+                    chunk
+                        .iter()
+                        .map(|(seq, payload)| Ok((*seq, decode::<Vec<JournalEntry>>(payload)?)))
+                        .collect::<StorageResult<Vec<Batch>>>()
+                })
+            })
+            .collect();
+        let mut batches = Vec::with_capacity(records.len());
+        for decoder in decoders {
+            batches
+                .extend(decoder.join().map_err(|_| StorageError::Codec("a journal decoding thread panicked".into()))??);
+        }
+        Ok(batches)
     })
 }
 
-/// Reads and decodes the parts of batches `from..=last` on every core,
-/// each thread its share of the batches: a tail of millions of entries
-/// (hundreds of thousands of parts) is most of a restart's work.
+/// Reads and decodes the parts of the sled tree's batches `from..=last`
+/// on every core, each thread its share of the batches.
 fn read_parts(store: &Store, from: u64, last: u64) -> StorageResult<Vec<(u64, Vec<JournalEntry>)>> {
     if last < from {
         return Ok(Vec::new());
@@ -1204,7 +1326,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn entries_are_durable_and_indexed_before_their_ticket_is_released() {
+    async fn a_record_is_found_from_its_submission_on_and_indexed_once_its_batch_is_durable() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(dir.path()).expect("open");
         let metrics = Arc::new(Metrics::new().expect("metrics"));
@@ -1225,9 +1347,10 @@ mod tests {
             .collect();
         assert_eq!(tickets, (1..=50).collect::<Vec<_>>());
         journal.durable(50).await.expect("durable");
-        assert!(store.seen.get(b"t/event/e-49").expect("read").is_some());
-        // Released once durable (the writer answers a marker after that).
+        // Indexed and released once durable, in the commit's work on sled
+        // (the writer answers a marker after that).
         journal.marker().await.expect("marker");
+        assert!(store.seen.get(b"t/event/e-49").expect("read").is_some());
         assert_eq!(store.seen.stats().pending_records, 0);
         // No receiver applied the messages by the last commit with entries
         // they may wait for: they wait in the outbox. (The writer may have
@@ -1236,6 +1359,9 @@ mod tests {
         for n in 1..=CARRY_COMMITS {
             let ticket = journal.submit(JournalEntry { outbox: vec![], ..entry(100 + u64::from(n)) }).expect("open");
             journal.durable(ticket).await.expect("durable");
+            // A commit's work on sled is done once a marker sent after it
+            // is answered.
+            journal.marker().await.expect("marker");
             let indexed = store.outbox.get(message(49).storage_key()).expect("read").is_some();
             assert_eq!(indexed, n == CARRY_COMMITS, "after {n} commits");
         }
@@ -1251,34 +1377,39 @@ mod tests {
         journal.checkpoint(marker).await.expect("checkpoint");
         let (checkpoint, batches) = read_tail(&store).expect("tail");
         assert_eq!((checkpoint, batches.len()), (marker, 0));
-        trimmed_then_stopped(journal.clone(), thread, &store).await;
+        trimmed_then_stopped(journal.clone(), thread, &store, marker).await;
         assert!(journal.submit(entry(99)).is_err(), "closed journal refuses entries");
     }
 
     #[test]
-    fn a_large_batch_is_stored_in_parts_and_read_back_whole() {
+    fn batches_a_node_before_the_segments_left_in_sled_are_read_first() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(dir.path()).expect("open");
-        let large = |n: u64| JournalEntry { change: vec![n as u8; 1_000], ..entry(n) };
-        let batch: Vec<JournalEntry> = (0..500).map(large).collect();
-        let cut: Vec<&[JournalEntry]> = parts(&batch).collect();
-        assert!(3 < cut.len(), "{} parts", cut.len());
-        for (part, entries) in cut.iter().enumerate() {
-            let bytes = encode(entries).len();
-            assert!(bytes <= PART_BYTES + 1_500, "part {part}: {bytes} bytes");
+        // Batch 7 in parts, batch 8 under its 8-byte key alone (nodes
+        // before parts), as earlier nodes wrote them.
+        let batch: Vec<JournalEntry> = (0..50).map(entry).collect();
+        for (part, entries) in batch.chunks(20).enumerate() {
             store.journal.insert(part_key(7, part).expect("key"), encode(entries)).expect("insert");
         }
-        // An entry larger than a part is a part of its own.
-        let huge = JournalEntry { change: vec![0; 3 * PART_BYTES], ..entry(9) };
-        assert_eq!(parts(std::slice::from_ref(&huge)).count(), 1);
-        // A batch written before parts existed: its 8-byte key alone.
         store.journal.insert(8u64.to_be_bytes(), encode(&vec![entry(1_000)])).expect("insert");
-        let (_, batches) = read_tail(&store).expect("tail");
-        assert_eq!(batches.len(), 2);
-        assert_eq!(batches[0].0, 7);
-        let seqs: Vec<u64> = batches[0].1.iter().map(|entry| entry.entity_seq).collect();
-        assert_eq!(seqs, (0..500).collect::<Vec<_>>());
-        assert_eq!((batches[1].0, batches[1].1.len()), (8, 1));
+        // Then this node's segments, from batch 9 on.
+        let mut appender = wal::Appender::open(&store.journal_dir, 9).expect("open");
+        for seq in 9..11 {
+            let mut record = Vec::new();
+            wal::begin_record(&mut record);
+            crate::storage::encode_into(&mut record, &vec![entry(seq)]);
+            wal::seal_record(&mut record, seq).expect("sealed");
+            appender.append(seq, &record).expect("append");
+        }
+        appender.sync().expect("sync");
+        store.meta.insert(CHECKPOINT_KEY, &7u64.to_be_bytes()).expect("insert");
+        let (checkpoint, batches) = read_tail(&store).expect("tail");
+        assert_eq!(checkpoint, 7);
+        let seqs: Vec<u64> = batches.iter().map(|(seq, _)| *seq).collect();
+        assert_eq!(seqs, vec![7, 8, 9, 10]);
+        let first: Vec<u64> = batches[0].1.iter().map(|entry| entry.entity_seq).collect();
+        assert_eq!(first, (0..50).collect::<Vec<_>>());
+        assert_eq!(batches[3].1[0].entity_seq, 10);
     }
 
     #[test]
@@ -1286,9 +1417,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(dir.path()).expect("open");
         let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let appender = wal::Appender::open(&store.journal_dir, 0).expect("open");
         let mut writer =
-            Writer::new(store.clone(), metrics, Shared::new(), 0, Duration::from_secs(60)).expect("writer");
-        writer.commit(vec![(1, Op::Entry(JournalEntry { outbox: vec![], ..entry(0) }))]).expect("commit");
+            Writer::new(store.clone(), appender, metrics, Shared::new(), 0, Duration::from_secs(60)).expect("writer");
+        writer.commit_now(vec![(1, Op::Entry(JournalEntry { outbox: vec![], ..entry(0) }))]);
         // A quiet node: no entries for a while, so nothing is paced.
         writer.last_entries = Instant::now().checked_sub(Duration::from_secs(1)).unwrap_or_else(Instant::now);
         let snapshot = |n: usize| {
@@ -1308,7 +1440,7 @@ mod tests {
         ops.push((0, Op::Checkpoint { upto: 1, done }));
         let (barrier_op, mut barrier_written) = barrier();
         ops.push(barrier_op);
-        writer.commit(ops).expect("commit");
+        writer.commit_now(ops);
         assert_eq!(store.snapshots.len(), SNAPSHOT_SLICE, "one slice per commit");
         assert!(!checkpointed(&store) && checkpoint.try_recv().is_err());
         assert!(before.iter_mut().take(SNAPSHOT_SLICE).all(|w| w.try_recv().is_ok()));
@@ -1316,7 +1448,7 @@ mod tests {
         // Snapshots keep coming after the checkpoint: it does not wait for
         // them, only for the ten before it.
         let (ops, _after): (Vec<_>, Vec<_>) = (1_000..1_000 + SNAPSHOT_SLICE).map(snapshot).unzip();
-        writer.commit(ops).expect("commit");
+        writer.commit_now(ops);
         assert_eq!(store.snapshots.len(), 2 * SNAPSHOT_SLICE);
         assert!(checkpointed(&store) && !writer.snapshots.is_empty());
         assert_eq!(read_checkpoint(&store).expect("read"), 1);
@@ -1328,17 +1460,32 @@ mod tests {
         let (mut ops, _more): (Vec<_>, Vec<_>) = (2_000..2_000 + SNAPSHOT_SLICE).map(snapshot).unzip();
         let (barrier_op, mut last_barrier) = barrier();
         ops.push(barrier_op);
-        writer.commit(ops).expect("commit");
+        writer.commit_now(ops);
         assert!(last_barrier.try_recv().is_err(), "behind ten snapshots still");
-        writer.commit(Vec::new()).expect("commit");
+        writer.commit_now(Vec::new());
         assert!(last_barrier.try_recv().is_ok() && writer.snapshots.is_empty());
         assert_eq!(store.snapshots.len(), 3 * SNAPSHOT_SLICE + 10);
     }
 
+    impl Writer {
+        /// A commit and its work on sled at once (tests look at both).
+        fn commit_now(&mut self, ops: Vec<(Ticket, Op)>) {
+            let mut deferred = None;
+            self.commit(ops, &mut deferred).expect("commit");
+            self.apply(deferred.expect("a commit leaves its work on sled")).expect("apply");
+        }
+    }
+
     /// Waits (up to half a minute: the writer paces itself while entries
-    /// came in recently) until the old batches are gone on their own,
-    /// checks that they are, and stops the writer.
-    async fn trimmed_then_stopped(journal: Journal, thread: std::thread::JoinHandle<()>, store: &Store) {
+    /// came in recently) until the sled tree's old batches are gone on
+    /// their own, checks that they are and that no segment below
+    /// `checkpoint` is left, and stops the writer.
+    async fn trimmed_then_stopped(
+        journal: Journal,
+        thread: std::thread::JoinHandle<()>,
+        store: &Store,
+        checkpoint: u64,
+    ) {
         for _ in 0..3_000 {
             if store.journal.is_empty() {
                 break;
@@ -1346,34 +1493,45 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         assert!(store.journal.is_empty());
+        let segments = wal::segments(&store.journal_dir).expect("list");
+        assert!(segments.windows(2).all(|pair| checkpoint < pair[1]), "{segments:?} below {checkpoint}");
         journal.close();
         thread.join().expect("writer exits cleanly");
     }
 
     #[tokio::test]
-    async fn old_batches_go_in_the_background_and_after_a_crash_too() {
+    async fn old_batches_go_once_a_checkpoint_covers_them_and_after_a_crash_too() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(dir.path()).expect("open");
         let metrics = Arc::new(Metrics::new().expect("metrics"));
+        // Segments of 256 bytes: a few batches each.
         let (journal, thread) =
-            Journal::start(store.clone(), metrics.clone(), 0, Duration::from_secs(60)).expect("start");
-        let batches = TRIM_SLICE as u64 + 44;
+            Journal::start_with(store.clone(), metrics.clone(), 0, Duration::from_secs(60), 256).expect("start");
+        let batches = 40;
         for n in 0..batches {
             let ticket = journal.submit(JournalEntry { outbox: vec![], ..entry(n) }).expect("open");
             journal.durable(ticket).await.expect("durable");
         }
-        assert_eq!(store.journal.len() as u64, batches);
+        assert!(10 < wal::segments(&store.journal_dir).expect("list").len());
         let marker = journal.marker().await.expect("marker");
+        assert_eq!(marker, batches);
         journal.checkpoint(marker).await.expect("checkpoint");
-        // The checkpoint moves at once; its batches go in the commits
-        // after, a slice at most per commit, with or without entries.
-        trimmed_then_stopped(journal, thread, &store).await;
-        // A crash after the checkpoint moved and before its batches went:
-        // the next writer deletes them.
-        for seq in 0..batches {
+        // Once the checkpoint has moved, and is durable, the segments below
+        // it are gone.
+        let segments = wal::segments(&store.journal_dir).expect("list");
+        assert_eq!(segments.len(), 1, "{segments:?}");
+        let (checkpoint, tail) = read_tail(&store).expect("tail");
+        assert_eq!((checkpoint, tail.len()), (marker, 0));
+        trimmed_then_stopped(journal, thread, &store, marker).await;
+        // A crash after the checkpoint moved and before the batches a node
+        // before the segments kept in sled went: the next writer deletes
+        // them, a slice at most per commit, with or without entries.
+        let legacy = TRIM_SLICE as u64 + 44;
+        for seq in 0..legacy {
             store.journal.insert(seq.to_be_bytes(), encode(&Vec::<JournalEntry>::new())).expect("insert");
         }
-        let (journal, thread) = Journal::start(store.clone(), metrics, marker, Duration::from_secs(60)).expect("start");
-        trimmed_then_stopped(journal, thread, &store).await;
+        store.meta.insert(CHECKPOINT_KEY, &legacy.to_be_bytes()).expect("insert");
+        let (journal, thread) = Journal::start(store.clone(), metrics, legacy, Duration::from_secs(60)).expect("start");
+        trimmed_then_stopped(journal, thread, &store, legacy).await;
     }
 }

@@ -7,7 +7,8 @@
 //! - [`actor`] holds the virtual actors: one per customer, wheel, jackpot
 //!   and leaderboard ([`entities`]), each a thin shell around its
 //!   `bazaar-games` state machine;
-//! - [`journal`] group-commits what actors changed to sled ([`storage`]);
+//! - [`journal`] group-commits what actors changed to its segment files
+//!   ([`wal`]) and derives the indexes in sled ([`storage`]);
 //!   [`outbox`] carries what one entity's change causes in another;
 //! - [`recovery`] brings storage up to the journal's end at start-up;
 //! - [`config`] is the one place configuration is read and checked.
@@ -34,6 +35,7 @@ pub mod seen;
 pub mod service;
 pub mod storage;
 pub mod tenancy;
+pub mod wal;
 
 use crate::actor::{NodeShared, Registry};
 use crate::config::NodeConfig;

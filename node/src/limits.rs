@@ -3,10 +3,12 @@
 //! machine move from run to run).
 //!
 //! - the disk's fsync rate (4 KiB write + fdatasync, back to back);
-//! - sled group commit for the journal's write pattern: `group` entries of
-//!   ~300 bytes per flush, in values of at most 7 KiB as the journal
-//!   writes them,
-//!   flushed as the node flushes ([`crate::storage::Store::flush`]);
+//! - journal group commit: `group` entries of ~300 bytes per commit,
+//!   appended to a segment file and synced as the journal writer does
+//!   ([`crate::wal::Appender`]);
+//! - sled group commit for the same pattern, as the journal was written
+//!   before the segment files: values of at most 7 KiB, flushed as the node
+//!   flushes sled ([`crate::storage::Store::flush`]);
 //! - the transport ceilings, on loopback, each against a server in this
 //!   process that does nothing else:
 //!   - the load generator's own client (`bazaar loadgen`: the same events,
@@ -44,7 +46,8 @@ pub struct LimitsArgs {
     /// Events each stream sends before it reads their answers (2-1000).
     #[arg(long, default_value_t = 100)]
     pub batch: usize,
-    /// Journal entries per group commit, for the sled measurement.
+    /// Journal entries per group commit, for the journal and sled
+    /// measurements.
     #[arg(long, default_value_t = 64)]
     pub group: usize,
     /// Write the JSON report here.
@@ -63,6 +66,15 @@ pub async fn run(args: LimitsArgs) -> anyhow::Result<()> {
     })
     .await??;
     println!("fsync: {fsync:.0}/s");
+    let journal = tokio::task::spawn_blocking({
+        let dir = dir.clone();
+        move || journal_group_commit(&dir, group, seconds)
+    })
+    .await??;
+    println!(
+        "journal group commit ({group} entries per commit): {:.0} entries/s, {:.0} commits/s",
+        journal.0, journal.1
+    );
     let sled = tokio::task::spawn_blocking({
         let dir = dir.clone();
         move || sled_group_commit(&dir, group, seconds)
@@ -84,6 +96,7 @@ pub async fn run(args: LimitsArgs) -> anyhow::Result<()> {
         "seconds_per_measurement": args.seconds,
         "clients": args.clients,
         "fsync_per_s": fsync,
+        "journal_group_commit": {"entries_per_commit": group, "entries_per_s": journal.0, "commits_per_s": journal.1},
         "sled_group_commit": {"entries_per_flush": group, "entries_per_s": sled.0, "flushes_per_s": sled.1},
         "noop_record_event_per_s": record_event,
         "noop_stream": {"clients": args.stream_clients, "batch": args.batch, "events_per_s": stream},
@@ -114,6 +127,33 @@ fn fsync_rate(dir: &std::path::Path, window: Duration) -> anyhow::Result<f64> {
     Ok(rate)
 }
 
+/// Group commits of `group` entries of about 300 bytes through the
+/// journal's own segment writer: entries per second and commits per
+/// second.
+fn journal_group_commit(dir: &std::path::Path, group: usize, window: Duration) -> anyhow::Result<(f64, f64)> {
+    let probe = dir.join("journal-probe");
+    let mut appender = crate::wal::Appender::open(&probe, 0)?;
+    let mut record = Vec::new();
+    let started = Instant::now();
+    let mut commits = 0u64;
+    while started.elapsed() < window {
+        crate::wal::begin_record(&mut record);
+        record.resize(crate::wal::RECORD_HEADER_BYTES + 300 * group, 42);
+        crate::wal::seal_record(&mut record, commits)?;
+        appender.append(commits, &record)?;
+        appender.sync()?;
+        commits += 1;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    drop(appender);
+    let _ = std::fs::remove_dir_all(probe);
+    Ok((commits as f64 * group as f64 / elapsed, commits as f64 / elapsed))
+}
+
+/// The values the journal was stored in as a sled tree: 7 KiB at most, so
+/// that sled kept them out of blob files.
+const SLED_PART_BYTES: usize = 7 * 1024;
+
 fn sled_group_commit(dir: &std::path::Path, group: usize, window: Duration) -> anyhow::Result<(f64, f64)> {
     // The node's own store and flush: sled's, made durable the same way.
     let store = crate::storage::Store::open(&dir.join("sled-probe"))?;
@@ -121,8 +161,8 @@ fn sled_group_commit(dir: &std::path::Path, group: usize, window: Duration) -> a
     let started = Instant::now();
     let mut flushes = 0u64;
     while started.elapsed() < window {
-        // In parts, as the journal stores a batch.
-        for (part, bytes) in value.chunks(crate::journal::PART_BYTES).enumerate() {
+        // In parts, as the journal stored a batch in sled.
+        for (part, bytes) in value.chunks(SLED_PART_BYTES).enumerate() {
             store.journal.insert(crate::journal::part_key(flushes, part)?, bytes)?;
         }
         store.flush()?;

@@ -18,7 +18,8 @@
 //! Writes go in the order snapshots, checkpoint, deletions, and are flushed
 //! once: sled persists writes in order, so a crash during recovery leaves
 //! either the old checkpoint (and recovery runs again) or the new one with
-//! every snapshot it relies on.
+//! every snapshot it relies on. The journal's segments below a new
+//! checkpoint are deleted only after that flush.
 
 use crate::actor::Entity;
 use crate::entities::{CustomerEntity, JackpotEntity, LeaderboardEntity, WheelEntity};
@@ -44,12 +45,17 @@ pub fn recover(store: &Store, metrics: &Metrics) -> StorageResult<(RecoveryRepor
     let (checkpoint, batches) = journal::read_tail(store)?;
     let read = started.elapsed();
     let mut report = RecoveryReport { next_seq: checkpoint, batches: batches.len(), entries: 0, entities: 0 };
-    // The writer indexes a batch while flushing it and before it writes the
-    // next one, whose flush makes the indexes durable: only the last
-    // batch's indexes can be missing. The batches before it are indexed
-    // again too, as far back as the outbox messages they carried into the
-    // last ([`journal::CARRY_COMMITS`]).
-    let reindex_from = batches.len().saturating_sub(journal::CARRY_COMMITS as usize + 1);
+    // The writer makes a batch's derived writes in sled once the batch is
+    // durable, then marks it indexed, and sled keeps a prefix of its
+    // writes: the batches after the mark may have lost theirs. So may the
+    // outbox messages carried from as far back as
+    // [`journal::CARRY_COMMITS`] batches before it. (A node before the
+    // segment files kept no mark; it flushed a batch's indexes with the
+    // next batch, so only the last batch's could be missing.)
+    let last = batches.last().map_or(0, |(seq, _)| *seq);
+    let indexed = journal::read_indexed(store)?.unwrap_or(last.saturating_sub(1));
+    let redo_from = (indexed + 1).saturating_sub(u64::from(journal::CARRY_COMMITS));
+    let reindex_from = batches.partition_point(|(seq, _)| *seq < redo_from);
     // The idempotency records are the exception: those after the index's
     // last run are only in the journal (see [`crate::seen`]).
     let covered = store.seen.covered();
@@ -108,6 +114,10 @@ pub fn recover(store: &Store, metrics: &Metrics) -> StorageResult<(RecoveryRepor
     }
     report.entities = pending.len() + replayed_in_full;
     let replayed = started.elapsed();
+    // Every batch of the tail is indexed now.
+    if let Some((last, _)) = batches.last() {
+        store.meta.insert(journal::INDEXED_KEY, &last.to_be_bytes())?;
+    }
     // With snapshots still to write, the tail stays: the first checkpoint
     // writes them and then drops it.
     if !pending.is_empty() {
@@ -119,6 +129,7 @@ pub fn recover(store: &Store, metrics: &Metrics) -> StorageResult<(RecoveryRepor
             store.journal.remove(key?)?;
         }
         store.flush()?;
+        crate::wal::trim(&store.journal_dir, report.next_seq)?;
     }
     // Two million decoded entries take a while to free: not on the way to
     // ready.
@@ -260,6 +271,51 @@ mod tests {
             assert!(store.outbox.get(score(n).storage_key()).expect("read").is_some(), "batch {n} indexed again");
             assert!(store.seen.get(format!("t/event/e-{n}")).expect("read").is_some());
         }
+    }
+
+    #[test]
+    fn recovery_indexes_again_what_came_after_the_last_batch_sled_had_indexed() {
+        use crate::journal::{JournalEntry, CARRY_COMMITS, INDEXED_KEY};
+        use crate::outbox::OutboxMessage;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("open");
+        let id = |s: &str| bazaar_games::Id::parse(s).expect("id");
+        let score = |n: u64| OutboxMessage::score("t", &id(&format!("e-{n}")), &id("top"), &id("c-1"), 1, 1);
+        let cause = |n: u64| JournalEntry {
+            entity: "t/customer/c-1".into(),
+            entity_seq: n + 1,
+            change: vec![1],
+            seen: Some((format!("t/event/e-{n}").into_bytes(), vec![1])),
+            outbox: vec![score(n).record()],
+            audit: Vec::new(),
+        };
+        // Sixty batches in the segments, each with a score no receiver
+        // applied; sled had indexed up to batch 40 when the node died, and
+        // none of the scores reached the `outbox` tree (a crash took
+        // sled's last writes, or they were still carried).
+        let mut appender = crate::wal::Appender::open(&store.journal_dir, 0).expect("open");
+        for n in 0..60 {
+            let mut record = Vec::new();
+            crate::wal::begin_record(&mut record);
+            crate::storage::encode_into(&mut record, &vec![cause(n)]);
+            crate::wal::seal_record(&mut record, n).expect("sealed");
+            appender.append(n, &record).expect("append");
+        }
+        appender.sync().expect("sync");
+        store.meta.insert(INDEXED_KEY, &40u64.to_be_bytes()).expect("insert");
+        let metrics = Metrics::new().expect("metrics");
+        let (report, _) = recover(&store, &metrics).expect("recover");
+        assert_eq!((report.batches, report.next_seq), (60, 60));
+        // The writer had written the messages of batches up to 40 - 32 by
+        // the time it marked batch 40: those are not written again; every
+        // later one is (it may have been carried in memory).
+        let first = 41 - u64::from(CARRY_COMMITS);
+        for n in 0..60 {
+            let indexed = store.outbox.get(score(n).storage_key()).expect("read").is_some();
+            assert_eq!(indexed, first <= n, "batch {n}");
+            assert!(store.seen.get(format!("t/event/e-{n}")).expect("read").is_some(), "batch {n}");
+        }
+        assert_eq!(crate::journal::read_indexed(&store).expect("read"), Some(59));
     }
 
     #[test]

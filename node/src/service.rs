@@ -1103,7 +1103,7 @@ impl Service {
     /// The audit records of one wheel's draws or one jackpot's hits, in
     /// order, from `after` (a draw number or cycle) on: everything needed to
     /// re-check each one.
-    pub fn audit(
+    pub async fn audit(
         &self,
         key: Option<&str>,
         tenant: &str,
@@ -1123,6 +1123,9 @@ impl Service {
         if limit == 0 || 1_000 < limit {
             return Err(ServiceError::invalid("limit", "must be between 1 and 1000"));
         }
+        // Every draw and hit answered so far is in the tree once the writer
+        // has indexed what is durable.
+        self.journal.indexed().await?;
         let records =
             self.audit_records(entry.tenant.id.as_str(), kind, game.as_str(), after.unwrap_or(0), limit as usize)?;
         Ok(api::AuditAnswer { records })

@@ -1,17 +1,19 @@
 //! The node's sled database: its trees, key layout and value codec.
 //!
 //! One sled database per node, one tree per kind of data (ARCHITECTURE.md,
-//! "Storage"):
+//! "Storage"), and beside it the journal's segment files (`journal/`,
+//! [`crate::wal`]) and the idempotency index's run files (`seen/`,
+//! [`crate::seen`]):
 //!
 //! | tree | key | value |
 //! | --- | --- | --- |
-//! | `journal` | batch sequence number, big-endian `u64`, then part number, big-endian `u16` | the entries of one group commit, in parts of about 7 KiB ([`crate::journal::PART_BYTES`]) |
+//! | `journal` | batch sequence number, big-endian `u64`, then part number, big-endian `u16` | written by nodes before the segment files: the entries of one group commit, in parts of about 7 KiB; read at start-up and deleted once a checkpoint covers them |
 //! | `snapshots` | entity key `tenant/kind/id` | the entity's state and the entity sequence it covers |
 //! | `seen_runs` | run id, big-endian `u64` | the description of one run of the idempotency index, whose records (`tenant/scope/id` → fingerprint and first answer of an idempotent request) are in the file `seen/<id>.run` ([`crate::seen`]) |
 //! | `outbox` | `tenant/message id` | a cross-entity message not yet acknowledged |
 //! | `audit` | `tenant/kind/game/draw id` | a draw or hit, as JSON, with what re-checks it |
 //! | `defs` | `tenant/...` | tenants, stores, keys and game definitions |
-//! | `meta` | name | node-wide facts (journal checkpoint, bootstrap) |
+//! | `meta` | name | node-wide facts (journal checkpoint, last batch indexed, bootstrap) |
 //!
 //! Ids never contain `/` ([`bazaar_games::ids`]), so `/` separates key parts
 //! without escaping, and a tenant's data can be listed by its prefix.
@@ -55,6 +57,15 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     bytes.push(FORMAT_VERSION);
     bincode::serialize_into(&mut bytes, value).expect("bincode serialises every type stored by Bazaar into a Vec");
     bytes
+}
+
+/// Appends what [`encode`] makes of `value` to `buffer` (the journal
+/// encodes a batch straight into the buffer its segment is written from).
+pub fn encode_into<T: Serialize + ?Sized>(buffer: &mut Vec<u8>, value: &T) {
+    let size = bincode::serialized_size(value).map_or(64, |size| usize::try_from(size).unwrap_or(64));
+    buffer.reserve(1 + size);
+    buffer.push(FORMAT_VERSION);
+    bincode::serialize_into(buffer, value).expect("bincode serialises every type stored by Bazaar into a Vec");
 }
 
 /// The xxh3 hash of what [`encode`] makes of `value` (fingerprints of
@@ -141,6 +152,8 @@ pub struct Store {
     pub audit: sled::Tree,
     pub defs: sled::Tree,
     pub meta: sled::Tree,
+    /// Where the journal's segment files are ([`crate::wal`]).
+    pub journal_dir: PathBuf,
     files: Arc<Files>,
 }
 
@@ -400,6 +413,7 @@ impl Store {
             audit: db.open_tree("audit")?,
             defs: db.open_tree("defs")?,
             meta: db.open_tree("meta")?,
+            journal_dir: dir.join("journal"),
             files,
             db,
         })

@@ -149,8 +149,11 @@ impl Metrics {
                 &["place"],
             )?,
             journal_flush_seconds: Histogram::with_opts(
-                HistogramOpts::new("bazaar_journal_flush_seconds", "Duration of one journal group commit")
-                    .buckets(latency_buckets),
+                HistogramOpts::new(
+                    "bazaar_journal_flush_seconds",
+                    "Duration of one journal group commit, until its batch is synced",
+                )
+                .buckets(latency_buckets),
             )?,
             journal_batch_entries: Histogram::with_opts(
                 HistogramOpts::new("bazaar_journal_batch_entries", "Journal entries per group commit")
