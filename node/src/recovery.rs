@@ -2,9 +2,9 @@
 //!
 //! The journal holds every acknowledged entry since the last checkpoint. At
 //! start-up, before the node takes requests, each batch after the
-//! checkpoint is read once; the derived indexes (outbox, audit) of the last
-//! few are written again (the last one's may have been lost with the
-//! crash; see [`journal::CARRY_COMMITS`]), the seen ids of every batch the
+//! checkpoint is read once; the derived indexes (outbox, audit) of the
+//! batches from the writer's mark on are written again (a crash may have
+//! taken them from sled; see [`journal::REDO_KEY`]), the seen ids of every batch the
 //! [`crate::seen`] index's runs do not cover yet, and each entity that
 //! has entries there gets its snapshot, the entries after it replayed, and
 //! a new snapshot. An entity that journals its whole state (customers,
@@ -46,15 +46,11 @@ pub fn recover(store: &Store, metrics: &Metrics) -> StorageResult<(RecoveryRepor
     let read = started.elapsed();
     let mut report = RecoveryReport { next_seq: checkpoint, batches: batches.len(), entries: 0, entities: 0 };
     // The writer makes a batch's derived writes in sled once the batch is
-    // durable, then marks it indexed, and sled keeps a prefix of its
-    // writes: the batches after the mark may have lost theirs. So may the
-    // outbox messages carried from as far back as
-    // [`journal::CARRY_COMMITS`] batches before it. (A node before the
-    // segment files kept no mark; it flushed a batch's indexes with the
-    // next batch, so only the last batch's could be missing.)
+    // durable, then marks the first batch whose derived writes, or whose
+    // carried outbox messages, may still be missing; sled keeps a prefix
+    // of its writes, so everything before the mark is there.
     let last = batches.last().map_or(0, |(seq, _)| *seq);
-    let indexed = journal::read_indexed(store)?.unwrap_or(last.saturating_sub(1));
-    let redo_from = (indexed + 1).saturating_sub(u64::from(journal::CARRY_COMMITS));
+    let redo_from = journal::read_redo_from(store, last)?;
     let reindex_from = batches.partition_point(|(seq, _)| *seq < redo_from);
     // The idempotency records are the exception: those after the index's
     // last run are only in the journal (see [`crate::seen`]).
@@ -114,10 +110,8 @@ pub fn recover(store: &Store, metrics: &Metrics) -> StorageResult<(RecoveryRepor
     }
     report.entities = pending.len() + replayed_in_full;
     let replayed = started.elapsed();
-    // Every batch of the tail is indexed now.
-    if let Some((last, _)) = batches.last() {
-        store.meta.insert(journal::INDEXED_KEY, &last.to_be_bytes())?;
-    }
+    // Every batch of the tail is indexed now, and nothing is carried.
+    store.meta.insert(journal::REDO_KEY, &report.next_seq.to_be_bytes())?;
     // With snapshots still to write, the tail stays: the first checkpoint
     // writes them and then drops it.
     if !pending.is_empty() {
@@ -238,8 +232,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn recovery_indexes_again_the_messages_a_crash_may_have_left_carried() {
-        use crate::journal::{JournalEntry, CARRY_COMMITS};
+    fn recovery_indexes_again_the_messages_a_node_before_the_mark_may_have_left_carried() {
+        use crate::journal::JournalEntry;
         use crate::outbox::OutboxMessage;
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(dir.path()).expect("open");
@@ -253,13 +247,14 @@ mod tests {
             outbox: vec![score(n).record()],
             audit: Vec::new(),
         };
-        // A tail of CARRY_COMMITS + 2 batches, each with one score no
-        // receiver applied, and none in the `outbox` tree: the writer
-        // indexes a batch's message in the commit CARRY_COMMITS later, so
-        // only the last CARRY_COMMITS + 1 batches' can be missing (the
-        // last commit's indexing may be lost with the crash); the one
-        // before them was indexed by a commit the tail shows durable.
-        let batches = CARRY_COMMITS as usize + 2;
+        // A tail of 34 batches in the sled tree, as a node before the
+        // segment files wrote them, each with one score no receiver
+        // applied, and none in the `outbox` tree: that writer indexed a
+        // batch's message in the commit 32 later, so only the last 33
+        // batches' can be missing (the last commit's indexing may be lost
+        // with the crash); the one before them was indexed by a commit the
+        // tail shows durable.
+        let batches = 34;
         for n in 0..batches {
             store.journal.insert((n as u64).to_be_bytes(), encode(&vec![cause(n)])).expect("insert");
         }
@@ -274,8 +269,8 @@ mod tests {
     }
 
     #[test]
-    fn recovery_indexes_again_what_came_after_the_last_batch_sled_had_indexed() {
-        use crate::journal::{JournalEntry, CARRY_COMMITS, INDEXED_KEY};
+    fn recovery_indexes_again_from_the_writers_mark_on() {
+        use crate::journal::{JournalEntry, REDO_KEY};
         use crate::outbox::OutboxMessage;
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(dir.path()).expect("open");
@@ -290,9 +285,10 @@ mod tests {
             audit: Vec::new(),
         };
         // Sixty batches in the segments, each with a score no receiver
-        // applied; sled had indexed up to batch 40 when the node died, and
-        // none of the scores reached the `outbox` tree (a crash took
-        // sled's last writes, or they were still carried).
+        // applied; the writer's last durable mark says batch 25 may still
+        // have carried its messages, and none of the scores reached the
+        // `outbox` tree (a crash took sled's last writes, or they were still
+        // carried).
         let mut appender = crate::wal::Appender::open(&store.journal_dir, 0).expect("open");
         for n in 0..60 {
             let mut record = Vec::new();
@@ -302,20 +298,19 @@ mod tests {
             appender.append(n, &record).expect("append");
         }
         appender.sync().expect("sync");
-        store.meta.insert(INDEXED_KEY, &40u64.to_be_bytes()).expect("insert");
+        store.meta.insert(REDO_KEY, &25u64.to_be_bytes()).expect("insert");
         let metrics = Metrics::new().expect("metrics");
         let (report, _) = recover(&store, &metrics).expect("recover");
         assert_eq!((report.batches, report.next_seq), (60, 60));
-        // The writer had written the messages of batches up to 40 - 32 by
-        // the time it marked batch 40: those are not written again; every
-        // later one is (it may have been carried in memory).
-        let first = 41 - u64::from(CARRY_COMMITS);
+        // The messages of the batches before the mark were applied or
+        // indexed by then: not written again; every later one is.
+        let first = 25;
         for n in 0..60 {
             let indexed = store.outbox.get(score(n).storage_key()).expect("read").is_some();
             assert_eq!(indexed, first <= n, "batch {n}");
             assert!(store.seen.get(format!("t/event/e-{n}")).expect("read").is_some(), "batch {n}");
         }
-        assert_eq!(crate::journal::read_indexed(&store).expect("read"), Some(59));
+        assert_eq!(crate::journal::read_redo_from(&store, 59).expect("read"), 60, "nothing left to redo");
     }
 
     #[test]

@@ -731,8 +731,8 @@ impl Service {
     }
 
     /// Drops from a retry's deliveries the scores that need no delivery:
-    /// a score applied within the commits its cause's message may wait for
-    /// (see [`crate::journal::CARRY_COMMITS`]) leaves its receiver
+    /// a score applied within the time its cause's message may wait for
+    /// (see [`crate::journal::CARRY_FOR`]) leaves its receiver
     /// no record to recognise it by (see [`crate::journal::Indexer`]), and
     /// is delivered again only if it waits in the `outbox` tree.
     async fn redeliverable(&self, applied: &mut Applied) -> ServiceResult<()> {
