@@ -32,7 +32,7 @@ fn entry(n: u64) -> JournalEntry {
         entity: "mall/customer/c-42".into(),
         entity_seq: n,
         change: encode(&customer),
-        seen: Some((format!("mall/event/{event_id}").into_bytes(), vec![0; 160])),
+        seen: Some((format!("mall/event/{event_id}").into_bytes().into(), vec![0; 160].into())),
         outbox: outbox.iter().map(OutboxMessage::record).collect(),
         audit: Vec::new(),
     }

@@ -17,7 +17,7 @@
 
 use crate::error::{Code, ServiceError, ServiceResult};
 use crate::journal::{Journal, JournalEntry, KeyValue, Snapshot, Ticket};
-use crate::storage::{decode, encode, key, StorageResult, Store};
+use crate::storage::{decode, encode, SharedBytes, StorageResult, Store};
 use crate::FastMap;
 use actix::prelude::*;
 use bazaar_cluster::{EntityKey, EntityKind};
@@ -185,22 +185,23 @@ struct SeenValue {
 }
 
 /// What `encode(&SeenValue { fingerprint, answer: encode(answer) })`
-/// makes, in one buffer: the answer is serialised in place instead of
-/// into a buffer of its own that is then copied (twice per event).
-fn seen_value<A: Serialize>(fingerprint: u64, answer: &A) -> Vec<u8> {
+/// makes, built in a buffer the thread keeps and copied once into the
+/// shared record: the answer is serialised in place instead of into a
+/// buffer of its own that is then copied (twice per event).
+fn seen_value<A: Serialize>(fingerprint: u64, answer: &A) -> SharedBytes {
     // Version, fingerprint, the answer's length, then the answer as
     // `encode` writes it (its own version byte, then bincode).
     const ANSWER_AT: usize = 1 + 8 + 8;
-    let size = bincode::serialized_size(answer).map_or(64, |size| usize::try_from(size).unwrap_or(64));
-    let mut bytes = Vec::with_capacity(ANSWER_AT + 1 + size);
-    bytes.push(crate::storage::FORMAT_VERSION);
-    bytes.extend_from_slice(&fingerprint.to_le_bytes());
-    bytes.extend_from_slice(&[0; 8]);
-    bytes.push(crate::storage::FORMAT_VERSION);
-    bincode::serialize_into(&mut bytes, answer).expect("bincode serialises every answer into a Vec");
-    let length = (bytes.len() - ANSWER_AT) as u64;
-    bytes[ANSWER_AT - 8..ANSWER_AT].copy_from_slice(&length.to_le_bytes());
-    bytes
+    crate::storage::with_buffer(|bytes| {
+        bytes.push(crate::storage::FORMAT_VERSION);
+        bytes.extend_from_slice(&fingerprint.to_le_bytes());
+        bytes.extend_from_slice(&[0; 8]);
+        bytes.push(crate::storage::FORMAT_VERSION);
+        bincode::serialize_into(&mut *bytes, answer).expect("bincode serialises every answer into a Vec");
+        let length = (bytes.len() - ANSWER_AT) as u64;
+        bytes[ANSWER_AT - 8..ANSWER_AT].copy_from_slice(&length.to_le_bytes());
+        SharedBytes::from(&bytes[..])
+    })
 }
 
 pub struct EntityActor<E: Entity> {
@@ -231,8 +232,17 @@ impl<E: Entity> Actor for EntityActor<E> {
 }
 
 impl<E: Entity> EntityActor<E> {
-    fn seen_key(&self, dedupe: &Dedupe<'_>) -> Vec<u8> {
-        key(&[&self.key.tenant, dedupe.scope, dedupe.id])
+    /// The idempotency record's key, `tenant/scope/id`, built in place.
+    fn seen_key(&self, dedupe: &Dedupe<'_>) -> SharedBytes {
+        crate::storage::with_buffer(|bytes| {
+            for (at, part) in [self.key.tenant.as_str(), dedupe.scope, dedupe.id].into_iter().enumerate() {
+                if 0 < at {
+                    bytes.push(b'/');
+                }
+                bytes.extend_from_slice(part.as_bytes());
+            }
+            SharedBytes::from(&bytes[..])
+        })
     }
 
     /// Looks after `after` whether the actor has been idle for the idle
@@ -456,11 +466,19 @@ impl<E: Entity> Registry<E> {
         &self,
         calls: Vec<Call<E::Command>>,
     ) -> Vec<ServiceResult<Vec<ServiceResult<Reply<E::Answer>>>>> {
+        // Every address under one lock (taken per entity, the lock and
+        // the map's probes were a tenth of a batch's work on the gRPC
+        // threads), every send after it: a send wakes the actor's thread.
+        let addrs: Vec<ServiceResult<Arc<Addr<EntityActor<E>>>>> = {
+            let mut actors = self.actors.lock();
+            calls.iter().map(|(entity, _)| self.activated(&mut actors, entity)).collect()
+        };
         let sent: Vec<_> = calls
             .into_iter()
-            .map(|(entity, commands)| {
+            .zip(addrs)
+            .map(|((entity, commands), addr)| {
                 let parcel = Arc::new(Mutex::new(Some(commands)));
-                let request = self.send_now(&entity, Requests::<E>(parcel.clone()));
+                let request = addr.map(|addr| addr.send(Requests::<E>(parcel.clone())));
                 (entity, parcel, request)
             })
             .collect();
@@ -515,7 +533,7 @@ impl<E: Entity> Registry<E> {
         <EntityActor<E> as Actor>::Context: actix::dev::ToEnvelope<EntityActor<E>, M>,
     {
         // Not under the lock: a send wakes the actor's thread.
-        let addr = self.activated(&mut self.actors.lock(), entity)?.clone();
+        let addr = self.activated(&mut self.actors.lock(), entity)?;
         Ok(addr.send(message))
     }
 
@@ -551,13 +569,15 @@ impl<E: Entity> Registry<E> {
 
     /// The address of the entity's actor in `actors` (the registry's map,
     /// locked), activating it if it has none or its actor has stopped.
-    fn activated<'a>(
+    fn activated(
         &self,
-        actors: &'a mut FastMap<EntityKey, Arc<Addr<EntityActor<E>>>>,
+        actors: &mut FastMap<EntityKey, Arc<Addr<EntityActor<E>>>>,
         entity: &EntityKey,
-    ) -> ServiceResult<&'a Arc<Addr<EntityActor<E>>>> {
-        if actors.get(entity).is_some_and(|addr| addr.connected()) {
-            return Ok(&actors[entity]);
+    ) -> ServiceResult<Arc<Addr<EntityActor<E>>>> {
+        if let Some(addr) = actors.get(entity) {
+            if addr.connected() {
+                return Ok(addr.clone());
+            }
         }
         let storage_key = entity.to_string();
         let restore = |snapshot: &Snapshot| Ok((decode::<E::State>(&snapshot.state)?, snapshot.entity_seq));
@@ -608,13 +628,14 @@ impl<E: Entity> Registry<E> {
         let addr = Addr::new(sender);
         let kind = E::KIND.as_str();
         self.node.metrics.activations.with_label_values(&[kind]).inc();
-        if actors.insert(entity.clone(), Arc::new(addr)).is_none() {
+        let addr = Arc::new(addr);
+        if actors.insert(entity.clone(), addr.clone()).is_none() {
             self.node.metrics.active_actors.with_label_values(&[kind]).inc();
         } else {
             // It replaced a stopped actor nobody had removed yet.
             self.node.metrics.passivations.with_label_values(&[kind]).inc();
         }
-        Ok(&actors[entity])
+        Ok(addr)
     }
 
     /// Forgets `addr` as the actor of `entity` (if it still is).
@@ -704,7 +725,7 @@ mod tests {
             vec![Vec::new(), vec![("c-42".into(), 7)], (0..500).map(|n| (format!("c-{n}"), -n)).collect()];
         for (fingerprint, answer) in [0, 42, u64::MAX].into_iter().zip(answers) {
             let record = seen_value(fingerprint, &answer);
-            assert_eq!(record, encode(&SeenValue { fingerprint, answer: encode(&answer) }));
+            assert_eq!(record[..], encode(&SeenValue { fingerprint, answer: encode(&answer) })[..]);
             let SeenValue { fingerprint: read, answer: bytes } = decode(&record).expect("reads back");
             assert_eq!(
                 (read, decode::<Vec<(String, i64)>>(&bytes).expect("the answer reads back")),

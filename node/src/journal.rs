@@ -41,7 +41,7 @@
 //! then on: actors may hold state the disk does not, and only a restart
 //! (recovery from the journal) makes the two agree again.
 
-use crate::storage::{decode, encode, StorageError, StorageResult, Store};
+use crate::storage::{decode, encode, SharedBytes, StorageError, StorageResult, Store};
 use crate::{wal, FastMap, FastSet};
 use bazaar_observability::Metrics;
 use parking_lot::{Condvar, Mutex};
@@ -70,9 +70,10 @@ pub struct JournalEntry {
     /// The entity's change: its new state, or an operation (leaderboards).
     #[serde(with = "serde_bytes")]
     pub change: Vec<u8>,
-    /// The idempotency record (`seen` tree).
-    #[serde(with = "crate::storage::byte_pairs::option")]
-    pub seen: Option<KeyValue>,
+    /// The idempotency record (see [`crate::seen`]), shared with the
+    /// pending records and the memtable instead of copied into each.
+    #[serde(with = "crate::storage::byte_pairs::shared_option")]
+    pub seen: Option<(SharedBytes, SharedBytes)>,
     /// Cross-entity messages (`outbox` tree) until acknowledged.
     #[serde(with = "crate::storage::byte_pairs")]
     pub outbox: Vec<KeyValue>,
@@ -228,7 +229,7 @@ impl Journal {
     /// Its idempotency record is pending in the [`crate::seen`] index from
     /// now until then.
     pub fn submit(&self, entry: JournalEntry) -> StorageResult<Ticket> {
-        let held = entry.seen.clone().map(|(key, value)| self.seen.prepare(key, value));
+        let held = entry.seen.as_ref().map(|(key, value)| self.seen.prepare(key.clone(), value.clone()));
         self.push_then(Op::Entry(entry), |ticket| {
             if let Some(record) = held {
                 // Before the writer can see the entry, so its release
@@ -345,6 +346,8 @@ fn writer_gone() -> StorageError {
 
 struct Writer {
     store: Store,
+    /// The queue's buffer, empty, for the next commit's operations.
+    spare_ops: Vec<(Ticket, Op)>,
     /// Appends and syncs batches on a thread of its own.
     flusher: Flusher,
     metrics: Arc<Metrics>,
@@ -441,6 +444,7 @@ impl Writer {
         let trim_below = read_checkpoint(&store)?;
         wal::trim(&store.journal_dir, trim_below)?;
         Ok(Writer {
+            spare_ops: Vec::new(),
             indexer: Indexer::writing(&store)?,
             flusher: Flusher::start(appender)?,
             store,
@@ -489,7 +493,10 @@ impl Writer {
                 if queue.ops.is_empty() && queue.closed && self.snapshots.is_empty() && self.checkpoints.is_empty() {
                     break Ok(());
                 }
-                std::mem::take(&mut queue.ops)
+                // The last commit's emptied queue, with its capacity: the
+                // actors' pushes grew a new one by doubling, copying every
+                // entry queued so far at each step.
+                std::mem::replace(&mut queue.ops, std::mem::take(&mut self.spare_ops))
             };
             if let Err(error) = self.commit(ops, &mut deferred) {
                 break Err(error);
@@ -570,12 +577,12 @@ impl Writer {
     /// syncs it; meanwhile the last commit's work on sled is done
     /// ([`Writer::apply`]). Once the batch is durable its ticket is
     /// published, and this commit's work on sled waits for the next one.
-    fn commit(&mut self, ops: Vec<(Ticket, Op)>, deferred: &mut Option<Deferred>) -> StorageResult<()> {
+    fn commit(&mut self, mut ops: Vec<(Ticket, Op)>, deferred: &mut Option<Deferred>) -> StorageResult<()> {
         let started = Instant::now();
-        let mut entries = Vec::new();
+        let mut entries = Vec::with_capacity(ops.len());
         let mut last_ticket = None;
         let mut others = Vec::new();
-        for (ticket, op) in ops {
+        for (ticket, op) in ops.drain(..) {
             match op {
                 Op::Entry(entry) => {
                     entries.push(entry);
@@ -583,6 +590,9 @@ impl Writer {
                 }
                 op => others.push(op),
             }
+        }
+        if ops.capacity() <= SPARE_OPS {
+            self.spare_ops = ops;
         }
         let batch = (!entries.is_empty()).then_some(self.next_seq);
         if let Some(seq) = batch {
@@ -731,6 +741,9 @@ struct Flusher {
 
 /// A buffer this large is not kept for the next batch.
 const SPARE_BYTES: usize = 16 << 20;
+
+/// A queue of more operations than this is not kept for the next commit.
+const SPARE_OPS: usize = 64 * 1024;
 
 impl Flusher {
     fn start(mut appender: wal::Appender) -> StorageResult<Self> {
@@ -885,7 +898,7 @@ const LEGACY_REDO_BATCHES: u64 = 33;
 /// The keys of `entries`' idempotency records (for a receiver's entry,
 /// the receipts of the messages it applied).
 fn seen_keys(entries: &[JournalEntry]) -> impl Iterator<Item = &[u8]> {
-    entries.iter().filter_map(|entry| entry.seen.as_ref()).map(|(key, _)| key.as_slice())
+    entries.iter().filter_map(|entry| entry.seen.as_ref()).map(|(key, _)| &key[..])
 }
 
 fn applied(entries: &[JournalEntry]) -> FastSet<&[u8]> {
@@ -917,8 +930,8 @@ impl Indexer {
             .iter()
             .flat_map(|(_, entries)| entries)
             .filter_map(|entry| entry.seen.as_ref())
-            .filter(|(key, _)| candidates.contains(key))
-            .map(|(key, _)| key.clone())
+            .filter(|(key, _)| candidates.contains(&key[..]))
+            .map(|(key, _)| key.to_vec())
             .collect();
         Ok(Self { applied_later, keep_receipts: true, ..Self::default() })
     }
@@ -1026,12 +1039,7 @@ impl Indexer {
         }
         if !entries.is_empty() {
             let records = entries.iter().filter_map(|entry| entry.seen.as_ref());
-            store.seen.insert(
-                batch,
-                records
-                    .filter(|(key, _)| self.keep_receipts || !unneeded.contains(key))
-                    .map(|(key, value)| (key.as_slice(), value.as_slice())),
-            );
+            store.seen.insert(batch, records.filter(|(key, _)| self.keep_receipts || !unneeded.contains(&key[..])));
         }
         Ok(added)
     }
@@ -1200,7 +1208,7 @@ mod tests {
             entity: format!("t/customer/c-{n}"),
             entity_seq: n,
             change: vec![n as u8],
-            seen: Some((format!("t/event/e-{n}").into_bytes(), vec![1])),
+            seen: Some((format!("t/event/e-{n}").into_bytes().into(), vec![1].into())),
             outbox: vec![message(n).record()],
             audit: Vec::new(),
         }
@@ -1229,7 +1237,7 @@ mod tests {
                 entity: e.entity.clone(),
                 entity_seq: e.entity_seq,
                 change: e.change.clone(),
-                seen: e.seen.clone(),
+                seen: e.seen.as_ref().map(|(key, value)| (key.to_vec(), value.to_vec())),
                 outbox: e.outbox.clone(),
                 audit: e.audit.clone(),
             })
@@ -1255,8 +1263,11 @@ mod tests {
         let mut cause = entry(1);
         cause.outbox = vec![score.record(), contribution.record()];
         let receipt = |m: &OutboxMessage| crate::outbox::receipt_key(&m.storage_key()).expect("receipt key");
-        let receiver =
-            |m: &OutboxMessage| JournalEntry { seen: Some((receipt(m), vec![1])), outbox: vec![], ..entry(2) };
+        let receiver = |m: &OutboxMessage| JournalEntry {
+            seen: Some((receipt(m).into(), vec![1].into())),
+            outbox: vec![],
+            ..entry(2)
+        };
         let commit = |indexer: &mut Indexer, store: &Store, entries: &[JournalEntry]| {
             let added = indexer.before_flush(store, entries, false).expect("before");
             added + indexer.index_derived(store, 0, entries).expect("after")

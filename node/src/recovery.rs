@@ -58,7 +58,7 @@ pub fn recover(store: &Store, metrics: &Metrics) -> StorageResult<(RecoveryRepor
     for (seq, entries) in &batches[..reindex_from] {
         if covered.is_none_or(|covered| covered < *seq) {
             let records = entries.iter().filter_map(|entry| entry.seen.as_ref());
-            store.seen.insert(*seq, records.map(|(key, value)| (key.as_slice(), value.as_slice())));
+            store.seen.insert(*seq, records);
         }
     }
     // A message whose receiver's record is anywhere in the tail was applied
@@ -243,7 +243,7 @@ mod tests {
             entity: "t/customer/c-1".into(),
             entity_seq: n as u64 + 1,
             change: vec![1],
-            seen: Some((format!("t/event/e-{n}").into_bytes(), vec![1])),
+            seen: Some((format!("t/event/e-{n}").into_bytes().into(), vec![1].into())),
             outbox: vec![score(n).record()],
             audit: Vec::new(),
         };
@@ -280,7 +280,7 @@ mod tests {
             entity: "t/customer/c-1".into(),
             entity_seq: n + 1,
             change: vec![1],
-            seen: Some((format!("t/event/e-{n}").into_bytes(), vec![1])),
+            seen: Some((format!("t/event/e-{n}").into_bytes().into(), vec![1].into())),
             outbox: vec![score(n).record()],
             audit: Vec::new(),
         };

@@ -50,7 +50,7 @@
 //! back to one after an upgrade loses the idempotency of what the newer
 //! node applied.
 
-use crate::storage::{decode, encode, StorageError, StorageResult, FORMAT_VERSION};
+use crate::storage::{decode, encode, SharedBytes, StorageError, StorageResult, FORMAT_VERSION};
 use crate::FastMap;
 use parking_lot::{Condvar, Mutex, RwLock};
 use serde::{Deserialize, Serialize};
@@ -67,7 +67,7 @@ use xorf::{BinaryFuse8, BinaryFuse8Ref, DmaSerializable, Filter, FilterRef};
 
 /// Records the memtable takes before it is cut into a run: a run a second
 /// at thirty thousand events a second, a few megabytes of memory.
-pub const MEMTABLE_RECORDS: usize = 32 * 1024;
+pub const MEMTABLE_RECORDS: usize = 128 * 1024;
 
 /// A block (the unit a lookup reads) is cut once it holds this many bytes
 /// (records are about 230 bytes under the load generator's workload).
@@ -84,15 +84,15 @@ const PENDING_SHARDS: usize = 16;
 /// A pending record: its value and the journal ticket that makes it
 /// durable.
 struct Pending {
-    value: Box<[u8]>,
+    value: SharedBytes,
     ticket: u64,
 }
 
 /// A record [`SeenIndex::prepare`]d for [`SeenIndex::hold`].
 pub struct ToHold {
     shard: usize,
-    key: Box<[u8]>,
-    value: Box<[u8]>,
+    key: SharedBytes,
+    value: SharedBytes,
 }
 
 /// The key of a run's description in the `seen_runs` tree.
@@ -386,13 +386,15 @@ fn delete_run(tree: &sled::Tree, dir: &Path, id: u64) -> StorageResult<()> {
 
 #[derive(Default)]
 struct Memtable {
-    records: FastMap<Box<[u8]>, Box<[u8]>>,
+    /// Shared with the journal entries they came from: indexing a record
+    /// copies nothing.
+    records: FastMap<SharedBytes, SharedBytes>,
     /// The last journal batch indexed.
     upto: Option<u64>,
 }
 
 struct Frozen {
-    records: FastMap<Box<[u8]>, Box<[u8]>>,
+    records: FastMap<SharedBytes, SharedBytes>,
     upto: u64,
     /// How many memtables were frozen before it, and it.
     generation: u64,
@@ -433,7 +435,7 @@ struct Inner {
     /// The former `seen` tree, while it holds records.
     legacy: Option<sled::Tree>,
     /// Records handed to the journal and not yet durable and indexed.
-    pending: [Mutex<FastMap<Box<[u8]>, Pending>>; PENDING_SHARDS],
+    pending: [Mutex<FastMap<SharedBytes, Pending>>; PENDING_SHARDS],
     memtable: RwLock<Memtable>,
     /// Cut memtables not written as runs yet, oldest first.
     frozen: RwLock<VecDeque<Arc<Frozen>>>,
@@ -554,14 +556,14 @@ impl SeenIndex {
         Ok(self.get(key)?.map(|value| (value, None)))
     }
 
-    fn pending_shard(&self, key: &[u8]) -> &Mutex<FastMap<Box<[u8]>, Pending>> {
+    fn pending_shard(&self, key: &[u8]) -> &Mutex<FastMap<SharedBytes, Pending>> {
         &self.inner.pending[pending_shard_of(key)]
     }
 
     /// A record made ready to hold, so that holding it (which the journal
     /// does under its queue's lock) is one insert.
-    pub fn prepare(&self, key: Vec<u8>, value: Vec<u8>) -> ToHold {
-        ToHold { shard: pending_shard_of(&key), key: key.into_boxed_slice(), value: value.into_boxed_slice() }
+    pub fn prepare(&self, key: SharedBytes, value: SharedBytes) -> ToHold {
+        ToHold { shard: pending_shard_of(&key), key, value }
     }
 
     /// Holds a record handed to the journal under `ticket` until
@@ -613,10 +615,10 @@ impl SeenIndex {
 
     /// Indexes the records of journal batch `batch` (and every batch
     /// before it, which callers index in order).
-    pub fn insert<'a>(&self, batch: u64, records: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) {
+    pub fn insert<'a>(&self, batch: u64, records: impl IntoIterator<Item = &'a (SharedBytes, SharedBytes)>) {
         let mut memtable = self.inner.memtable.write();
         for (key, value) in records {
-            memtable.records.insert(key.into(), value.into());
+            memtable.records.insert(key.clone(), value.clone());
         }
         memtable.upto = memtable.upto.max(Some(batch));
         if self.inner.memtable_records <= memtable.records.len() {
@@ -908,13 +910,17 @@ mod tests {
         format!("answer {n}").into_bytes()
     }
 
+    fn shared(key: Vec<u8>, value: Vec<u8>) -> (SharedBytes, SharedBytes) {
+        (key.into(), value.into())
+    }
+
     /// Indexes records `from..to`, ten per batch, batches numbered by
     /// their first record / 10.
     fn index(seen: &SeenIndex, from: u64, to: u64) {
         let mut n = from;
         while n < to {
-            let batch: Vec<_> = (n..(n + 10).min(to)).map(|n| (key(n), value(n))).collect();
-            seen.insert(n / 10, batch.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
+            let batch: Vec<_> = (n..(n + 10).min(to)).map(|n| shared(key(n), value(n))).collect();
+            seen.insert(n / 10, &batch);
             n += 10;
         }
     }
@@ -962,8 +968,8 @@ mod tests {
         let (_db, seen) = open(&dir, 1_000_000);
         // Four runs of overlapping ranges; the overlap's later records win.
         for (run, (from, to)) in [(0, 300), (200, 500), (400, 700), (650, 1_000)].into_iter().enumerate() {
-            let records: Vec<_> = (from..to).map(|n| (key(n), format!("run {run}").into_bytes())).collect();
-            seen.insert(run as u64, records.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
+            let records: Vec<_> = (from..to).map(|n| shared(key(n), format!("run {run}").into_bytes())).collect();
+            seen.insert(run as u64, &records);
             seen.persist().expect("persist");
         }
         seen.wait_idle().expect("idle");
@@ -1036,18 +1042,18 @@ mod tests {
     fn a_pending_record_is_found_with_its_ticket_until_released() {
         let dir = tempfile::tempdir().expect("temp dir");
         let (_db, seen) = open(&dir, 1_000_000);
-        seen.hold(seen.prepare(key(1), value(1)), 7);
-        seen.hold(seen.prepare(key(2), value(2)), 8);
-        seen.hold(seen.prepare(key(4), value(4)), 9);
+        seen.hold(seen.prepare(key(1).into(), value(1).into()), 7);
+        seen.hold(seen.prepare(key(2).into(), value(2).into()), 8);
+        seen.hold(seen.prepare(key(4).into(), value(4).into()), 9);
         assert_eq!(seen.lookup(&key(1)).expect("lookup"), Some((value(1), Some(7))));
         assert_eq!(seen.get(key(1)).expect("get"), None, "not indexed yet");
         assert_eq!(seen.stats().pending_records, 3);
         // Key 4 again, by an entry of a later commit.
-        seen.hold(seen.prepare(key(4), value(5)), 10);
+        seen.hold(seen.prepare(key(4).into(), value(5).into()), 10);
         // The writer indexes the commit up to ticket 9, then releases; a
         // record it leaves out of the index on purpose is gone once
         // released, and the one held again since stays.
-        seen.insert(0, [(key(1).as_slice(), value(1).as_slice()), (key(4).as_slice(), value(4).as_slice())]);
+        seen.insert(0, &[shared(key(1), value(1)), shared(key(4), value(4))]);
         seen.release([key(1).as_slice(), key(2).as_slice(), key(3).as_slice(), key(4).as_slice()], 9);
         assert_eq!(seen.lookup(&key(1)).expect("lookup"), Some((value(1), None)));
         assert_eq!(seen.lookup(&key(2)).expect("lookup"), None);

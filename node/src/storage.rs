@@ -59,6 +59,40 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     bytes
 }
 
+/// Bytes held in several places at once without a copy each (an
+/// idempotency record: in its journal entry, among the pending records,
+/// then in the memtable).
+pub type SharedBytes = Arc<[u8]>;
+
+/// What [`encode`] makes of `value`, as [`SharedBytes`]: encoded into a
+/// buffer the thread keeps, then copied once into its shared allocation
+/// (one allocation, where encoding into a `Vec` and converting it took
+/// two).
+pub fn encode_shared<T: Serialize + ?Sized>(value: &T) -> SharedBytes {
+    with_buffer(|bytes| {
+        bytes.push(FORMAT_VERSION);
+        bincode::serialize_into(&mut *bytes, value).expect("bincode serialises every type stored by Bazaar");
+        SharedBytes::from(&bytes[..])
+    })
+}
+
+/// Runs `use_it` on an empty buffer the thread keeps (a rare large one is
+/// not kept).
+pub fn with_buffer<R>(use_it: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    thread_local! {
+        static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    BUFFER.with(|buffer| {
+        let mut bytes = buffer.borrow_mut();
+        bytes.clear();
+        let result = use_it(&mut bytes);
+        if 64 * 1024 < bytes.capacity() {
+            *bytes = Vec::new();
+        }
+        result
+    })
+}
+
 /// Appends what [`encode`] makes of `value` to `buffer` (the journal
 /// encodes a batch straight into the buffer its segment is written from).
 pub fn encode_into<T: Serialize + ?Sized>(buffer: &mut Vec<u8>, value: &T) {
@@ -75,20 +109,10 @@ pub fn encode_into<T: Serialize + ?Sized>(buffer: &mut Vec<u8>, value: &T) {
 /// against 37 ns encoding into a new buffer. (xxh3's streaming hasher fed
 /// by bincode's small writes was slower than either.)
 pub fn hash_encoded<T: Serialize + ?Sized>(value: &T) -> u64 {
-    thread_local! {
-        static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    BUFFER.with(|buffer| {
-        let mut bytes = buffer.borrow_mut();
-        bytes.clear();
+    with_buffer(|bytes| {
         bytes.push(FORMAT_VERSION);
         bincode::serialize_into(&mut *bytes, value).expect("bincode serialises every type stored by Bazaar");
-        let hash = xxhash_rust::xxh3::xxh3_64(&bytes);
-        if 64 * 1024 < bytes.capacity() {
-            // A rare large value: its buffer is not kept.
-            *bytes = Vec::new();
-        }
-        hash
+        xxhash_rust::xxh3::xxh3_64(bytes)
     })
 }
 
@@ -107,6 +131,29 @@ pub mod byte_pairs {
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<KeyValue>, D::Error> {
         let pairs = Vec::<(ByteBuf, ByteBuf)>::deserialize(deserializer)?;
         Ok(pairs.into_iter().map(|(key, value)| (key.into_vec(), value.into_vec())).collect())
+    }
+
+    /// The same for at most one pair of shared byte strings (an
+    /// idempotency record, which the journal entry, the pending records and
+    /// the memtable hold at once).
+    pub mod shared_option {
+        use crate::storage::SharedBytes;
+        use serde::{Deserialize, Deserializer, Serialize, Serializer};
+        use serde_bytes::{ByteBuf, Bytes};
+
+        pub fn serialize<S: Serializer>(
+            pair: &Option<(SharedBytes, SharedBytes)>,
+            serializer: S,
+        ) -> Result<S::Ok, S::Error> {
+            pair.as_ref().map(|(key, value)| (Bytes::new(key), Bytes::new(value))).serialize(serializer)
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            deserializer: D,
+        ) -> Result<Option<(SharedBytes, SharedBytes)>, D::Error> {
+            let pair = Option::<(ByteBuf, ByteBuf)>::deserialize(deserializer)?;
+            Ok(pair.map(|(key, value)| (key.into_vec().into(), value.into_vec().into())))
+        }
     }
 
     /// The same for at most one pair.
