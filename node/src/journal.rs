@@ -902,7 +902,9 @@ fn seen_keys(entries: &[JournalEntry]) -> impl Iterator<Item = &[u8]> {
 }
 
 fn applied(entries: &[JournalEntry]) -> FastSet<&[u8]> {
-    seen_keys(entries).collect()
+    let mut applied = FastSet::with_capacity_and_hasher(entries.len(), Default::default());
+    applied.extend(seen_keys(entries));
+    applied
 }
 
 impl Indexer {
@@ -1010,9 +1012,9 @@ impl Indexer {
                         String::from_utf8_lossy(key)
                     )));
                 };
-                let message = decode::<crate::outbox::OutboxMessage>(value)?;
-                let needs_receipt = message.needs_receipt();
-                if !message.complete_on_receipt() {
+                let kind = crate::outbox::kind_of_record(value)?;
+                let needs_receipt = kind.needs_receipt();
+                if !kind.complete_on_receipt() {
                     // Its receiver's record is only half of its effect (a
                     // draw still has to be settled): it waits in the outbox
                     // until acknowledged.

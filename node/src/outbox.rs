@@ -47,6 +47,63 @@ pub enum Payload {
     WheelDraw { wheel: Id, customer: Id, request_id: Id, at: UnixMillis },
 }
 
+/// What kind of message a [`Payload`] is, without its fields.
+///
+/// Its variants are [`Payload`]'s, in the same order: bincode writes an
+/// enum's variant as its index, so this reads the kind of an encoded
+/// message without decoding the rest ([`kind_of_record`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum PayloadKind {
+    Contribution,
+    Score,
+    WheelDraw,
+}
+
+impl PayloadKind {
+    /// Whether the receiver's answer to it is needed again after it is
+    /// applied: a contribution's (the purchase's retry answers with it) and
+    /// a draw's (the spin is settled with it). A score's is not, so its
+    /// idempotency record is kept only while the score may be delivered
+    /// again (see [`crate::journal::Indexer`]).
+    pub fn needs_receipt(self) -> bool {
+        self != PayloadKind::Score
+    }
+
+    /// Whether the receiver applying it completes its effect. A draw's
+    /// does not (the customer still has to settle it), so a draw always
+    /// waits in the `outbox` tree until the spin is settled.
+    pub fn complete_on_receipt(self) -> bool {
+        self != PayloadKind::WheelDraw
+    }
+}
+
+impl Payload {
+    pub fn kind(&self) -> PayloadKind {
+        match self {
+            Payload::Contribution { .. } => PayloadKind::Contribution,
+            Payload::Score { .. } => PayloadKind::Score,
+            Payload::WheelDraw { .. } => PayloadKind::WheelDraw,
+        }
+    }
+}
+
+/// The kind of the message an `outbox` record holds (what
+/// [`OutboxMessage::record`] made), read from its first fields: the
+/// journal writer asks it of every message of every batch, and decoding
+/// whole messages for it had been a third of its indexing.
+pub fn kind_of_record(value: &[u8]) -> crate::storage::StorageResult<PayloadKind> {
+    #[derive(Deserialize)]
+    struct Head<'a> {
+        #[serde(borrow)]
+        _tenant: &'a str,
+        #[serde(borrow)]
+        _id: &'a str,
+        _created_at: UnixMillis,
+        kind: PayloadKind,
+    }
+    crate::storage::decode::<Head<'_>>(value).map(|head| head.kind)
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutboxMessage {
     pub tenant: String,
@@ -101,19 +158,9 @@ impl OutboxMessage {
     }
 
     /// Whether the receiver's answer to it is needed again after it is
-    /// applied: a contribution's (the purchase's retry answers with it) and
-    /// a draw's (the spin is settled with it). A score's is not, so its
-    /// idempotency record is kept only while the score may be delivered
-    /// again (see [`crate::journal::Indexer`]).
+    /// applied (see [`PayloadKind::needs_receipt`]).
     pub fn needs_receipt(&self) -> bool {
-        !matches!(self.payload, Payload::Score { .. })
-    }
-
-    /// Whether the receiver applying it completes its effect. A draw's
-    /// does not (the customer still has to settle it), so a draw always
-    /// waits in the `outbox` tree until the spin is settled.
-    pub fn complete_on_receipt(&self) -> bool {
-        !matches!(self.payload, Payload::WheelDraw { .. })
+        self.payload.kind().needs_receipt()
     }
 
     /// Its key in the `outbox` tree.
@@ -134,5 +181,25 @@ impl OutboxMessage {
     /// A fingerprint of the message, for the receiver's idempotency check.
     pub fn fingerprint(&self) -> u64 {
         crate::storage::hash_encoded(&self.payload)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kind_of_a_record_is_read_without_decoding_it() {
+        let id = |s: &str| Id::parse(s).expect("id");
+        let messages = [
+            OutboxMessage::contribution("mall", &id("e-1"), &id("pot"), &id("c-1"), 500, 7, 8),
+            OutboxMessage::score("mall", &id("e-1"), &id("top"), &id("c-1"), -3, 8),
+            OutboxMessage::wheel_draw("mall", &id("w"), &id("c-1"), &id("r-9"), 9),
+        ];
+        for message in messages {
+            let (_, value) = message.record();
+            assert_eq!(kind_of_record(&value).expect("a record"), message.payload.kind(), "{message:?}");
+        }
+        assert!(kind_of_record(&[crate::storage::FORMAT_VERSION, 1]).is_err(), "cut short");
     }
 }

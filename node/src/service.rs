@@ -225,67 +225,63 @@ fn scored(message: &OutboxMessage, reply: Reply<LeaderboardAnswer>) -> ServiceRe
 }
 
 /// Commands for entities, gathered by entity (in the order each first
-/// appears, by any key that tells them apart) with the indexes of what they
-/// came from.
+/// appears, by any key that tells them apart), each command with the
+/// index of what it came from: one actor message per entity.
 struct Calls<K, C> {
     slots: FastMap<K, usize>,
-    indexes: Vec<Vec<usize>>,
-    commands: Vec<Vec<C>>,
+    /// Each entity's key and commands, by slot.
+    calls: Vec<(K, Vec<C>)>,
+    /// Each command's index and its entity's slot, in the order added.
+    order: Vec<(usize, usize)>,
 }
 
-impl<K, C> Default for Calls<K, C> {
-    fn default() -> Self {
-        Self { slots: FastMap::default(), indexes: Vec::new(), commands: Vec::new() }
+impl<K: std::hash::Hash + Eq + Copy, C> Calls<K, C> {
+    fn with_capacity(commands: usize) -> Self {
+        Self {
+            slots: FastMap::with_capacity_and_hasher(commands, Default::default()),
+            calls: Vec::new(),
+            order: Vec::with_capacity(commands),
+        }
     }
-}
 
-impl<K: std::hash::Hash + Eq, C> Calls<K, C> {
     fn add(&mut self, key: K, index: usize, command: C) {
-        let next = self.commands.len();
+        let next = self.calls.len();
         let slot = *self.slots.entry(key).or_insert(next);
         if slot == next {
-            self.indexes.push(Vec::new());
-            self.commands.push(Vec::new());
+            self.calls.push((key, Vec::new()));
         }
-        self.indexes[slot].push(index);
-        self.commands[slot].push(command);
+        self.calls[slot].1.push(command);
+        self.order.push((index, slot));
     }
 
-    /// The indexes and the calls, in the order their entities first
-    /// appeared; `entity` makes each entity's key from its own.
-    fn split(self, entity: impl Fn(K) -> EntityKey) -> (Vec<Vec<usize>>, Vec<Call<C>>) {
-        let mut keys: Vec<Option<EntityKey>> = self.commands.iter().map(|_| None).collect();
-        for (key, slot) in self.slots {
-            keys[slot] = Some(entity(key));
-        }
-        let calls = keys.into_iter().map(|key| key.expect("every slot has its key")).zip(self.commands).collect();
-        (self.indexes, calls)
+    /// The calls, in the order their entities first appeared (`entity`
+    /// makes each entity's key from its own), and each command's index and
+    /// slot.
+    fn split(self, entity: impl Fn(K) -> EntityKey) -> (Vec<(usize, usize)>, Vec<Call<C>>) {
+        (self.order, self.calls.into_iter().map(|(key, commands)| (entity(key), commands)).collect())
     }
 }
 
-/// Puts the replies of one batched call into `results` at `indexes`; a
-/// failed call fails each of them.
+/// Puts the replies of batched calls into `results`: each command's
+/// (`order`: its index and its entity's slot) in turn from its entity's
+/// replies, which come in the order its commands were sent. A failed call
+/// fails each of its commands.
 fn spread<A, T>(
     results: &mut [Option<ServiceResult<T>>],
-    indexes: Vec<usize>,
-    replies: ServiceResult<Vec<ServiceResult<Reply<A>>>>,
+    order: &[(usize, usize)],
+    replies: Vec<ServiceResult<Vec<ServiceResult<Reply<A>>>>>,
     mut complete: impl FnMut(usize, Reply<A>) -> ServiceResult<T>,
 ) {
-    match replies {
-        Ok(replies) => {
-            let mut replies = replies.into_iter();
-            for index in indexes {
-                results[index] = Some(match replies.next() {
-                    Some(reply) => reply.and_then(|reply| complete(index, reply)),
-                    None => Err(ServiceError::internal("an actor answered fewer requests than it was sent")),
-                });
-            }
-        }
-        Err(error) => {
-            for index in indexes {
-                results[index] = Some(Err(error.clone()));
-            }
-        }
+    let mut replies: Vec<ServiceResult<std::vec::IntoIter<ServiceResult<Reply<A>>>>> =
+        replies.into_iter().map(|replies| replies.map(Vec::into_iter)).collect();
+    for &(index, slot) in order {
+        results[index] = Some(match &mut replies[slot] {
+            Ok(each) => match each.next() {
+                Some(reply) => reply.and_then(|reply| complete(index, reply)),
+                None => Err(ServiceError::internal("an actor answered fewer requests than it was sent")),
+            },
+            Err(error) => Err(error.clone()),
+        });
     }
 }
 
@@ -627,11 +623,11 @@ impl Service {
         let mut results: Vec<Option<ServiceResult<api::EventAnswer>>> = requests.iter().map(|_| None).collect();
         // The events that go now, and those repeating an id of this batch:
         // they go afterwards, one by one, and meet its idempotency record.
-        let mut admitted = Vec::new();
+        let mut admitted = Vec::with_capacity(requests.len());
         let mut repeated = Vec::new();
         // By the event-id lock's key: the (vanishingly rare) collision of two
         // ids only sends the second one the way of a repeated id.
-        let mut keys = crate::FastSet::default();
+        let mut keys = crate::FastSet::with_capacity_and_hasher(requests.len(), Default::default());
         for (index, request) in requests.into_iter().enumerate() {
             match request.and_then(|request| self.admit(&catalog, request)) {
                 Err(error) => results[index] = Some(Err(error)),
@@ -643,23 +639,33 @@ impl Service {
         }
         let guards = self.in_flight.acquire_all(keys.into_iter().collect()).await;
 
-        // The events go to their customers; what their answers need stays.
-        let mut calls: Calls<EntityKey, CustomerCommand> = Calls::default();
+        // The events go to their customers, each customer's as one actor
+        // message; what their answers need stays. Grouped by the customer's
+        // id, borrowed, first: an entity key is made once per customer.
+        let mut order = Vec::with_capacity(admitted.len());
+        let mut calls: Vec<Call<CustomerCommand>> = Vec::new();
+        {
+            let mut slots: FastMap<&str, usize> = FastMap::with_capacity_and_hasher(admitted.len(), Default::default());
+            for (position, (_, _, event)) in admitted.iter().enumerate() {
+                let next = calls.len();
+                let slot = *slots.entry(event.customer.as_str()).or_insert(next);
+                if slot == next {
+                    calls.push((entity(tenant, EntityKind::Customer, &event.customer), Vec::new()));
+                }
+                order.push((position, slot));
+            }
+        }
         let admitted: Vec<(usize, Id, &'static str)> = admitted
             .into_iter()
-            .enumerate()
-            .map(|(position, (index, fingerprint, event))| {
+            .zip(&order)
+            .map(|((index, fingerprint, event), &(_, slot))| {
                 let kept = (index, event.event_id.clone(), kind_label(&event.kind));
-                let key = entity(tenant, EntityKind::Customer, &event.customer);
-                calls.add(key, position, CustomerCommand::Event { event, fingerprint, catalog: catalog.clone() });
+                calls[slot].1.push(CustomerCommand::Event { event, fingerprint, catalog: catalog.clone() });
                 kept
             })
             .collect();
-        let (positions, calls) = calls.split(|key| key);
         let mut applied: Vec<Option<ServiceResult<Applied>>> = admitted.iter().map(|_| None).collect();
-        for (at, replies) in positions.into_iter().zip(self.customers.call_each(calls).await) {
-            spread(&mut applied, at, replies, |_, reply| applied_event(reply));
-        }
+        spread(&mut applied, &order, self.customers.call_each(calls).await, |_, reply| applied_event(reply));
         let mut applied: Vec<ServiceResult<Applied>> = applied
             .into_iter()
             .map(|a| a.unwrap_or_else(|| Err(ServiceError::internal("an event of the batch was not applied"))))
@@ -821,8 +827,8 @@ impl Service {
     async fn deliver_many(&self, messages: &[&OutboxMessage], catalog: &Catalog) -> Vec<ServiceResult<Delivery>> {
         let mut results: Vec<Option<ServiceResult<Delivery>>> = messages.iter().map(|_| None).collect();
         // By receiver, borrowed: a key is made once per receiver, not per message.
-        let mut jackpots: Calls<(&str, &Id), JackpotCommand> = Calls::default();
-        let mut leaderboards: Calls<(&str, &Id), LeaderboardCommand> = Calls::default();
+        let mut jackpots: Calls<(&str, &Id), JackpotCommand> = Calls::with_capacity(messages.len());
+        let mut leaderboards: Calls<(&str, &Id), LeaderboardCommand> = Calls::with_capacity(messages.len());
         let mut draws = Vec::new();
         for (index, message) in messages.iter().enumerate() {
             match route(message, catalog) {
@@ -840,12 +846,8 @@ impl Service {
             self.leaderboards.call_each(leaderboard_calls),
         )
         .await;
-        for (indexes, replies) in jackpot_at.into_iter().zip(jackpot_replies) {
-            spread(&mut results, indexes, replies, |index, reply| contributed(messages[index], reply));
-        }
-        for (indexes, replies) in leaderboard_at.into_iter().zip(leaderboard_replies) {
-            spread(&mut results, indexes, replies, |index, reply| scored(messages[index], reply));
-        }
+        spread(&mut results, &jackpot_at, jackpot_replies, |index, reply| contributed(messages[index], reply));
+        spread(&mut results, &leaderboard_at, leaderboard_replies, |index, reply| scored(messages[index], reply));
         for index in draws {
             results[index] = Some(self.deliver(messages[index], catalog).await);
         }
