@@ -37,10 +37,11 @@ use std::time::Duration;
 struct Delivery {
     ticket: Option<Ticket>,
     jackpot: Option<api::JackpotResult>,
-    pool: Option<(Id, PoolUpdate)>,
+    /// The receiver's id is shared by a batch's deliveries to it.
+    pool: Option<(Arc<Id>, PoolUpdate)>,
     /// Only for a first delivery: a retry's hit was published already.
     hit: Option<(Id, api::HitAnswer)>,
-    leaderboard: Option<Id>,
+    leaderboard: Option<Arc<Id>>,
 }
 
 /// Serialises work per key (an event id): holders of the same key run one
@@ -187,26 +188,24 @@ fn route<'a>(message: &'a OutboxMessage, catalog: &Catalog) -> Route<'a> {
     }
 }
 
-/// The delivery of a contribution, from its jackpot's reply.
-fn contributed(message: &OutboxMessage, reply: Reply<JackpotAnswer>) -> ServiceResult<Delivery> {
-    let Payload::Contribution { jackpot, .. } = &message.payload else {
-        return Err(ServiceError::internal("a contribution's delivery without a contribution"));
-    };
+/// The delivery of a contribution to `jackpot` of `tenant`, from its
+/// reply.
+fn contributed(tenant: &str, jackpot: &Arc<Id>, reply: Reply<JackpotAnswer>) -> ServiceResult<Delivery> {
     let JackpotAnswer::Contributed { outcome, cycle, contributed_minor, pool_minor } = reply.answer else {
         return Err(ServiceError::internal("a jackpot answered a contribution with something else"));
     };
     let hit = match &outcome.hit {
         Some(hit) if !reply.duplicate => {
-            tracing::info!(tenant = %message.tenant, jackpot = %jackpot, cycle = hit.cycle, customer = %hit.customer,
+            tracing::info!(tenant, jackpot = %jackpot, cycle = hit.cycle, customer = %hit.customer,
                 amount_minor = hit.amount_minor, "jackpot hit");
-            Some((jackpot.clone(), api::HitAnswer::from(hit)))
+            Some((Id::clone(jackpot), api::HitAnswer::from(hit)))
         }
         _ => None,
     };
     Ok(Delivery {
         ticket: reply.ticket,
         jackpot: Some(api::JackpotResult {
-            jackpot: jackpot.clone(),
+            jackpot: Id::clone(jackpot),
             contributed_minor: outcome.contributed_minor,
             won_minor: outcome.won_minor,
         }),
@@ -216,56 +215,65 @@ fn contributed(message: &OutboxMessage, reply: Reply<JackpotAnswer>) -> ServiceR
     })
 }
 
-/// The delivery of a score, from its leaderboard's reply.
-fn scored(message: &OutboxMessage, reply: Reply<LeaderboardAnswer>) -> ServiceResult<Delivery> {
-    let Payload::Score { leaderboard, .. } = &message.payload else {
-        return Err(ServiceError::internal("a score's delivery without a score"));
-    };
+/// The delivery of a score to `leaderboard`, from its reply.
+fn scored(leaderboard: &Arc<Id>, reply: Reply<LeaderboardAnswer>) -> ServiceResult<Delivery> {
     Ok(Delivery { ticket: reply.ticket, leaderboard: Some(leaderboard.clone()), ..Delivery::default() })
 }
 
-/// Commands for entities, gathered by entity (in the order each first
-/// appears, by any key that tells them apart), each command with the
-/// index of what it came from: one actor message per entity.
-struct Calls<K, C> {
-    slots: FastMap<K, usize>,
-    /// Each entity's key and commands, by slot.
-    calls: Vec<(K, Vec<C>)>,
-    /// Each command's index and its entity's slot, in the order added.
+/// A batch's receivers of one kind (a few: a mall-wide jackpot, a
+/// leaderboard or two), found by a linear search of their ids: a
+/// receiver's entity key and shared id are made once per batch, not per
+/// message, and each receiver gets its commands as one actor message.
+struct Receivers<C> {
+    kind: EntityKind,
+    /// Each receiver's tenant and id, by slot.
+    ids: Vec<(String, Arc<Id>)>,
+    /// Each receiver's commands, by slot.
+    commands: Vec<Vec<C>>,
+    /// Each command's index and its receiver's slot, in the order added.
     order: Vec<(usize, usize)>,
 }
 
-impl<K: std::hash::Hash + Eq + Copy, C> Calls<K, C> {
-    fn with_capacity(commands: usize) -> Self {
-        Self {
-            slots: FastMap::with_capacity_and_hasher(commands, Default::default()),
-            calls: Vec::new(),
-            order: Vec::with_capacity(commands),
-        }
+impl<C> Receivers<C> {
+    fn new(kind: EntityKind) -> Self {
+        Self { kind, ids: Vec::new(), commands: Vec::new(), order: Vec::new() }
     }
 
-    fn add(&mut self, key: K, index: usize, command: C) {
-        let next = self.calls.len();
-        let slot = *self.slots.entry(key).or_insert(next);
-        if slot == next {
-            self.calls.push((key, Vec::new()));
+    /// The slot of receiver `id` of `tenant`, added if new.
+    fn slot(&mut self, tenant: &str, id: &Id) -> usize {
+        if let Some(slot) = self.ids.iter().position(|(known, known_id)| known == tenant && **known_id == *id) {
+            return slot;
         }
-        self.calls[slot].1.push(command);
+        self.ids.push((tenant.to_owned(), Arc::new(id.clone())));
+        self.commands.push(Vec::new());
+        self.ids.len() - 1
+    }
+
+    fn add(&mut self, slot: usize, index: usize, command: C) {
+        self.commands[slot].push(command);
         self.order.push((index, slot));
     }
 
-    /// The calls, in the order their entities first appeared (`entity`
-    /// makes each entity's key from its own), and each command's index and
-    /// slot.
-    fn split(self, entity: impl Fn(K) -> EntityKey) -> (Vec<(usize, usize)>, Vec<Call<C>>) {
-        (self.order, self.calls.into_iter().map(|(key, commands)| (entity(key), commands)).collect())
+    /// Each command's index and slot, the receivers' ids by slot, and the
+    /// calls.
+    #[allow(clippy::type_complexity)]
+    fn split(self) -> (Vec<(usize, usize)>, Vec<(String, Arc<Id>)>, Vec<Call<C>>) {
+        let kind = self.kind;
+        let calls = self
+            .ids
+            .iter()
+            .zip(self.commands)
+            .map(|((tenant, id), commands)| (entity(tenant, kind, id), commands))
+            .collect();
+        (self.order, self.ids, calls)
     }
 }
 
 /// Puts the replies of batched calls into `results`: each command's
 /// (`order`: its index and its entity's slot) in turn from its entity's
-/// replies, which come in the order its commands were sent. A failed call
-/// fails each of its commands.
+/// replies, which come in the order its commands were sent, completed by
+/// `complete` with the entity's slot. A failed call fails each of its
+/// commands.
 fn spread<A, T>(
     results: &mut [Option<ServiceResult<T>>],
     order: &[(usize, usize)],
@@ -277,7 +285,7 @@ fn spread<A, T>(
     for &(index, slot) in order {
         results[index] = Some(match &mut replies[slot] {
             Ok(each) => match each.next() {
-                Some(reply) => reply.and_then(|reply| complete(index, reply)),
+                Some(reply) => reply.and_then(|reply| complete(slot, reply)),
                 None => Err(ServiceError::internal("an actor answered fewer requests than it was sent")),
             },
             Err(error) => Err(error.clone()),
@@ -678,14 +686,22 @@ impl Service {
             }
         }
 
-        let (owners, messages): (Vec<usize>, Vec<&OutboxMessage>) = applied
-            .iter()
-            .enumerate()
-            .filter_map(|(position, a)| a.as_ref().ok().map(|a| (position, a)))
-            .flat_map(|(position, a)| a.answer.deliveries.iter().map(move |m| (position, m)))
-            .unzip();
+        // The messages move out of the answers into their receivers'
+        // commands; each event keeps their keys, to acknowledge them.
+        let mut owners = Vec::new();
+        let mut messages = Vec::new();
+        let mut message_keys: Vec<Vec<Vec<u8>>> = Vec::with_capacity(applied.len());
+        for (position, a) in applied.iter_mut().enumerate() {
+            let deliveries = match a {
+                Ok(a) => std::mem::take(&mut a.answer.deliveries),
+                Err(_) => Vec::new(),
+            };
+            message_keys.push(deliveries.iter().map(OutboxMessage::storage_key).collect());
+            owners.extend(deliveries.iter().map(|_| position));
+            messages.extend(deliveries);
+        }
         let mut delivered: Vec<ServiceResult<Vec<Delivery>>> = admitted.iter().map(|_| Ok(Vec::new())).collect();
-        for (owner, delivery) in owners.into_iter().zip(self.deliver_many(&messages, &catalog).await) {
+        for (owner, delivery) in owners.into_iter().zip(self.deliver_many(messages, &catalog).await) {
             match (&mut delivered[owner], delivery) {
                 (Ok(deliveries), Ok(delivery)) => deliveries.push(delivery),
                 (slot @ Ok(_), Err(error)) => *slot = Err(error),
@@ -705,12 +721,14 @@ impl Service {
         let mut leaderboards = crate::FastSet::default();
         let mut acknowledged = Vec::new();
         let mut tally = Tally::default();
-        for (((index, event_id, kind), applied), delivered) in admitted.into_iter().zip(applied).zip(delivered) {
+        for ((((index, event_id, kind), applied), delivered), keys) in
+            admitted.into_iter().zip(applied).zip(delivered).zip(message_keys)
+        {
             results[index] = Some(match (applied, delivered, &durable) {
                 (Err(error), _, _) | (_, Err(error), _) => Err(error),
                 (_, _, Err(error)) => Err(error.clone()),
                 (Ok(applied), Ok(deliveries), Ok(())) => {
-                    acknowledged.extend(applied.answer.deliveries.iter().map(OutboxMessage::storage_key));
+                    acknowledged.extend(keys);
                     for delivery in &deliveries {
                         // A leaderboard's watchers need one nudge per batch.
                         let nudged = delivery.leaderboard.as_ref().is_some_and(|l| !leaderboards.insert(l.clone()));
@@ -808,11 +826,11 @@ impl Service {
             Route::Nowhere => Ok(Delivery::default()),
             Route::Jackpot(id, command) => {
                 let key = entity(&message.tenant, EntityKind::Jackpot, id);
-                contributed(message, self.jackpots.call(&key, command).await?)
+                contributed(&message.tenant, &Arc::new(id.clone()), self.jackpots.call(&key, command).await?)
             }
             Route::Leaderboard(id, command) => {
                 let key = entity(&message.tenant, EntityKind::Leaderboard, id);
-                scored(message, self.leaderboards.call(&key, command).await?)
+                scored(&Arc::new(id.clone()), self.leaderboards.call(&key, command).await?)
             }
             Route::Wheel => {
                 let (_, ticket) = self.settle_draw(message, catalog).await?;
@@ -822,34 +840,48 @@ impl Service {
     }
 
     /// Delivers many outbox messages: one actor message per receiving
-    /// jackpot or leaderboard, carrying its messages in their order.
-    /// Answers in the messages' order.
-    async fn deliver_many(&self, messages: &[&OutboxMessage], catalog: &Catalog) -> Vec<ServiceResult<Delivery>> {
+    /// jackpot or leaderboard, carrying its messages in their order (moved
+    /// into its commands, not copied). Answers in the messages' order.
+    async fn deliver_many(&self, messages: Vec<OutboxMessage>, catalog: &Catalog) -> Vec<ServiceResult<Delivery>> {
         let mut results: Vec<Option<ServiceResult<Delivery>>> = messages.iter().map(|_| None).collect();
-        // By receiver, borrowed: a key is made once per receiver, not per message.
-        let mut jackpots: Calls<(&str, &Id), JackpotCommand> = Calls::with_capacity(messages.len());
-        let mut leaderboards: Calls<(&str, &Id), LeaderboardCommand> = Calls::with_capacity(messages.len());
+        let mut jackpots: Receivers<JackpotCommand> = Receivers::new(EntityKind::Jackpot);
+        let mut leaderboards: Receivers<LeaderboardCommand> = Receivers::new(EntityKind::Leaderboard);
         let mut draws = Vec::new();
-        for (index, message) in messages.iter().enumerate() {
-            match route(message, catalog) {
-                Route::Nowhere => results[index] = Some(Ok(Delivery::default())),
-                Route::Jackpot(id, command) => jackpots.add((&message.tenant, id), index, command),
-                Route::Leaderboard(id, command) => leaderboards.add((&message.tenant, id), index, command),
-                Route::Wheel => draws.push(index),
+        for (index, message) in messages.into_iter().enumerate() {
+            match &message.payload {
+                Payload::Contribution { jackpot, .. } => match catalog.jackpots.get(jackpot) {
+                    Some(def) => {
+                        let slot = jackpots.slot(&message.tenant, jackpot);
+                        jackpots.add(slot, index, JackpotCommand::Contribute { message, def: def.clone() });
+                    }
+                    None => results[index] = Some(Ok(Delivery::default())),
+                },
+                Payload::Score { leaderboard, .. } => match catalog.leaderboards.contains_key(leaderboard) {
+                    true => {
+                        let slot = leaderboards.slot(&message.tenant, leaderboard);
+                        leaderboards.add(slot, index, LeaderboardCommand::Score { message });
+                    }
+                    false => results[index] = Some(Ok(Delivery::default())),
+                },
+                Payload::WheelDraw { .. } => draws.push((index, message)),
             }
         }
-        let (jackpot_at, jackpot_calls) = jackpots.split(|(tenant, id)| entity(tenant, EntityKind::Jackpot, id));
-        let (leaderboard_at, leaderboard_calls) =
-            leaderboards.split(|(tenant, id)| entity(tenant, EntityKind::Leaderboard, id));
+        let (jackpot_at, jackpot_ids, jackpot_calls) = jackpots.split();
+        let (leaderboard_at, leaderboard_ids, leaderboard_calls) = leaderboards.split();
         let (jackpot_replies, leaderboard_replies) = futures_util::future::join(
             self.jackpots.call_each(jackpot_calls),
             self.leaderboards.call_each(leaderboard_calls),
         )
         .await;
-        spread(&mut results, &jackpot_at, jackpot_replies, |index, reply| contributed(messages[index], reply));
-        spread(&mut results, &leaderboard_at, leaderboard_replies, |index, reply| scored(messages[index], reply));
-        for index in draws {
-            results[index] = Some(self.deliver(messages[index], catalog).await);
+        spread(&mut results, &jackpot_at, jackpot_replies, |slot, reply| {
+            let (tenant, jackpot) = &jackpot_ids[slot];
+            contributed(tenant, jackpot, reply)
+        });
+        spread(&mut results, &leaderboard_at, leaderboard_replies, |slot, reply| {
+            scored(&leaderboard_ids[slot].1, reply)
+        });
+        for (index, message) in draws {
+            results[index] = Some(self.deliver(&message, catalog).await);
         }
         results
             .into_iter()
