@@ -207,7 +207,7 @@ fn seen_value<A: Serialize>(fingerprint: u64, answer: &A) -> SharedBytes {
 pub struct EntityActor<E: Entity> {
     key: EntityKey,
     /// `tenant/kind/id`, the key of its snapshot and its journal entries.
-    storage_key: String,
+    storage_key: Arc<str>,
     state: E::State,
     /// Entries applied since the entity was created.
     entity_seq: u64,
@@ -288,7 +288,7 @@ impl<E: Entity> EntityActor<E> {
     fn snapshot(&mut self) -> Option<tokio::sync::oneshot::Receiver<()>> {
         self.entries_since_snapshot = 0;
         let snapshot = Snapshot { entity_seq: self.entity_seq, state: encode(&self.state) };
-        self.node.journal.snapshot(self.storage_key.clone().into_bytes(), &snapshot).ok()
+        self.node.journal.snapshot(self.storage_key.as_bytes().to_vec(), &snapshot).ok()
     }
 
     /// Snapshot, wait until it is written, leave the registry, stop.
@@ -603,7 +603,7 @@ impl<E: Entity> Registry<E> {
         };
         let actor = EntityActor::<E> {
             key: entity.clone(),
-            storage_key,
+            storage_key: storage_key.into(),
             state,
             entity_seq,
             entries_since_snapshot: unwritten,

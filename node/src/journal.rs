@@ -62,8 +62,9 @@ pub type KeyValue = (Vec<u8>, Vec<u8>);
 /// idempotency), what it causes elsewhere, and what the audit keeps.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct JournalEntry {
-    /// `tenant/kind/id`.
-    pub entity: String,
+    /// `tenant/kind/id`, shared with its actor (one copy per actor, not
+    /// per entry).
+    pub entity: Arc<str>,
     /// This entity's own counter of entries: replay applies the entries
     /// after the one its snapshot covers.
     pub entity_seq: u64,
@@ -1207,7 +1208,7 @@ mod tests {
 
     fn entry(n: u64) -> JournalEntry {
         JournalEntry {
-            entity: format!("t/customer/c-{n}"),
+            entity: format!("t/customer/c-{n}").into(),
             entity_seq: n,
             change: vec![n as u8],
             seen: Some((format!("t/event/e-{n}").into_bytes().into(), vec![1].into())),
@@ -1236,7 +1237,7 @@ mod tests {
         let plain: Vec<PlainEntry> = entries
             .iter()
             .map(|e| PlainEntry {
-                entity: e.entity.clone(),
+                entity: e.entity.to_string(),
                 entity_seq: e.entity_seq,
                 change: e.change.clone(),
                 seen: e.seen.as_ref().map(|(key, value)| (key.to_vec(), value.to_vec())),

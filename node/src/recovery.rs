@@ -78,7 +78,7 @@ pub fn recover(store: &Store, metrics: &Metrics) -> StorageResult<(RecoveryRepor
             let mut changes: HashMap<&str, Vec<(u64, &[u8])>> = HashMap::new();
             for entry in batches.iter().flat_map(|(_, entries)| entries) {
                 if !journals_state(&entry.entity)? {
-                    changes.entry(&entry.entity).or_default().push((entry.entity_seq, entry.change.as_slice()));
+                    changes.entry(&*entry.entity).or_default().push((entry.entity_seq, entry.change.as_slice()));
                 }
             }
             for (entity, changes) in &changes {
@@ -95,9 +95,9 @@ pub fn recover(store: &Store, metrics: &Metrics) -> StorageResult<(RecoveryRepor
         // entry up to it (or none of the entity's at all).
         let mut pending = HashMap::new();
         for entry in batches.iter().rev().flat_map(|(_, entries)| entries.iter().rev()) {
-            if journals_state(&entry.entity)? && !pending.contains_key(entry.entity.as_str()) {
+            if journals_state(&entry.entity)? && !pending.contains_key(&*entry.entity) {
                 let snapshot = Snapshot { entity_seq: entry.entity_seq, state: entry.change.clone() };
-                pending.insert(entry.entity.clone(), snapshot);
+                pending.insert(entry.entity.to_string(), snapshot);
             }
         }
         let replayed_in_full =
