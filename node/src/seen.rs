@@ -527,7 +527,10 @@ impl SeenIndex {
             memtable_records: memtable_records.max(1),
             legacy,
             pending: Default::default(),
-            memtable: RwLock::default(),
+            memtable: RwLock::new(Memtable {
+                records: FastMap::with_capacity_and_hasher(memtable_records.max(1), Default::default()),
+                upto: None,
+            }),
             frozen: RwLock::default(),
             runs: RwLock::new(runs),
             next_id: AtomicU64::new(next_id),
@@ -632,7 +635,11 @@ impl SeenIndex {
         let (Some(upto), false) = (memtable.upto, memtable.records.is_empty()) else {
             return self.inner.freezes.load(Ordering::SeqCst);
         };
-        let records = std::mem::take(&mut memtable.records);
+        // The next memtable is sized for the records it takes before it is
+        // frozen in turn: grown by doubling, rehashing was most of the
+        // writer's cost of indexing a record.
+        let fresh = FastMap::with_capacity_and_hasher(self.inner.memtable_records, Default::default());
+        let records = std::mem::replace(&mut memtable.records, fresh);
         let generation = self.inner.freezes.fetch_add(1, Ordering::SeqCst) + 1;
         // Published before the memtable lets go of them.
         self.inner.frozen.write().push_back(Arc::new(Frozen { records, upto, generation }));
