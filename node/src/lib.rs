@@ -61,6 +61,20 @@ pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomS
 /// The set of [`FastMap`].
 pub type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
+/// Lowers the calling thread's scheduling priority (nice 10), for
+/// background work that must not take the cores from answers when they
+/// need them: merging the idempotency index's runs took a whole core for
+/// seconds, on a machine of two. Best effort: a failure is logged.
+pub(crate) fn background_thread() {
+    let thread = rustix::thread::gettid();
+    if let Err(error) = rustix::process::setpriority_process(Some(thread), BACKGROUND_NICE) {
+        tracing::warn!(%error, "could not lower a background thread's priority");
+    }
+}
+
+/// The niceness of background threads (0 is the default, 19 the lowest).
+const BACKGROUND_NICE: i32 = 10;
+
 /// How often undelivered outbox messages are retried.
 const REDELIVERY_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -219,6 +233,9 @@ async fn housekeeping(
     let mut checkpoint = tokio::time::interval(checkpoint_interval);
     let mut redeliver = tokio::time::interval(REDELIVERY_INTERVAL);
     let mut engagement = tokio::time::interval(engagement_interval);
+    // A refresh paces itself over seconds: it runs beside the loop, one at
+    // a time, so that checkpoints and redelivery do not wait for it.
+    let mut refreshing: Option<tokio::task::JoinHandle<()>> = None;
     checkpoint.tick().await;
     redeliver.tick().await;
     let stop = stopped(stop);
@@ -235,11 +252,13 @@ async fn housekeeping(
                 service.redeliver(REDELIVERY_INTERVAL).await;
             }
             _ = engagement.tick() => {
-                let service = service.clone();
-                match tokio::task::spawn_blocking(move || service.refresh_engagement()).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(error)) => tracing::warn!(%error, "engagement refresh failed; will retry"),
-                    Err(error) => tracing::warn!(%error, "engagement refresh panicked"),
+                if refreshing.as_ref().is_none_or(tokio::task::JoinHandle::is_finished) {
+                    let service = service.clone();
+                    refreshing = Some(tokio::task::spawn_blocking(move || {
+                        if let Err(error) = service.refresh_engagement() {
+                            tracing::warn!(%error, "engagement refresh failed; will retry");
+                        }
+                    }));
                 }
             }
         }

@@ -540,7 +540,10 @@ impl SeenIndex {
         let weak = Arc::downgrade(&inner);
         std::thread::Builder::new()
             .name("seen-compactor".into())
-            .spawn(move || compact(&weak, &signal))
+            .spawn(move || {
+                crate::background_thread();
+                compact(&weak, &signal)
+            })
             .map_err(|e| StorageError::Unavailable(format!("starting the seen index's compactor: {e}")))?;
         // Merges the last run left undone.
         let index = Self { inner };

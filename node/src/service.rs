@@ -1360,13 +1360,33 @@ impl Service {
     /// snapshots (blocking: run it off the async threads). Customers active
     /// in memory count as of their last snapshot, at most a checkpoint
     /// interval old.
+    ///
+    /// It reads and decodes every customer's snapshot: 300,000 of them
+    /// took 0.4-0.6 s of a core in one go, one of the two the answers
+    /// needed. So it paces itself: after each [`ENGAGEMENT_SLICE`]
+    /// customers it rests [`ENGAGEMENT_REST`] times as long as the slice
+    /// took (1.6-2.3 s in all for those 300,000). A node that stops
+    /// meanwhile leaves the gauges as they were. It logs its figures at
+    /// debug level.
     pub fn refresh_engagement(&self) -> ServiceResult<()> {
         use bazaar_games::engagement::{Tally, KINDS, WINDOWS};
         let now = now_millis();
+        let mut slice = (0, std::time::Instant::now());
+        let (started, mut customers, mut busy) = (std::time::Instant::now(), 0, Duration::ZERO);
         for tenant in self.tenancy.tenant_ids() {
             let mut tallies = [Tally::default(); WINDOWS.len()];
             let prefix = crate::storage::key(&[tenant.as_str(), EntityKind::Customer.as_str(), ""]);
             for item in self.store.snapshots.scan_prefix(prefix) {
+                slice.0 += 1;
+                customers += 1;
+                if ENGAGEMENT_SLICE <= slice.0 {
+                    busy += slice.1.elapsed();
+                    std::thread::sleep(slice.1.elapsed() * ENGAGEMENT_REST);
+                    if !self.is_ready() {
+                        return Ok(());
+                    }
+                    slice = (0, std::time::Instant::now());
+                }
                 let (_, value) = item.map_err(crate::storage::StorageError::from)?;
                 let snapshot: crate::journal::Snapshot = decode(&value)?;
                 let customer: bazaar_games::customer::Customer = decode(&snapshot.state)?;
@@ -1384,6 +1404,9 @@ impl Service {
             }
         }
         self.metrics.engagement_refreshes.inc();
+        busy += slice.1.elapsed();
+        tracing::debug!(customers, busy_ms = busy.as_millis() as u64, elapsed_ms = started.elapsed().as_millis() as u64,
+            "engagement gauges refreshed");
         Ok(())
     }
 
@@ -1431,6 +1454,13 @@ impl Service {
 /// Snapshots written per slice of [`Service::write_recovered`]; activations
 /// wait for at most one slice.
 const RECOVERED_SLICE: usize = 256;
+
+/// Customers an engagement refresh reads before it rests.
+const ENGAGEMENT_SLICE: usize = 1_000;
+
+/// How many times as long as a slice took an engagement refresh rests
+/// after it: a quarter of a core at most, while answers need the rest.
+const ENGAGEMENT_REST: u32 = 3;
 
 /// The most updates a watcher may have waiting before the stream stops
 /// producing (it then skips to the latest pool value).
