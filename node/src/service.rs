@@ -1405,8 +1405,12 @@ impl Service {
         }
         self.metrics.engagement_refreshes.inc();
         busy += slice.1.elapsed();
-        tracing::debug!(customers, busy_ms = busy.as_millis() as u64, elapsed_ms = started.elapsed().as_millis() as u64,
-            "engagement gauges refreshed");
+        tracing::debug!(
+            customers,
+            busy_ms = busy.as_millis() as u64,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "engagement gauges refreshed"
+        );
         Ok(())
     }
 
