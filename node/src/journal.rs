@@ -441,8 +441,11 @@ impl Writer {
         patience: Duration,
     ) -> StorageResult<Self> {
         // Batches below the checkpoint that a crash left undeleted go: the
-        // segments at once, the sled tree's a slice at a time.
+        // segments at once, the sled tree's a slice at a time; once the
+        // checkpoint read is durable (after `kill -9` it may be only in the
+        // page cache, which a power cut would still lose).
         let trim_below = read_checkpoint(&store)?;
+        store.flush()?;
         wal::trim(&store.journal_dir, trim_below)?;
         Ok(Writer {
             spare_ops: Vec::new(),
@@ -466,6 +469,7 @@ impl Writer {
     }
 
     fn run(mut self) {
+        let mut stop = Stop { shared: self.shared.clone(), clean: false };
         // The last commit's work on sled, done while the next commit's
         // batch is written and synced, or at once when none comes.
         let mut deferred: Option<Deferred> = None;
@@ -505,9 +509,9 @@ impl Writer {
         };
         if let Err(error) = stopped {
             tracing::error!(%error, "journal commit failed; the node stops accepting writes");
-            self.shared.durable.send_modify(|d| d.failed = true);
             return;
         }
+        stop.clean = true;
         match self.indexer.finish(&self.store) {
             Ok(added) => self.metrics.outbox_backlog.add(added),
             Err(error) => tracing::error!(%error, "indexing the last outbox messages failed; recovery will"),
@@ -675,7 +679,12 @@ impl Writer {
         };
         if let Some(upto) = checkpoint {
             // Recovery reads from the checkpoint on: the batches below it are
-            // garbage from now on.
+            // garbage from now on. The snapshots it relies on are made
+            // durable first: sled may write the checkpoint's log record out
+            // at any time, and a snapshot large enough for a blob file of
+            // its own is synced only by a flush (a power cut in between
+            // would keep the checkpoint and lose the snapshot).
+            self.store.flush()?;
             self.store.meta.insert(CHECKPOINT_KEY, &upto.to_be_bytes())?;
             self.trim_below = self.trim_below.max(upto);
             self.checkpointed_at = started;
@@ -712,6 +721,31 @@ impl Writer {
             }
         }
         Ok(())
+    }
+}
+
+/// Fails the journal when its writer's thread ends other than by a clean
+/// stop (a failed commit or a panic): new operations are refused, and the
+/// queued ones are dropped, so that everyone waiting on one (a marker, a
+/// checkpoint, a passivating actor's snapshot) gets an error instead of
+/// waiting for ever.
+struct Stop {
+    shared: Arc<Shared>,
+    clean: bool,
+}
+
+impl Drop for Stop {
+    fn drop(&mut self) {
+        if self.clean {
+            return;
+        }
+        let queued = {
+            let mut queue = self.shared.queue.lock();
+            queue.closed = true;
+            std::mem::take(&mut queue.ops)
+        };
+        drop(queued);
+        self.shared.durable.send_modify(|d| d.failed = true);
     }
 }
 
@@ -1612,5 +1646,51 @@ mod tests {
         store.meta.insert(CHECKPOINT_KEY, &legacy.to_be_bytes()).expect("insert");
         let (journal, thread) = Journal::start(store.clone(), metrics, legacy, Duration::from_secs(60)).expect("start");
         trimmed_then_stopped(journal, thread, &store, legacy).await;
+    }
+
+    #[tokio::test]
+    async fn a_writer_that_fails_answers_every_waiter_with_an_error() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("open");
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let (journal, thread) =
+            Journal::start_with(store.clone(), metrics, 0, Duration::from_secs(60), 256, CARRY_FOR).expect("start");
+        let ticket = journal.submit(JournalEntry { outbox: vec![], ..entry(0) }).expect("open");
+        journal.durable(ticket).await.expect("durable");
+        // The next segment cannot be created: the commit that needs one
+        // fails, and the writer with it.
+        std::fs::remove_dir_all(&store.journal_dir).expect("remove");
+        let mut failed = None;
+        for n in 1..100 {
+            let Ok(ticket) = journal.submit(JournalEntry { outbox: vec![], ..entry(n) }) else { break };
+            if let Err(error) = journal.durable(ticket).await {
+                failed = Some(error.to_string());
+                break;
+            }
+        }
+        let failed = failed.expect("a commit failed");
+        assert!(failed.contains("storage failed"), "{failed}");
+        thread.join().expect("the writer's thread ends");
+        // Whatever was queued or is asked now gets an error, not a wait.
+        assert!(journal.failed());
+        assert!(journal.submit(entry(200)).is_err());
+        assert!(journal.marker().await.is_err());
+        assert!(journal.settle().await.is_err());
+        assert!(journal.snapshots_written().is_err());
+    }
+
+    #[test]
+    fn a_writer_that_stops_other_than_cleanly_drops_what_was_queued() {
+        let shared = Shared::new();
+        let (reply, answer) = oneshot::channel();
+        shared.queue.lock().ops.push((0, Op::Marker(reply)));
+        // A panic in the writer unwinds through the same guard.
+        drop(Stop { shared: shared.clone(), clean: false });
+        assert!(answer.blocking_recv().is_err(), "the waiter is answered");
+        assert!(shared.queue.lock().closed && shared.durable.borrow().failed);
+        // A clean stop leaves both alone (the writer drained the queue).
+        let shared = Shared::new();
+        drop(Stop { shared: shared.clone(), clean: true });
+        assert!(!shared.queue.lock().closed && !shared.durable.borrow().failed);
     }
 }

@@ -118,6 +118,9 @@ pub fn recover(store: &Store, metrics: &Metrics) -> StorageResult<(RecoveryRepor
         store.flush()?;
     } else if !batches.is_empty() {
         store.seen.persist()?;
+        // What the checkpoint relies on is durable before it is written
+        // (see the writer's checkpoint).
+        store.flush()?;
         store.meta.insert(CHECKPOINT_KEY, &report.next_seq.to_be_bytes())?;
         for key in store.journal.range(..report.next_seq.to_be_bytes()).keys() {
             store.journal.remove(key?)?;

@@ -21,7 +21,10 @@
 //! **What is a record.** A record counts only if it is whole, its CRC
 //! matches and its sequence number is the one after the record before it
 //! (the segment's name for the first). Anything else ends the segment: a
-//! record cut by a crash, or bytes that were never a record. Every writer
+//! record cut by a crash, or bytes that were never a record; but only
+//! one record is ever being written and not yet synced, so a whole record
+//! found after one that is not means the journal is damaged, and reading
+//! fails rather than drop the acknowledged batches after it. Every writer
 //! starts a segment of its own, named by the first batch it will write, so
 //! the segment before it ends where the last writer stopped, cleanly or
 //! not, and the next must begin right after: a gap between segments means
@@ -31,6 +34,9 @@
 //! **Durability.** [`Appender::sync`] is one `fdatasync` of the segment;
 //! the first sync of a new segment syncs the directory too, so that its
 //! name survives a crash. Nothing here is acknowledged before that.
+//! [`read_from`] syncs the newest segment before it returns: after
+//! `kill -9` its last record may be whole in the page cache but not on
+//! disk, and the next writer builds on it.
 //!
 //! **Trimming.** A segment goes whole, once the next segment begins at or
 //! below the checkpoint (every batch in it is covered by snapshots; see
@@ -142,7 +148,16 @@ pub fn read_from(dir: &Path, from: u64) -> StorageResult<Vec<SegmentRead>> {
         }
         let path = dir.join(segment_name(first));
         let bytes = read_file(&path)?;
-        let records: Vec<(u64, Range<usize>)> = valid_records(&bytes, first).filter(|(seq, _)| from <= *seq).collect();
+        let mut records: Vec<(u64, Range<usize>)> = valid_records(&bytes, first).collect();
+        let end = records.last().map_or(HEADER_BYTES.min(bytes.len()), |(_, range)| range.end);
+        if let Some((offset, seq)) = record_after(&bytes, end, first + records.len() as u64) {
+            return Err(StorageError::Codec(format!(
+                "journal segment {} is damaged at byte {end}, yet a whole record of batch {seq} follows at \
+                 byte {offset}: acknowledged events would be lost; restore the data directory from a backup",
+                path.display()
+            )));
+        }
+        records.retain(|(seq, _)| from <= *seq);
         if let Some((seq, _)) = records.first() {
             if *seq != expected {
                 return Err(StorageError::Codec(format!(
@@ -157,7 +172,34 @@ pub fn read_from(dir: &Path, from: u64) -> StorageResult<Vec<SegmentRead>> {
         }
         read.push(SegmentRead { bytes, records });
     }
+    if let Some(newest) = firsts.last() {
+        // Synced before anything builds on what it holds (the module doc,
+        // "Durability"); the older ones were synced before the next began.
+        let path = dir.join(segment_name(*newest));
+        File::open(&path).and_then(|file| file.sync_data()).map_err(|e| io_error(&path, e))?;
+        crate::storage::sync_dir(dir)?;
+    }
     Ok(read)
+}
+
+/// The first whole record (its offset and batch) found anywhere after
+/// `end` in a segment's bytes, for a batch from `expected` on: the sign
+/// that what ends the segment's valid records is damage, not a record cut
+/// by a crash.
+fn record_after(bytes: &[u8], end: usize, expected: u64) -> Option<(usize, u64)> {
+    let last_start = bytes.len().checked_sub(RECORD_HEADER_BYTES)?;
+    (end + 1..=last_start).find_map(|at| {
+        let header = &bytes[at..at + RECORD_HEADER_BYTES];
+        let seq = u64::from_le_bytes(header[8..16].try_into().expect("eight bytes"));
+        // No segment holds more records than it has bytes.
+        if seq < expected || expected.saturating_add(bytes.len() as u64) < seq {
+            return None;
+        }
+        let length = u32::from_le_bytes(header[..4].try_into().expect("four bytes")) as usize;
+        let crc = u32::from_le_bytes(header[4..8].try_into().expect("four bytes"));
+        let body = bytes.get(at + 8..(at + RECORD_HEADER_BYTES).checked_add(length)?)?;
+        (0 < length && crc32fast::hash(body) == crc).then_some((at, seq))
+    })
 }
 
 fn read_file(path: &Path) -> StorageResult<Vec<u8>> {
@@ -246,7 +288,13 @@ impl Appender {
 
     /// The same, with segments of `segment_bytes` (tests use small ones).
     pub fn open_with(dir: &Path, next_seq: u64, segment_bytes: u64) -> StorageResult<Self> {
-        std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
+        if !dir.is_dir() {
+            std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
+            // The directory's own name, durable in its parent.
+            if let Some(parent) = dir.parent() {
+                crate::storage::sync_dir(parent)?;
+            }
+        }
         let file = create_segment(dir, next_seq)?;
         Ok(Self { dir: dir.to_path_buf(), file, offset: HEADER_BYTES as u64, next_seq, created: true, segment_bytes })
     }
@@ -382,6 +430,33 @@ mod tests {
         // A segment created, then cut before its header: nothing in it.
         std::fs::write(dir.path().join(segment_name(12)), [0u8; 5]).expect("write");
         assert_eq!(read(dir.path(), 0).expect("read"), (0..12).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn damage_with_whole_records_after_it_is_an_error_not_a_torn_end() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut appender = Appender::open(dir.path(), 0).expect("open");
+        append(&mut appender, 0..10);
+        let path = dir.path().join(segment_name(0));
+        let mut bytes = std::fs::read(&path).expect("read");
+        let whole = bytes.len();
+        // Zeros after the last record (a file extended, its data never
+        // written) are a torn end like any other.
+        bytes.extend([0u8; 300]);
+        std::fs::write(&path, &bytes).expect("write");
+        assert_eq!(read(dir.path(), 0).expect("read"), (0..10).collect::<Vec<_>>());
+        // A bit flipped in batch 4: batches 5 to 9 are whole after it.
+        let fourth = HEADER_BYTES + (0..4).map(|seq| RECORD_HEADER_BYTES + payload(seq).len()).sum::<usize>();
+        bytes[fourth + RECORD_HEADER_BYTES + 1] ^= 1;
+        std::fs::write(&path, &bytes[..whole]).expect("write");
+        let error = read(dir.path(), 0).expect_err("damage").to_string();
+        assert!(error.contains(&format!("damaged at byte {fourth}")) && error.contains("batch 5"), "{error}");
+        // Damage in the last record only is a record cut by a crash.
+        let last = HEADER_BYTES + (0..9).map(|seq| RECORD_HEADER_BYTES + payload(seq).len()).sum::<usize>();
+        bytes[fourth + RECORD_HEADER_BYTES + 1] ^= 1;
+        bytes[last + RECORD_HEADER_BYTES + 1] ^= 1;
+        std::fs::write(&path, &bytes[..whole]).expect("write");
+        assert_eq!(read(dir.path(), 0).expect("read"), (0..9).collect::<Vec<_>>());
     }
 
     #[test]
