@@ -25,6 +25,7 @@ use crate::actor::Entity;
 use crate::entities::{CustomerEntity, JackpotEntity, LeaderboardEntity, WheelEntity};
 use crate::journal::{self, Snapshot, CHECKPOINT_KEY};
 use crate::storage::{decode, encode, StorageError, StorageResult, Store};
+use crate::FastMap;
 use bazaar_observability::Metrics;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -42,7 +43,7 @@ pub struct RecoveryReport {
 
 pub fn recover(store: &Store, metrics: &Metrics) -> StorageResult<(RecoveryReport, Recovered)> {
     let started = Instant::now();
-    let (checkpoint, batches) = journal::read_tail(store)?;
+    let (checkpoint, mut batches) = journal::read_tail(store)?;
     let read = started.elapsed();
     let mut report = RecoveryReport { next_seq: checkpoint, batches: batches.len(), entries: 0, entities: 0 };
     // The writer makes a batch's derived writes in sled once the batch is
@@ -73,9 +74,9 @@ pub fn recover(store: &Store, metrics: &Metrics) -> StorageResult<(RecoveryRepor
     // Entities that journal their whole state need only their last entry,
     // which becomes their pending snapshot; the others (leaderboards)
     // replay every entry of theirs, on a thread of their own beside.
-    let (pending, replayed_in_full) = std::thread::scope(|scope| {
+    let (lasts, replayed_in_full) = std::thread::scope(|scope| {
         let replaying = scope.spawn(|| -> StorageResult<usize> {
-            let mut changes: HashMap<&str, Vec<(u64, &[u8])>> = HashMap::new();
+            let mut changes: FastMap<&str, Vec<(u64, &[u8])>> = FastMap::default();
             for entry in batches.iter().flat_map(|(_, entries)| entries) {
                 if !journals_state(&entry.entity)? {
                     changes.entry(&*entry.entity).or_default().push((entry.entity_seq, entry.change.as_slice()));
@@ -92,18 +93,29 @@ pub fn recover(store: &Store, metrics: &Metrics) -> StorageResult<(RecoveryRepor
         // The last entry is the whole state, encoded as a snapshot's is,
         // and at least as new as any stored snapshot: the writer stores a
         // snapshot after the entries it covers, so the tail holds every
-        // entry up to it (or none of the entity's at all).
-        let mut pending = HashMap::new();
-        for entry in batches.iter().rev().flat_map(|(_, entries)| entries.iter().rev()) {
-            if journals_state(&entry.entity)? && !pending.contains_key(&*entry.entity) {
-                let snapshot = Snapshot { entity_seq: entry.entity_seq, state: entry.change.clone() };
-                pending.insert(entry.entity.to_string(), snapshot);
+        // entry up to it (or none of the entity's at all). Found here by
+        // position, and moved out once the replaying thread is done with
+        // the batches (a million copies would cost fresh memory, which on
+        // this machine's virtual memory is slow to touch first).
+        let mut lasts: FastMap<&str, (usize, usize)> = FastMap::default();
+        for (at, (_, entries)) in batches.iter().enumerate().rev() {
+            for (index, entry) in entries.iter().enumerate().rev() {
+                if journals_state(&entry.entity)? {
+                    lasts.entry(&*entry.entity).or_insert((at, index));
+                }
             }
         }
+        let lasts: Vec<(usize, usize)> = lasts.into_values().collect();
         let replayed_in_full =
             replaying.join().map_err(|_| StorageError::Codec("the replaying thread panicked".into()))??;
-        Ok::<_, StorageError>((pending, replayed_in_full))
+        Ok::<_, StorageError>((lasts, replayed_in_full))
     })?;
+    let mut pending = HashMap::with_capacity(lasts.len());
+    for (at, index) in lasts {
+        let entry = &mut batches[at].1[index];
+        let snapshot = Snapshot { entity_seq: entry.entity_seq, state: std::mem::take(&mut entry.change) };
+        pending.insert(entry.entity.to_string(), snapshot);
+    }
     for (seq, entries) in &batches {
         report.entries += entries.len();
         report.next_seq = seq + 1;
