@@ -83,6 +83,104 @@ pub struct JournalEntry {
     pub audit: Vec<KeyValue>,
 }
 
+/// A journal entry as recovery reads it: borrowed from the segment it was
+/// read from (decoded from the same bytes as a [`JournalEntry`]), so that
+/// a tail of millions of entries costs no allocation per field. Most of a
+/// tail is not needed whole: a customer's earlier states, idempotency
+/// records the index's runs already hold.
+#[derive(Debug, Deserialize)]
+pub struct EntryView<'a> {
+    #[serde(borrow)]
+    pub entity: &'a str,
+    pub entity_seq: u64,
+    #[serde(borrow)]
+    pub change: &'a [u8],
+    #[serde(borrow)]
+    pub seen: Option<(&'a [u8], &'a [u8])>,
+    #[serde(borrow)]
+    pub outbox: Vec<(&'a [u8], &'a [u8])>,
+    #[serde(borrow)]
+    pub audit: Vec<(&'a [u8], &'a [u8])>,
+}
+
+impl<'a> EntryView<'a> {
+    /// A view of an entry decoded whole (one a node before the segment
+    /// files left in sled).
+    fn of(entry: &'a JournalEntry) -> Self {
+        let pairs = |pairs: &'a [KeyValue]| pairs.iter().map(|(key, value)| (&key[..], &value[..])).collect();
+        EntryView {
+            entity: &entry.entity,
+            entity_seq: entry.entity_seq,
+            change: &entry.change,
+            seen: entry.seen.as_ref().map(|(key, value)| (&key[..], &value[..])),
+            outbox: pairs(&entry.outbox),
+            audit: pairs(&entry.audit),
+        }
+    }
+
+    /// The entry itself, for the few batches recovery indexes again.
+    pub fn to_entry(&self) -> JournalEntry {
+        let pairs =
+            |pairs: &[(&[u8], &[u8])]| pairs.iter().map(|(key, value)| (key.to_vec(), value.to_vec())).collect();
+        JournalEntry {
+            entity: self.entity.into(),
+            entity_seq: self.entity_seq,
+            change: self.change.to_vec(),
+            seen: self.seen.map(|(key, value)| (key.into(), value.into())),
+            outbox: pairs(&self.outbox),
+            audit: pairs(&self.audit),
+        }
+    }
+}
+
+/// One group commit as recovery reads it.
+pub type BatchView<'a> = (u64, Vec<EntryView<'a>>);
+
+/// The journal from the checkpoint on, as read for recovery: the segments
+/// mapped, what a node before them left in sled decoded; [`Tail::views`]
+/// borrows the entries from it.
+pub struct Tail {
+    pub checkpoint: u64,
+    legacy: Vec<Batch>,
+    segments: Vec<wal::SegmentRead>,
+}
+
+impl Tail {
+    /// Every batch, in order, its entries borrowed from the tail; decoded
+    /// on every core, each thread its share of the records.
+    pub fn views(&self) -> StorageResult<Vec<BatchView<'_>>> {
+        let mut batches: Vec<BatchView<'_>> =
+            self.legacy.iter().map(|(seq, entries)| (*seq, entries.iter().map(EntryView::of).collect())).collect();
+        let records: Vec<(u64, &[u8])> = self
+            .segments
+            .iter()
+            .flat_map(|segment| segment.records.iter().map(|(seq, range)| (*seq, &segment.bytes[range.clone()])))
+            .collect();
+        let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        let share = records.len().div_ceil(threads).max(1);
+        std::thread::scope(|scope| {
+            let decoders: Vec<_> = records
+                .chunks(share)
+                .map(|chunk| {
+                    scope.spawn(move || {
+                        chunk
+                            .iter()
+                            .map(|(seq, payload)| Ok((*seq, decode::<Vec<EntryView<'_>>>(payload)?)))
+                            .collect::<StorageResult<Vec<BatchView<'_>>>>()
+                    })
+                })
+                .collect();
+            batches.reserve(records.len());
+            for decoder in decoders {
+                batches.extend(
+                    decoder.join().map_err(|_| StorageError::Codec("a journal decoding thread panicked".into()))??,
+                );
+            }
+            Ok(batches)
+        })
+    }
+}
+
 /// A snapshot as stored: the state and the entity sequence it covers.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Snapshot {
@@ -954,7 +1052,7 @@ impl Indexer {
     /// indexes those from `reindex_from` on. Only their messages can be
     /// carried, so only their receivers' records are looked for in the
     /// rest of the tail.
-    pub fn recovering(batches: &[Batch], reindex_from: usize) -> StorageResult<Self> {
+    pub fn recovering(batches: &[BatchView<'_>], reindex_from: usize) -> StorageResult<Self> {
         let mut candidates = FastSet::default();
         for entry in batches.iter().skip(reindex_from).flat_map(|(_, entries)| entries) {
             for (key, _) in &entry.outbox {
@@ -1125,20 +1223,29 @@ fn bad_journal_key() -> StorageError {
 /// Reads the checkpoint and every batch from it on, in order: first what a
 /// node before the segment files left in the sled tree, then the segments.
 pub fn read_tail(store: &Store) -> StorageResult<(u64, Vec<Batch>)> {
+    let tail = open_tail(store)?;
+    let mut batches = tail.legacy;
+    batches.extend(decode_segments(tail.segments)?);
+    Ok((tail.checkpoint, batches))
+}
+
+/// The checkpoint and every batch from it on, for [`Tail::views`]: the
+/// segments mapped, what a node before them left in sled decoded.
+pub fn open_tail(store: &Store) -> StorageResult<Tail> {
     let checkpoint = read_checkpoint(store)?;
-    let mut batches: Vec<Batch> = Vec::new();
+    let mut legacy: Vec<Batch> = Vec::new();
     if let Some((last, _)) = store.journal.last()? {
         // Parts read and decoded apart, then joined into their batches.
         for (seq, entries) in read_parts(store, checkpoint, batch_of(&last)?)? {
-            match batches.last_mut() {
+            match legacy.last_mut() {
                 Some((previous, joined)) if *previous == seq => joined.extend(entries),
-                _ => batches.push((seq, entries)),
+                _ => legacy.push((seq, entries)),
             }
         }
     }
-    let from = batches.last().map_or(checkpoint, |(seq, _)| seq + 1);
-    batches.extend(decode_segments(wal::read_from(&store.journal_dir, from)?)?);
-    Ok((checkpoint, batches))
+    let from = legacy.last().map_or(checkpoint, |(seq, _)| seq + 1);
+    let segments = wal::read_from(&store.journal_dir, from)?;
+    Ok(Tail { checkpoint, legacy, segments })
 }
 
 /// The first batch not yet covered by snapshots (0: none is).
@@ -1240,6 +1347,10 @@ mod tests {
         crate::outbox::OutboxMessage::score("t", &id(&format!("e-{n}")), &id("top"), &id(&format!("c-{n}")), 1, 1)
     }
 
+    fn views(batches: &[Batch]) -> Vec<BatchView<'_>> {
+        batches.iter().map(|(seq, entries)| (*seq, entries.iter().map(EntryView::of).collect())).collect()
+    }
+
     fn entry(n: u64) -> JournalEntry {
         JournalEntry {
             entity: format!("t/customer/c-{n}").into(),
@@ -1284,6 +1395,15 @@ mod tests {
         assert_eq!(read, plain);
         let back: Vec<JournalEntry> = decode(&encode(&plain)).expect("decodes the old form");
         assert_eq!(encode(&back), encode(&entries));
+        // Recovery's borrowed view reads the same bytes, old form or new,
+        // and gives back the entry whole.
+        for bytes in [encode(&entries), encode(&plain)] {
+            let views: Vec<EntryView<'_>> = decode(&bytes).expect("decodes as a view");
+            let whole: Vec<JournalEntry> = views.iter().map(EntryView::to_entry).collect();
+            assert_eq!(encode(&whole), encode(&entries));
+        }
+        let of: Vec<JournalEntry> = entries.iter().map(|entry| EntryView::of(entry).to_entry()).collect();
+        assert_eq!(encode(&of), encode(&entries));
 
         let snapshot = Snapshot { entity_seq: 9, state: vec![3; 70] };
         assert_eq!(encode(&snapshot), encode(&(9u64, vec![3u8; 70])));
@@ -1360,7 +1480,7 @@ mod tests {
         let (_dir, store, _) = fresh();
         let tail: Vec<Batch> =
             vec![(0, vec![cause.clone()]), (1, vec![unrelated.clone()]), (2, vec![receiver(&contribution)])];
-        let mut recovering = Indexer::recovering(&tail, 0).expect("recovering");
+        let mut recovering = Indexer::recovering(&views(&tail), 0).expect("recovering");
         let added: i64 = tail.iter().map(|(_, entries)| commit(&mut recovering, &store, entries)).sum();
         assert_eq!(added + recovering.finish(&store).expect("finish"), 1, "only the score waits");
         assert!(store.outbox.get(score.storage_key()).expect("read").is_some());
@@ -1370,7 +1490,7 @@ mod tests {
         // a commit without entries, so it keeps every receiver's record.
         let (_dir, store, _) = fresh();
         let tail: Vec<Batch> = vec![(0, vec![cause.clone()]), (1, vec![receiver(&score)])];
-        let mut recovering = Indexer::recovering(&tail, 0).expect("recovering");
+        let mut recovering = Indexer::recovering(&views(&tail), 0).expect("recovering");
         for (_, entries) in &tail {
             commit(&mut recovering, &store, entries);
         }

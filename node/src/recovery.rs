@@ -23,8 +23,8 @@
 
 use crate::actor::Entity;
 use crate::entities::{CustomerEntity, JackpotEntity, LeaderboardEntity, WheelEntity};
-use crate::journal::{self, Snapshot, CHECKPOINT_KEY};
-use crate::storage::{decode, encode, StorageError, StorageResult, Store};
+use crate::journal::{self, EntryView, JournalEntry, Snapshot, CHECKPOINT_KEY};
+use crate::storage::{decode, encode, SharedBytes, StorageError, StorageResult, Store};
 use crate::FastMap;
 use bazaar_observability::Metrics;
 use parking_lot::Mutex;
@@ -43,9 +43,12 @@ pub struct RecoveryReport {
 
 pub fn recover(store: &Store, metrics: &Metrics) -> StorageResult<(RecoveryReport, Recovered)> {
     let started = Instant::now();
-    let (checkpoint, mut batches) = journal::read_tail(store)?;
+    // Entries borrowed from the mapped segments: most of a tail is never
+    // needed whole (see [`journal::EntryView`]).
+    let tail = journal::open_tail(store)?;
+    let batches = tail.views()?;
     let read = started.elapsed();
-    let mut report = RecoveryReport { next_seq: checkpoint, batches: batches.len(), entries: 0, entities: 0 };
+    let mut report = RecoveryReport { next_seq: tail.checkpoint, batches: batches.len(), entries: 0, entities: 0 };
     // The writer makes a batch's derived writes in sled once the batch is
     // durable, then marks the first batch whose derived writes, or whose
     // carried outbox messages, may still be missing; sled keeps a prefix
@@ -58,28 +61,30 @@ pub fn recover(store: &Store, metrics: &Metrics) -> StorageResult<(RecoveryRepor
     let covered = store.seen.covered();
     for (seq, entries) in &batches[..reindex_from] {
         if covered.is_none_or(|covered| covered < *seq) {
-            let records = entries.iter().filter_map(|entry| entry.seen.as_ref());
-            store.seen.insert(*seq, records);
+            let records: Vec<(SharedBytes, SharedBytes)> =
+                entries.iter().filter_map(|entry| entry.seen).map(|(key, value)| (key.into(), value.into())).collect();
+            store.seen.insert(*seq, &records);
         }
     }
     // A message whose receiver's record is anywhere in the tail was applied
     // and replays with it: it needs no redelivery.
     let mut indexer = journal::Indexer::recovering(&batches, reindex_from)?;
     for (seq, entries) in &batches[reindex_from..] {
-        indexer.before_flush(store, entries, false)?;
-        indexer.index_derived(store, *seq, entries)?;
+        let entries: Vec<JournalEntry> = entries.iter().map(EntryView::to_entry).collect();
+        indexer.before_flush(store, &entries, false)?;
+        indexer.index_derived(store, *seq, &entries)?;
     }
     indexer.finish(store)?;
     let indexed = started.elapsed();
     // Entities that journal their whole state need only their last entry,
     // which becomes their pending snapshot; the others (leaderboards)
     // replay every entry of theirs, on a thread of their own beside.
-    let (lasts, replayed_in_full) = std::thread::scope(|scope| {
+    let (pending, replayed_in_full) = std::thread::scope(|scope| {
         let replaying = scope.spawn(|| -> StorageResult<usize> {
             let mut changes: FastMap<&str, Vec<(u64, &[u8])>> = FastMap::default();
             for entry in batches.iter().flat_map(|(_, entries)| entries) {
-                if !journals_state(&entry.entity)? {
-                    changes.entry(&*entry.entity).or_default().push((entry.entity_seq, entry.change.as_slice()));
+                if !journals_state(entry.entity)? {
+                    changes.entry(entry.entity).or_default().push((entry.entity_seq, entry.change));
                 }
             }
             for (entity, changes) in &changes {
@@ -93,29 +98,21 @@ pub fn recover(store: &Store, metrics: &Metrics) -> StorageResult<(RecoveryRepor
         // The last entry is the whole state, encoded as a snapshot's is,
         // and at least as new as any stored snapshot: the writer stores a
         // snapshot after the entries it covers, so the tail holds every
-        // entry up to it (or none of the entity's at all). Found here by
-        // position, and moved out once the replaying thread is done with
-        // the batches (a million copies would cost fresh memory, which on
-        // this machine's virtual memory is slow to touch first).
-        let mut lasts: FastMap<&str, (usize, usize)> = FastMap::default();
-        for (at, (_, entries)) in batches.iter().enumerate().rev() {
-            for (index, entry) in entries.iter().enumerate().rev() {
-                if journals_state(&entry.entity)? {
-                    lasts.entry(&*entry.entity).or_insert((at, index));
-                }
+        // entry up to it (or none of the entity's at all).
+        let mut lasts: FastMap<&str, &EntryView<'_>> = FastMap::default();
+        for entry in batches.iter().rev().flat_map(|(_, entries)| entries.iter().rev()) {
+            if journals_state(entry.entity)? {
+                lasts.entry(entry.entity).or_insert(entry);
             }
         }
-        let lasts: Vec<(usize, usize)> = lasts.into_values().collect();
+        let mut pending = HashMap::with_capacity(lasts.len());
+        for (entity, entry) in lasts {
+            pending.insert(entity.to_string(), Snapshot { entity_seq: entry.entity_seq, state: entry.change.to_vec() });
+        }
         let replayed_in_full =
             replaying.join().map_err(|_| StorageError::Codec("the replaying thread panicked".into()))??;
-        Ok::<_, StorageError>((lasts, replayed_in_full))
+        Ok::<_, StorageError>((pending, replayed_in_full))
     })?;
-    let mut pending = HashMap::with_capacity(lasts.len());
-    for (at, index) in lasts {
-        let entry = &mut batches[at].1[index];
-        let snapshot = Snapshot { entity_seq: entry.entity_seq, state: std::mem::take(&mut entry.change) };
-        pending.insert(entry.entity.to_string(), snapshot);
-    }
     for (seq, entries) in &batches {
         report.entries += entries.len();
         report.next_seq = seq + 1;
@@ -140,9 +137,10 @@ pub fn recover(store: &Store, metrics: &Metrics) -> StorageResult<(RecoveryRepor
         store.flush()?;
         crate::wal::trim(&store.journal_dir, report.next_seq)?;
     }
-    // Two million decoded entries take a while to free: not on the way to
-    // ready.
-    std::thread::spawn(move || drop(batches));
+    // The mappings go before the journal writer starts (see
+    // `wal::read_file`).
+    drop(batches);
+    drop(tail);
     metrics.outbox_backlog.set(i64::try_from(store.outbox.len()).unwrap_or(i64::MAX));
     if 0 < report.entries {
         tracing::info!(
