@@ -1224,8 +1224,8 @@ fn bad_journal_key() -> StorageError {
 /// node before the segment files left in the sled tree, then the segments.
 pub fn read_tail(store: &Store) -> StorageResult<(u64, Vec<Batch>)> {
     let tail = open_tail(store)?;
-    let mut batches = tail.legacy;
-    batches.extend(decode_segments(tail.segments)?);
+    let batches =
+        tail.views()?.iter().map(|(seq, entries)| (*seq, entries.iter().map(EntryView::to_entry).collect())).collect();
     Ok((tail.checkpoint, batches))
 }
 
@@ -1272,37 +1272,6 @@ fn read_batch_number(store: &Store, key: &[u8]) -> StorageResult<Option<u64>> {
             Ok(u64::from_be_bytes(bytes))
         })
         .transpose()
-}
-
-/// Decodes the batches read from the segments on every core, each thread
-/// its share of the records: a tail of millions of entries is most of a
-/// restart's work.
-fn decode_segments(segments: Vec<wal::SegmentRead>) -> StorageResult<Vec<Batch>> {
-    let records: Vec<(u64, &[u8])> = segments
-        .iter()
-        .flat_map(|segment| segment.records.iter().map(|(seq, range)| (*seq, &segment.bytes[range.clone()])))
-        .collect();
-    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-    let share = records.len().div_ceil(threads).max(1);
-    std::thread::scope(|scope| {
-        let decoders: Vec<_> = records
-            .chunks(share)
-            .map(|chunk| {
-                scope.spawn(move || {
-                    chunk
-                        .iter()
-                        .map(|(seq, payload)| Ok((*seq, decode::<Vec<JournalEntry>>(payload)?)))
-                        .collect::<StorageResult<Vec<Batch>>>()
-                })
-            })
-            .collect();
-        let mut batches = Vec::with_capacity(records.len());
-        for decoder in decoders {
-            batches
-                .extend(decoder.join().map_err(|_| StorageError::Codec("a journal decoding thread panicked".into()))??);
-        }
-        Ok(batches)
-    })
 }
 
 /// Reads and decodes the parts of the sled tree's batches `from..=last`
