@@ -1220,9 +1220,12 @@ fn bad_journal_key() -> StorageError {
     StorageError::Codec("journal key is neither 8 nor 10 bytes".into())
 }
 
-/// Reads the checkpoint and every batch from it on, in order: first what a
-/// node before the segment files left in the sled tree, then the segments.
-pub fn read_tail(store: &Store) -> StorageResult<(u64, Vec<Batch>)> {
+/// Reads the checkpoint and every batch from it on, in order, as whole
+/// entries: first what a node before the segment files left in the sled
+/// tree, then the segments (the tests' view of the tail; recovery reads
+/// it with [`open_tail`]).
+#[cfg(test)]
+pub(crate) fn read_tail(store: &Store) -> StorageResult<(u64, Vec<Batch>)> {
     let tail = open_tail(store)?;
     let batches =
         tail.views()?.iter().map(|(seq, entries)| (*seq, entries.iter().map(EntryView::to_entry).collect())).collect();
