@@ -449,6 +449,9 @@ struct Writer {
     spare_ops: Vec<(Ticket, Op)>,
     /// Appends and syncs batches on a thread of its own.
     flusher: Flusher,
+    /// Deletes the segments below a durable checkpoint on a thread of its
+    /// own.
+    trimmer: Trimmer,
     metrics: Arc<Metrics>,
     shared: Arc<Shared>,
     /// The number the next batch gets.
@@ -549,6 +552,7 @@ impl Writer {
             spare_ops: Vec::new(),
             indexer: Indexer::writing(&store)?,
             flusher: Flusher::start(appender)?,
+            trimmer: Trimmer::start(store.journal_dir.clone())?,
             store,
             metrics,
             shared,
@@ -767,7 +771,7 @@ impl Writer {
             std::mem::take(&mut self.checkpoints).into_iter().partition(|(_, queued, _)| *queued <= popped);
         self.checkpoints = waiting;
         let checkpoint = ready.iter().map(|(upto, _, _)| *upto).max();
-        replies.extend(ready.into_iter().map(|(_, _, done)| Reply::Checkpointed(done)));
+        let checkpointed: Vec<oneshot::Sender<()>> = ready.into_iter().map(|(_, _, done)| done).collect();
         // Carried messages wait (up to CARRY_FOR) while commits with
         // entries come, but never past a checkpoint or a request to settle
         // them.
@@ -801,7 +805,7 @@ impl Writer {
             // The segments below the checkpoint go once it is durable, with
             // every snapshot and index it relies on.
             self.store.flush()?;
-            wal::trim(&self.store.journal_dir, upto)?;
+            self.trimmer.trim(upto, checkpointed);
         }
         self.trim(&budget)?;
         self.credit = budget.left();
@@ -809,7 +813,7 @@ impl Writer {
         self.metrics.outbox_backlog.add(indexed);
         for reply in replies {
             match reply {
-                Reply::Done(Some(done)) | Reply::Checkpointed(done) => {
+                Reply::Done(Some(done)) => {
                     let _ = done.send(());
                 }
                 Reply::Done(None) => {}
@@ -934,7 +938,67 @@ enum Reply {
     Done(Option<oneshot::Sender<()>>),
     /// A marker, with the number of the batch after its commit.
     Marker(oneshot::Sender<u64>, u64),
-    Checkpointed(oneshot::Sender<()>),
+}
+
+/// Deletes the segments below each durable checkpoint, then answers its
+/// waiters, on a thread of its own: unlinking 64 MiB segments took the
+/// writer 110-140 ms, during which no commit was made (under an open loop
+/// at 9,000 events/s, the second of each checkpoint had a p50 of 80 ms).
+/// A segment it fails to delete stays for the next checkpoint, or the
+/// next start, to delete: the checkpoint itself is durable.
+struct Trimmer {
+    requests: Option<std::sync::mpsc::Sender<(u64, Vec<oneshot::Sender<()>>)>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Trimmer {
+    fn start(dir: std::path::PathBuf) -> StorageResult<Self> {
+        let (requests, requested) = std::sync::mpsc::channel::<(u64, Vec<oneshot::Sender<()>>)>();
+        let thread = std::thread::Builder::new()
+            .name("journal-trimmer".into())
+            .spawn(move || {
+                crate::background_thread();
+                for (below, waiters) in requested {
+                    let started = Instant::now();
+                    match wal::trim(&dir, below) {
+                        Ok(deleted) => tracing::debug!(
+                            deleted,
+                            below,
+                            elapsed_ms = started.elapsed().as_millis() as u64,
+                            "journal segments below the checkpoint deleted"
+                        ),
+                        Err(error) => {
+                            tracing::warn!(%error, below, "deleting journal segments below the checkpoint failed")
+                        }
+                    }
+                    for waiter in waiters {
+                        let _ = waiter.send(());
+                    }
+                }
+            })
+            .map_err(|e| StorageError::Unavailable(format!("starting the journal's trimming thread: {e}")))?;
+        Ok(Self { requests: Some(requests), thread: Some(thread) })
+    }
+
+    /// Deletes the segments below `below` (a durable checkpoint), then
+    /// answers `waiters`.
+    fn trim(&self, below: u64, waiters: Vec<oneshot::Sender<()>>) {
+        if let Some(requests) = &self.requests {
+            // Its thread ends only once this sender is dropped.
+            let _ = requests.send((below, waiters));
+        }
+    }
+}
+
+impl Drop for Trimmer {
+    /// Waits for the deletions asked for (a checkpoint at shutdown is
+    /// answered once its segments are gone).
+    fn drop(&mut self) {
+        drop(self.requests.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// Writes the indexes derived from the journal (`seen`, `outbox`, `audit`),
