@@ -234,15 +234,7 @@ impl<E: Entity> Actor for EntityActor<E> {
 impl<E: Entity> EntityActor<E> {
     /// The idempotency record's key, `tenant/scope/id`, built in place.
     fn seen_key(&self, dedupe: &Dedupe<'_>) -> SharedBytes {
-        crate::storage::with_buffer(|bytes| {
-            for (at, part) in [self.key.tenant.as_str(), dedupe.scope, dedupe.id].into_iter().enumerate() {
-                if 0 < at {
-                    bytes.push(b'/');
-                }
-                bytes.extend_from_slice(part.as_bytes());
-            }
-            SharedBytes::from(&bytes[..])
-        })
+        crate::storage::shared_key(&[&self.key.tenant, dedupe.scope, dedupe.id])
     }
 
     /// Looks after `after` whether the actor has been idle for the idle

@@ -54,8 +54,7 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     // of its size: sizing the value first (bincode's `serialized_size`)
     // walked it a second time, two fifths of an encode's work.
     with_buffer(|bytes| {
-        bytes.push(FORMAT_VERSION);
-        bincode::serialize_into(&mut *bytes, value).expect("bincode serialises every type stored by Bazaar");
+        encode_into(bytes, value);
         bytes.to_vec()
     })
 }
@@ -71,8 +70,7 @@ pub type SharedBytes = Arc<[u8]>;
 /// two).
 pub fn encode_shared<T: Serialize + ?Sized>(value: &T) -> SharedBytes {
     with_buffer(|bytes| {
-        bytes.push(FORMAT_VERSION);
-        bincode::serialize_into(&mut *bytes, value).expect("bincode serialises every type stored by Bazaar");
+        encode_into(bytes, value);
         SharedBytes::from(&bytes[..])
     })
 }
@@ -115,8 +113,7 @@ pub fn encode_into<T: Serialize + ?Sized>(buffer: &mut Vec<u8>, value: &T) {
 /// by bincode's small writes was slower than either.)
 pub fn hash_encoded<T: Serialize + ?Sized>(value: &T) -> u64 {
     with_buffer(|bytes| {
-        bytes.push(FORMAT_VERSION);
-        bincode::serialize_into(&mut *bytes, value).expect("bincode serialises every type stored by Bazaar");
+        encode_into(bytes, value);
         xxhash_rust::xxh3::xxh3_64(bytes)
     })
 }
@@ -498,9 +495,31 @@ pub fn key(parts: &[&str]) -> Vec<u8> {
     parts.join("/").into_bytes()
 }
 
+/// [`key`] as [`SharedBytes`], built in the thread's buffer and copied
+/// once into its shared allocation (an idempotency record's key, made for
+/// every event).
+pub fn shared_key(parts: &[&str]) -> SharedBytes {
+    with_buffer(|bytes| {
+        for (at, part) in parts.iter().enumerate() {
+            if 0 < at {
+                bytes.push(b'/');
+            }
+            bytes.extend_from_slice(part.as_bytes());
+        }
+        SharedBytes::from(&bytes[..])
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shared_key_is_the_key() {
+        for parts in [&["t", "event", "e-1"][..], &["only"], &[]] {
+            assert_eq!(shared_key(parts)[..], key(parts)[..], "{parts:?}");
+        }
+    }
 
     #[test]
     fn a_hash_of_the_encoding_is_the_hash_of_the_bytes() {

@@ -473,14 +473,16 @@ mod tests {
         bytes.extend([0u8; 300]);
         std::fs::write(&path, &bytes).expect("write");
         assert_eq!(read(dir.path(), 0).expect("read"), (0..10).collect::<Vec<_>>());
+        // Where batch `seq`'s record begins.
+        let at = |seq: u64| HEADER_BYTES + (0..seq).map(|seq| RECORD_HEADER_BYTES + payload(seq).len()).sum::<usize>();
         // A bit flipped in batch 4: batches 5 to 9 are whole after it.
-        let fourth = HEADER_BYTES + (0..4).map(|seq| RECORD_HEADER_BYTES + payload(seq).len()).sum::<usize>();
+        let fourth = at(4);
         bytes[fourth + RECORD_HEADER_BYTES + 1] ^= 1;
         std::fs::write(&path, &bytes[..whole]).expect("write");
         let error = read(dir.path(), 0).expect_err("damage").to_string();
         assert!(error.contains(&format!("damaged at byte {fourth}")) && error.contains("batch 5"), "{error}");
         // Damage in the last record only is a record cut by a crash.
-        let last = HEADER_BYTES + (0..9).map(|seq| RECORD_HEADER_BYTES + payload(seq).len()).sum::<usize>();
+        let last = at(9);
         bytes[fourth + RECORD_HEADER_BYTES + 1] ^= 1;
         bytes[last + RECORD_HEADER_BYTES + 1] ^= 1;
         std::fs::write(&path, &bytes[..whole]).expect("write");
