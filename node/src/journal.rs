@@ -46,7 +46,7 @@ use crate::{wal, FastMap, FastSet};
 use bazaar_observability::Metrics;
 use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -226,6 +226,12 @@ struct Shared {
     queue: Mutex<Queue>,
     wake: Condvar,
     durable: watch::Sender<Durability>,
+    /// Those waiting for a ticket to be durable, by ticket: a commit wakes
+    /// only the waiters its batch covers. (Waiting on `durable` itself
+    /// woke every waiter at every commit: under 64 unary clients a score
+    /// of tasks per commit, most of them to find their ticket not durable
+    /// yet and sleep again.)
+    waiters: Mutex<BTreeMap<Ticket, Vec<oneshot::Sender<bool>>>>,
     /// The last ticket whose commit's work on sled is done (its indexes
     /// are readable): what readers of the derived trees wait for.
     indexed: watch::Sender<Ticket>,
@@ -241,9 +247,60 @@ impl Shared {
             queue: Mutex::new(Queue { next_ticket: 1, ops: Vec::new(), closed: false }),
             wake: Condvar::new(),
             durable,
+            waiters: Mutex::new(BTreeMap::new()),
             indexed,
             snapshot_backlog: AtomicUsize::new(0),
         })
+    }
+
+    /// Publishes `ticket` as durable and wakes those waiting for it or an
+    /// earlier one.
+    fn made_durable(&self, ticket: Ticket) {
+        // Before the waiters are taken: one that registers meanwhile sees
+        // the new ticket (see `Shared::durable_at`).
+        self.durable.send_modify(|d| d.ticket = ticket);
+        let covered = {
+            let mut waiters = self.waiters.lock();
+            let later = waiters.split_off(&(ticket + 1));
+            std::mem::replace(&mut *waiters, later)
+        };
+        for waiter in covered.into_values().flatten() {
+            let _ = waiter.send(true);
+        }
+    }
+
+    /// Waits until `ticket` is durable.
+    async fn durable_at(&self, ticket: Ticket) -> StorageResult<()> {
+        let waiting = {
+            // The state is read under the waiters' lock, which the writer
+            // takes only after publishing a ticket or a failure: either
+            // this sees it, or the writer sees this waiter.
+            let mut waiters = self.waiters.lock();
+            let state = *self.durable.borrow();
+            if ticket <= state.ticket {
+                return Ok(());
+            }
+            if state.failed {
+                return Err(storage_failed());
+            }
+            let (waiter, waiting) = oneshot::channel();
+            waiters.entry(ticket).or_default().push(waiter);
+            waiting
+        };
+        match waiting.await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(storage_failed()),
+            Err(_) => Err(writer_gone()),
+        }
+    }
+
+    /// Marks the journal failed and answers every waiter so.
+    fn fail(&self) {
+        self.durable.send_modify(|d| d.failed = true);
+        let waiting = std::mem::take(&mut *self.waiters.lock());
+        for waiter in waiting.into_values().flatten() {
+            let _ = waiter.send(false);
+        }
     }
 }
 
@@ -392,13 +449,7 @@ impl Journal {
 
     /// Waits until `ticket` is durable.
     pub async fn durable(&self, ticket: Ticket) -> StorageResult<()> {
-        let mut receiver = self.shared.durable.subscribe();
-        let state = receiver.wait_for(|d| ticket <= d.ticket || d.failed).await.map_err(|_| writer_gone())?;
-        if ticket <= state.ticket {
-            Ok(())
-        } else {
-            Err(StorageError::Unavailable("the node's storage failed; retry on another node or after a restart".into()))
-        }
+        self.shared.durable_at(ticket).await
     }
 
     /// Waits until every durable entry's derived writes (audit, outbox,
@@ -441,6 +492,10 @@ impl Journal {
 
 fn writer_gone() -> StorageError {
     StorageError::Unavailable("the journal writer has stopped".into())
+}
+
+fn storage_failed() -> StorageError {
+    StorageError::Unavailable("the node's storage failed; retry on another node or after a restart".into())
 }
 
 struct Writer {
@@ -713,7 +768,7 @@ impl Writer {
         if batch.is_some() {
             self.flusher.finish()?;
             if let Some(ticket) = last_ticket {
-                self.shared.durable.send_modify(|d| d.ticket = ticket);
+                self.shared.made_durable(ticket);
             }
             self.metrics.journal_flush_seconds.observe(started.elapsed().as_secs_f64());
             self.metrics.journal_batch_entries.observe(entries.len() as f64);
@@ -847,7 +902,7 @@ impl Drop for Stop {
             std::mem::take(&mut queue.ops)
         };
         drop(queued);
-        self.shared.durable.send_modify(|d| d.failed = true);
+        self.shared.fail();
     }
 }
 
@@ -1848,5 +1903,30 @@ mod tests {
         let shared = Shared::new();
         drop(Stop { shared: shared.clone(), clean: true });
         assert!(!shared.queue.lock().closed && !shared.durable.borrow().failed);
+    }
+
+    #[tokio::test]
+    async fn a_commit_wakes_only_the_waiters_its_batch_covers() {
+        use futures_util::FutureExt as _;
+        let shared = Shared::new();
+        let mut waiting: Vec<_> = (1..=4).map(|ticket| Box::pin(shared.durable_at(ticket))).collect();
+        for waiter in &mut waiting {
+            assert!(waiter.as_mut().now_or_never().is_none(), "nothing is durable yet");
+        }
+        shared.made_durable(2);
+        let mut after: Vec<_> = waiting.iter_mut().map(|waiter| waiter.as_mut().now_or_never()).collect();
+        assert!(matches!(after[0], Some(Ok(()))) && matches!(after[1], Some(Ok(()))), "{after:?}");
+        assert!(after[2].is_none() && after[3].is_none(), "{after:?}");
+        assert_eq!(shared.waiters.lock().len(), 2, "tickets 3 and 4 still wait, and only they");
+        // A ticket already durable needs no wait; a failure answers the rest.
+        assert!(shared.durable_at(2).now_or_never().is_some_and(|r| r.is_ok()));
+        shared.fail();
+        after = waiting.drain(2..).map(|mut waiter| waiter.as_mut().now_or_never()).collect();
+        for answer in after {
+            let error = answer.expect("answered at once").expect_err("the storage failed");
+            assert!(error.to_string().contains("storage failed"), "{error}");
+        }
+        assert!(shared.waiters.lock().is_empty());
+        assert!(shared.durable_at(5).now_or_never().is_some_and(|r| r.is_err()), "no wait once failed");
     }
 }
