@@ -9,15 +9,21 @@
 //! - sled group commit for the same pattern, as the journal was written
 //!   before the segment files: values of at most 7 KiB, flushed as the node
 //!   flushes sled ([`crate::storage::Store::flush`]);
-//! - the transport ceilings, on loopback, each against a server in this
-//!   process that does nothing else:
+//! - the transport ceilings, on loopback, each against a server that does
+//!   nothing else:
 //!   - the load generator's own client (`bazaar loadgen`: the same events,
 //!     the same closed loop) against a no-op `EventService` that answers
 //!     each event at once: unary `RecordEvent` with `--clients` clients,
 //!     and the bidirectional `StreamEvents` with `--stream-clients` clients
-//!     sending `--batch` events at a time, as `loadgen --batch` does;
+//!     sending `--batch` events at a time, as `loadgen --batch` does. Twice:
+//!     with the server in a process of its own (this binary, started with
+//!     the hidden `--serve-noop`), as a node serves the load generator, and
+//!     in this process, where client and server share one runtime's
+//!     threads (a ceiling no node can reach: on two cores it is a third to
+//!     a half higher). Bazaar's figures are compared with the first;
 //!   - the standard gRPC health check (the smallest unary call tonic
-//!     serves) and a no-op HTTP request (axum), same concurrency.
+//!     serves) and a no-op HTTP request (axum), same concurrency, in this
+//!     process.
 
 use anyhow::Context as _;
 use bazaar_proto::v1 as pb;
@@ -53,9 +59,17 @@ pub struct LimitsArgs {
     /// Write the JSON report here.
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
+    /// Only serve the no-op `EventService` on a loopback port, print
+    /// `noop-server ADDRESS`, and stop once standard input closes (how
+    /// `bazaar limits` runs it in a process of its own).
+    #[arg(long, hide = true)]
+    pub serve_noop: bool,
 }
 
 pub async fn run(args: LimitsArgs) -> anyhow::Result<()> {
+    if args.serve_noop {
+        return serve_noop().await;
+    }
     let temp = tempfile::tempdir()?;
     let dir = args.dir.clone().unwrap_or_else(|| temp.path().to_path_buf());
     let window = Duration::from_secs(args.seconds.max(1));
@@ -82,11 +96,19 @@ pub async fn run(args: LimitsArgs) -> anyhow::Result<()> {
     .await??;
     println!("sled group commit ({group} entries per flush): {:.0} entries/s, {:.0} flushes/s", sled.0, sled.1);
     let args = LimitsArgs { batch: args.batch.clamp(2, 1_000), ..args };
-    let (record_event, stream) = noop_events(&args, window).await?;
-    println!("no-op RecordEvent, load generator's client, {} clients: {record_event:.0} events/s", args.clients);
+    let (record_event, stream) = noop_events_own_process(&args, window).await?;
     println!(
-        "no-op StreamEvents, load generator's client, {} streams x {} events: {stream:.0} events/s",
+        "no-op RecordEvent, load generator's client, {} clients, server in its own process: {record_event:.0} events/s",
+        args.clients
+    );
+    println!(
+        "no-op StreamEvents, load generator's client, {} streams x {} events, server in its own process: {stream:.0} events/s",
         args.stream_clients, args.batch
+    );
+    let (record_event_shared, stream_shared) = noop_events(&args, window).await?;
+    println!(
+        "no-op RecordEvent, the same, server in this process: {record_event_shared:.0} events/s; \
+         StreamEvents: {stream_shared:.0} events/s"
     );
     let grpc = grpc_noop(args.clients, window).await?;
     println!("no-op unary gRPC (health check), {} clients: {grpc:.0} calls/s", args.clients);
@@ -100,6 +122,8 @@ pub async fn run(args: LimitsArgs) -> anyhow::Result<()> {
         "sled_group_commit": {"entries_per_flush": group, "entries_per_s": sled.0, "flushes_per_s": sled.1},
         "noop_record_event_per_s": record_event,
         "noop_stream": {"clients": args.stream_clients, "batch": args.batch, "events_per_s": stream},
+        "noop_server": "own process",
+        "noop_in_process": {"record_event_per_s": record_event_shared, "stream_events_per_s": stream_shared},
         "noop_unary_grpc_per_s": grpc,
         "noop_http_per_s": http,
     });
@@ -222,7 +246,8 @@ fn noop_outcome(event: pb::RecordEventRequest) -> pb::EventOutcome {
     pb::EventOutcome { outcome: Some(pb::event_outcome::Outcome::Result(noop_answer(event))) }
 }
 
-/// The load generator against [`NoopEvents`]: unary, then streamed.
+/// The load generator against [`NoopEvents`] served in this process:
+/// unary, then streamed.
 async fn noop_events(args: &LimitsArgs, window: Duration) -> anyhow::Result<(f64, f64)> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?.to_string();
@@ -236,6 +261,68 @@ async fn noop_events(args: &LimitsArgs, window: Duration) -> anyhow::Result<(f64
         crate::loadgen::ceiling(&address, args.stream_clients.max(1), args.batch.clamp(2, 1_000), window).await;
     server.abort();
     Ok((unary?, stream?))
+}
+
+/// Serves [`NoopEvents`] on a loopback port until standard input closes:
+/// the parent, `bazaar limits`, holds the other end, so the server goes
+/// with it however it ends.
+async fn serve_noop() -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    println!("noop-server {}", listener.local_addr()?);
+    std::io::stdout().flush()?;
+    let stdin_closed = async {
+        let _ = tokio::task::spawn_blocking(|| {
+            let mut buffer = [0u8; 64];
+            while std::io::Read::read(&mut std::io::stdin(), &mut buffer).is_ok_and(|n| 0 < n) {}
+        })
+        .await;
+    };
+    tonic::transport::Server::builder()
+        .add_service(pb::event_service_server::EventServiceServer::new(NoopEvents))
+        .serve_with_incoming_shutdown(crate::nodelay_incoming(listener), stdin_closed)
+        .await?;
+    Ok(())
+}
+
+/// A no-op server in a process of its own, stopped by its PID when
+/// dropped.
+struct NoopProcess(std::process::Child);
+
+impl Drop for NoopProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The load generator against [`NoopEvents`] served by another process
+/// (this binary with `--serve-noop`): unary, then streamed.
+async fn noop_events_own_process(args: &LimitsArgs, window: Duration) -> anyhow::Result<(f64, f64)> {
+    use std::io::BufRead as _;
+    use std::process::{Command, Stdio};
+    let child = Command::new(std::env::current_exe().context("finding this binary")?)
+        .args(["limits", "--serve-noop"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the no-op server")?;
+    let mut server = NoopProcess(child);
+    let stdout = server.0.stdout.take().context("the no-op server's output")?;
+    let address = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line).map(|_| line)
+    })
+    .await??;
+    let address = address
+        .strip_prefix("noop-server ")
+        .map(str::trim)
+        .with_context(|| format!("the no-op server said {address:?}, not its address"))?
+        .to_owned();
+    let unary = crate::loadgen::ceiling(&address, args.clients.max(1), 1, window).await?;
+    let stream =
+        crate::loadgen::ceiling(&address, args.stream_clients.max(1), args.batch.clamp(2, 1_000), window).await?;
+    drop(server);
+    Ok((unary, stream))
 }
 
 /// Calls per second of the standard health check, on a tonic server that

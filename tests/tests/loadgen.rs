@@ -86,11 +86,22 @@ fn limits_measures_every_ceiling_with_the_load_generators_client() {
         &report["sled_group_commit"]["flushes_per_s"],
         &report["noop_record_event_per_s"],
         &report["noop_stream"]["events_per_s"],
+        &report["noop_in_process"]["record_event_per_s"],
+        &report["noop_in_process"]["stream_events_per_s"],
         &report["noop_unary_grpc_per_s"],
         &report["noop_http_per_s"],
     ] {
         assert!(0.0 < figure.as_f64().unwrap_or(0.0), "{report}");
     }
+    assert_eq!(report["noop_server"], "own process", "{report}");
+    // The no-op server's process went with the measurement.
+    let servers: Vec<_> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|entry| std::fs::read(entry.path().join("cmdline")).ok())
+        .filter(|cmdline| cmdline.windows(12).any(|w| w == b"--serve-noop"))
+        .collect();
+    assert!(servers.is_empty(), "a no-op server outlived limits: {servers:?}");
     assert_eq!(report["noop_stream"]["clients"], 2, "{report}");
     assert_eq!(report["noop_stream"]["batch"], 10, "{report}");
     // The probes clean up after themselves.
