@@ -192,6 +192,14 @@ enum Transport {
 }
 
 /// Runs the load; prints the table and writes the report.
+/// A run's id, in its tenant's name (`--setup`) and every event id it
+/// sends: the time, and a random part, since two runs started in the same
+/// second against one tenant would otherwise send the same event ids, and
+/// the second's would meet the first's idempotency records.
+fn new_run_id() -> String {
+    format!("{}-{:08x}", chrono::Utc::now().format("%Y%m%d%H%M%S"), rand::random::<u32>())
+}
+
 pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     if args.clients == 0 || args.batch == 0 || 1_000 < args.batch {
         bail!("--clients must be at least 1 and --batch between 1 and 1000");
@@ -199,7 +207,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     if args.verify && !args.setup {
         bail!("--verify needs --setup: it recomputes what a tenant it made should hold");
     }
-    let run_id = chrono::Utc::now().format("%Y%m%d%H%M%S").to_string();
+    let run_id = new_run_id();
     let tenant = if args.setup { format!("{}-{run_id}", args.tenant) } else { args.tenant.clone() };
     let transport = match &args.http {
         Some(url) => Transport::Http(ureq::AgentBuilder::new().timeout(Duration::from_secs(30)).build(), url.clone()),
@@ -922,5 +930,18 @@ async fn verify(transport: &Transport, args: &LoadgenArgs, tenant: &str, shared:
         ))
     } else {
         bail!("verification failed:\n  {}", problems.join("\n  "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_started_in_the_same_second_send_different_event_ids() {
+        let ids: std::collections::HashSet<String> = (0..100).map(|_| new_run_id()).collect();
+        assert_eq!(ids.len(), 100, "{ids:?}");
+        let tenant = format!("loadgen-{}", ids.iter().next().expect("an id"));
+        assert!(bazaar_games::Id::parse(&tenant).is_ok(), "a tenant id: {tenant}");
     }
 }
