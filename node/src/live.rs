@@ -13,8 +13,8 @@
 //! only grows, so updates published out of order by concurrent requests
 //! never move a pool backwards.
 
+use crate::FastMap;
 use parking_lot::Mutex;
-use std::collections::HashMap;
 use tokio::sync::{broadcast, watch};
 
 /// Hits a watcher may fall behind by before it must catch up.
@@ -40,23 +40,34 @@ struct JackpotChannels {
     hits: broadcast::Sender<crate::api::HitAnswer>,
 }
 
-type Key = (String, String);
+/// Channels by tenant, then by jackpot or leaderboard: looked up by
+/// borrowed names, so that a publication (one per durable delivery)
+/// allocates nothing once its channel exists (a map keyed by owned pairs
+/// made two strings per lookup).
+type ByTenant<C> = FastMap<String, FastMap<String, C>>;
+
+/// The channel of `tenant`'s `id` in `map`, made by `new` on first use.
+fn channel<'a, C>(map: &'a mut ByTenant<C>, tenant: &str, id: &str, new: impl FnOnce() -> C) -> &'a C {
+    if !map.get(tenant).is_some_and(|ids| ids.contains_key(id)) {
+        map.entry(tenant.to_owned()).or_default().insert(id.to_owned(), new());
+    }
+    &map[tenant][id]
+}
 
 /// The node's live channels, created on first use.
 #[derive(Default)]
 pub struct Live {
-    jackpots: Mutex<HashMap<Key, JackpotChannels>>,
-    leaderboards: Mutex<HashMap<Key, watch::Sender<u64>>>,
+    jackpots: Mutex<ByTenant<JackpotChannels>>,
+    leaderboards: Mutex<ByTenant<watch::Sender<u64>>>,
 }
 
 impl Live {
     fn with_jackpot<T>(&self, tenant: &str, jackpot: &str, f: impl FnOnce(&JackpotChannels) -> T) -> T {
         let mut jackpots = self.jackpots.lock();
-        let channels = jackpots.entry((tenant.to_owned(), jackpot.to_owned())).or_insert_with(|| JackpotChannels {
+        f(channel(&mut jackpots, tenant, jackpot, || JackpotChannels {
             pool: watch::channel(PoolUpdate::default()).0,
             hits: broadcast::channel(HIT_BUFFER).0,
-        });
-        f(channels)
+        }))
     }
 
     /// Publishes a durable pool value, unless a later one is already out.
@@ -91,19 +102,37 @@ impl Live {
     /// Notes that a leaderboard's scores changed (durably).
     pub fn publish_leaderboard(&self, tenant: &str, leaderboard: &str) {
         let mut boards = self.leaderboards.lock();
-        let sender = boards.entry((tenant.to_owned(), leaderboard.to_owned())).or_insert_with(|| watch::channel(0).0);
-        sender.send_modify(|changes| *changes += 1);
+        channel(&mut boards, tenant, leaderboard, || watch::channel(0).0).send_modify(|changes| *changes += 1);
     }
 
     pub fn watch_leaderboard(&self, tenant: &str, leaderboard: &str) -> watch::Receiver<u64> {
         let mut boards = self.leaderboards.lock();
-        boards.entry((tenant.to_owned(), leaderboard.to_owned())).or_insert_with(|| watch::channel(0).0).subscribe()
+        channel(&mut boards, tenant, leaderboard, || watch::channel(0).0).subscribe()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_tenants_channels_are_its_own() {
+        let live = Live::default();
+        let mut a = live.watch_leaderboard("t1", "top");
+        let mut b = live.watch_leaderboard("t2", "top");
+        let c = live.watch_leaderboard("t1", "other");
+        live.publish_leaderboard("t1", "top");
+        live.publish_leaderboard("t1", "top");
+        assert_eq!(*a.borrow_and_update(), 2);
+        assert!(!b.has_changed().expect("open") && !c.has_changed().expect("open"));
+        // A channel made by a publication is the one a later watcher gets.
+        live.publish_leaderboard("t2", "top");
+        assert_eq!(*live.watch_leaderboard("t2", "top").borrow(), 1);
+        assert_eq!(*b.borrow_and_update(), 1);
+        live.publish_pool("t3", "j", PoolUpdate { cycle: 1, contributed_minor: 5, pool_minor: 105 });
+        assert_eq!(live.watch_pool("t3", "j").borrow().pool_minor, 105);
+        assert_eq!(live.watch_pool("t1", "j").borrow().pool_minor, 0);
+    }
 
     #[test]
     fn a_pool_never_moves_backwards() {
