@@ -19,8 +19,8 @@
 //!     with the server in a process of its own (this binary, started with
 //!     the hidden `--serve-noop`), as a node serves the load generator, and
 //!     in this process, where client and server share one runtime's
-//!     threads (a ceiling no node can reach: on two cores it is a third to
-//!     a half higher). Bazaar's figures are compared with the first;
+//!     threads, which no node serving a load generator can. Bazaar's
+//!     figures are compared with the first;
 //!   - the standard gRPC health check (the smallest unary call tonic
 //!     serves) and a no-op HTTP request (axum), same concurrency, in this
 //!     process.
