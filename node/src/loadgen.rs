@@ -191,7 +191,6 @@ enum Transport {
     Http(ureq::Agent, String),
 }
 
-/// Runs the load; prints the table and writes the report.
 /// A run's id, in its tenant's name (`--setup`) and every event id it
 /// sends: the time, and a random part, since two runs started in the same
 /// second against one tenant would otherwise send the same event ids, and
@@ -200,6 +199,7 @@ fn new_run_id() -> String {
     format!("{}-{:08x}", chrono::Utc::now().format("%Y%m%d%H%M%S"), rand::random::<u32>())
 }
 
+/// Runs the load; prints the table and writes the report.
 pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     if args.clients == 0 || args.batch == 0 || 1_000 < args.batch {
         bail!("--clients must be at least 1 and --batch between 1 and 1000");
