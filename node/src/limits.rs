@@ -251,16 +251,24 @@ fn noop_outcome(event: pb::RecordEventRequest) -> pb::EventOutcome {
 async fn noop_events(args: &LimitsArgs, window: Duration) -> anyhow::Result<(f64, f64)> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?.to_string();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(pb::event_service_server::EventServiceServer::new(NoopEvents))
-            .serve_with_incoming(crate::nodelay_incoming(listener)),
-    );
-    let unary = crate::loadgen::ceiling(&address, args.clients.max(1), 1, window).await;
-    let stream =
-        crate::loadgen::ceiling(&address, args.stream_clients.max(1), args.batch.clamp(2, 1_000), window).await;
+    let server = tokio::spawn(noop_server().serve_with_incoming(crate::nodelay_incoming(listener)));
+    let measured = noop_ceilings(&address, args, window).await;
     server.abort();
-    Ok((unary?, stream?))
+    measured
+}
+
+/// A tonic server of [`NoopEvents`] only.
+fn noop_server() -> tonic::transport::server::Router {
+    tonic::transport::Server::builder().add_service(pb::event_service_server::EventServiceServer::new(NoopEvents))
+}
+
+/// The load generator against the no-op server at `address`: unary
+/// events per second, then streamed.
+async fn noop_ceilings(address: &str, args: &LimitsArgs, window: Duration) -> anyhow::Result<(f64, f64)> {
+    let unary = crate::loadgen::ceiling(address, args.clients.max(1), 1, window).await?;
+    let stream =
+        crate::loadgen::ceiling(address, args.stream_clients.max(1), args.batch.clamp(2, 1_000), window).await?;
+    Ok((unary, stream))
 }
 
 /// Serves [`NoopEvents`] on a loopback port until standard input closes:
@@ -277,10 +285,7 @@ async fn serve_noop() -> anyhow::Result<()> {
         })
         .await;
     };
-    tonic::transport::Server::builder()
-        .add_service(pb::event_service_server::EventServiceServer::new(NoopEvents))
-        .serve_with_incoming_shutdown(crate::nodelay_incoming(listener), stdin_closed)
-        .await?;
+    noop_server().serve_with_incoming_shutdown(crate::nodelay_incoming(listener), stdin_closed).await?;
     Ok(())
 }
 
@@ -318,11 +323,9 @@ async fn noop_events_own_process(args: &LimitsArgs, window: Duration) -> anyhow:
         .map(str::trim)
         .with_context(|| format!("the no-op server said {address:?}, not its address"))?
         .to_owned();
-    let unary = crate::loadgen::ceiling(&address, args.clients.max(1), 1, window).await?;
-    let stream =
-        crate::loadgen::ceiling(&address, args.stream_clients.max(1), args.batch.clamp(2, 1_000), window).await?;
+    let measured = noop_ceilings(&address, args, window).await;
     drop(server);
-    Ok((unary, stream))
+    measured
 }
 
 /// Calls per second of the standard health check, on a tonic server that
