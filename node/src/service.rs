@@ -598,13 +598,15 @@ impl Service {
             .await?;
         let mut applied = applied_event(reply)?;
         self.redeliverable(&mut applied).await?;
-        let mut last_ticket = applied.ticket;
-        let mut deliveries = Vec::new();
-        for message in &applied.answer.deliveries {
-            let delivery = self.deliver(message, &catalog).await?;
-            last_ticket = last_ticket.max(delivery.ticket);
-            deliveries.push(delivery);
-        }
+        // Its receivers (a jackpot, a leaderboard) apply their messages side
+        // by side. A call puts its message in the receiver's mailbox when
+        // first polled, and the calls are first polled in order: two
+        // messages to one receiver still arrive in the customer's order.
+        let deliveries = futures_util::future::try_join_all(
+            applied.answer.deliveries.iter().map(|message| self.deliver(message, &catalog)),
+        )
+        .await?;
+        let last_ticket = deliveries.iter().map(|delivery| delivery.ticket).fold(applied.ticket, Option::max);
         self.durable(last_ticket).await?;
         self.journal.outbox_ack(applied.answer.deliveries.iter().map(OutboxMessage::storage_key).collect())?;
         for delivery in &deliveries {
