@@ -322,6 +322,11 @@ pub const BLOCK_BYTES: usize = 4096;
 /// The zeros a segment is prepared with are written this many at a time.
 const ZERO_CHUNK_BYTES: usize = 1 << 20;
 
+/// The buffer commits are staged in starts this large, grows as a commit
+/// needs, and is kept up to [`STAGED_KEPT_BYTES`].
+const STAGED_BYTES: usize = 1 << 20;
+const STAGED_KEPT_BYTES: usize = 16 << 20;
+
 /// A byte buffer whose bytes start at a [`BLOCK_BYTES`] boundary in memory,
 /// as `O_DIRECT` writes need.
 struct Aligned {
@@ -455,7 +460,7 @@ impl Appender {
             file: open_segment(&prepared, direct)?,
             offset: 0,
             staged_at: 0,
-            staged: Aligned::with_capacity(1 << 20),
+            staged: Aligned::with_capacity(STAGED_BYTES),
             next_seq,
             created: true,
             segment_bytes,
@@ -529,6 +534,7 @@ impl Appender {
                         next.cancel.store(true, Ordering::Relaxed);
                         let _ = next.thread.join();
                     }
+                    tracing::info!(segment = %segment_name(seq), "the next journal segment was not prepared in time");
                     create_empty(&self.dir)?
                 }
             };
@@ -559,6 +565,12 @@ impl Appender {
         self.staged.len = end;
         self.staged.keep_from(whole);
         self.staged_at += whole as u64;
+        if STAGED_KEPT_BYTES < self.staged.capacity() {
+            // One very large commit does not keep its buffer for good.
+            let mut smaller = Aligned::with_capacity(STAGED_BYTES);
+            smaller.extend(self.staged.as_slice());
+            self.staged = smaller;
+        }
         Ok(())
     }
 }
@@ -799,8 +811,12 @@ mod tests {
             // in twos, so that commits end inside blocks, on their
             // boundaries and across several, and segments rotate.
             let sizes = [1, 4_079, 4_080, 13, 9_000, 4_096, 700, 1, 40_000, 5_000, 20_000];
-            let records: Vec<Vec<u8>> =
+            let mut records: Vec<Vec<u8>> =
                 (0..60u64).map(|seq| vec![(seq % 251) as u8 + 1; sizes[seq as usize % sizes.len()]]).collect();
+            // A record larger than a segment, and than the staging buffer
+            // keeps, then small ones again.
+            records.push(vec![7; STAGED_KEPT_BYTES + 5]);
+            records.extend((0..5).map(|n| vec![9; 100 + n]));
             for (seq, payload) in records.iter().enumerate() {
                 appender.append(seq as u64, &record(seq as u64, payload)).expect("append");
                 if seq % 3 != 1 {
