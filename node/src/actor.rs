@@ -602,7 +602,7 @@ impl<E: Entity> Registry<E> {
 
     /// The address of the entity's actor in `actors` (the registry's map,
     /// locked), activating it if it has none or its actor has stopped.
-    fn activated(&self, actors: &mut Actors<E>, entity: &EntityKey) -> ServiceResult<Arc<Addr<EntityActor<E>>>> {
+    fn activated(&self, actors: &mut Actors<E>, entity: &EntityKey) -> ServiceResult<Shared<E>> {
         if let Some(addr) = actors.get(entity) {
             if addr.connected() {
                 return Ok(addr.clone());
@@ -711,8 +711,10 @@ impl<E: Entity> Registry<E> {
     /// the asking goes at the pace the writer allows snapshots under load
     /// instead of queueing every changed customer's state at once.
     pub async fn snapshot_all(&self) -> usize {
-        let addrs: Vec<_> =
-            self.actors.iter().flat_map(|shard| shard.lock().values().cloned().collect::<Vec<_>>()).collect();
+        let mut addrs = Vec::new();
+        for shard in self.actors.iter() {
+            addrs.extend(shard.lock().values().cloned());
+        }
         let mut count = 0;
         let mut writing = Vec::new();
         for group in addrs.chunks(SNAPSHOT_ASKS) {

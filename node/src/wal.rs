@@ -404,6 +404,10 @@ impl Aligned {
 pub struct Appender {
     dir: PathBuf,
     file: File,
+    /// `file`'s path, for errors.
+    path: PathBuf,
+    /// Records were appended since the last sync.
+    unsynced: bool,
     /// Where the next record goes in `file`.
     offset: u64,
     /// The block-aligned offset in `file` that `staged` begins at.
@@ -458,6 +462,8 @@ impl Appender {
         let mut appender = Self {
             dir: dir.to_path_buf(),
             file: open_segment(&prepared, direct)?,
+            path: prepared.clone(),
+            unsynced: false,
             offset: 0,
             staged_at: 0,
             staged: Aligned::with_capacity(STAGED_BYTES),
@@ -484,6 +490,7 @@ impl Appender {
         // A crash's leftover of the same name held no whole record (the
         // batch it is named by was never acknowledged): replaced.
         std::fs::rename(&prepared, &path).map_err(|e| io_error(&path, e))?;
+        self.path = path;
         let mut header = [0u8; HEADER_BYTES];
         header[..8].copy_from_slice(MAGIC);
         header[8..12].copy_from_slice(&VERSION.to_le_bytes());
@@ -542,6 +549,7 @@ impl Appender {
             self.begin_segment(prepared, seq)?;
         }
         self.staged.extend(record);
+        self.unsynced = true;
         self.offset += length;
         self.next_seq += 1;
         Ok(())
@@ -549,12 +557,15 @@ impl Appender {
 
     /// Makes every appended record durable.
     pub fn sync(&mut self) -> StorageResult<()> {
-        let end = (self.offset - self.staged_at) as usize;
-        let path = || self.dir.join(segment_name(self.next_seq));
-        self.file.write_all_at(self.staged.padded(), self.staged_at).map_err(|e| io_error(&path(), e))?;
-        if !self.direct {
-            self.file.sync_data().map_err(|e| io_error(&path(), e))?;
+        if !self.unsynced && !self.created {
+            return Ok(());
         }
+        let end = (self.offset - self.staged_at) as usize;
+        self.file.write_all_at(self.staged.padded(), self.staged_at).map_err(|e| io_error(&self.path, e))?;
+        if !self.direct {
+            self.file.sync_data().map_err(|e| io_error(&self.path, e))?;
+        }
+        self.unsynced = false;
         if self.created {
             crate::storage::sync_dir(&self.dir)?;
             self.created = false;
