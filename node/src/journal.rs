@@ -1,6 +1,7 @@
 //! The journal writer: group commit of every entry that arrived since the
 //! last commit, as one record of the journal's segment files
-//! ([`crate::wal`]), with one `fdatasync`.
+//! ([`crate::wal`]), made durable by one write (`O_DIRECT | O_DSYNC`, or a
+//! write and an `fdatasync` where the file system has no `O_DIRECT`).
 //!
 //! Actors never wait for it. An actor applies a message, hands the entry to
 //! [`Journal::submit`] and gets a [`Ticket`] back at once; whoever answers

@@ -283,7 +283,7 @@ fn parse_block(bytes: &[u8]) -> StorageResult<Vec<(Range<usize>, Range<usize>)>>
 const WRITE_BACK_BYTES: u64 = 1 << 20;
 
 /// Writes `from..to` of a run's file back to the disk and waits for it,
-/// without the cache flush a sync costs: the journal's `fdatasync`s then
+/// without the cache flush a sync costs: the journal's durable writes then
 /// queue behind a mebibyte of the run at most, not behind all of it at its
 /// final sync (a 30 MiB run written and synced at once held them up to
 /// 20 ms; written back a mebibyte at a time, 5-7 ms, the run itself
