@@ -2,6 +2,7 @@
 //!
 //! Handlers only translate: they pull the bearer key, path and body out of
 //! the request, call one [`Service`] method and render its answer or error.
+//! Every body is read before anything answers (see [`read_body_first`]).
 //! The [`JsonBody`] extractor enforces the body rules every endpoint shares
 //! (declared JSON, size limit, no unknown fields) and turns serde's errors
 //! into the API's error shape with the offending field's path.
@@ -10,7 +11,7 @@ use crate::api;
 use crate::api::DefinitionAnswer;
 use crate::error::{Code, ServiceError};
 use crate::service::{JackpotEvent, Service};
-use axum::body::Bytes;
+use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{FromRequest, MatchedPath, Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -64,6 +65,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), read_body_first))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(PropagateRequestIdLayer::x_request_id())
         // Every line logged while serving a request carries its id.
@@ -242,34 +244,69 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     }
 }
 
-/// A too large body is still read, up to this much past the limit, before
-/// the answer: a connection closed with unread request bytes is reset, and
-/// the client can lose the answer that explains why.
+/// A body past the limit is still read, up to this much more, before the
+/// answer; a longer one is left unread and the connection closed.
 const DRAIN_BYTES: usize = 1 << 20;
+
+/// Reads every request's body before any handler, extractor or key check
+/// sees the request, and hands it on in memory (cut one byte past the
+/// limit, which [`read_body`] answers with `payload_too_large`).
+///
+/// An answer given from the head alone (a wrong media type, a missing key)
+/// would otherwise leave the body unread: hyper then closes the connection
+/// under a client that may be about to reuse it, and a socket closed with
+/// unread bytes is reset, which can destroy the answer explaining why.
+/// Past `DRAIN_BYTES` over the limit the rest is not worth reading: the
+/// answer says `Connection: close`.
+async fn read_body_first(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if request.body().is_end_stream() {
+        return next.run(request).await;
+    }
+    let (parts, body) = request.into_parts();
+    let keep = state.max_body_bytes.saturating_add(1);
+    let mut chunks = body.into_data_stream();
+    let mut kept = Vec::new();
+    let mut read = 0usize;
+    let mut unread = false;
+    while let Some(chunk) = chunks.next().await {
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            Err(e) => {
+                return HttpError(ServiceError::invalid("body", format!("could not be read: {e}"))).into_response()
+            }
+        };
+        read = read.saturating_add(chunk.len());
+        if kept.len() < keep {
+            let room = keep - kept.len();
+            kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        }
+        if state.max_body_bytes.saturating_add(DRAIN_BYTES) < read {
+            unread = true;
+            break;
+        }
+    }
+    let mut response = next.run(Request::from_parts(parts, Body::from(kept))).await;
+    if unread {
+        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
 
 /// The request's body, or `payload_too_large` past `max` bytes.
 async fn read_body(request: Request, max: usize) -> Result<Bytes, ServiceError> {
     let mut chunks = request.into_body().into_data_stream();
     let mut body = Vec::new();
-    let mut read = 0usize;
     while let Some(chunk) = chunks.next().await {
         let chunk = chunk.map_err(|e| ServiceError::invalid("body", format!("could not be read: {e}")))?;
-        read = read.saturating_add(chunk.len());
-        if max < read {
-            if max.saturating_add(DRAIN_BYTES) < read {
-                break;
-            }
-            continue;
+        if max < body.len().saturating_add(chunk.len()) {
+            return Err(ServiceError {
+                code: Code::PayloadTooLarge,
+                field: Some("body".into()),
+                message: format!("must be at most {max} bytes"),
+                reason: None,
+            });
         }
         body.extend_from_slice(&chunk);
-    }
-    if max < read {
-        return Err(ServiceError {
-            code: Code::PayloadTooLarge,
-            field: Some("body".into()),
-            message: format!("must be at most {max} bytes"),
-            reason: None,
-        });
     }
     Ok(Bytes::from(body))
 }

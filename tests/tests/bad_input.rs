@@ -3,6 +3,9 @@
 
 use bazaar_tests::{default_jackpot, Mall, Node};
 use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
 
 fn event(overrides: Value) -> Value {
     let mut body = Mall::purchase("e-1", "c-1", "s-1", 5_000);
@@ -231,4 +234,83 @@ fn unknown_entities_are_404_and_limits_are_409() {
         None,
     );
     assert_eq!(poor["error"]["reason"], "not_enough_points");
+}
+
+/// One HTTP/1.1 exchange on an open connection: the head of the request,
+/// then (after a pause, as a slow till would) its body; the answer's status,
+/// headers (names in lower case) and body.
+fn exchange(
+    stream: &mut BufReader<TcpStream>,
+    head: &str,
+    body: &[u8],
+    pause: Duration,
+) -> (u16, Vec<(String, String)>, Value) {
+    stream.get_mut().write_all(head.as_bytes()).expect("the head is sent");
+    std::thread::sleep(pause);
+    stream.get_mut().write_all(body).expect("the body is sent");
+    let mut line = String::new();
+    stream.read_line(&mut line).expect("a status line");
+    let status =
+        line.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or_else(|| panic!("status: {line:?}"));
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        stream.read_line(&mut line).expect("a header line");
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        let (name, value) = line.split_once(':').unwrap_or_else(|| panic!("header: {line:?}"));
+        headers.push((name.to_ascii_lowercase(), value.trim().to_owned()));
+    }
+    let length: usize = headers
+        .iter()
+        .find(|(name, _)| name == "content-length")
+        .and_then(|(_, value)| value.parse().ok())
+        .expect("answers carry a length");
+    let mut answer = vec![0; length];
+    stream.read_exact(&mut answer).expect("the answer's body");
+    (status, headers, serde_json::from_slice(&answer).unwrap_or(Value::Null))
+}
+
+#[test]
+fn a_request_refused_before_its_body_is_read_leaves_the_connection_usable() {
+    // The node may answer from the head alone (wrong media type, no key, a
+    // declared length past the limit); it must still read the body, or the
+    // connection is closed under a client about to reuse it, and a closed
+    // connection with unread bytes is reset, losing the answer.
+    let node = Node::start(&["--max-body-bytes", "4096"]);
+    let mall = Mall::create(&node, "mall", default_jackpot());
+    let key = mall.pos_key().expect("a pos key");
+    let address = node.url.trim_start_matches("http://");
+    let socket = TcpStream::connect(address).expect("the node accepts a connection");
+    socket.set_read_timeout(Some(Duration::from_secs(30))).expect("a read timeout");
+    let mut stream = BufReader::new(socket);
+    let events = mall.path("events");
+    let purchase = event(json!({})).to_string();
+    let huge = event(json!({"event_id": "big", "padding": "x".repeat(20_000)})).to_string();
+    let refused = [
+        ("text/plain", Some(key), &purchase, 400, "unsupported_media_type"),
+        ("application/json", None, &purchase, 401, "unauthenticated"),
+        ("application/json", Some(key), &huge, 400, "payload_too_large"),
+    ];
+    for (content_type, key, body, status, code) in refused {
+        let authorization = key.map(|key| format!("Authorization: Bearer {key}\r\n")).unwrap_or_default();
+        let head = format!(
+            "POST {events} HTTP/1.1\r\nHost: {address}\r\nContent-Type: {content_type}\r\n{authorization}\
+             Content-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let (got, headers, answer) = exchange(&mut stream, &head, body.as_bytes(), Duration::from_millis(300));
+        assert_eq!((got, answer["error"]["code"].as_str()), (status, Some(code)), "{answer}");
+        assert!(!headers.iter().any(|(name, value)| name == "connection" && value == "close"), "{headers:?}");
+    }
+    // The same connection still carries requests, and nothing was applied.
+    let head = format!(
+        "GET {} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {key}\r\n\r\n",
+        mall.path("jackpots/j-mall")
+    );
+    let (got, _, jackpot) = exchange(&mut stream, &head, b"", Duration::ZERO);
+    assert_eq!(got, 200, "{jackpot}");
+    assert_eq!(jackpot["books"]["contributed_minor"], 0);
 }
