@@ -704,7 +704,7 @@ impl<E: Entity> Registry<E> {
     /// Has every active actor that changed since its last snapshot write
     /// one; returns how many did, once they are written.
     ///
-    /// Actors are asked [`SNAPSHOT_ASKS`] at a time, and the next group is
+    /// Actors are asked `SNAPSHOT_ASKS` at a time, and the next group is
     /// asked once the group before last is written: the writer group-commits
     /// them instead of flushing once per actor (a million active customers
     /// made the one-by-one version outlast the checkpoint interval), and

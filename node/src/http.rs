@@ -2,7 +2,7 @@
 //!
 //! Handlers only translate: they pull the bearer key, path and body out of
 //! the request, call one [`Service`] method and render its answer or error.
-//! Every body is read before anything answers (see [`read_body_first`]).
+//! Every body is read before anything answers (see `read_body_first`).
 //! The [`JsonBody`] extractor enforces the body rules every endpoint shares
 //! (declared JSON, size limit, no unknown fields) and turns serde's errors
 //! into the API's error shape with the offending field's path.
