@@ -109,7 +109,7 @@ impl From<Members> for Leaderboard {
     }
 }
 
-/// Serialised as [`Members`] is, in rank order, straight from the tree:
+/// Serialised as `Members` is, in rank order, straight from the tree:
 /// `serde(into)` cloned the whole board first, and a checkpoint serialises
 /// a board of a million members while every score waits for it.
 impl Serialize for Leaderboard {

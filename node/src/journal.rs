@@ -13,9 +13,9 @@
 //! The writer is one OS thread (syncing blocks), looping:
 //! 1. take every queued operation;
 //! 2. encode the entries as the next batch and hand it to the flusher
-//!    thread ([`Flusher`]), which appends it to the newest segment and
+//!    thread (`Flusher`), which appends it to the newest segment and
 //!    syncs it;
-//! 3. meanwhile, do the last commit's work on sled ([`Writer::apply`]):
+//! 3. meanwhile, do the last commit's work on sled (`Writer::apply`):
 //!    delete acknowledged outbox messages, index the outbox messages
 //!    earlier batches left undelivered for [`CARRY_FOR`] (see
 //!    [`Indexer`]), write the indexes derived from its entries (the audit,

@@ -47,7 +47,7 @@ struct Delivery {
 /// Serialises work per key (an event id): holders of the same key run one
 /// after the other, different keys in parallel. A key is known by its
 /// 64-bit hash (two ids that share one only wait for each other), and
-/// lives only while held, in one of [`KEYED_SHARDS`] maps. A key nobody
+/// lives only while held, in one of `KEYED_SHARDS` maps. A key nobody
 /// waits for costs a map entry and nothing else; the first to wait for it
 /// adds a [`tokio::sync::Notify`] that its holder wakes on leaving. (Keys
 /// as strings, in one map, were a tenth of a batch's work on the gRPC
@@ -1365,8 +1365,8 @@ impl Service {
     ///
     /// It reads and decodes every customer's snapshot: 300,000 of them
     /// took 0.4-0.6 s of a core in one go, one of the two the answers
-    /// needed. So it paces itself: after each [`ENGAGEMENT_SLICE`]
-    /// customers it rests [`ENGAGEMENT_REST`] times as long as the slice
+    /// needed. So it paces itself: after each `ENGAGEMENT_SLICE`
+    /// customers it rests `ENGAGEMENT_REST` times as long as the slice
     /// took (1.6-2.3 s in all for those 300,000). A node that stops
     /// meanwhile leaves the gauges as they were. It logs its figures at
     /// debug level.

@@ -399,7 +399,7 @@ pub fn tool(name: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// SHA-256 commitment of API.md: hex of SHA-256 over "<trigger>:<salt>".
+/// SHA-256 commitment of API.md: hex of SHA-256 over `"<trigger>:<salt>"`.
 pub fn commitment(trigger_minor: i64, salt_hex: &str) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(format!("{trigger_minor}:{salt_hex}").as_bytes()))
