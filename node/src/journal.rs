@@ -26,9 +26,9 @@
 //!    below it. While entries come in, background work takes at most a
 //!    tenth of the writer's time, so a checkpoint's hundred thousand
 //!    snapshots do not hold answers up;
-//! 4. once the batch is durable, publish its ticket and release whoever
-//!    waited; its own work on sled is done in the next commit, or at once
-//!    if none comes.
+//! 4. once the batch is durable, the flusher publishes its ticket and
+//!    releases whoever waited (the writer learns it too); the batch's own
+//!    work on sled is done in the next commit, or at once if none comes.
 //!
 //! Nothing reaches sled before the batch it derives from is durable: sled
 //! makes its writes durable on its own schedule too, and nothing durable
@@ -607,7 +607,7 @@ impl Writer {
         Ok(Writer {
             spare_ops: Vec::new(),
             indexer: Indexer::writing(&store)?,
-            flusher: Flusher::start(appender)?,
+            flusher: Flusher::start(appender, shared.clone())?,
             trimmer: Trimmer::start(store.journal_dir.clone())?,
             store,
             metrics,
@@ -759,7 +759,7 @@ impl Writer {
         }
         let batch = (!entries.is_empty()).then_some(self.next_seq);
         if let Some(seq) = batch {
-            self.flusher.begin(seq, &entries)?;
+            self.flusher.begin(seq, &entries, last_ticket)?;
             self.next_seq += 1;
             self.last_entries = started;
         }
@@ -767,10 +767,8 @@ impl Writer {
             self.apply(last)?;
         }
         if batch.is_some() {
+            // The flusher has published the batch's ticket as durable.
             self.flusher.finish()?;
-            if let Some(ticket) = last_ticket {
-                self.shared.made_durable(ticket);
-            }
             self.metrics.journal_flush_seconds.observe(started.elapsed().as_secs_f64());
             self.metrics.journal_batch_entries.observe(entries.len() as f64);
         }
@@ -923,14 +921,22 @@ struct Deferred {
 
 /// The thread that appends batches to the journal's segment and syncs
 /// them, while the writer does the last commit's work on sled: one batch
-/// at a time.
+/// at a time. Once a batch is durable it publishes the batch's last ticket
+/// itself, waking the requests that wait for it: handing that back to the
+/// writer first put a second thread's wake-up (0.13 ms of a 0.39 ms
+/// commit under 64 unary clients, waiting for a core) on every request's
+/// path.
 struct Flusher {
-    requests: Option<std::sync::mpsc::Sender<(u64, Vec<u8>)>>,
+    requests: Option<std::sync::mpsc::Sender<FlushRequest>>,
     results: std::sync::mpsc::Receiver<(StorageResult<()>, Vec<u8>)>,
     thread: Option<std::thread::JoinHandle<()>>,
     /// The buffer a batch is encoded into, back from the thread.
     spare: Vec<u8>,
 }
+
+/// A batch for the flusher: its number, its encoded record, and the ticket
+/// to publish once it is durable.
+type FlushRequest = (u64, Vec<u8>, Option<Ticket>);
 
 /// A buffer this large is not kept for the next batch.
 const SPARE_BYTES: usize = 16 << 20;
@@ -939,14 +945,17 @@ const SPARE_BYTES: usize = 16 << 20;
 const SPARE_OPS: usize = 64 * 1024;
 
 impl Flusher {
-    fn start(mut appender: wal::Appender) -> StorageResult<Self> {
-        let (requests, requested) = std::sync::mpsc::channel::<(u64, Vec<u8>)>();
+    fn start(mut appender: wal::Appender, shared: Arc<Shared>) -> StorageResult<Self> {
+        let (requests, requested) = std::sync::mpsc::channel::<FlushRequest>();
         let (done, results) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("journal-flusher".into())
             .spawn(move || {
-                for (seq, record) in requested {
+                for (seq, record, last_ticket) in requested {
                     let written = appender.append(seq, &record).and_then(|()| appender.sync());
+                    if let (Ok(()), Some(ticket)) = (&written, last_ticket) {
+                        shared.made_durable(ticket);
+                    }
                     if done.send((written, record)).is_err() {
                         return;
                     }
@@ -956,13 +965,17 @@ impl Flusher {
         Ok(Self { requests: Some(requests), results, thread: Some(thread), spare: Vec::new() })
     }
 
-    /// Encodes `entries` as batch `seq` and starts writing and syncing it.
-    fn begin(&mut self, seq: u64, entries: &[JournalEntry]) -> StorageResult<()> {
+    /// Encodes `entries` as batch `seq` and starts writing and syncing it;
+    /// once it is durable, `last_ticket` (its entries' last) is published.
+    fn begin(&mut self, seq: u64, entries: &[JournalEntry], last_ticket: Option<Ticket>) -> StorageResult<()> {
         let mut record = std::mem::take(&mut self.spare);
         wal::begin_record(&mut record);
         crate::storage::encode_into(&mut record, entries);
         wal::seal_record(&mut record, seq)?;
-        self.requests.as_ref().and_then(|requests| requests.send((seq, record)).ok()).ok_or_else(flusher_gone)
+        self.requests
+            .as_ref()
+            .and_then(|requests| requests.send((seq, record, last_ticket)).ok())
+            .ok_or_else(flusher_gone)
     }
 
     /// Waits until the batch begun last is durable.
