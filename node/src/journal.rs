@@ -10,8 +10,15 @@
 //! entry, so the journal's order is the tickets' order, and "ticket `t` is
 //! durable" means every ticket up to `t` is.
 //!
+//! A queued entry does not by itself start a commit: [`Journal::durable`]
+//! asks for one when it has to wait (every other operation asks at once).
+//! An event's entries (its customer's, then its jackpot's and
+//! leaderboards', queued as the customer's answer is delivered) and a
+//! batch's hundreds of them so go in one commit, not in one per entry
+//! that found the writer idle.
+//!
 //! The writer is one OS thread (syncing blocks), looping:
-//! 1. take every queued operation;
+//! 1. once a commit is asked for, take every queued operation;
 //! 2. encode the entries as the next batch and hand it to the flusher
 //!    thread (`Flusher`), which appends it to the newest segment and
 //!    syncs it;
@@ -221,6 +228,13 @@ struct Queue {
     next_ticket: Ticket,
     ops: Vec<(Ticket, Op)>,
     closed: bool,
+    /// Someone waits for what is queued: the writer commits as soon as it
+    /// can. Entries and outbox acknowledgements do not ask for a commit by
+    /// being queued, only once their durability is awaited (see
+    /// [`Shared::request_commit`]); every other operation asks at once.
+    commit_requested: bool,
+    /// The last ticket the writer has taken into a commit.
+    taken_through: Ticket,
 }
 
 struct Shared {
@@ -245,7 +259,13 @@ impl Shared {
         let (durable, _) = watch::channel(Durability { ticket: 0, failed: false });
         let (indexed, _) = watch::channel(0);
         Arc::new(Shared {
-            queue: Mutex::new(Queue { next_ticket: 1, ops: Vec::new(), closed: false }),
+            queue: Mutex::new(Queue {
+                next_ticket: 1,
+                ops: Vec::new(),
+                closed: false,
+                commit_requested: false,
+                taken_through: 0,
+            }),
             wake: Condvar::new(),
             durable,
             waiters: Mutex::new(BTreeMap::new()),
@@ -288,11 +308,28 @@ impl Shared {
             waiters.entry(ticket).or_default().push(waiter);
             waiting
         };
+        self.request_commit(ticket);
         match waiting.await {
             Ok(true) => Ok(()),
             Ok(false) => Err(storage_failed()),
             Err(_) => Err(writer_gone()),
         }
+    }
+
+    /// Asks the writer for a commit that covers `ticket`, unless one it has
+    /// begun does. An event's entries (its customer's, then its jackpot's
+    /// and leaderboards') are queued one after the other: committing at
+    /// the first one's arrival meant two commits per event on a quiet node,
+    /// the second waiting for the first; asked for once the event's answer
+    /// waits for them, one commit carries them all.
+    fn request_commit(&self, ticket: Ticket) {
+        let mut queue = self.queue.lock();
+        if ticket <= queue.taken_through || queue.commit_requested {
+            return;
+        }
+        queue.commit_requested = true;
+        drop(queue);
+        self.wake.notify_one();
     }
 
     /// Marks the journal failed and answers every waiter so.
@@ -375,10 +412,18 @@ impl Journal {
         if matches!(op, Op::Entry(_)) {
             queue.next_ticket += 1;
         }
+        // An entry waits for whoever awaits its durability to ask for the
+        // commit; an acknowledgement rides along with the next one.
+        let asks = !matches!(op, Op::Entry(_) | Op::OutboxAck(_));
         queued(ticket);
         queue.ops.push((ticket, op));
+        if asks {
+            queue.commit_requested = true;
+        }
         drop(queue);
-        self.shared.wake.notify_one();
+        if asks {
+            self.shared.wake.notify_one();
+        }
         Ok(ticket)
     }
 
@@ -635,7 +680,8 @@ impl Writer {
             let ops = {
                 let mut queue = self.shared.queue.lock();
                 self.closing = queue.closed;
-                if queue.ops.is_empty() {
+                // Nothing to commit now: the last commit's work on sled.
+                if queue.ops.is_empty() || !(queue.commit_requested || queue.closed) {
                     if let Some(last) = deferred.take() {
                         drop(queue);
                         match self.apply(last) {
@@ -644,7 +690,7 @@ impl Writer {
                         }
                     }
                 }
-                while queue.ops.is_empty() && !queue.closed {
+                while !queue.commit_requested && !queue.closed {
                     if self.snapshots.is_empty() && !self.trimming() {
                         self.shared.wake.wait(&mut queue);
                     } else if !self.paced(Instant::now())
@@ -656,6 +702,8 @@ impl Writer {
                 if queue.ops.is_empty() && queue.closed && self.snapshots.is_empty() && self.checkpoints.is_empty() {
                     break Ok(());
                 }
+                queue.commit_requested = false;
+                queue.taken_through = queue.next_ticket - 1;
                 // The last commit's emptied queue, with its capacity: the
                 // actors' pushes grew a new one by doubling, copying every
                 // entry queued so far at each step.
@@ -1926,6 +1974,39 @@ mod tests {
         let shared = Shared::new();
         drop(Stop { shared: shared.clone(), clean: true });
         assert!(!shared.queue.lock().closed && !shared.durable.borrow().failed);
+    }
+
+    #[tokio::test]
+    async fn queued_entries_wait_for_someone_to_await_them_then_go_in_one_commit() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("open");
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let (journal, thread) =
+            Journal::start(store.clone(), metrics.clone(), 0, Duration::from_secs(60)).expect("start");
+        let commits = || metrics.journal_batch_entries.get_sample_count();
+        let tickets: Vec<Ticket> = (0..5).map(|n| journal.submit(entry(n)).expect("open")).collect();
+        // Queued, not committed: nobody has asked (the writer had time to
+        // take them, had they woken it).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!((commits(), journal.durable_ticket()), (0, 0));
+        // Awaiting the third asks for a commit; the one that comes carries
+        // all five.
+        journal.durable(tickets[2]).await.expect("durable");
+        assert_eq!(journal.durable_ticket(), tickets[4]);
+        // (The flusher publishes durability; the writer counts the commit
+        // after it, and answers a marker after that.)
+        journal.marker().await.expect("marker");
+        assert_eq!((commits(), metrics.journal_batch_entries.get_sample_sum()), (1, 5.0));
+        // An awaited ticket that is durable already asks for nothing.
+        journal.durable(tickets[0]).await.expect("durable");
+        let later = journal.submit(entry(5)).expect("open");
+        // Any operation other than an entry asks at once, and takes the
+        // queued entry along.
+        journal.marker().await.expect("marker");
+        assert_eq!(commits(), 2);
+        journal.durable(later).await.expect("already durable");
+        journal.close();
+        thread.join().expect("the writer stops");
     }
 
     #[tokio::test]
