@@ -264,8 +264,10 @@ async fn read_body_first(State(state): State<AppState>, request: Request, next: 
     }
     let (parts, body) = request.into_parts();
     let keep = state.max_body_bytes.saturating_add(1);
+    // Room for the declared length (within the limit) at once.
+    let declared = usize::try_from(body.size_hint().lower()).unwrap_or(keep);
+    let mut kept = Vec::with_capacity(declared.min(keep));
     let mut chunks = body.into_data_stream();
-    let mut kept = Vec::new();
     let mut read = 0usize;
     let mut unread = false;
     while let Some(chunk) = chunks.next().await {
