@@ -203,8 +203,7 @@ impl Leaderboard {
             if delta == 0 {
                 continue;
             }
-            let before = self.scores.get(&customer).copied();
-            self.score(customer.clone(), delta);
+            let before = self.score(customer.clone(), delta);
             moved.entry(customer).or_insert(before);
         }
         if self.scores.len() < 2 * moved.len() {
@@ -221,13 +220,13 @@ impl Leaderboard {
     }
 
     /// Adds `delta` to the customer's entry in `scores` only (not in
-    /// `order`), with the next sequence number.
-    fn score(&mut self, customer: Id, delta: i64) {
+    /// `order`), with the next sequence number; returns the entry before.
+    fn score(&mut self, customer: Id, delta: i64) -> Option<(i64, u64)> {
         let seq = self.next_seq;
         self.next_seq += 1;
         match self.scores.get_mut(&customer) {
-            Some(entry) => *entry = (entry.0.saturating_add(delta), seq),
-            None => drop(self.scores.insert(customer, (delta, seq))),
+            Some(entry) => Some(std::mem::replace(entry, (entry.0.saturating_add(delta), seq))),
+            None => self.scores.insert(customer, (delta, seq)),
         }
     }
 
