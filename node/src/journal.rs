@@ -1504,6 +1504,14 @@ mod tests {
         batches.iter().map(|(seq, entries)| (*seq, entries.iter().map(EntryView::of).collect())).collect()
     }
 
+    /// A store in a temporary directory (gone when the first part is
+    /// dropped) and a node's metrics.
+    fn fresh_store() -> (tempfile::TempDir, Store, Arc<Metrics>) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("open");
+        (dir, store, Arc::new(Metrics::new().expect("metrics")))
+    }
+
     fn entry(n: u64) -> JournalEntry {
         JournalEntry {
             entity: format!("t/customer/c-{n}").into(),
@@ -1705,9 +1713,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_record_is_found_from_its_submission_on_and_indexed_once_its_batch_is_durable() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = Store::open(dir.path()).expect("open");
-        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let (_dir, store, metrics) = fresh_store();
         // Messages are carried for no time at all: a commit with entries
         // indexes what the commits before it left unapplied.
         let (journal, thread) = Journal::start_with(
@@ -1799,9 +1805,7 @@ mod tests {
 
     #[test]
     fn snapshots_go_a_slice_per_commit_and_a_checkpoint_moves_once_those_before_it_are_written() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = Store::open(dir.path()).expect("open");
-        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let (_dir, store, metrics) = fresh_store();
         let appender = wal::Appender::open(&store.journal_dir, 0).expect("open");
         let mut writer =
             Writer::new(store.clone(), appender, metrics, Shared::new(), 0, Duration::from_secs(60)).expect("writer");
@@ -1895,9 +1899,7 @@ mod tests {
 
     #[tokio::test]
     async fn old_batches_go_once_a_checkpoint_covers_them_and_after_a_crash_too() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = Store::open(dir.path()).expect("open");
-        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let (_dir, store, metrics) = fresh_store();
         // Segments of 256 bytes: a few batches each.
         let (journal, thread) =
             Journal::start_with(store.clone(), metrics.clone(), 0, Duration::from_secs(60), 256, CARRY_FOR)
@@ -1932,9 +1934,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_writer_that_fails_answers_every_waiter_with_an_error() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = Store::open(dir.path()).expect("open");
-        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let (_dir, store, metrics) = fresh_store();
         let (journal, thread) =
             Journal::start_with(store.clone(), metrics, 0, Duration::from_secs(60), 256, CARRY_FOR).expect("start");
         let ticket = journal.submit(JournalEntry { outbox: vec![], ..entry(0) }).expect("open");
@@ -1978,9 +1978,7 @@ mod tests {
 
     #[tokio::test]
     async fn queued_entries_wait_for_someone_to_await_them_then_go_in_one_commit() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = Store::open(dir.path()).expect("open");
-        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let (_dir, store, metrics) = fresh_store();
         let (journal, thread) =
             Journal::start(store.clone(), metrics.clone(), 0, Duration::from_secs(60)).expect("start");
         let commits = || metrics.journal_batch_entries.get_sample_count();

@@ -97,9 +97,9 @@ pub fn recover(store: &Store, metrics: &Metrics) -> StorageResult<(RecoveryRepor
         // The last entry is the whole state, encoded as a snapshot's is,
         // and at least as new as any stored snapshot: the writer stores a
         // snapshot after the entries it covers, so the tail holds every
-        // entry up to it (or none of the entity's at all).
-        // Straight into the pending map, newest first: an entity met
-        // again is only looked up, and only a new one's kind is read.
+        // entry up to it (or none of the entity's at all). Scanned newest
+        // first, straight into the pending map: an entity met again is
+        // only looked up, and only a new one's kind is read.
         let mut pending: FastMap<String, Snapshot> = FastMap::default();
         for entry in batches.iter().rev().flat_map(|(_, entries)| entries.iter().rev()) {
             if !pending.contains_key(entry.entity) && journals_state(entry.entity)? {
