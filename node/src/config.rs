@@ -55,6 +55,11 @@ pub struct ServeArgs {
     /// Threads that run entity actors [default: the number of CPUs].
     #[arg(long, env = "BAZAAR_ACTOR_THREADS", value_name = "N")]
     pub actor_threads: Option<usize>,
+    /// Record a tenant's unary events that arrive together (within one
+    /// pass of the scheduler) as one batch; `false` records each on its
+    /// own [default: true].
+    #[arg(long, env = "BAZAAR_UNARY_BATCHING", value_name = "BOOL")]
+    pub unary_batching: Option<bool>,
     /// Largest request body accepted, in bytes [default: 1048576].
     #[arg(long, env = "BAZAAR_MAX_BODY_BYTES", value_name = "BYTES")]
     pub max_body_bytes: Option<usize>,
@@ -95,6 +100,7 @@ struct FileConfig {
     engagement_interval: Option<Duration>,
     snapshot_every: Option<u32>,
     actor_threads: Option<usize>,
+    unary_batching: Option<bool>,
     max_body_bytes: Option<usize>,
     cache_bytes: Option<u64>,
     log_format: Option<LogFormatArg>,
@@ -125,6 +131,7 @@ pub struct NodeConfig {
     pub engagement_interval: Duration,
     pub snapshot_every: u32,
     pub actor_threads: usize,
+    pub unary_batching: bool,
     pub max_body_bytes: usize,
     pub cache_bytes: u64,
     pub log_format: LogFormat,
@@ -175,6 +182,7 @@ impl NodeConfig {
                 .actor_threads
                 .or(file.actor_threads)
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+            unary_batching: args.unary_batching.or(file.unary_batching).unwrap_or(true),
             max_body_bytes: args.max_body_bytes.or(file.max_body_bytes).unwrap_or(1 << 20),
             cache_bytes: args.cache_bytes.or(file.cache_bytes).unwrap_or(crate::storage::DEFAULT_CACHE_BYTES),
             log_format: match args.log_format.or(file.log_format) {
@@ -235,13 +243,18 @@ mod tests {
     fn flags_override_the_file_and_defaults_fill_the_rest() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("bazaar.toml");
-        std::fs::write(&path, "http = \"127.0.0.1:9000\"\nidle_timeout = \"2m\"\nsnapshot_every = 10\n")
-            .expect("write");
+        std::fs::write(
+            &path,
+            "http = \"127.0.0.1:9000\"\nidle_timeout = \"2m\"\nsnapshot_every = 10\nunary_batching = false\n",
+        )
+        .expect("write");
         let args = ServeArgs { config: Some(path), snapshot_every: Some(20), ..ServeArgs::default() };
         let config = NodeConfig::build(args).expect("valid");
         assert_eq!(config.http, "127.0.0.1:9000".parse().expect("addr"));
         assert_eq!(config.idle_timeout, Duration::from_secs(120));
         assert_eq!(config.snapshot_every, 20);
+        assert!(!config.unary_batching, "the file turns batching off");
+        assert!(NodeConfig::defaults().unary_batching, "on by default");
         assert_eq!(config.max_event_age, Duration::from_secs(7 * 24 * 3600));
     }
 

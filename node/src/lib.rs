@@ -3,7 +3,8 @@
 //! A map of the modules, in the order an event meets them:
 //!
 //! - [`http`] parses the request and calls the [`service`] layer, which
-//!   authenticates ([`tenancy`]), validates ([`api`]) and calls entities;
+//!   authenticates ([`tenancy`]), validates ([`api`]) and calls entities
+//!   (unary events that arrive together as one batch: [`coalesce`]);
 //! - [`actor`] holds the virtual actors: one per customer, wheel, jackpot
 //!   and leaderboard ([`entities`]), each a thin shell around its
 //!   `bazaar-games` state machine;
@@ -18,6 +19,7 @@
 
 pub mod actor;
 pub mod api;
+pub mod coalesce;
 pub mod config;
 pub mod demo;
 pub mod entities;
@@ -134,7 +136,7 @@ pub async fn serve_with(
         tenancy,
         live: live::Live::default(),
         in_flight: service::KeyedLock::default(),
-        config: ServiceConfig { max_event_age: config.max_event_age },
+        config: ServiceConfig { max_event_age: config.max_event_age, unary_batching: config.unary_batching },
         ready: false.into(),
     });
 

@@ -738,6 +738,9 @@ struct Scrape {
     flushes: f64,
     entries: f64,
     flush_seconds: f64,
+    /// Unary batches and the events in them.
+    unary_batches: f64,
+    unary_batched: f64,
     outbox_backlog: f64,
     /// Per gRPC method: seconds and calls.
     grpc: BTreeMap<String, (f64, f64)>,
@@ -759,6 +762,8 @@ impl Scrape {
                 "bazaar_journal_batch_entries_count" => scrape.flushes += value,
                 "bazaar_journal_batch_entries_sum" => scrape.entries += value,
                 "bazaar_journal_flush_seconds_sum" => scrape.flush_seconds += value,
+                "bazaar_unary_batch_events_count" => scrape.unary_batches += value,
+                "bazaar_unary_batch_events_sum" => scrape.unary_batched += value,
                 "bazaar_outbox_backlog" => scrape.outbox_backlog += value,
                 "bazaar_grpc_request_duration_seconds_sum" | "bazaar_grpc_request_duration_seconds_count" => {
                     let method = labels.split("method=\"").nth(1).and_then(|m| m.split('"').next()).unwrap_or("?");
@@ -779,6 +784,7 @@ impl Scrape {
     /// this scrape.
     fn since(&self, before: &Scrape) -> Value {
         let flushes = self.flushes - before.flushes;
+        let unary_batches = self.unary_batches - before.unary_batches;
         let per_flush = |total: f64| if 0.0 < flushes { total / flushes } else { 0.0 };
         let grpc_mean_ms: serde_json::Map<String, Value> = self
             .grpc
@@ -794,6 +800,11 @@ impl Scrape {
             "journal_flushes": flushes,
             "entries_per_flush": per_flush(self.entries - before.entries),
             "mean_flush_ms": 1_000.0 * per_flush(self.flush_seconds - before.flush_seconds),
+            "unary_batches": unary_batches,
+            "events_per_unary_batch": match 0.0 < unary_batches {
+                true => (self.unary_batched - before.unary_batched) / unary_batches,
+                false => 0.0,
+            },
             "grpc_mean_ms": grpc_mean_ms,
             "outbox_backlog": self.outbox_backlog,
         })

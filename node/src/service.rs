@@ -127,6 +127,16 @@ impl Drop for KeyedGuard<'_> {
 pub struct ServiceConfig {
     /// How old an event may be (tills that were offline send late).
     pub max_event_age: Duration,
+    /// Whether unary events that arrive together are recorded as one
+    /// batch ([`crate::coalesce`]).
+    pub unary_batching: bool,
+}
+
+/// A unary event waiting in its tenant's [`crate::coalesce::Lane`], and
+/// where its answer goes.
+pub struct QueuedEvent {
+    event: api::ValidEvent,
+    reply: tokio::sync::oneshot::Sender<ServiceResult<api::EventAnswer>>,
 }
 
 pub struct Service {
@@ -539,17 +549,57 @@ impl Service {
 
     // ------------------------------------------------------------ events
 
-    /// Records one event and answers what it earned, once durable.
+    /// Records one event and answers what it earned, once durable. A
+    /// valid event goes in its tenant's next batch of unary events
+    /// ([`crate::coalesce`]) unless batching is off.
     pub async fn record_event(
-        &self,
+        self: &Arc<Self>,
         key: Option<&str>,
         tenant: &str,
         request: api::EventRequest,
     ) -> ServiceResult<api::EventAnswer> {
         let (_, entry) = self.authorise(key, tenant, &[Role::Pos])?;
         let catalog = entry.catalog();
-        let valid = self.admit(&catalog, request)?;
-        self.record_admitted(&entry, catalog, valid).await
+        let event = self.admit(&catalog, request)?;
+        if !self.config.unary_batching {
+            return self.record_admitted(&entry, catalog, event).await;
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        if entry.unary.push(QueuedEvent { event, reply }) {
+            // A task of its own: a client that goes away cancels its own
+            // request, never the batch that carries the others'.
+            tokio::spawn(self.clone().record_gathered(entry));
+        }
+        answer.await.unwrap_or_else(|_| Err(ServiceError::internal("the event's batch ended without answering it")))
+    }
+
+    /// Gathers a tenant's unary events for one pass of the scheduler, then
+    /// records them as one batch (or as batches of [`api::MAX_BATCH`]).
+    async fn record_gathered(self: Arc<Self>, entry: Arc<TenantEntry>) {
+        tokio::task::yield_now().await;
+        let mut batch = entry.unary.take();
+        self.metrics.unary_batch_events.observe(batch.len() as f64);
+        let catalog = entry.catalog();
+        if batch.len() == 1 {
+            // Alone, an event's own path does less.
+            if let Some(QueuedEvent { event, reply }) = batch.pop() {
+                let _ = reply.send(self.record_admitted(&entry, catalog, event).await);
+            }
+            return;
+        }
+        let mut chunks = Vec::new();
+        while !batch.is_empty() {
+            let rest = batch.split_off(batch.len().min(api::MAX_BATCH));
+            chunks.push(std::mem::replace(&mut batch, rest));
+        }
+        futures_util::future::join_all(chunks.into_iter().map(|chunk| async {
+            let (events, replies): (Vec<_>, Vec<_>) =
+                chunk.into_iter().map(|QueuedEvent { event, reply }| (Ok(event), reply)).unzip();
+            for (reply, result) in replies.into_iter().zip(self.record_valid(&entry, catalog.clone(), events).await) {
+                let _ = reply.send(result);
+            }
+        }))
+        .await;
     }
 
     /// Records many events of one tenant (a stream's run), each with its own
@@ -629,17 +679,29 @@ impl Service {
         requests: Vec<ServiceResult<api::EventRequest>>,
     ) -> Vec<ServiceResult<api::EventAnswer>> {
         let catalog = entry.catalog();
+        let events = requests.into_iter().map(|request| request.and_then(|r| self.admit(&catalog, r))).collect();
+        self.record_valid(entry, catalog, events).await
+    }
+
+    /// [`Service::record_many`] after admission: `events` were admitted
+    /// against `catalog`, the tenant's.
+    async fn record_valid(
+        &self,
+        entry: &TenantEntry,
+        catalog: Arc<Catalog>,
+        events: Vec<ServiceResult<api::ValidEvent>>,
+    ) -> Vec<ServiceResult<api::EventAnswer>> {
         let tenant = &entry.tenant.id;
-        let mut results: Vec<Option<ServiceResult<api::EventAnswer>>> = requests.iter().map(|_| None).collect();
+        let mut results: Vec<Option<ServiceResult<api::EventAnswer>>> = events.iter().map(|_| None).collect();
         // The events that go now, and those repeating an id of this batch:
         // they go afterwards, one by one, and meet its idempotency record.
-        let mut admitted = Vec::with_capacity(requests.len());
+        let mut admitted = Vec::with_capacity(events.len());
         let mut repeated = Vec::new();
         // By the event-id lock's key: the (vanishingly rare) collision of two
         // ids only sends the second one the way of a repeated id.
-        let mut keys = crate::FastSet::with_capacity_and_hasher(requests.len(), Default::default());
-        for (index, request) in requests.into_iter().enumerate() {
-            match request.and_then(|request| self.admit(&catalog, request)) {
+        let mut keys = crate::FastSet::with_capacity_and_hasher(events.len(), Default::default());
+        for (index, event) in events.into_iter().enumerate() {
+            match event {
                 Err(error) => results[index] = Some(Err(error)),
                 Ok(valid) if !keys.insert(self.in_flight.key(tenant, EVENT_SCOPE, &valid.event.event_id)) => {
                     repeated.push((index, valid))

@@ -158,6 +158,8 @@ pub struct TenantEntry {
     versions: RwLock<HashMap<(&'static str, Id), u64>>,
     /// Serialises definition changes of this tenant.
     pub write_lock: tokio::sync::Mutex<()>,
+    /// Its unary events waiting for their batch.
+    pub unary: crate::coalesce::Lane<crate::service::QueuedEvent>,
 }
 
 impl TenantEntry {
@@ -167,6 +169,7 @@ impl TenantEntry {
             catalog: RwLock::new(Arc::new(Catalog::default())),
             versions: RwLock::new(HashMap::new()),
             write_lock: tokio::sync::Mutex::new(()),
+            unary: Default::default(),
         }
     }
 

@@ -56,6 +56,8 @@ pub struct Metrics {
     pub journal_flush_seconds: Histogram,
     /// Entries per group commit.
     pub journal_batch_entries: Histogram,
+    /// Unary events recorded together in one batch.
+    pub unary_batch_events: Histogram,
 }
 
 impl Metrics {
@@ -159,6 +161,13 @@ impl Metrics {
                 HistogramOpts::new("bazaar_journal_batch_entries", "Journal entries per group commit")
                     .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0]),
             )?,
+            unary_batch_events: Histogram::with_opts(
+                HistogramOpts::new(
+                    "bazaar_unary_batch_events",
+                    "Unary events recorded together in one batch (those that arrived while the batch before ran)",
+                )
+                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1000.0]),
+            )?,
             registry,
         };
         metrics.register()?;
@@ -188,6 +197,7 @@ impl Metrics {
         r.register(Box::new(self.engagement_refreshes.clone()))?;
         r.register(Box::new(self.journal_flush_seconds.clone()))?;
         r.register(Box::new(self.journal_batch_entries.clone()))?;
+        r.register(Box::new(self.unary_batch_events.clone()))?;
         Ok(())
     }
 

@@ -434,6 +434,97 @@ async fn batches_and_streams_answer_every_event_in_order() {
     assert_eq!(events.stream_events(bad_key).await.expect_err("bad key").code(), Code::Unauthenticated);
 }
 
+/// Unary events sent at once are recorded in batches (the node gathers
+/// those that arrive together) and each is answered as if it had come
+/// alone: its own result or error, an identical retry sent beside it
+/// answered once, an id sent at once for another customer applied once,
+/// every amount counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unary_events_sent_at_once_are_batched_and_each_answered_as_if_alone() {
+    let node = Node::start(&[]);
+    let channel = channel(&node).await;
+    let (_, pos, _) = mall(&node, &channel).await;
+    const EVENTS: usize = 200;
+    let amount = |n: usize| 1_000 + n as i64;
+    let mut requests: Vec<pb::RecordEventRequest> =
+        (0..EVENTS).map(|n| purchase(&format!("u-{n}"), &format!("c-{}", n % 23), amount(n))).collect();
+    requests[50].amount_minor = None;
+    // An identical retry of event 60, and event 70's id for another customer.
+    requests.push(requests[60].clone());
+    requests.push(purchase("u-70", "c-other", 5));
+    let mut calls = tokio::task::JoinSet::new();
+    for (index, request) in requests.into_iter().enumerate() {
+        let (mut client, pos) = (EventServiceClient::new(channel.clone()), pos.clone());
+        calls.spawn(async move { (index, client.record_event(with_key(&pos, request)).await) });
+    }
+    let mut answers: Vec<Option<Result<pb::EventResult, tonic::Status>>> = (0..EVENTS + 2).map(|_| None).collect();
+    while let Some(joined) = calls.join_next().await {
+        let (index, answer) = joined.expect("the call's task");
+        answers[index] = Some(answer.map(tonic::Response::into_inner));
+    }
+    let answers: Vec<Result<pb::EventResult, tonic::Status>> =
+        answers.into_iter().map(|a| a.expect("every call answered")).collect();
+
+    for (n, answer) in answers.iter().enumerate().take(EVENTS) {
+        match (n, answer) {
+            (50, Err(status)) => {
+                assert_eq!(status.code(), Code::InvalidArgument);
+                let violations = status.get_details_bad_request().expect("field violations").field_violations;
+                assert_eq!(violations[0].field, "amount_minor");
+            }
+            (60 | 70, _) => {}
+            (_, Ok(result)) => {
+                assert_eq!(result.event_id, format!("u-{n}"));
+                assert!(!result.duplicate, "event {n} is no retry");
+                assert!(0 < result.points_earned, "event {n} earned points");
+            }
+            (_, Err(status)) => panic!("event {n}: {status:?}"),
+        }
+    }
+    let (first, retry) = (answers[60].as_ref().expect("event 60"), answers[EVENTS].as_ref().expect("its retry"));
+    assert_eq!(
+        [first.duplicate, retry.duplicate].iter().filter(|d| **d).count(),
+        1,
+        "one of the two identical requests is answered as the retry of the other"
+    );
+    assert_eq!(
+        (&first.event_id, first.points_earned, first.points_balance),
+        (&retry.event_id, retry.points_earned, retry.points_balance)
+    );
+    let other = &answers[EVENTS + 1];
+    let applied = match (&answers[70], other) {
+        (Ok(_), Err(status)) | (Err(status), Ok(_)) => {
+            assert_eq!(status.code(), Code::Aborted, "the id's other use is a conflict: {status:?}");
+            if other.is_ok() {
+                5
+            } else {
+                amount(70)
+            }
+        }
+        both => panic!("u-70 for two customers: {both:?}"),
+    };
+
+    let board = node.client(Some(&pos)).get("/v1/tenants/mall/leaderboards/lb?top=100").expect(200);
+    let total: i64 =
+        board["entries"].as_array().expect("entries").iter().map(|e| e["score"].as_i64().expect("score")).sum();
+    let expected: i64 = (0..EVENTS).filter(|n| ![50, 70].contains(n)).map(amount).sum::<i64>() + applied;
+    assert_eq!(total, expected, "every amount counted once");
+    assert_books_balance(&node.client(Some(&pos)).get("/v1/tenants/mall/jackpots/j").expect(200));
+
+    // Every valid request went through a batch, and some batch held more
+    // than one of them.
+    let scrape = node.admin().get("/metrics").text;
+    let value = |series: &str| -> f64 {
+        scrape
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{series} in\n{scrape}"))
+    };
+    let (batched, batches) = (value("bazaar_unary_batch_events_sum "), value("bazaar_unary_batch_events_count "));
+    assert_eq!(batched, (EVENTS + 2 - 1) as f64, "each valid event in one batch");
+    assert!(batches < batched, "{batches} batches for {batched} events sent at once");
+}
+
 #[test]
 fn grpcurl_lists_describes_and_calls_through_reflection() {
     let node = Node::start(&[]);

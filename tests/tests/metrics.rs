@@ -83,6 +83,7 @@ fn promtool_accepts_the_scrape_and_engagement_follows_customers() {
         "bazaar_seen_records",
         "bazaar_journal_flush_seconds",
         "bazaar_journal_batch_entries",
+        "bazaar_unary_batch_events",
         "bazaar_engagement_refreshes_total",
     ] {
         assert!(scrape.contains(&format!("# TYPE {family} ")), "{family} is missing");
