@@ -684,7 +684,8 @@ impl Service {
     }
 
     /// [`Service::record_many`] after admission: `events` were admitted
-    /// against `catalog`, the tenant's.
+    /// against the tenant's `catalog` or one before it (a store, once
+    /// defined, stays defined).
     async fn record_valid(
         &self,
         entry: &TenantEntry,

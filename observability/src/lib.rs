@@ -164,7 +164,7 @@ impl Metrics {
             unary_batch_events: Histogram::with_opts(
                 HistogramOpts::new(
                     "bazaar_unary_batch_events",
-                    "Unary events recorded together in one batch (those that arrived while the batch before ran)",
+                    "Unary events recorded together in one batch (those that arrived within one pass of the scheduler)",
                 )
                 .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1000.0]),
             )?,
