@@ -10,10 +10,11 @@
 //! A [`Lane`] gathers a tenant's unary events into such batches without a
 //! timer. The first event to find no batch gathering starts one: it
 //! spawns a task that first lets the scheduler run its other tasks once
-//! (the requests it decodes meanwhile join) and then takes everything queued. An idle
-//! node records a lone event after one pass of its scheduler; a busy one
-//! gathers the requests that arrived during that pass. Batches do not
-//! wait for one another: a new one gathers as soon as the last was taken.
+//! (the requests it decodes meanwhile join) and then takes everything
+//! queued. An idle node records a lone event after one pass of its
+//! scheduler; a busy one gathers the requests that arrived during that
+//! pass. Batches do not wait for one another: a new one gathers as soon
+//! as the last was taken.
 //!
 //! Measured (docs/performance.md): 64 unary clients, a sixth to a fifth
 //! fewer node CPU-µs per event and more events per second. The answers

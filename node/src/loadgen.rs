@@ -783,9 +783,10 @@ impl Scrape {
     /// The server's own figures for what happened between `before` and
     /// this scrape.
     fn since(&self, before: &Scrape) -> Value {
+        let ratio = |total: f64, count: f64| if 0.0 < count { total / count } else { 0.0 };
         let flushes = self.flushes - before.flushes;
         let unary_batches = self.unary_batches - before.unary_batches;
-        let per_flush = |total: f64| if 0.0 < flushes { total / flushes } else { 0.0 };
+        let per_flush = |total: f64| ratio(total, flushes);
         let grpc_mean_ms: serde_json::Map<String, Value> = self
             .grpc
             .iter()
@@ -801,10 +802,7 @@ impl Scrape {
             "entries_per_flush": per_flush(self.entries - before.entries),
             "mean_flush_ms": 1_000.0 * per_flush(self.flush_seconds - before.flush_seconds),
             "unary_batches": unary_batches,
-            "events_per_unary_batch": match 0.0 < unary_batches {
-                true => (self.unary_batched - before.unary_batched) / unary_batches,
-                false => 0.0,
-            },
+            "events_per_unary_batch": ratio(self.unary_batched - before.unary_batched, unary_batches),
             "grpc_mean_ms": grpc_mean_ms,
             "outbox_backlog": self.outbox_backlog,
         })
