@@ -520,6 +520,12 @@ pub fn default_jackpot() -> Value {
            "reserve_bps": 2000, "min_purchase_minor": 1000})
 }
 
+/// The value of the first sample line of a Prometheus scrape that starts
+/// with `series` (a name, with its labels if it has any), if present.
+pub fn metric_sample(scrape: &str, series: &str) -> Option<f64> {
+    scrape.lines().find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+}
+
 /// Checks a jackpot view's books: seeded + contributed == pool + reserve + paid.
 #[track_caller]
 pub fn assert_books_balance(jackpot: &Value) {

@@ -515,10 +515,7 @@ async fn unary_events_sent_at_once_are_batched_and_each_answered_as_if_alone() {
     // than one of them.
     let scrape = node.admin().get("/metrics").text;
     let value = |series: &str| -> f64 {
-        scrape
-            .lines()
-            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{series} in\n{scrape}"))
+        bazaar_tests::metric_sample(&scrape, series).unwrap_or_else(|| panic!("{series} in\n{scrape}"))
     };
     let (batched, batches) = (value("bazaar_unary_batch_events_sum "), value("bazaar_unary_batch_events_count "));
     assert_eq!(batched, (EVENTS + 2 - 1) as f64, "each valid event in one batch");

@@ -2,16 +2,11 @@
 //! engagement ratios follow what customers did, and no customer id ever
 //! becomes a label.
 
-use bazaar_tests::{default_jackpot, tool, Mall, Node};
+use bazaar_tests::{default_jackpot, metric_sample as sample, tool, Mall, Node};
 use serde_json::json;
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// The value of one sample line of a scrape, if present.
-fn sample(scrape: &str, series: &str) -> Option<f64> {
-    scrape.lines().find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-}
 
 #[test]
 fn promtool_accepts_the_scrape_and_engagement_follows_customers() {
