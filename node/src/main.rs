@@ -1,5 +1,6 @@
 //! The `bazaar` command: parses the command line, sets up logging and runs.
 
+use anyhow::Context;
 use bazaar_node::config::{NodeConfig, ServeArgs};
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -85,7 +86,7 @@ fn main() -> ExitCode {
                 }
             };
             bazaar_observability::init_tracing(config.log_format, &config.log);
-            finish("bazaar", system().block_on(bazaar_node::serve(config, shutdown_signal())))
+            finish("bazaar", system().block_on(async { bazaar_node::serve(config, shutdown_signal()?).await }))
         }
     }
 }
@@ -106,24 +107,20 @@ fn finish(prefix: &str, result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-/// Resolves on SIGTERM (Kubernetes, systemd) or Ctrl-C.
-async fn shutdown_signal() {
-    let interrupt = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// Resolves on SIGTERM (Kubernetes, systemd) or Ctrl-C (SIGINT). Both are
+/// caught from this call on, not from the future's first poll: the node
+/// waits for them only once it listens, and a signal before that (during
+/// recovery, or right after the ready line) would otherwise take the
+/// default action and kill it instead of stopping it cleanly. Call it
+/// within the runtime.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).context("catching SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("catching SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => {},
+            _ = interrupt.recv() => {},
         }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = interrupt => {},
-        () = terminate => {},
-    }
+    })
 }

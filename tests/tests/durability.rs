@@ -1,7 +1,8 @@
 //! Durability: an acknowledged event survives `kill -9`, retries never
 //! count twice, no jackpot is paid twice, and the books balance after
 //! recovery, for single events and batches alike. Also graceful shutdown,
-//! passivation and restart.
+//! passivation and restart, and how the process runs: its first admin key,
+//! its JSON logs, its stop on a signal.
 
 use bazaar_tests::{assert_books_balance, Mall, Node};
 use serde_json::{json, Value};
@@ -213,4 +214,14 @@ fn json_logs_carry_the_request_id_the_answer_echoes() {
         .unwrap_or_else(|| panic!("no JSON line for the tenant in:\n{log}"));
     assert_eq!(line["span"]["request_id"], request_id.as_str());
     assert_eq!(line["tenant"], "mall");
+}
+
+#[test]
+fn a_sigterm_right_after_the_ready_line_stops_the_node_cleanly() {
+    // The signal is caught from start-up on, not from when the node first
+    // waits for it: before, it took the default action and killed the node.
+    let mut node = Node::start(&[]);
+    let status = node.terminate();
+    assert!(status.success(), "{status}; the log:\n{}", node.log_tail());
+    assert!(node.log_tail().contains("shutting down: requests drained"), "{}", node.log_tail());
 }
