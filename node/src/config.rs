@@ -60,6 +60,12 @@ pub struct ServeArgs {
     /// own [default: true].
     #[arg(long, env = "BAZAAR_UNARY_BATCHING", value_name = "BOOL")]
     pub unary_batching: Option<bool>,
+    /// Let the kernel back this process's memory with transparent huge
+    /// pages where the system allows them. Off by default: a fault on a
+    /// fresh 2 MiB page (zeroing it, compacting memory to find one) holds
+    /// a request up for milliseconds [default: false].
+    #[arg(long, env = "BAZAAR_TRANSPARENT_HUGE_PAGES", value_name = "BOOL")]
+    pub transparent_huge_pages: Option<bool>,
     /// Largest request body accepted, in bytes [default: 1048576].
     #[arg(long, env = "BAZAAR_MAX_BODY_BYTES", value_name = "BYTES")]
     pub max_body_bytes: Option<usize>,
@@ -101,6 +107,7 @@ struct FileConfig {
     snapshot_every: Option<u32>,
     actor_threads: Option<usize>,
     unary_batching: Option<bool>,
+    transparent_huge_pages: Option<bool>,
     max_body_bytes: Option<usize>,
     cache_bytes: Option<u64>,
     log_format: Option<LogFormatArg>,
@@ -132,6 +139,7 @@ pub struct NodeConfig {
     pub snapshot_every: u32,
     pub actor_threads: usize,
     pub unary_batching: bool,
+    pub transparent_huge_pages: bool,
     pub max_body_bytes: usize,
     pub cache_bytes: u64,
     pub log_format: LogFormat,
@@ -183,6 +191,7 @@ impl NodeConfig {
                 .or(file.actor_threads)
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
             unary_batching: args.unary_batching.or(file.unary_batching).unwrap_or(true),
+            transparent_huge_pages: args.transparent_huge_pages.or(file.transparent_huge_pages).unwrap_or(false),
             max_body_bytes: args.max_body_bytes.or(file.max_body_bytes).unwrap_or(1 << 20),
             cache_bytes: args.cache_bytes.or(file.cache_bytes).unwrap_or(crate::storage::DEFAULT_CACHE_BYTES),
             log_format: match args.log_format.or(file.log_format) {
@@ -245,7 +254,8 @@ mod tests {
         let path = dir.path().join("bazaar.toml");
         std::fs::write(
             &path,
-            "http = \"127.0.0.1:9000\"\nidle_timeout = \"2m\"\nsnapshot_every = 10\nunary_batching = false\n",
+            "http = \"127.0.0.1:9000\"\nidle_timeout = \"2m\"\nsnapshot_every = 10\nunary_batching = false\n\
+             transparent_huge_pages = true\n",
         )
         .expect("write");
         let args = ServeArgs { config: Some(path), snapshot_every: Some(20), ..ServeArgs::default() };
@@ -255,6 +265,8 @@ mod tests {
         assert_eq!(config.snapshot_every, 20);
         assert!(!config.unary_batching, "the file turns batching off");
         assert!(NodeConfig::defaults().unary_batching, "on by default");
+        assert!(config.transparent_huge_pages, "the file turns huge pages on");
+        assert!(!NodeConfig::defaults().transparent_huge_pages, "off by default");
         assert_eq!(config.max_event_age, Duration::from_secs(7 * 24 * 3600));
     }
 

@@ -2,7 +2,7 @@
 //! count twice, no jackpot is paid twice, and the books balance after
 //! recovery, for single events and batches alike. Also graceful shutdown,
 //! passivation and restart, and how the process runs: its first admin key,
-//! its JSON logs, its stop on a signal.
+//! its JSON logs, its memory pages.
 
 use bazaar_tests::{assert_books_balance, Mall, Node};
 use serde_json::{json, Value};
@@ -224,4 +224,27 @@ fn a_sigterm_right_after_the_ready_line_stops_the_node_cleanly() {
     let status = node.terminate();
     assert!(status.success(), "{status}; the log:\n{}", node.log_tail());
     assert!(node.log_tail().contains("shutting down: requests drained"), "{}", node.log_tail());
+}
+
+/// `THP_enabled` of a process's status: whether the kernel may back its
+/// memory with transparent huge pages (`0` once it opted out).
+fn thp_enabled(pid: u32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the process's status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("THP_enabled:"))
+        .unwrap_or_else(|| panic!("the kernel reports THP_enabled (Linux 5.0 on): {status}"))
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn the_node_opts_out_of_transparent_huge_pages_unless_told_otherwise() {
+    let mut by_default = Node::start(&[]);
+    assert_eq!(thp_enabled(by_default.pid()), "0", "off by default");
+    assert!(by_default.terminate().success());
+    // Allowed, the node keeps what any process here gets: the test's own.
+    let mut allowed = Node::start(&["--transparent-huge-pages", "true"]);
+    assert_eq!(thp_enabled(allowed.pid()), thp_enabled(std::process::id()), "left as the system has it");
+    assert!(allowed.terminate().success());
 }
