@@ -51,6 +51,13 @@ pub struct LoadgenArgs {
     /// open loop: at most this many requests in flight, so give it room).
     #[arg(long, default_value_t = 64)]
     pub clients: usize,
+    /// gRPC (HTTP/2) connections the clients take in turn, at most one
+    /// per client (`--clients`: tills each with their own). One
+    /// connection carries many requests per read and write; here 64
+    /// connections cost Bazaar and the no-op server alike a fifth to a
+    /// third of their unary rate (docs/performance.md).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub connections: usize,
     /// Open loop: this many events per second in all, whatever the answers.
     #[arg(long)]
     pub rate: Option<u32>,
@@ -187,8 +194,34 @@ struct Shared {
 }
 
 enum Transport {
-    Grpc(Channel),
+    /// Connections to the node; client `n` takes connection `n` modulo
+    /// their number (set-up and verification the first).
+    Grpc(Vec<Channel>),
     Http(ureq::Agent, String),
+}
+
+impl Transport {
+    /// What client `n` sends over.
+    fn for_client(&self, n: usize) -> Transport {
+        match self {
+            Transport::Grpc(channels) => Transport::Grpc(vec![channels[n % channels.len()].clone()]),
+            Transport::Http(agent, url) => Transport::Http(agent.clone(), url.clone()),
+        }
+    }
+}
+
+/// `count` connections to the gRPC API at `address`, made at once.
+async fn connect(address: &str, count: usize) -> anyhow::Result<Vec<Channel>> {
+    let endpoint = Channel::from_shared(format!("http://{address}"))?;
+    futures_util::future::try_join_all((0..count.max(1)).map(|_| endpoint.connect()))
+        .await
+        .with_context(|| format!("cannot reach the node's gRPC API at {address}"))
+}
+
+/// The connections `args` asks for: `--connections`, at most one per
+/// client.
+fn connections(args: &LoadgenArgs) -> usize {
+    args.connections.clamp(1, args.clients.max(1))
 }
 
 /// A run's id, in its tenant's name (`--setup`) and every event id it
@@ -204,6 +237,9 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     if args.clients == 0 || args.batch == 0 || 1_000 < args.batch {
         bail!("--clients must be at least 1 and --batch between 1 and 1000");
     }
+    if args.connections == 0 {
+        bail!("--connections must be at least 1");
+    }
     if args.verify && !args.setup {
         bail!("--verify needs --setup: it recomputes what a tenant it made should hold");
     }
@@ -211,12 +247,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     let tenant = if args.setup { format!("{}-{run_id}", args.tenant) } else { args.tenant.clone() };
     let transport = match &args.http {
         Some(url) => Transport::Http(ureq::AgentBuilder::new().timeout(Duration::from_secs(30)).build(), url.clone()),
-        None => Transport::Grpc(
-            Channel::from_shared(format!("http://{}", args.grpc))?
-                .connect()
-                .await
-                .with_context(|| format!("cannot reach the node's gRPC API at {}", args.grpc))?,
-        ),
+        None => Transport::Grpc(connect(&args.grpc, connections(&args)).await?),
     };
     let pos_key = if args.setup { set_up(&transport, &args, &tenant).await? } else { args.admin_key.clone() };
 
@@ -286,11 +317,7 @@ async fn drive(
             run_id: run_id.to_owned(),
             started,
         };
-        let transport = match transport {
-            Transport::Grpc(channel) => Transport::Grpc(channel.clone()),
-            Transport::Http(agent, url) => Transport::Http(agent.clone(), url.clone()),
-        };
-        clients.spawn(context.run(transport));
+        clients.spawn(context.run(transport.for_client(client)));
     }
     let ticker = {
         let (shared, progress) = (shared.clone(), progress.clone());
@@ -331,6 +358,7 @@ pub async fn ceiling(grpc: &str, clients: usize, batch: usize, duration: Duratio
         setup: false,
         tenant: "ceiling".into(),
         clients,
+        connections: 1,
         rate: None,
         duration,
         events: None,
@@ -343,7 +371,7 @@ pub async fn ceiling(grpc: &str, clients: usize, batch: usize, duration: Duratio
         no_jackpot: true,
         metrics: None,
     };
-    let transport = Transport::Grpc(Channel::from_shared(format!("http://{grpc}"))?.connect().await?);
+    let transport = Transport::Grpc(connect(grpc, connections(&args)).await?);
     let (shared, elapsed) = drive(&args, &transport, "ceiling", "", "ceiling", &ProgressBar::hidden()).await?;
     let errors = shared.errors.lock().await;
     if !errors.is_empty() {
@@ -381,7 +409,9 @@ impl Client {
         let deadline = self.started + self.args.duration;
         let interval = self.args.rate.map(|rate| Duration::from_secs_f64(self.args.batch as f64 / f64::from(rate)));
         let mut stream = match &transport {
-            Transport::Grpc(channel) if 1 < self.args.batch => Some(open_stream(channel.clone(), &self.key).await?),
+            Transport::Grpc(channels) if 1 < self.args.batch => {
+                Some(open_stream(channels[0].clone(), &self.key).await?)
+            }
             _ => None,
         };
         loop {
@@ -410,8 +440,8 @@ impl Client {
             self.shared.sent.fetch_add(events.len() as u64, Ordering::Relaxed);
             let results = match (&transport, stream.as_mut()) {
                 (Transport::Grpc(_), Some(stream)) => stream.send(&self.tenant, &events).await,
-                (Transport::Grpc(channel), None) => {
-                    unary_grpc(channel.clone(), &self.key, &self.tenant, &events[0]).await
+                (Transport::Grpc(channels), None) => {
+                    unary_grpc(channels[0].clone(), &self.key, &self.tenant, &events[0]).await
                 }
                 (Transport::Http(agent, url), _) => {
                     http(agent.clone(), url, &self.key, &self.tenant, events.clone()).await
@@ -623,7 +653,8 @@ async fn set_up(transport: &Transport, args: &LoadgenArgs, tenant: &str) -> anyh
             })
             .await?
         }
-        Transport::Grpc(channel) => {
+        Transport::Grpc(channels) => {
+            let channel = &channels[0];
             let mut tenants = pb::tenant_service_client::TenantServiceClient::new(channel.clone());
             let mut catalog = pb::catalog_service_client::CatalogServiceClient::new(channel.clone());
             let t = tenant.to_owned();
@@ -716,6 +747,7 @@ async fn report(
         "transport": if args.http.is_some() { "http" } else { "grpc" },
         "mode": if args.rate.is_some() { "open" } else { "closed" },
         "clients": args.clients,
+        "connections": if args.http.is_some() { Value::Null } else { connections(args).into() },
         "rate": args.rate,
         "batch": args.batch,
         "tenant": tenant,
@@ -811,8 +843,13 @@ impl Scrape {
 
 fn print_table(report: &Value) {
     let latency = &report["latency_ms"];
+    let connections = match report["connections"].as_u64() {
+        Some(1) => ", 1 connection".to_owned(),
+        Some(n) => format!(", {n} connections"),
+        None => String::new(),
+    };
     println!(
-        "{:<22} {} ({}, {} clients, batch {})",
+        "{:<22} {} ({}, {} clients{connections}, batch {})",
         "transport",
         report["transport"].as_str().unwrap_or("?"),
         report["mode"].as_str().unwrap_or("?"),
@@ -879,7 +916,8 @@ async fn verify(transport: &Transport, args: &LoadgenArgs, tenant: &str, shared:
             })
             .await??
         }
-        Transport::Grpc(channel) => {
+        Transport::Grpc(channels) => {
+            let channel = &channels[0];
             let mut games = pb::game_service_client::GameServiceClient::new(channel.clone());
             let mut customers = pb::customer_service_client::CustomerServiceClient::new(channel.clone());
             let jackpot = if args.no_jackpot {

@@ -36,12 +36,19 @@ fn loadgen_measures_and_verifies_over_every_transport() {
     for (extra, transport, mode) in [
         (vec!["--clients", "8"], "grpc", "closed"),
         (vec!["--clients", "2", "--batch", "50"], "grpc", "closed"),
+        (vec!["--clients", "4", "--connections", "3"], "grpc", "closed"),
         (vec!["--http", &http, "--clients", "4", "--rate", "200"], "http", "open"),
         (vec!["--http", &http, "--clients", "2", "--batch", "20"], "http", "closed"),
     ] {
         let report = loadgen(&node, &extra);
         assert_eq!(report["transport"], transport, "{report}");
         assert_eq!(report["mode"], mode, "{report}");
+        let connections = match (transport, extra.iter().position(|a| *a == "--connections")) {
+            ("grpc", Some(at)) => serde_json::json!(extra[at + 1].parse::<u64>().expect("a count")),
+            ("grpc", None) => serde_json::json!(1),
+            _ => serde_json::Value::Null,
+        };
+        assert_eq!(report["connections"], connections, "{report}");
         assert!(0 < report["sent"].as_u64().expect("sent"), "{report}");
         assert_eq!(report["sent"], report["acknowledged"], "{report}");
         assert_eq!(report["errors"], serde_json::json!({}), "{report}");
