@@ -53,9 +53,9 @@ pub struct LoadgenArgs {
     pub clients: usize,
     /// gRPC (HTTP/2) connections the clients take in turn, at most one
     /// per client (`--clients`: tills each with their own). One
-    /// connection carries many requests per read and write; here 64
-    /// connections cost Bazaar and the no-op server alike a fifth to a
-    /// third of their unary rate (docs/performance.md).
+    /// connection carries many requests per read and write: here 64
+    /// connections took 10–40 % off the unary rate of Bazaar and of the
+    /// no-op server alike (docs/performance.md).
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub connections: usize,
     /// Open loop: this many events per second in all, whatever the answers.
