@@ -193,29 +193,21 @@ struct Shared {
     won_minor: AtomicU64,
 }
 
+#[derive(Clone)]
 enum Transport {
-    /// Connections to the node; client `n` takes connection `n` modulo
-    /// their number (set-up and verification the first).
-    Grpc(Vec<Channel>),
+    Grpc(Channel),
     Http(ureq::Agent, String),
 }
 
-impl Transport {
-    /// What client `n` sends over.
-    fn for_client(&self, n: usize) -> Transport {
-        match self {
-            Transport::Grpc(channels) => Transport::Grpc(vec![channels[n % channels.len()].clone()]),
-            Transport::Http(agent, url) => Transport::Http(agent.clone(), url.clone()),
-        }
-    }
-}
-
-/// `count` connections to the gRPC API at `address`, made at once.
-async fn connect(address: &str, count: usize) -> anyhow::Result<Vec<Channel>> {
+/// `count` connections to the gRPC API at `address`, made at once: client
+/// `n` sends over the `n`th modulo their number, set-up and verification
+/// over the first.
+async fn connect(address: &str, count: usize) -> anyhow::Result<Vec<Transport>> {
     let endpoint = Channel::from_shared(format!("http://{address}"))?;
-    futures_util::future::try_join_all((0..count.max(1)).map(|_| endpoint.connect()))
+    let channels = futures_util::future::try_join_all((0..count.max(1)).map(|_| endpoint.connect()))
         .await
-        .with_context(|| format!("cannot reach the node's gRPC API at {address}"))
+        .with_context(|| format!("cannot reach the node's gRPC API at {address}"))?;
+    Ok(channels.into_iter().map(Transport::Grpc).collect())
 }
 
 /// The connections `args` asks for: `--connections`, at most one per
@@ -245,11 +237,22 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     }
     let run_id = new_run_id();
     let tenant = if args.setup { format!("{}-{run_id}", args.tenant) } else { args.tenant.clone() };
-    let transport = match &args.http {
-        Some(url) => Transport::Http(ureq::AgentBuilder::new().timeout(Duration::from_secs(30)).build(), url.clone()),
-        None => Transport::Grpc(connect(&args.grpc, connections(&args)).await?),
+    let transports = match &args.http {
+        // One agent, keeping a connection alive per client: by default
+        // ureq keeps one per host, and every other request in flight
+        // opened a connection of its own and closed it after the answer.
+        Some(url) => {
+            let agent = ureq::AgentBuilder::new()
+                .timeout(Duration::from_secs(30))
+                .max_idle_connections(args.clients)
+                .max_idle_connections_per_host(args.clients)
+                .build();
+            vec![Transport::Http(agent, url.clone())]
+        }
+        None => connect(&args.grpc, connections(&args)).await?,
     };
-    let pos_key = if args.setup { set_up(&transport, &args, &tenant).await? } else { args.admin_key.clone() };
+    let transport = &transports[0];
+    let pos_key = if args.setup { set_up(transport, &args, &tenant).await? } else { args.admin_key.clone() };
 
     // The server's counters before the run: the report gives what this run
     // added, not what the node did since it started.
@@ -258,7 +261,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
         None => None,
     };
     let progress = progress_bar(&args);
-    let (shared, elapsed) = drive(&args, &transport, &tenant, &pos_key, &run_id, &progress).await?;
+    let (shared, elapsed) = drive(&args, &transports, &tenant, &pos_key, &run_id, &progress).await?;
     progress.finish_and_clear();
 
     let server = match (&args.metrics, before) {
@@ -272,7 +275,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     let report = report(&args, &shared, elapsed, &tenant, server).await?;
     print_table(&report);
     if args.verify {
-        let verdict = verify(&transport, &args, &tenant, &shared).await?;
+        let verdict = verify(transport, &args, &tenant, &shared).await?;
         println!("verify: {verdict}");
     }
     if let Some(path) = &args.report {
@@ -289,7 +292,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
 /// client.
 async fn drive(
     args: &LoadgenArgs,
-    transport: &Transport,
+    transports: &[Transport],
     tenant: &str,
     key: &str,
     run_id: &str,
@@ -317,7 +320,7 @@ async fn drive(
             run_id: run_id.to_owned(),
             started,
         };
-        clients.spawn(context.run(transport.for_client(client)));
+        clients.spawn(context.run(transports[client % transports.len()].clone()));
     }
     let ticker = {
         let (shared, progress) = (shared.clone(), progress.clone());
@@ -371,8 +374,8 @@ pub async fn ceiling(grpc: &str, clients: usize, batch: usize, duration: Duratio
         no_jackpot: true,
         metrics: None,
     };
-    let transport = Transport::Grpc(connect(grpc, connections(&args)).await?);
-    let (shared, elapsed) = drive(&args, &transport, "ceiling", "", "ceiling", &ProgressBar::hidden()).await?;
+    let transports = connect(grpc, connections(&args)).await?;
+    let (shared, elapsed) = drive(&args, &transports, "ceiling", "", "ceiling", &ProgressBar::hidden()).await?;
     let errors = shared.errors.lock().await;
     if !errors.is_empty() {
         bail!("the no-op server answered errors: {errors:?}");
@@ -409,9 +412,7 @@ impl Client {
         let deadline = self.started + self.args.duration;
         let interval = self.args.rate.map(|rate| Duration::from_secs_f64(self.args.batch as f64 / f64::from(rate)));
         let mut stream = match &transport {
-            Transport::Grpc(channels) if 1 < self.args.batch => {
-                Some(open_stream(channels[0].clone(), &self.key).await?)
-            }
+            Transport::Grpc(channel) if 1 < self.args.batch => Some(open_stream(channel.clone(), &self.key).await?),
             _ => None,
         };
         loop {
@@ -440,8 +441,8 @@ impl Client {
             self.shared.sent.fetch_add(events.len() as u64, Ordering::Relaxed);
             let results = match (&transport, stream.as_mut()) {
                 (Transport::Grpc(_), Some(stream)) => stream.send(&self.tenant, &events).await,
-                (Transport::Grpc(channels), None) => {
-                    unary_grpc(channels[0].clone(), &self.key, &self.tenant, &events[0]).await
+                (Transport::Grpc(channel), None) => {
+                    unary_grpc(channel.clone(), &self.key, &self.tenant, &events[0]).await
                 }
                 (Transport::Http(agent, url), _) => {
                     http(agent.clone(), url, &self.key, &self.tenant, events.clone()).await
@@ -653,8 +654,7 @@ async fn set_up(transport: &Transport, args: &LoadgenArgs, tenant: &str) -> anyh
             })
             .await?
         }
-        Transport::Grpc(channels) => {
-            let channel = &channels[0];
+        Transport::Grpc(channel) => {
             let mut tenants = pb::tenant_service_client::TenantServiceClient::new(channel.clone());
             let mut catalog = pb::catalog_service_client::CatalogServiceClient::new(channel.clone());
             let t = tenant.to_owned();
@@ -916,8 +916,7 @@ async fn verify(transport: &Transport, args: &LoadgenArgs, tenant: &str, shared:
             })
             .await??
         }
-        Transport::Grpc(channels) => {
-            let channel = &channels[0];
+        Transport::Grpc(channel) => {
             let mut games = pb::game_service_client::GameServiceClient::new(channel.clone());
             let mut customers = pb::customer_service_client::CustomerServiceClient::new(channel.clone());
             let jackpot = if args.no_jackpot {
