@@ -18,14 +18,15 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use std::io::IsTerminal;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// `bazaar demo` flags.
 #[derive(Args, Debug, Clone)]
 pub struct DemoArgs {
-    /// How long the shoppers shop.
+    /// How long the shoppers shop (Ctrl-C ends it early: the summary
+    /// follows and the node stops cleanly, its temporary data with it).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
     /// Events per second the shoppers send (open loop).
@@ -60,6 +61,22 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     if args.customers == 0 {
         bail!("--customers: must be at least 1");
     }
+    // Ctrl-C from here on ends the shopping early and stops the node
+    // cleanly, so that its temporary data directory goes with it (the
+    // signal's default action killed the process and left it behind).
+    let mut ctrl_c =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).context("catching Ctrl-C")?;
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let (pressed, mut presses) = tokio::sync::watch::channel(0u32);
+    tokio::spawn({
+        let interrupted = interrupted.clone();
+        async move {
+            while ctrl_c.recv().await.is_some() {
+                interrupted.store(true, Ordering::SeqCst);
+                pressed.send_modify(|count| *count += 1);
+            }
+        }
+    });
     let data = tempfile::Builder::new().prefix("bazaar-demo-").tempdir().context("creating a temporary directory")?;
     let admin = format!("demo-admin-{}", hex::encode(rand::random::<[u8; 16]>()));
     let config = NodeConfig {
@@ -88,14 +105,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     .await??;
 
     let outcome = tokio::task::spawn_blocking({
-        let (mall, args) = (Arc::new(mall), args.clone());
-        move || shop(&mall, &args).map(|summary| (mall, summary))
+        let (mall, args, interrupted) = (Arc::new(mall), args.clone(), interrupted.clone());
+        move || shop(&mall, &args, &interrupted).map(|summary| (mall, summary))
     })
     .await?;
     let (mall, summary) = outcome?;
     println!("{summary}");
 
-    if args.keep {
+    presses.mark_unchanged();
+    if args.keep && !interrupted.load(Ordering::SeqCst) {
         println!();
         println!("The demo node keeps running (Ctrl-C stops it):");
         println!("  HTTP API      {base}/v1   (docs/api.md)");
@@ -105,7 +123,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         println!("  pos key       {}", mall.pos);
         println!("  display key   {}", mall.display);
         println!("  data          {}", data.path().display());
-        let _ = tokio::signal::ctrl_c().await;
+        let _ = presses.changed().await;
     }
     let _ = stop.send(());
     node.await.context("joining the demo node")??;
@@ -200,9 +218,10 @@ struct Counters {
     spins: AtomicU64,
 }
 
-/// Drives shoppers for the duration while showing the mall live; returns
+/// Drives shoppers for the duration (or until `interrupted`) while
+/// showing the mall live; returns
 /// the closing summary.
-fn shop(mall: &Mall, args: &DemoArgs) -> anyhow::Result<String> {
+fn shop(mall: &Mall, args: &DemoArgs, interrupted: &Arc<AtomicBool>) -> anyhow::Result<String> {
     let counters = Arc::new(Counters::default());
     let started = Instant::now();
     let deadline = started + args.duration;
@@ -212,7 +231,7 @@ fn shop(mall: &Mall, args: &DemoArgs) -> anyhow::Result<String> {
     let next_slot = Arc::new(AtomicU64::new(0));
     let mut threads = Vec::new();
     for worker in 0..workers {
-        let (counters, next_slot) = (counters.clone(), next_slot.clone());
+        let (counters, next_slot, interrupted) = (counters.clone(), next_slot.clone(), interrupted.clone());
         let (base, pos) = (mall.base.clone(), mall.pos.clone());
         let customers = args.customers;
         threads.push(std::thread::spawn(move || {
@@ -222,7 +241,7 @@ fn shop(mall: &Mall, args: &DemoArgs) -> anyhow::Result<String> {
             loop {
                 let slot = next_slot.fetch_add(1, Ordering::Relaxed);
                 let due = started + interval.mul_f64(slot as f64);
-                if deadline <= due {
+                if deadline <= due || interrupted.load(Ordering::SeqCst) {
                     return;
                 }
                 if let Some(wait) = due.checked_duration_since(Instant::now()) {
@@ -269,7 +288,7 @@ fn shop(mall: &Mall, args: &DemoArgs) -> anyhow::Result<String> {
     let mut hits_seen = 0u64;
     let mut last = (Instant::now(), 0u64);
     let mut hits_log: Vec<String> = Vec::new();
-    while Instant::now() < deadline {
+    while Instant::now() < deadline && !interrupted.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(250));
         let jackpot = call(&agent, "GET", &format!("{api}/jackpots/j-mall"), &mall.display, None)?;
         let board = call(&agent, "GET", &format!("{api}/leaderboards/lb-spend?top=10"), &mall.display, None)?;
@@ -319,7 +338,11 @@ fn shop(mall: &Mall, args: &DemoArgs) -> anyhow::Result<String> {
         euros(books["paid_minor"].as_i64().unwrap_or(0)),
         jackpot["cycle"].as_u64().unwrap_or(1) - 1,
         if balanced { "balance" } else { "DO NOT BALANCE" },
-    ))
+    ) + &if interrupted.load(Ordering::SeqCst) {
+        format!(" (interrupted after {elapsed:.1} s)")
+    } else {
+        String::new()
+    })
 }
 
 fn euros(minor: i64) -> String {
