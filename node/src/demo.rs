@@ -219,8 +219,7 @@ struct Counters {
 }
 
 /// Drives shoppers for the duration (or until `interrupted`) while
-/// showing the mall live; returns
-/// the closing summary.
+/// showing the mall live; returns the closing summary.
 fn shop(mall: &Mall, args: &DemoArgs, interrupted: &Arc<AtomicBool>) -> anyhow::Result<String> {
     let counters = Arc::new(Counters::default());
     let started = Instant::now();
