@@ -11,6 +11,9 @@
 #   stop_node [SIGNAL]
 #       Sends SIGNAL (TERM by default) to the node and waits until it has
 #       exited; nothing if none runs.
+#   tenant_of REPORT
+#       Prints the tenant of a `bazaar loadgen` JSON report (the one its
+#       --setup made).
 #
 # A script's EXIT trap calls stop_node, so that no node outlives it.
 
@@ -48,4 +51,8 @@ stop_node() {
     kill "-${1:-TERM}" "$node_pid" 2>/dev/null || true
     wait "$node_pid" 2>/dev/null || true
     node_pid=""
+}
+
+tenant_of() {
+    python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["tenant"])' "$1"
 }
