@@ -28,11 +28,12 @@
 //!    [`Indexer`]), write the indexes derived from its entries (the audit,
 //!    and the seen ids in the [`crate::seen`] index's memtable, durable
 //!    once a run holds them), release its idempotency records, and do
-//!    some background work: write queued snapshots, move the checkpoint
-//!    once the snapshots queued before it are written, delete segments
-//!    below it. While entries come in, background work takes at most a
-//!    tenth of the writer's time, so a checkpoint's hundred thousand
-//!    snapshots do not hold answers up;
+//!    some background work: write queued snapshots, and once the
+//!    snapshots queued before a checkpoint are written, hand it to the
+//!    checkpoint thread, which syncs sled, records it, syncs again and
+//!    deletes the segments below it. While entries come in, background
+//!    work takes at most a tenth of the writer's time, so a checkpoint's
+//!    hundred thousand snapshots do not hold answers up;
 //! 4. once the batch is durable, the flusher publishes its ticket and
 //!    releases whoever waited (the writer learns it too); the batch's own
 //!    work on sled is done in the next commit, or at once if none comes.
@@ -55,7 +56,7 @@ use bazaar_observability::Metrics;
 use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
@@ -550,9 +551,9 @@ struct Writer {
     spare_ops: Vec<(Ticket, Op)>,
     /// Appends and syncs batches on a thread of its own.
     flusher: Flusher,
-    /// Deletes the segments below a durable checkpoint on a thread of its
-    /// own.
-    trimmer: Trimmer,
+    /// Moves the checkpoint, and deletes the segments below it, on a
+    /// thread of its own.
+    checkpointer: Checkpointer,
     metrics: Arc<Metrics>,
     shared: Arc<Shared>,
     /// The number the next batch gets.
@@ -653,7 +654,7 @@ impl Writer {
             spare_ops: Vec::new(),
             indexer: Indexer::writing(&store)?,
             flusher: Flusher::start(appender, shared.clone())?,
-            trimmer: Trimmer::start(store.journal_dir.clone())?,
+            checkpointer: Checkpointer::start(store.clone())?,
             store,
             metrics,
             shared,
@@ -827,15 +828,20 @@ impl Writer {
     /// A commit's work on sled, once its batch is durable (so that nothing
     /// sled makes durable on its own, every half second, refers to a batch
     /// a crash could still take): acknowledged outbox messages, queued
-    /// snapshots, the checkpoint, the indexes derived from the entries,
-    /// then the replies that wait for them.
+    /// snapshots, the indexes derived from the entries, the checkpoint's
+    /// request, then the replies that wait for them.
     ///
-    /// Writes go in the order snapshots, carried outbox messages,
-    /// checkpoint, this batch's indexes, the mark of the first batch to
-    /// index again: sled persists its writes in order, so every prefix a
-    /// crash can leave is consistent, and recovery indexes again from the
-    /// mark on (see [`REDO_KEY`]).
+    /// Writes go in the order snapshots, carried outbox messages, this
+    /// batch's indexes, the mark of the first batch to index again, and
+    /// only after a sync of all of them, on the checkpoint thread, the
+    /// checkpoint they allow: sled persists its writes in order, so every
+    /// prefix a crash can leave is consistent (one with the checkpoint has
+    /// everything it relies on, one without it has the segments below it),
+    /// and recovery indexes again from the mark on (see [`REDO_KEY`]).
     fn apply(&mut self, commit: Deferred) -> StorageResult<()> {
+        if let Some(error) = self.checkpointer.failure() {
+            return Err(error);
+        }
         let Deferred { started, batch, entries, last_ticket, ops, next_seq } = commit;
         let mut settle = false;
         let mut replies = Vec::new();
@@ -881,16 +887,7 @@ impl Writer {
             (true, false) => 0,
             (_, all) => self.indexer.before_flush(&self.store, &entries, all)?,
         };
-        if let Some(upto) = checkpoint {
-            // Recovery reads from the checkpoint on: the batches below it are
-            // garbage from now on. The snapshots it relies on are made
-            // durable first: sled may write the checkpoint's log record out
-            // at any time, and a snapshot large enough for a blob file of
-            // its own is synced only by a flush (a power cut in between
-            // would keep the checkpoint and lose the snapshot).
-            self.store.flush()?;
-            self.store.meta.insert(CHECKPOINT_KEY, &upto.to_be_bytes())?;
-            self.trim_below = self.trim_below.max(upto);
+        if checkpoint.is_some() {
             self.checkpointed_at = started;
         }
         if let Some(batch) = batch {
@@ -904,11 +901,15 @@ impl Writer {
             self.shared.indexed.send_replace(ticket);
         }
         if let Some(upto) = checkpoint {
-            // The segments below the checkpoint go once it is durable, with
-            // every snapshot and index it relies on.
-            self.store.flush()?;
-            self.trimmer.trim(upto, checkpointed);
+            // Every snapshot and carried message it relies on is in sled
+            // now (and the indexes of every batch below it were written
+            // before its marker was answered): the checkpoint thread makes
+            // them durable, then the checkpoint, then deletes the segments.
+            self.checkpointer.request(upto, checkpointed);
         }
+        // The batches a node before the segment files left in sled go
+        // only below a durable checkpoint.
+        self.trim_below = self.trim_below.max(self.checkpointer.durable_since());
         self.trim(&budget)?;
         self.credit = budget.left();
         self.shared.snapshot_backlog.store(self.snapshots.len(), Ordering::Relaxed);
@@ -1057,35 +1058,69 @@ enum Reply {
     Marker(oneshot::Sender<u64>, u64),
 }
 
-/// Deletes the segments below each durable checkpoint, then answers its
-/// waiters, on a thread of its own: unlinking 64 MiB segments took the
-/// writer 110-140 ms, during which no commit was made (under an open loop
-/// at 9,000 events/s, the second of each checkpoint had a p50 of 80 ms).
-/// A segment it fails to delete stays for the next checkpoint, or the
-/// next start, to delete: the checkpoint itself is durable.
-struct Trimmer {
+/// Moves the checkpoint on a thread of its own: syncs sled (the snapshots
+/// and carried outbox messages the checkpoint relies on), records the
+/// checkpoint, syncs sled again, then deletes the segments below it and
+/// answers whoever asked. Neither the syncs nor the deletions are on the
+/// writer's thread, where each held every commit, and so every answer, up:
+/// unlinking 64 MiB segments took 110-140 ms (under an open loop at 9,000
+/// events/s, the second of each checkpoint had a p50 of 80 ms), and the
+/// syncs as long as sled took to write out half a minute of snapshots (the
+/// open loop's worst second was still a checkpoint's, docs/performance.md).
+/// A segment it fails to delete stays for the next checkpoint, or the next
+/// start, to delete: the checkpoint itself is durable.
+struct Checkpointer {
     requests: Option<std::sync::mpsc::Sender<(u64, Vec<oneshot::Sender<()>>)>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// The newest checkpoint made durable since the writer last looked (0:
+    /// none): the batches a node before the segment files left in sled's
+    /// tree below it may go ([`Writer::trim`]).
+    durable: Arc<AtomicU64>,
+    /// Why the thread stopped, for the writer to fail with.
+    failure: Arc<Mutex<Option<StorageError>>>,
 }
 
-impl Trimmer {
-    fn start(dir: std::path::PathBuf) -> StorageResult<Self> {
+impl Checkpointer {
+    fn start(store: Store) -> StorageResult<Self> {
         let (requests, requested) = std::sync::mpsc::channel::<(u64, Vec<oneshot::Sender<()>>)>();
+        let durable = Arc::new(AtomicU64::new(0));
+        let failure = Arc::new(Mutex::new(None));
+        let (published, failed) = (durable.clone(), failure.clone());
         let thread = std::thread::Builder::new()
-            .name("journal-trimmer".into())
+            .name("checkpointer".into())
             .spawn(move || {
-                crate::background_thread();
-                for (below, waiters) in requested {
+                for (upto, waiters) in requested {
                     let started = Instant::now();
-                    match wal::trim(&dir, below) {
+                    // Recovery reads from the checkpoint on: the batches
+                    // below it are garbage once it is durable. The
+                    // snapshots it relies on are made durable first: sled
+                    // may write the checkpoint's log record out at any
+                    // time, and a snapshot large enough for a blob file of
+                    // its own is synced only by a flush (a power cut in
+                    // between would keep the checkpoint and lose the
+                    // snapshot).
+                    let moved = store
+                        .flush()
+                        .and_then(|()| Ok(store.meta.insert(CHECKPOINT_KEY, &upto.to_be_bytes()).map(drop)?))
+                        .and_then(|()| store.flush());
+                    if let Err(error) = moved {
+                        tracing::error!(%error, upto, "moving the journal's checkpoint failed");
+                        *failed.lock() = Some(error);
+                        // The waiters hear that the writer is gone.
+                        return;
+                    }
+                    published.fetch_max(upto, Ordering::Relaxed);
+                    let synced_ms = started.elapsed().as_millis() as u64;
+                    match wal::trim(&store.journal_dir, upto) {
                         Ok(deleted) => tracing::debug!(
                             deleted,
-                            below,
+                            upto,
+                            synced_ms,
                             elapsed_ms = started.elapsed().as_millis() as u64,
-                            "journal segments below the checkpoint deleted"
+                            "journal checkpoint moved and the segments below it deleted"
                         ),
                         Err(error) => {
-                            tracing::warn!(%error, below, "deleting journal segments below the checkpoint failed")
+                            tracing::warn!(%error, upto, "deleting journal segments below the checkpoint failed")
                         }
                     }
                     for waiter in waiters {
@@ -1093,23 +1128,34 @@ impl Trimmer {
                     }
                 }
             })
-            .map_err(|e| StorageError::Unavailable(format!("starting the journal's trimming thread: {e}")))?;
-        Ok(Self { requests: Some(requests), thread: Some(thread) })
+            .map_err(|e| StorageError::Unavailable(format!("starting the journal's checkpoint thread: {e}")))?;
+        Ok(Self { requests: Some(requests), thread: Some(thread), durable, failure })
     }
 
-    /// Deletes the segments below `below` (a durable checkpoint), then
-    /// answers `waiters`.
-    fn trim(&self, below: u64, waiters: Vec<oneshot::Sender<()>>) {
+    /// Moves the checkpoint to `upto` (every batch below it is covered by
+    /// snapshots written to sled), then answers `waiters`.
+    fn request(&self, upto: u64, waiters: Vec<oneshot::Sender<()>>) {
         if let Some(requests) = &self.requests {
-            // Its thread ends only once this sender is dropped.
-            let _ = requests.send((below, waiters));
+            // Its thread ends only once this sender is dropped, or on a
+            // failure, which the writer learns from `failure`.
+            let _ = requests.send((upto, waiters));
         }
+    }
+
+    /// The newest checkpoint made durable since the last call (0: none).
+    fn durable_since(&self) -> u64 {
+        self.durable.swap(0, Ordering::Relaxed)
+    }
+
+    /// Why the thread stopped, if it failed (once).
+    fn failure(&self) -> Option<StorageError> {
+        self.failure.lock().take()
     }
 }
 
-impl Drop for Trimmer {
-    /// Waits for the deletions asked for (a checkpoint at shutdown is
-    /// answered once its segments are gone).
+impl Drop for Checkpointer {
+    /// Waits for the checkpoints asked for (one asked for at shutdown is
+    /// answered once it is durable and its segments are gone).
     fn drop(&mut self) {
         drop(self.requests.take());
         if let Some(thread) = self.thread.take() {
@@ -1839,10 +1885,10 @@ mod tests {
         let (ops, _after): (Vec<_>, Vec<_>) = (1_000..1_000 + SNAPSHOT_SLICE).map(snapshot).unzip();
         writer.commit_now(ops);
         assert_eq!(store.snapshots.len(), 2 * SNAPSHOT_SLICE);
-        assert!(checkpointed(&store) && !writer.snapshots.is_empty());
-        assert_eq!(read_checkpoint(&store).expect("read"), 1);
+        assert!(!writer.snapshots.is_empty());
         assert!(before.iter_mut().skip(SNAPSHOT_SLICE).all(|w| w.try_recv().is_ok()));
-        // The trimmer thread answers, once the segments below it are gone.
+        // The checkpoint thread records it, then answers, once the
+        // segments below it are gone.
         let deadline = Instant::now() + Duration::from_secs(30);
         let heard = loop {
             match checkpoint.try_recv() {
@@ -1852,6 +1898,8 @@ mod tests {
             }
         };
         assert!(heard, "its waiter hears it moved");
+        assert!(checkpointed(&store));
+        assert_eq!(read_checkpoint(&store).expect("read"), 1);
         // The barrier fires in the commit that reaches it, and costs no
         // room in the slice.
         assert!(barrier_written.try_recv().is_ok());
