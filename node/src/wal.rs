@@ -33,27 +33,19 @@
 //!
 //! **Durability.** [`Appender::sync`] writes the records appended since
 //! the last one as whole blocks, with `O_DIRECT | O_DSYNC` into a segment
-//! whose blocks were all written beforehand (or through the page cache and then
+//! filled with zeros beforehand (or through the page cache and then
 //! `fdatasync`, where the file system has no `O_DIRECT`); see
 //! [`Appender`]. The first sync of a new segment syncs the directory too,
 //! so that its name survives a crash. Nothing here is acknowledged before
-//! that. A segment's records are followed by zeros, or by the older records
-//! of a segment used again (below), which end it like a record cut by a
-//! crash: their batch numbers are below its first.
+//! that. A segment's records are followed by zeros, which end it like a
+//! record cut by a crash.
 //! [`read_from`] syncs the newest segment before it returns: after
 //! `kill -9` its last record may be whole in the page cache but not on
 //! disk, and the next writer builds on it.
 //!
 //! **Trimming.** A segment goes whole, once the next segment begins at or
 //! below the checkpoint (every batch in it is covered by snapshots; see
-//! [`crate::journal`]) and that checkpoint is durable in sled. It is kept,
-//! renamed `<random>.recycled`, until the next trim (which deletes those
-//! not used by then), and a new segment is one of them when there is
-//! one, written over instead of prepared: preparing wrote 64 MiB of zeros per segment, half
-//! of what the journal wrote under load and queued ahead of its commits,
-//! and deleting them at each checkpoint (the file system here discards
-//! freed blocks) made that checkpoint's commits the slowest of the
-//! minute.
+//! [`crate::journal`]) and that checkpoint is durable in sled.
 
 use crate::storage::{StorageError, StorageResult};
 use std::fs::File;
@@ -302,56 +294,24 @@ fn valid_records(bytes: &[u8], first: u64) -> impl Iterator<Item = (u64, Range<u
     })
 }
 
-/// Takes the segments in `dir` whose batches are all below `below` (those
-/// whose next segment begins at or below it) out of the journal; the
-/// newest never goes. They are kept, renamed, for [`prepare_segment`] to
-/// use again (see the module doc); those kept at the last call and not
-/// used since are deleted, so that no more are kept than the journal
-/// filled between two checkpoints, and none for long on a quiet node.
-/// Returns how many segments went.
+/// Deletes the segments in `dir` whose batches are all below `below`
+/// (those whose next segment begins at or below it); the newest is never
+/// deleted. Returns how many went.
 pub fn trim(dir: &Path, below: u64) -> StorageResult<usize> {
     let firsts = segments(dir)?;
-    let unused = names_ending(dir, RECYCLED_SUFFIX)?;
-    let mut gone = 0;
+    let mut deleted = 0;
     for pair in firsts.windows(2) {
         if below < pair[1] {
             break;
         }
         let path = dir.join(segment_name(pair[0]));
-        match std::fs::rename(&path, fresh_name(dir, RECYCLED_SUFFIX)) {
-            Ok(()) => gone += 1,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_error(&path, e)),
-        }
-    }
-    for path in unused {
         match std::fs::remove_file(&path) {
-            Ok(()) => {}
+            Ok(()) => deleted += 1,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_error(&path, e)),
         }
     }
-    Ok(gone)
-}
-
-/// The suffix of a segment taken out of the journal and kept for reuse.
-const RECYCLED_SUFFIX: &str = ".recycled";
-
-/// A name in `dir` no file has, ending with `suffix`.
-fn fresh_name(dir: &Path, suffix: &str) -> PathBuf {
-    dir.join(format!("{:016x}{suffix}", rand::random::<u64>()))
-}
-
-/// The paths of the files in `dir` whose names end with `suffix`.
-fn names_ending(dir: &Path, suffix: &str) -> StorageResult<Vec<PathBuf>> {
-    let mut paths = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(|e| io_error(dir, e))? {
-        let path = entry.map_err(|e| io_error(dir, e))?.path();
-        if path.to_str().is_some_and(|name| name.ends_with(suffix)) {
-            paths.push(path);
-        }
-    }
-    Ok(paths)
+    Ok(deleted)
 }
 
 /// Writes reach the disk in whole blocks of this many bytes, at offsets
@@ -430,9 +390,9 @@ impl Aligned {
 /// full. One writer at a time: the journal's.
 ///
 /// **Writing.** Where the file system allows it, a segment is opened with
-/// `O_DIRECT | O_DSYNC` and filled with zeros before its first record, or
-/// is a segment [`trim`] kept (off the commit's path: a thread prepares
-/// the next segment while this one fills): a commit is then one `pwrite` of whole blocks that returns once
+/// `O_DIRECT | O_DSYNC` and filled with zeros before its first record (off
+/// the commit's path: a thread prepares the next segment while this one
+/// fills): a commit is then one `pwrite` of whole blocks that returns once
 /// they are on the disk, with no page-cache copy, no size or extent to
 /// record and no separate `fdatasync`. On this machine (`4 KiB` commits)
 /// that took half the CPU of a buffered append and `fdatasync` (48 against
@@ -563,26 +523,27 @@ impl Appender {
         if HEADER_BYTES as u64 != self.offset && self.segment_bytes < self.offset + length {
             // What this segment holds is durable before the next begins.
             self.sync()?;
-            let prepared = match self.next.take().map(|next| {
-                // Not ready (the disk is slower than the commits): the
-                // thread stops between two chunks of zeros, and a new file
-                // is used, which each write also records the size of. (It
-                // may have finished meanwhile: then its segment is used.)
-                let late = !next.thread.is_finished();
-                next.cancel.store(late, Ordering::Relaxed);
-                (late, next.thread.join())
-            }) {
-                Some((_, Ok(Ok(path)))) => path,
-                // It costs speed only: the segment grows as it is written.
-                Some((false, Ok(Err(error)))) => {
-                    tracing::warn!(%error, "could not prepare the next journal segment");
-                    create_empty(&self.dir)?
-                }
-                Some((true, _)) => {
+            let prepared = match self.next.take() {
+                Some(next) if next.thread.is_finished() => match next.thread.join() {
+                    Ok(Ok(path)) => path,
+                    // It costs speed only: the segment grows as it is written.
+                    Ok(Err(error)) => {
+                        tracing::warn!(%error, "could not prepare the next journal segment");
+                        create_empty(&self.dir)?
+                    }
+                    Err(_) => create_empty(&self.dir)?,
+                },
+                // Not ready (the disk is slower than the commits): a new
+                // file now, which each write also records the size of.
+                // The thread stops between two chunks of zeros.
+                not_ready => {
+                    if let Some(next) = not_ready {
+                        next.cancel.store(true, Ordering::Relaxed);
+                        let _ = next.thread.join();
+                    }
                     tracing::info!(segment = %segment_name(seq), "the next journal segment was not prepared in time");
                     create_empty(&self.dir)?
                 }
-                Some((false, Err(_))) | None => create_empty(&self.dir)?,
             };
             self.file = open_segment(&prepared, self.direct)?;
             self.begin_segment(prepared, seq)?;
@@ -640,11 +601,14 @@ const PREPARED_SUFFIX: &str = ".prepared";
 
 /// Deletes the segments a writer prepared and did not use.
 fn remove_prepared(dir: &Path) -> StorageResult<()> {
-    for path in names_ending(dir, PREPARED_SUFFIX)? {
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_error(&path, e)),
+    for entry in std::fs::read_dir(dir).map_err(|e| io_error(dir, e))? {
+        let path = entry.map_err(|e| io_error(dir, e))?.path();
+        if path.to_str().is_some_and(|name| name.ends_with(PREPARED_SUFFIX)) {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error(&path, e)),
+            }
         }
     }
     Ok(())
@@ -652,30 +616,9 @@ fn remove_prepared(dir: &Path) -> StorageResult<()> {
 
 /// A fresh, empty file for the next segment, when none is prepared.
 fn create_empty(dir: &Path) -> StorageResult<PathBuf> {
-    let path = fresh_name(dir, PREPARED_SUFFIX);
+    let path = dir.join(format!("{:016x}{PREPARED_SUFFIX}", rand::random::<u64>()));
     File::create(&path).map_err(|e| io_error(&path, e))?;
     Ok(path)
-}
-
-/// A segment kept by [`trim`] of `size` bytes, renamed as a prepared one:
-/// its blocks are allocated and written, as a prepared segment's are, and
-/// the older records they hold end a segment as zeros do (their batches
-/// are below any it will hold). None if there is none; those of another
-/// size (a segment that grew as it was written) are deleted.
-fn take_recycled(dir: &Path, size: u64) -> StorageResult<Option<PathBuf>> {
-    for recycled in names_ending(dir, RECYCLED_SUFFIX)? {
-        let path = fresh_name(dir, PREPARED_SUFFIX);
-        match std::fs::rename(&recycled, &path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(io_error(&recycled, e)),
-        }
-        if std::fs::metadata(&path).map_err(|e| io_error(&path, e))?.len() == size {
-            return Ok(Some(path));
-        }
-        std::fs::remove_file(&path).map_err(|e| io_error(&path, e))?;
-    }
-    Ok(None)
 }
 
 /// Whether files in `dir` can be opened with `O_DIRECT`.
@@ -695,20 +638,16 @@ fn open_segment(path: &Path, direct: bool) -> StorageResult<File> {
     std::fs::OpenOptions::new().write(true).custom_flags(flags).open(path).map_err(|e| io_error(path, e))
 }
 
-/// A file of `segment_bytes` (rounded up to whole blocks), synced, under a
-/// temporary name: a segment's blocks allocated and written before any
-/// record is, so that writing a record changes no metadata. A segment
-/// [`trim`] kept if there is one, else a new file of zeros. Gives up (with
-/// an error nobody reads) once `cancel` is set.
+/// A file of `segment_bytes` (rounded up to whole blocks) of zeros, synced,
+/// under a temporary name: a segment's blocks allocated and written before
+/// any record is, so that writing a record changes no metadata. Gives up
+/// (with an error nobody reads) once `cancel` is set.
 fn prepare_segment(dir: &Path, segment_bytes: u64, direct: bool, cancel: &AtomicBool) -> StorageResult<PathBuf> {
-    let size = segment_bytes.div_ceil(BLOCK_BYTES as u64) * BLOCK_BYTES as u64;
-    if let Some(path) = take_recycled(dir, size)? {
-        return Ok(path);
-    }
     let path = create_empty(dir)?;
     let flags = if direct { libc::O_DIRECT } else { 0 };
     let file =
         std::fs::OpenOptions::new().write(true).custom_flags(flags).open(&path).map_err(|e| io_error(&path, e))?;
+    let size = segment_bytes.div_ceil(BLOCK_BYTES as u64) * BLOCK_BYTES as u64;
     let mut zeros = Aligned::with_capacity(ZERO_CHUNK_BYTES);
     zeros.len = ZERO_CHUNK_BYTES;
     let mut at = 0;
@@ -923,87 +862,6 @@ mod tests {
                 .collect();
             assert!(left.is_empty(), "a closed appender leaves no prepared segment: {left:?}");
         }
-    }
-
-    #[test]
-    fn trimmed_segments_are_written_over_and_their_old_records_end_the_new_ones() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        // Segments of a few blocks: a commit writes only its own.
-        let size = 4 * BLOCK_BYTES as u64;
-        let mut appender = Appender::open_with(dir.path(), 0, size).expect("open");
-        append(&mut appender, 0..600);
-        let firsts = segments(dir.path()).expect("list");
-        assert!(10 < firsts.len(), "{firsts:?}");
-        // The segments below the checkpoint go, and are kept.
-        let kept = || names_ending(dir.path(), RECYCLED_SUFFIX).expect("list").len();
-        assert_eq!(trim(dir.path(), firsts[3]).expect("trim"), 3);
-        assert_eq!(kept(), 3);
-        // Until the next trim, which keeps those it takes instead.
-        let newest = *firsts.last().expect("a segment");
-        assert_eq!(trim(dir.path(), newest).expect("trim"), firsts.len() - 4);
-        assert_eq!(segments(dir.path()).expect("list"), vec![newest]);
-        let recycled_count = firsts.len() - 4;
-        assert_eq!(kept(), recycled_count);
-        // New segments are those, written over: no new file while any is
-        // left, then the newest segment's batches read back, ended by
-        // the old records after them.
-        let inodes = |suffix: &str| -> std::collections::BTreeSet<u64> {
-            use std::os::unix::fs::MetadataExt;
-            let names = std::fs::read_dir(dir.path()).expect("list");
-            names
-                .map(|entry| entry.expect("entry").path())
-                .filter(|path| path.to_string_lossy().ends_with(suffix))
-                .map(|path| std::fs::metadata(path).expect("stat").ino())
-                .collect()
-        };
-        let recycled = inodes(RECYCLED_SUFFIX);
-        drop(appender);
-        let mut appender = Appender::open_with(dir.path(), 600, size).expect("open");
-        append(&mut appender, 600..601);
-        let mut reused = 0;
-        for seq in 601..1_200 {
-            append(&mut appender, seq..seq + 1);
-            reused = inodes(".wal").intersection(&recycled).count();
-            if reused == recycled_count {
-                break;
-            }
-            // The next segment is ready before this one fills (else a new
-            // file is used, as it should be when the disk is slow).
-            while appender.next.as_ref().is_some_and(|next| !next.thread.is_finished()) {
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
-        }
-        assert_eq!(kept(), 0);
-        assert_eq!(reused, recycled_count, "kept segments used again");
-        let last = *segments(dir.path()).expect("list").last().expect("a segment");
-        let read_back = read(dir.path(), 600).expect("read");
-        assert_eq!(read_back.first(), Some(&600));
-        assert_eq!(read_back, (600..*read_back.last().expect("a batch") + 1).collect::<Vec<_>>());
-        // A record cut by a crash over old records ends the segment too,
-        // not an error, and the next writer goes on.
-        let next = read_back.last().expect("a batch") + 1;
-        let whole = std::fs::read(dir.path().join(segment_name(last))).expect("read");
-        let ends = valid_records(&whole, last).last().expect("a record").1.end;
-        let written = ends.div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
-        assert!(whole[written..].iter().any(|b| *b != 0), "older records follow the new ones");
-        let cut = record(next, &payload(next));
-        let file = std::fs::OpenOptions::new().write(true).open(dir.path().join(segment_name(last))).expect("open");
-        file.write_all_at(&cut[..cut.len() - 3], ends as u64).expect("write");
-        drop(appender);
-        assert_eq!(read(dir.path(), 600).expect("read"), read_back);
-        let mut appender = Appender::open_with(dir.path(), next, size).expect("open");
-        append(&mut appender, next..next + 2);
-        assert_eq!(read(dir.path(), 600).expect("read"), (600..next + 2).collect::<Vec<_>>());
-        // A trim with nothing to take still frees what was kept.
-        drop(appender);
-        std::fs::write(fresh_name(dir.path(), RECYCLED_SUFFIX), [0u8; 8]).expect("write");
-        assert_eq!(trim(dir.path(), 0).expect("trim"), 0);
-        assert_eq!(kept(), 0);
-        // Kept segments of another size are deleted, not used.
-        let odd = fresh_name(dir.path(), RECYCLED_SUFFIX);
-        std::fs::write(&odd, [1u8; 100]).expect("write");
-        assert!(take_recycled(dir.path(), size).expect("take").is_none_or(|path| path != odd));
-        assert!(!odd.exists());
     }
 
     #[test]
