@@ -255,8 +255,11 @@ async fn housekeeping(
     let mut redeliver = tokio::time::interval(REDELIVERY_INTERVAL);
     let mut engagement = tokio::time::interval(engagement_interval);
     // A refresh paces itself over seconds: it runs beside the loop, one at
-    // a time, so that checkpoints and redelivery do not wait for it.
-    let mut refreshing: Option<tokio::task::JoinHandle<()>> = None;
+    // a time, so that checkpoints and redelivery do not wait for it, on a
+    // thread of its own at background priority (it reads every customer's
+    // snapshot; at the default priority it took its share of the cores
+    // from the answers).
+    let mut refreshing: Option<std::thread::JoinHandle<()>> = None;
     checkpoint.tick().await;
     redeliver.tick().await;
     let stop = stopped(stop);
@@ -273,13 +276,18 @@ async fn housekeeping(
                 service.redeliver(REDELIVERY_INTERVAL).await;
             }
             _ = engagement.tick() => {
-                if refreshing.as_ref().is_none_or(tokio::task::JoinHandle::is_finished) {
+                if refreshing.as_ref().is_none_or(std::thread::JoinHandle::is_finished) {
                     let service = service.clone();
-                    refreshing = Some(tokio::task::spawn_blocking(move || {
+                    let spawned = std::thread::Builder::new().name("engagement".into()).spawn(move || {
+                        background_thread();
                         if let Err(error) = service.refresh_engagement() {
                             tracing::warn!(%error, "engagement refresh failed; will retry");
                         }
-                    }));
+                    });
+                    match spawned {
+                        Ok(thread) => refreshing = Some(thread),
+                        Err(error) => tracing::warn!(%error, "could not start the engagement refresh; will retry"),
+                    }
                 }
             }
         }
