@@ -82,7 +82,8 @@ const REDELIVERY_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Runs a node until `shutdown` resolves, then drains it: the listener stops
 /// accepting, in-flight requests finish, every active entity writes its
-/// snapshot, and the journal flushes and closes.
+/// snapshot, and the journal flushes and closes. If `shutdown` has
+/// resolved by the time recovery ends, the node stops without listening.
 ///
 /// Must run inside an actix `System` (the binary's `main` makes one).
 pub async fn serve(config: NodeConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
@@ -167,6 +168,18 @@ pub async fn serve_with(
     if 0 < redelivered {
         tracing::info!(redelivered, "delivered outbox messages left by the last run");
     }
+    // Told to stop while it recovered (a rolling update's SIGTERM to a
+    // node reading a long journal tail): it stops without listening, and
+    // without ever reporting ready. The journal is as recovery found it;
+    // the next start recovers the same tail.
+    let mut shutdown = Box::pin(shutdown);
+    // A signal caught meanwhile reaches its receiver once the runtime's
+    // driver has run, which a yield lets it do (recovery held the thread).
+    tokio::task::yield_now().await;
+    if futures_util::FutureExt::now_or_never(shutdown.as_mut()).is_some() {
+        tracing::info!("told to stop before listening: stopping");
+        return stop_journal(&journal, writer, arbiters).await;
+    }
 
     let grpc_listener = tokio::net::TcpListener::bind(config.grpc)
         .await
@@ -227,6 +240,16 @@ pub async fn serve_with(
     if let Err(error) = service.checkpoint().await {
         tracing::warn!(%error, "final checkpoint failed; the next start recovers from the journal");
     }
+    stop_journal(&journal, writer, arbiters).await
+}
+
+/// Closes the journal, waits until its writer has written what was queued
+/// and flushed, and stops the actors' threads.
+async fn stop_journal(
+    journal: &Journal,
+    writer: std::thread::JoinHandle<()>,
+    arbiters: Vec<Arbiter>,
+) -> anyhow::Result<()> {
     journal.close();
     tokio::task::spawn_blocking(move || writer.join())
         .await
@@ -306,4 +329,48 @@ pub(crate) fn nodelay_incoming(
             let _ = tcp.set_nodelay(true);
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &std::path::Path) -> NodeConfig {
+        let mut config = NodeConfig::defaults();
+        config.data_dir = dir.join("db");
+        config.http = "127.0.0.1:0".parse().expect("an address");
+        config.grpc = "127.0.0.1:0".parse().expect("an address");
+        config.admin_key = Some("an-admin-key-for-the-test".into());
+        config
+    }
+
+    #[test]
+    fn a_node_told_to_stop_before_it_listens_stops_without_listening() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (ready, mut listening) = tokio::sync::oneshot::channel();
+        actix_rt::System::new()
+            .block_on(serve_with(config(dir.path()), std::future::ready(()), Some(ready)))
+            .expect("stops cleanly");
+        assert!(listening.try_recv().is_err(), "it never said where it listens");
+        // It let go of its data directory (sled's lock) and left it whole:
+        // the next node opens it, listens, and stops when told.
+        let (ready, listening) = tokio::sync::oneshot::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        actix_rt::System::new()
+            .block_on(async move {
+                let told = async move {
+                    let _ = listening.await;
+                    let _ = stop.send(());
+                };
+                let node = serve_with(
+                    config(dir.path()),
+                    async move {
+                        let _ = stopped.await;
+                    },
+                    Some(ready),
+                );
+                tokio::join!(node, told).0
+            })
+            .expect("the next node runs and stops");
+    }
 }
