@@ -29,6 +29,11 @@ fn loadgen(node: &Node, extra: &[&str]) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(&report).expect("a report")).expect("JSON")
 }
 
+fn unix_ms() -> u64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("after 1970");
+    u64::try_from(since.as_millis()).expect("fits")
+}
+
 #[test]
 fn loadgen_measures_and_verifies_over_every_transport() {
     let node = Node::start(&[]);
@@ -40,7 +45,11 @@ fn loadgen_measures_and_verifies_over_every_transport() {
         (vec!["--http", &http, "--clients", "4", "--rate", "200"], "http", "open"),
         (vec!["--http", &http, "--clients", "2", "--batch", "20"], "http", "closed"),
     ] {
+        let before = unix_ms();
         let report = loadgen(&node, &extra);
+        // When its second 0 began, to line the timeline up with a log.
+        let started = report["started_unix_ms"].as_u64().expect("started_unix_ms");
+        assert!(before <= started && started <= unix_ms(), "{report}");
         assert_eq!(report["transport"], transport, "{report}");
         assert_eq!(report["mode"], mode, "{report}");
         let connections = match (transport, extra.iter().position(|a| *a == "--connections")) {
