@@ -193,7 +193,7 @@ struct Shared {
     won_minor: AtomicU64,
     /// When the measurement began, in milliseconds since the Unix epoch:
     /// the timeline's second 0, for lining it up with a node's log.
-    started_unix_ms: AtomicU64,
+    started_unix_ms: bazaar_games::UnixMillis,
 }
 
 #[derive(Clone)]
@@ -309,10 +309,9 @@ async fn drive(
         latencies: Mutex::new(Latencies::new()?),
         ledger: Mutex::new(HashMap::new()),
         won_minor: AtomicU64::new(0),
-        started_unix_ms: AtomicU64::new(0),
+        started_unix_ms: crate::actor::now_millis(),
     });
     let started = Instant::now();
-    shared.started_unix_ms.store(crate::actor::now_millis().try_into().unwrap_or_default(), Ordering::Relaxed);
     // Dropped on the first client's failure: the others stop with it.
     let mut clients = tokio::task::JoinSet::new();
     for client in 0..args.clients {
@@ -765,7 +764,7 @@ async fn report(
         "errors": *shared.errors.lock().await,
         "server": server,
         "timeline": timed.timeline(),
-        "started_unix_ms": shared.started_unix_ms.load(Ordering::Relaxed),
+        "started_unix_ms": shared.started_unix_ms,
     }))
 }
 
