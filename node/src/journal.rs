@@ -50,7 +50,7 @@
 //! then on: actors may hold state the disk does not, and only a restart
 //! (recovery from the journal) makes the two agree again.
 
-use crate::storage::{decode, encode, SharedBytes, StorageError, StorageResult, Store};
+use crate::storage::{decode, encode, Pace, SharedBytes, StorageError, StorageResult, Store};
 use crate::{wal, FastMap, FastSet};
 use bazaar_observability::Metrics;
 use parking_lot::{Condvar, Mutex};
@@ -218,11 +218,23 @@ enum Op {
     Settle(oneshot::Sender<()>),
     /// Reply with the sequence number the next batch will get.
     Marker(oneshot::Sender<u64>),
-    /// Every batch below `upto` is covered by snapshots: drop it.
+    /// Every batch below `upto` is covered by snapshots: drop it, at
+    /// `pace`.
     Checkpoint {
         upto: u64,
+        pace: Pace,
         done: oneshot::Sender<()>,
     },
+}
+
+/// A checkpoint asked of the writer.
+struct Requested {
+    upto: u64,
+    pace: Pace,
+    /// How many snapshots had been queued when it came: it moves once
+    /// they are written.
+    queued: u64,
+    done: oneshot::Sender<()>,
 }
 
 struct Queue {
@@ -484,13 +496,13 @@ impl Journal {
     /// Drops the journal below `upto`; the caller guarantees that snapshots
     /// cover every entry there. The idempotency records of those entries
     /// are written as runs first (see [`crate::seen`]).
-    pub async fn checkpoint(&self, upto: u64) -> StorageResult<()> {
+    pub async fn checkpoint(&self, upto: u64, pace: Pace) -> StorageResult<()> {
         let seen = self.seen.clone();
         tokio::task::spawn_blocking(move || seen.persist())
             .await
             .map_err(|e| StorageError::Unavailable(format!("writing the seen index: {e}")))??;
         let (done, finished) = oneshot::channel();
-        self.push(Op::Checkpoint { upto, done })?;
+        self.push(Op::Checkpoint { upto, pace, done })?;
         finished.await.map_err(|_| writer_gone())
     }
 
@@ -568,9 +580,8 @@ struct Writer {
     snapshots: VecDeque<QueuedSnapshot>,
     /// How many snapshots (and barriers) were ever written.
     popped: u64,
-    /// Checkpoints waiting for the snapshots queued before them: the
-    /// checkpoint, how many had been queued when it came, its waiter.
-    checkpoints: Vec<(u64, u64, oneshot::Sender<()>)>,
+    /// Checkpoints waiting for the snapshots queued before them.
+    checkpoints: Vec<Requested>,
     /// Set once the journal is closed: nothing is paced any more.
     closing: bool,
     /// Nor once the checkpoint last moved longer than `patience` ago.
@@ -649,7 +660,7 @@ impl Writer {
         // page cache, which a power cut would still lose).
         let trim_below = read_checkpoint(&store)?;
         store.flush()?;
-        wal::trim(&store.journal_dir, trim_below)?;
+        wal::trim(&store.journal_dir, trim_below, Pace::AtOnce)?;
         Ok(Writer {
             spare_ops: Vec::new(),
             indexer: Indexer::writing(&store)?,
@@ -863,9 +874,9 @@ impl Writer {
                     settle = true;
                     replies.push(Reply::Done(Some(reply)));
                 }
-                Op::Checkpoint { upto, done } => {
+                Op::Checkpoint { upto, pace, done } => {
                     let queued = self.popped + self.snapshots.len() as u64;
-                    self.checkpoints.push((upto, queued, done));
+                    self.checkpoints.push(Requested { upto, pace, queued, done });
                 }
             }
         }
@@ -876,10 +887,15 @@ impl Writer {
         // stop coming).
         let popped = self.popped;
         let (ready, waiting): (Vec<_>, Vec<_>) =
-            std::mem::take(&mut self.checkpoints).into_iter().partition(|(_, queued, _)| *queued <= popped);
+            std::mem::take(&mut self.checkpoints).into_iter().partition(|requested| requested.queued <= popped);
         self.checkpoints = waiting;
-        let checkpoint = ready.iter().map(|(upto, _, _)| *upto).max();
-        let checkpointed: Vec<oneshot::Sender<()>> = ready.into_iter().map(|(_, _, done)| done).collect();
+        let checkpoint = ready.iter().map(|requested| requested.upto).max();
+        // Spread only if nobody asked for it at once (a stop).
+        let pace = match ready.iter().any(|requested| requested.pace == Pace::AtOnce) {
+            true => Pace::AtOnce,
+            false => Pace::Spread,
+        };
+        let checkpointed: Vec<oneshot::Sender<()>> = ready.into_iter().map(|requested| requested.done).collect();
         // Carried messages wait (up to CARRY_FOR) while commits with
         // entries come, but never past a checkpoint or a request to settle
         // them.
@@ -905,7 +921,7 @@ impl Writer {
             // now (and the indexes of every batch below it were written
             // before its marker was answered): the checkpoint thread makes
             // them durable, then the checkpoint, then deletes the segments.
-            self.checkpointer.request(upto, checkpointed);
+            self.checkpointer.request(upto, pace, checkpointed);
         }
         // The batches a node before the segment files left in sled go
         // only below a durable checkpoint.
@@ -1060,7 +1076,8 @@ enum Reply {
 
 /// Moves the checkpoint on a thread of its own: syncs sled (the snapshots
 /// and carried outbox messages the checkpoint relies on), records the
-/// checkpoint, syncs sled again, then deletes the segments below it and
+/// checkpoint, syncs sled again, then deletes the segments below it (at
+/// the [`Pace`] asked for: spread out while the node serves) and
 /// answers whoever asked. Neither the syncs nor the deletions are on the
 /// writer's thread, where each held every commit, and so every answer, up:
 /// unlinking 64 MiB segments took 110-140 ms (under an open loop at 9,000
@@ -1070,8 +1087,12 @@ enum Reply {
 /// runs at background priority, as the deletions alone did. A segment it
 /// fails to delete stays for the next checkpoint, or the next start, to
 /// delete: the checkpoint itself is durable.
+/// What the checkpoint thread is asked: the checkpoint, the pace of the
+/// deletions below it, whom to answer.
+type CheckpointRequest = (u64, Pace, Vec<oneshot::Sender<()>>);
+
 struct Checkpointer {
-    requests: Option<std::sync::mpsc::Sender<(u64, Vec<oneshot::Sender<()>>)>>,
+    requests: Option<std::sync::mpsc::Sender<CheckpointRequest>>,
     thread: Option<std::thread::JoinHandle<()>>,
     /// The newest checkpoint made durable since the writer last looked (0:
     /// none): the batches a node before the segment files left in sled's
@@ -1083,7 +1104,7 @@ struct Checkpointer {
 
 impl Checkpointer {
     fn start(store: Store) -> StorageResult<Self> {
-        let (requests, requested) = std::sync::mpsc::channel::<(u64, Vec<oneshot::Sender<()>>)>();
+        let (requests, requested) = std::sync::mpsc::channel::<CheckpointRequest>();
         let durable = Arc::new(AtomicU64::new(0));
         let failure = Arc::new(Mutex::new(None));
         let (published, failed) = (durable.clone(), failure.clone());
@@ -1091,7 +1112,7 @@ impl Checkpointer {
             .name("checkpointer".into())
             .spawn(move || {
                 crate::background_thread();
-                for (upto, waiters) in requested {
+                for (upto, pace, waiters) in requested {
                     let started = Instant::now();
                     // Recovery reads from the checkpoint on: the batches
                     // below it are garbage once it is durable. The
@@ -1113,10 +1134,11 @@ impl Checkpointer {
                     }
                     published.fetch_max(upto, Ordering::Relaxed);
                     let synced_ms = started.elapsed().as_millis() as u64;
-                    match wal::trim(&store.journal_dir, upto) {
+                    match wal::trim(&store.journal_dir, upto, pace) {
                         Ok(deleted) => tracing::debug!(
                             deleted,
                             upto,
+                            ?pace,
                             synced_ms,
                             elapsed_ms = started.elapsed().as_millis() as u64,
                             "journal checkpoint moved and the segments below it deleted"
@@ -1135,12 +1157,13 @@ impl Checkpointer {
     }
 
     /// Moves the checkpoint to `upto` (every batch below it is covered by
-    /// snapshots written to sled), then answers `waiters`.
-    fn request(&self, upto: u64, waiters: Vec<oneshot::Sender<()>>) {
+    /// snapshots written to sled), deletes the segments below it at `pace`,
+    /// then answers `waiters`.
+    fn request(&self, upto: u64, pace: Pace, waiters: Vec<oneshot::Sender<()>>) {
         if let Some(requests) = &self.requests {
             // Its thread ends only once this sender is dropped, or on a
             // failure, which the writer learns from `failure`.
-            let _ = requests.send((upto, waiters));
+            let _ = requests.send((upto, pace, waiters));
         }
     }
 
@@ -1813,7 +1836,7 @@ mod tests {
         assert_eq!(checkpoint, 0);
         let replayed: usize = batches.iter().map(|(_, entries)| entries.len()).sum();
         assert_eq!(replayed, 51);
-        journal.checkpoint(marker).await.expect("checkpoint");
+        journal.checkpoint(marker, Pace::AtOnce).await.expect("checkpoint");
         let (checkpoint, batches) = read_tail(&store).expect("tail");
         assert_eq!((checkpoint, batches.len()), (marker, 0));
         trimmed_then_stopped(journal.clone(), thread, &store, marker).await;
@@ -1874,7 +1897,7 @@ mod tests {
         // A slice and ten before the checkpoint, then a barrier.
         let (mut ops, mut before): (Vec<_>, Vec<_>) = (0..SNAPSHOT_SLICE + 10).map(snapshot).unzip();
         let (done, mut checkpoint) = oneshot::channel();
-        ops.push((0, Op::Checkpoint { upto: 1, done }));
+        ops.push((0, Op::Checkpoint { upto: 1, pace: Pace::AtOnce, done }));
         let (barrier_op, mut barrier_written) = barrier();
         ops.push(barrier_op);
         writer.commit_now(ops);
@@ -1962,7 +1985,7 @@ mod tests {
         assert!(10 < wal::segments(&store.journal_dir).expect("list").len());
         let marker = journal.marker().await.expect("marker");
         assert_eq!(marker, batches);
-        journal.checkpoint(marker).await.expect("checkpoint");
+        journal.checkpoint(marker, Pace::AtOnce).await.expect("checkpoint");
         // Once the checkpoint has moved, and is durable, the segments below
         // it are gone.
         let segments = wal::segments(&store.journal_dir).expect("list");

@@ -237,7 +237,8 @@ pub async fn serve_with(
     tracing::info!("shutting down: requests drained, writing snapshots");
     service.ready.store(false, Ordering::SeqCst);
     let _ = housekeeping.await;
-    if let Err(error) = service.checkpoint().await {
+    // Nothing is served any more: the journal's space goes back at once.
+    if let Err(error) = service.checkpoint(storage::Pace::AtOnce).await {
         tracing::warn!(%error, "final checkpoint failed; the next start recovers from the journal");
     }
     stop_journal(&journal, writer, arbiters).await
@@ -291,7 +292,7 @@ async fn housekeeping(
         tokio::select! {
             () = &mut stop => return,
             _ = checkpoint.tick() => {
-                if let Err(error) = service.checkpoint().await {
+                if let Err(error) = service.checkpoint(storage::Pace::Spread).await {
                     tracing::warn!(%error, "checkpoint failed; will retry");
                 }
             }

@@ -50,7 +50,7 @@
 //! back to one after an upgrade loses the idempotency of what the newer
 //! node applied.
 
-use crate::storage::{decode, encode, SharedBytes, StorageError, StorageResult, FORMAT_VERSION};
+use crate::storage::{decode, encode, Pace, SharedBytes, StorageError, StorageResult, FORMAT_VERSION};
 use crate::FastMap;
 use parking_lot::{Condvar, Mutex, RwLock};
 use serde::{Deserialize, Serialize};
@@ -405,14 +405,12 @@ impl<'a> RunWriter<'a> {
     }
 }
 
-/// Deletes a run's description, then its file.
-fn delete_run(tree: &sled::Tree, dir: &Path, id: u64) -> StorageResult<()> {
+/// Deletes a run's description, then its file, at `pace` (a merge's
+/// inputs go spread out: hundreds of megabytes freed at once held the
+/// journal's commits, see [`crate::storage::GIVE_BACK_STEP_BYTES`]).
+fn delete_run(tree: &sled::Tree, dir: &Path, id: u64, pace: Pace) -> StorageResult<()> {
     tree.remove(meta_key(id))?;
-    let path = run_file(dir, id);
-    match std::fs::remove_file(&path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StorageError::Sync(path.display().to_string(), e)),
-        _ => Ok(()),
-    }
+    crate::storage::remove_file(&run_file(dir, id), pace).map(drop)
 }
 
 #[derive(Default)]
@@ -547,7 +545,7 @@ impl SeenIndex {
             metas.values().flat_map(|meta| meta.replaces.iter().copied()).collect();
         for id in &replaced {
             metas.remove(id);
-            delete_run(&tree, dir, *id)?;
+            delete_run(&tree, dir, *id, Pace::AtOnce)?;
         }
         // A run file without a description was cut short by a crash.
         let mut next_id = replaced.iter().chain(metas.keys()).map(|id| id + 1).max().unwrap_or(0);
@@ -555,7 +553,7 @@ impl SeenIndex {
             let Some(id) = run_of(&entry.map_err(io)?.file_name()) else { continue };
             next_id = next_id.max(id + 1);
             if !metas.contains_key(&id) {
-                delete_run(&tree, dir, id)?;
+                delete_run(&tree, dir, id, Pace::AtOnce)?;
             }
         }
         let mut runs = Vec::new();
@@ -872,7 +870,10 @@ fn merge_once(inner: &Inner) -> StorageResult<bool> {
     // crash before they are all gone leaves the rest to start-up.
     (inner.flush)()?;
     for input in &inputs {
-        delete_run(&inner.tree, &inner.dir, input.id)?;
+        delete_run(&inner.tree, &inner.dir, input.id, Pace::Spread)?;
+        // An input takes up to a second to go: memtables frozen meanwhile
+        // are written in between.
+        write_frozen(inner)?;
     }
     Ok(true)
 }

@@ -1479,8 +1479,9 @@ impl Service {
         Ok(())
     }
 
-    /// Snapshots every active actor and drops the journal they cover.
-    pub async fn checkpoint(&self) -> ServiceResult<()> {
+    /// Snapshots every active actor and drops the journal they cover,
+    /// giving its disk space back at `pace` (spread while serving).
+    pub async fn checkpoint(&self, pace: crate::storage::Pace) -> ServiceResult<()> {
         // Snapshots recovery left in memory cover part of the journal too.
         self.write_recovered().await?;
         let started = std::time::Instant::now();
@@ -1489,7 +1490,7 @@ impl Service {
             + self.wheels.snapshot_all().await
             + self.jackpots.snapshot_all().await
             + self.leaderboards.snapshot_all().await;
-        self.journal.checkpoint(marker).await?;
+        self.journal.checkpoint(marker, pace).await?;
         tracing::info!(snapshots, elapsed_ms = started.elapsed().as_millis() as u64, "checkpoint written");
         Ok(())
     }

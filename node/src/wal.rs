@@ -45,9 +45,14 @@
 //!
 //! **Trimming.** A segment goes whole, once the next segment begins at or
 //! below the checkpoint (every batch in it is covered by snapshots; see
-//! [`crate::journal`]) and that checkpoint is durable in sled.
+//! [`crate::journal`]) and that checkpoint is durable in sled. While the
+//! node serves, its disk space goes back a slice at a time
+//! ([`Pace::Spread`]):
+//! a segment that a crash left cut short below the checkpoint is never
+//! read ([`read_from`] skips every segment the next one starts at or
+//! below its start) and goes at the next trim.
 
-use crate::storage::{StorageError, StorageResult};
+use crate::storage::{Pace, StorageError, StorageResult};
 use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -295,20 +300,17 @@ fn valid_records(bytes: &[u8], first: u64) -> impl Iterator<Item = (u64, Range<u
 }
 
 /// Deletes the segments in `dir` whose batches are all below `below`
-/// (those whose next segment begins at or below it); the newest is never
-/// deleted. Returns how many went.
-pub fn trim(dir: &Path, below: u64) -> StorageResult<usize> {
+/// (those whose next segment begins at or below it), at `pace`; the newest
+/// is never deleted. Returns how many went.
+pub fn trim(dir: &Path, below: u64, pace: Pace) -> StorageResult<usize> {
     let firsts = segments(dir)?;
     let mut deleted = 0;
     for pair in firsts.windows(2) {
         if below < pair[1] {
             break;
         }
-        let path = dir.join(segment_name(pair[0]));
-        match std::fs::remove_file(&path) {
-            Ok(()) => deleted += 1,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_error(&path, e)),
+        if crate::storage::remove_file(&dir.join(segment_name(pair[0])), pace)? {
+            deleted += 1;
         }
     }
     Ok(deleted)
@@ -721,12 +723,38 @@ mod tests {
         assert_eq!(read(dir.path(), 30).expect("read"), (30..45).collect::<Vec<_>>());
         assert_eq!(read(dir.path(), 45).expect("read"), Vec::<u64>::new());
         // Trimming keeps every segment that holds a batch from 30 on.
-        assert!(0 < trim(dir.path(), 30).expect("trim"));
+        assert!(0 < trim(dir.path(), 30, Pace::AtOnce).expect("trim"));
         assert_eq!(read(dir.path(), 30).expect("read"), (30..45).collect::<Vec<_>>());
         assert!(read(dir.path(), 5).is_err(), "batches 5.. are gone");
         // The newest segment stays, whatever the checkpoint.
-        trim(dir.path(), u64::MAX).expect("trim");
+        trim(dir.path(), u64::MAX, Pace::AtOnce).expect("trim");
         assert_eq!(segments(dir.path()).expect("list"), vec![40]);
+    }
+
+    #[test]
+    fn a_spread_trim_deletes_what_an_immediate_one_does_and_a_crash_midway_harms_nothing() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut appender = Appender::open_with(dir.path(), 5, 2_000).expect("open");
+        append(&mut appender, 5..60);
+        drop(appender);
+        let before = segments(dir.path()).expect("list");
+        let kept: Vec<u64> = before
+            .iter()
+            .enumerate()
+            .filter(|(at, _)| before.get(at + 1).is_none_or(|next| 30 < *next))
+            .map(|(_, first)| *first)
+            .collect();
+        assert!(3 < before.len() - kept.len(), "several segments lie below batch 30");
+        // A spread trim that a crash stopped midway: one segment below the
+        // checkpoint cut short, another cut to nothing.
+        for (first, length) in [(before[0], 100), (before[1], 0)] {
+            let path = dir.path().join(segment_name(first));
+            std::fs::OpenOptions::new().write(true).open(&path).expect("open").set_len(length).expect("cut");
+        }
+        assert_eq!(read(dir.path(), 30).expect("read past the cut segments"), (30..60).collect::<Vec<_>>());
+        assert_eq!(trim(dir.path(), 30, Pace::Spread).expect("trim"), before.len() - kept.len());
+        assert_eq!(segments(dir.path()).expect("list"), kept, "the same segments stay as with an immediate trim");
+        assert_eq!(read(dir.path(), 30).expect("read"), (30..60).collect::<Vec<_>>());
     }
 
     #[test]
