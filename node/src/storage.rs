@@ -282,8 +282,7 @@ pub enum Pace {
     /// One `unlink`: when no commit waits (at start-up, at a stop).
     AtOnce,
     /// Cut down [`GIVE_BACK_STEP_BYTES`] at a time, each cut synced,
-    /// [`GIVE_BACK_PAUSE`] apart, then unlinked ([`remove_file`]): while
-    /// the node serves.
+    /// [`GIVE_BACK_PAUSE`] apart, then unlinked: while the node serves.
     Spread,
 }
 
@@ -294,10 +293,12 @@ pub enum Pace {
 /// also discards them, and every sync waits behind it. Freeing a
 /// checkpoint's eight 64-MiB journal segments at once made the second
 /// each checkpoint ended in the slowest of an open loop at 28,000
-/// events/s (p99 40-80 ms where the others had 4-8; docs/performance.md).
-/// Cut and synced a slice at a time, each commit frees 8 MiB, and a
-/// segment takes about a tenth of a second to go.
-pub const GIVE_BACK_STEP_BYTES: u64 = 8 << 20;
+/// events/s (p99 22-80 ms where most others had 4-8; docs/performance.md).
+/// Cut and synced a slice at a time, each commit frees 2 MiB and the
+/// discards run at about 150 MB/s: a segment goes in about half a second,
+/// and the seconds with discards had a p99 of 5-20 ms (8-MiB slices:
+/// 5-40 ms).
+pub const GIVE_BACK_STEP_BYTES: u64 = 2 << 20;
 pub const GIVE_BACK_PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Deletes the file at `path` at `pace`; whether there was one.

@@ -47,10 +47,9 @@
 //! below the checkpoint (every batch in it is covered by snapshots; see
 //! [`crate::journal`]) and that checkpoint is durable in sled. While the
 //! node serves, its disk space goes back a slice at a time
-//! ([`Pace::Spread`]):
-//! a segment that a crash left cut short below the checkpoint is never
-//! read ([`read_from`] skips every segment the next one starts at or
-//! below its start) and goes at the next trim.
+//! ([`Pace::Spread`]): a segment that a crash left cut short below the
+//! checkpoint is never read ([`read_from`] skips every segment the next
+//! one starts at or below its start) and goes at the next trim.
 
 use crate::storage::{Pace, StorageError, StorageResult};
 use std::fs::File;
@@ -73,7 +72,8 @@ pub const RECORD_HEADER_BYTES: usize = 16;
 /// A segment is closed once a record would take it past this many bytes
 /// (a record larger than that gets a segment of its own). Thirty seconds
 /// (a checkpoint interval) of the batched load generator fill about forty
-/// of these; the checkpoint then deletes them with a few `unlink`s.
+/// of these; the checkpoint then deletes them, a slice at a time while
+/// the node serves ([`trim`]).
 pub const SEGMENT_BYTES: u64 = 64 << 20;
 
 /// The file name of the segment whose first batch is `first`.
