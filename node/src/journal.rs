@@ -660,7 +660,7 @@ impl Writer {
         // page cache, which a power cut would still lose).
         let trim_below = read_checkpoint(&store)?;
         store.flush()?;
-        wal::trim(&store.journal_dir, trim_below, Pace::AtOnce)?;
+        wal::trim(&store.journal_dir, trim_below, Pace::AtOnce, &|| false)?;
         Ok(Writer {
             spare_ops: Vec::new(),
             indexer: Indexer::writing(&store)?,
@@ -1100,6 +1100,10 @@ struct Checkpointer {
     durable: Arc<AtomicU64>,
     /// Why the thread stopped, for the writer to fail with.
     failure: Arc<Mutex<Option<StorageError>>>,
+    /// Requests for deletions at once not yet done (a stop's checkpoint,
+    /// the writer closing): a spread-out deletion under way finishes at
+    /// once rather than hold them up.
+    hurry: Arc<AtomicUsize>,
 }
 
 impl Checkpointer {
@@ -1107,7 +1111,8 @@ impl Checkpointer {
         let (requests, requested) = std::sync::mpsc::channel::<CheckpointRequest>();
         let durable = Arc::new(AtomicU64::new(0));
         let failure = Arc::new(Mutex::new(None));
-        let (published, failed) = (durable.clone(), failure.clone());
+        let hurry = Arc::new(AtomicUsize::new(0));
+        let (published, failed, hurried) = (durable.clone(), failure.clone(), hurry.clone());
         let thread = std::thread::Builder::new()
             .name("checkpointer".into())
             .spawn(move || {
@@ -1134,7 +1139,11 @@ impl Checkpointer {
                     }
                     published.fetch_max(upto, Ordering::Relaxed);
                     let synced_ms = started.elapsed().as_millis() as u64;
-                    match wal::trim(&store.journal_dir, upto, pace) {
+                    let trimmed = wal::trim(&store.journal_dir, upto, pace, &|| 0 < hurried.load(Ordering::Relaxed));
+                    if pace == Pace::AtOnce {
+                        hurried.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    match trimmed {
                         Ok(deleted) => tracing::debug!(
                             deleted,
                             upto,
@@ -1153,7 +1162,7 @@ impl Checkpointer {
                 }
             })
             .map_err(|e| StorageError::Unavailable(format!("starting the journal's checkpoint thread: {e}")))?;
-        Ok(Self { requests: Some(requests), thread: Some(thread), durable, failure })
+        Ok(Self { requests: Some(requests), thread: Some(thread), durable, failure, hurry })
     }
 
     /// Moves the checkpoint to `upto` (every batch below it is covered by
@@ -1161,6 +1170,9 @@ impl Checkpointer {
     /// then answers `waiters`.
     fn request(&self, upto: u64, pace: Pace, waiters: Vec<oneshot::Sender<()>>) {
         if let Some(requests) = &self.requests {
+            if pace == Pace::AtOnce {
+                self.hurry.fetch_add(1, Ordering::Relaxed);
+            }
             // Its thread ends only once this sender is dropped, or on a
             // failure, which the writer learns from `failure`.
             let _ = requests.send((upto, pace, waiters));
@@ -1180,8 +1192,10 @@ impl Checkpointer {
 
 impl Drop for Checkpointer {
     /// Waits for the checkpoints asked for (one asked for at shutdown is
-    /// answered once it is durable and its segments are gone).
+    /// answered once it is durable and its segments are gone); segments
+    /// still going a slice at a time go at once.
     fn drop(&mut self) {
+        self.hurry.fetch_add(1, Ordering::Relaxed);
         drop(self.requests.take());
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();

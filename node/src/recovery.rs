@@ -135,7 +135,7 @@ pub fn recover(store: &Store, metrics: &Metrics) -> StorageResult<(RecoveryRepor
             store.journal.remove(key?)?;
         }
         store.flush()?;
-        crate::wal::trim(&store.journal_dir, report.next_seq, crate::storage::Pace::AtOnce)?;
+        crate::wal::trim(&store.journal_dir, report.next_seq, crate::storage::Pace::AtOnce, &|| false)?;
     }
     // The mappings go before the journal writer starts (see
     // `wal::read_file`).

@@ -410,7 +410,7 @@ impl<'a> RunWriter<'a> {
 /// journal's commits, see [`crate::storage::GIVE_BACK_STEP_BYTES`]).
 fn delete_run(tree: &sled::Tree, dir: &Path, id: u64, pace: Pace) -> StorageResult<()> {
     tree.remove(meta_key(id))?;
-    crate::storage::remove_file(&run_file(dir, id), pace).map(drop)
+    crate::storage::remove_file(&run_file(dir, id), pace, &|| false).map(drop)
 }
 
 #[derive(Default)]

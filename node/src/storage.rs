@@ -301,8 +301,9 @@ pub enum Pace {
 pub const GIVE_BACK_STEP_BYTES: u64 = 2 << 20;
 pub const GIVE_BACK_PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
 
-/// Deletes the file at `path` at `pace`; whether there was one.
-pub(crate) fn remove_file(path: &Path, pace: Pace) -> StorageResult<bool> {
+/// Deletes the file at `path` at `pace`, the rest of it at once as soon
+/// as `hurry` says so (a stop is waiting); whether there was one.
+pub(crate) fn remove_file(path: &Path, pace: Pace, hurry: &dyn Fn() -> bool) -> StorageResult<bool> {
     let gone = |e: std::io::Error| match e.kind() {
         std::io::ErrorKind::NotFound => Ok(false),
         _ => Err(failed(path, e)),
@@ -313,7 +314,7 @@ pub(crate) fn remove_file(path: &Path, pace: Pace) -> StorageResult<bool> {
             Err(e) => return gone(e),
         };
         let mut length = file.metadata().map_err(|e| failed(path, e))?.len();
-        while 0 < length {
+        while 0 < length && !hurry() {
             length = length.saturating_sub(GIVE_BACK_STEP_BYTES);
             file.set_len(length).and_then(|()| file.sync_data()).map_err(|e| failed(path, e))?;
             std::thread::sleep(GIVE_BACK_PAUSE);
@@ -559,6 +560,28 @@ pub fn shared_key(parts: &[&str]) -> SharedBytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_removed_spread_out_is_cut_a_slice_at_a_time_until_told_to_hurry() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("segment");
+        // Sparse: ten slices long without writing them.
+        File::create(&path).and_then(|f| f.set_len(10 * GIVE_BACK_STEP_BYTES)).expect("file");
+        let asked = std::cell::Cell::new(0);
+        let hurry = || {
+            asked.set(asked.get() + 1);
+            // Two cuts, then a stop waits.
+            asked.get() == 3
+        };
+        assert!(remove_file(&path, Pace::Spread, &hurry).expect("removed"));
+        assert!(!path.exists());
+        assert_eq!(asked.get(), 3, "asked before each cut, and not after it was told");
+        assert!(!remove_file(&path, Pace::Spread, &|| false).expect("nothing to remove"), "no file, no error");
+        File::create(&path).and_then(|f| f.set_len(10 * GIVE_BACK_STEP_BYTES)).expect("file");
+        let never = || -> bool { unreachable!("an immediate removal cuts nothing") };
+        assert!(remove_file(&path, Pace::AtOnce, &never).expect("removed"));
+        assert!(!path.exists());
+    }
 
     #[test]
     fn a_shared_key_is_the_key() {

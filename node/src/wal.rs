@@ -300,16 +300,17 @@ fn valid_records(bytes: &[u8], first: u64) -> impl Iterator<Item = (u64, Range<u
 }
 
 /// Deletes the segments in `dir` whose batches are all below `below`
-/// (those whose next segment begins at or below it), at `pace`; the newest
-/// is never deleted. Returns how many went.
-pub fn trim(dir: &Path, below: u64, pace: Pace) -> StorageResult<usize> {
+/// (those whose next segment begins at or below it), at `pace` (the rest
+/// at once when `hurry` says so); the newest is never deleted. Returns how
+/// many went.
+pub fn trim(dir: &Path, below: u64, pace: Pace, hurry: &dyn Fn() -> bool) -> StorageResult<usize> {
     let firsts = segments(dir)?;
     let mut deleted = 0;
     for pair in firsts.windows(2) {
         if below < pair[1] {
             break;
         }
-        if crate::storage::remove_file(&dir.join(segment_name(pair[0])), pace)? {
+        if crate::storage::remove_file(&dir.join(segment_name(pair[0])), pace, hurry)? {
             deleted += 1;
         }
     }
@@ -723,11 +724,11 @@ mod tests {
         assert_eq!(read(dir.path(), 30).expect("read"), (30..45).collect::<Vec<_>>());
         assert_eq!(read(dir.path(), 45).expect("read"), Vec::<u64>::new());
         // Trimming keeps every segment that holds a batch from 30 on.
-        assert!(0 < trim(dir.path(), 30, Pace::AtOnce).expect("trim"));
+        assert!(0 < trim(dir.path(), 30, Pace::AtOnce, &|| false).expect("trim"));
         assert_eq!(read(dir.path(), 30).expect("read"), (30..45).collect::<Vec<_>>());
         assert!(read(dir.path(), 5).is_err(), "batches 5.. are gone");
         // The newest segment stays, whatever the checkpoint.
-        trim(dir.path(), u64::MAX, Pace::AtOnce).expect("trim");
+        trim(dir.path(), u64::MAX, Pace::AtOnce, &|| false).expect("trim");
         assert_eq!(segments(dir.path()).expect("list"), vec![40]);
     }
 
@@ -752,7 +753,7 @@ mod tests {
             std::fs::OpenOptions::new().write(true).open(&path).expect("open").set_len(length).expect("cut");
         }
         assert_eq!(read(dir.path(), 30).expect("read past the cut segments"), (30..60).collect::<Vec<_>>());
-        assert_eq!(trim(dir.path(), 30, Pace::Spread).expect("trim"), before.len() - kept.len());
+        assert_eq!(trim(dir.path(), 30, Pace::Spread, &|| false).expect("trim"), before.len() - kept.len());
         assert_eq!(segments(dir.path()).expect("list"), kept, "the same segments stay as with an immediate trim");
         assert_eq!(read(dir.path(), 30).expect("read"), (30..60).collect::<Vec<_>>());
     }
