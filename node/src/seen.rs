@@ -52,6 +52,7 @@
 
 use crate::storage::{decode, encode, Pace, SharedBytes, StorageError, StorageResult, FORMAT_VERSION};
 use crate::FastMap;
+use crate::Priority;
 use parking_lot::{Condvar, Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
@@ -581,10 +582,8 @@ impl SeenIndex {
         let weak = Arc::downgrade(&inner);
         std::thread::Builder::new()
             .name("seen-compactor".into())
-            .spawn(move || {
-                crate::background_thread();
-                compact(&weak, &signal)
-            })
+            // Its priority follows its backlog (`keep_pace`).
+            .spawn(move || compact(&weak, &signal))
             .map_err(|e| StorageError::Unavailable(format!("starting the seen index's compactor: {e}")))?;
         // Merges the last run left undone.
         let index = Self { inner };
@@ -817,7 +816,46 @@ fn compact(inner: &Weak<Inner>, signal: &Signal) {
 const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
 const MAX_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// Frozen memtables waiting to be written that mean the compactor falls
+/// behind: it leaves idle priority until it has caught up.
+const BEHIND: usize = 2;
+
+thread_local! {
+    /// The compactor thread's priority as last set, and whether it has
+    /// warned that it could not leave idle priority.
+    static PRIORITY: std::cell::Cell<(Option<Priority>, bool)> = const { std::cell::Cell::new((None, false)) };
+}
+
+/// Sets the compactor thread's priority for its backlog: idle while it
+/// keeps up (see [`Priority::Idle`]), background once [`BEHIND`]
+/// memtables wait, so that a node busy for long does not pile them up
+/// in memory (nor keep a checkpoint, which waits for them, from moving).
+fn keep_pace(inner: &Inner) {
+    let wanted = match BEHIND <= inner.frozen.read().len() {
+        true => Priority::Background,
+        false => Priority::Idle,
+    };
+    let (current, warned) = PRIORITY.get();
+    if current == Some(wanted) {
+        return;
+    }
+    match crate::set_priority(wanted) {
+        Ok(()) => PRIORITY.set((Some(wanted), warned)),
+        Err(error) if !warned => {
+            PRIORITY.set((current, true));
+            tracing::warn!(
+                %error,
+                ?wanted,
+                "the idempotency index's compactor could not change its priority (to leave idle priority when it \
+                 falls behind, the node needs CAP_SYS_NICE or an RLIMIT_NICE of 10 or more)"
+            );
+        }
+        Err(_) => {}
+    }
+}
+
 fn write_frozen(inner: &Inner) -> StorageResult<()> {
+    keep_pace(inner);
     loop {
         let Some(frozen) = inner.frozen.read().front().cloned() else { return Ok(()) };
         let mut records: Vec<_> = frozen.records.iter().collect();
