@@ -1074,6 +1074,10 @@ enum Reply {
     Marker(oneshot::Sender<u64>, u64),
 }
 
+/// What the checkpoint thread is asked: the checkpoint, the pace of the
+/// deletions below it, whom to answer.
+type CheckpointRequest = (u64, Pace, Vec<oneshot::Sender<()>>);
+
 /// Moves the checkpoint on a thread of its own: syncs sled (the snapshots
 /// and carried outbox messages the checkpoint relies on), records the
 /// checkpoint, syncs sled again, then deletes the segments below it (at
@@ -1087,10 +1091,6 @@ enum Reply {
 /// runs at background priority, as the deletions alone did. A segment it
 /// fails to delete stays for the next checkpoint, or the next start, to
 /// delete: the checkpoint itself is durable.
-/// What the checkpoint thread is asked: the checkpoint, the pace of the
-/// deletions below it, whom to answer.
-type CheckpointRequest = (u64, Pace, Vec<oneshot::Sender<()>>);
-
 struct Checkpointer {
     requests: Option<std::sync::mpsc::Sender<CheckpointRequest>>,
     thread: Option<std::thread::JoinHandle<()>>,

@@ -88,7 +88,10 @@ pub(crate) enum Priority {
     /// docs/performance.md). A thread that must keep up goes back to
     /// [`Priority::Background`] when it falls behind, which an
     /// unprivileged process may do only within its `RLIMIT_NICE` (root, or
-    /// `CAP_SYS_NICE`, always may).
+    /// `CAP_SYS_NICE`, always may). Such a thread holds a lock that a
+    /// normal one may wait for only for moments (the compactor: to swap a
+    /// run or a memtable in or out): preempted while holding it, it would
+    /// keep the other waiting for a core that nothing else wants.
     Idle,
 }
 

@@ -253,7 +253,12 @@ fn read_file(path: &Path) -> StorageResult<SegmentBytes> {
     // SAFETY: a mapping goes wrong if its file shrinks under it. Segments
     // are only ever written within their prepared length or past it, by
     // the one writer, and deleted whole or replaced by a rename (which
-    // leave a mapping of the old file intact); none is ever truncated.
+    // leave a mapping of the old file intact). The one that shrinks is a
+    // segment a spread-out trim cuts down (`Pace::Spread`), and only once
+    // it lies wholly below a durable checkpoint: `read_from` never maps
+    // such a segment, and that trim runs on the journal writer's
+    // checkpoint thread, which starts after recovery has dropped its
+    // mappings.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io_error(path, e))?;
     // Read front to back once: written with O_DIRECT, the segment is on
     // the disk and not in the page cache, and larger read-ahead reads it
