@@ -455,16 +455,27 @@ impl pb::event_service_server::EventService for Grpc {
         let (pending_tx, mut pending_rx) = tokio::sync::mpsc::channel(STREAM_WINDOW / STREAM_CHUNK);
         let (out_tx, out_rx) = tokio::sync::mpsc::channel(STREAM_WINDOW);
         let service = self.service.clone();
+        let stopped = self.service.live.stopped();
         // Reader: takes every event that has arrived (up to a chunk) and
         // records them together, up to the window in flight; writer:
         // answers them in arrival order.
         tokio::spawn(async move {
+            tokio::pin!(stopped);
             let mut end = None;
             while end.is_none() {
                 let mut chunk = Vec::new();
                 while chunk.len() < STREAM_CHUNK {
                     tokio::select! {
                         biased;
+                        // A stop drains what was read, then ends the
+                        // stream: a till's stream would otherwise hold the
+                        // stop up for as long as the till stays connected.
+                        () = &mut stopped => {
+                            end = Some(Err(Status::unavailable(
+                                "the node is stopping: every event answered above is recorded; send the others \
+                                 again on a new stream (their ids make it safe)",
+                            )));
+                        }
                         next = inbound.message() => match next {
                             Ok(Some(event)) => chunk.push(event),
                             Ok(None) => end = Some(Ok(())),

@@ -240,9 +240,13 @@ pub async fn serve_with(
 
     // One shutdown signal for both servers and the housekeeping task.
     let (stop, stopping) = tokio::sync::watch::channel(false);
+    let live = service.clone();
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop.send(true);
+        // Watches (screens' streams) never end on their own: the servers'
+        // drain would wait for them for ever.
+        live.live.stop();
     });
     // Write the snapshots recovery left in memory, a slice at a time.
     let writing = service.clone();

@@ -55,13 +55,35 @@ fn channel<'a, C>(map: &'a mut ByTenant<C>, tenant: &str, id: &str, new: impl Fn
 }
 
 /// The node's live channels, created on first use.
-#[derive(Default)]
 pub struct Live {
     jackpots: Mutex<ByTenant<JackpotChannels>>,
     leaderboards: Mutex<ByTenant<watch::Sender<u64>>>,
+    /// Set once the node stops: every watch ends.
+    stopping: watch::Sender<bool>,
+}
+
+impl Default for Live {
+    fn default() -> Self {
+        Self { jackpots: Mutex::default(), leaderboards: Mutex::default(), stopping: watch::channel(false).0 }
+    }
 }
 
 impl Live {
+    /// Ends every watch, now and from now on: a stop drains its requests,
+    /// and a screen's stream would otherwise never end (its browser
+    /// reconnects, to this node once it is back or to another, and
+    /// catches up with `Last-Event-ID`).
+    pub fn stop(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Resolves once the node stops (at once if it has).
+    pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut stopping = self.stopping.subscribe();
+        async move {
+            let _ = stopping.wait_for(|stop| *stop).await;
+        }
+    }
     fn with_jackpot<T>(&self, tenant: &str, jackpot: &str, f: impl FnOnce(&JackpotChannels) -> T) -> T {
         let mut jackpots = self.jackpots.lock();
         f(channel(&mut jackpots, tenant, jackpot, || JackpotChannels {

@@ -1285,11 +1285,14 @@ impl Service {
             }
         }
         let service = self.clone();
+        let stopped = self.live.stopped();
         tokio::spawn(async move {
+            tokio::pin!(stopped);
             let mut last_hit_cycle = current.cycle.saturating_sub(1);
             loop {
                 tokio::select! {
                     () = sender.closed() => return,
+                    () = &mut stopped => return,
                     hit = hits.recv() => match hit {
                         Ok(hit) => {
                             last_hit_cycle = last_hit_cycle.max(hit.cycle);
@@ -1354,11 +1357,14 @@ impl Service {
         let _ = sender.send(first.clone()).await;
         let service = self.clone();
         let (key, tenant, leaderboard) = (key.map(str::to_owned), tenant.to_owned(), leaderboard.to_owned());
+        let stopped = self.live.stopped();
         tokio::spawn(async move {
+            tokio::pin!(stopped);
             let mut last = first;
             loop {
                 tokio::select! {
                     () = sender.closed() => return,
+                    () = &mut stopped => return,
                     changed = changes.changed() => {
                         if changed.is_err() {
                             return;

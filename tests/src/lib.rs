@@ -176,6 +176,30 @@ impl Node {
         child.wait().expect("the node exits after SIGTERM")
     }
 
+    /// SIGTERM, then waits up to `within` for the process to exit; kills
+    /// it and panics with its log if it has not.
+    #[track_caller]
+    pub fn terminate_within(&mut self, within: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("the node is running");
+        let pid = libc::pid_t::try_from(child.id()).expect("pids fit pid_t");
+        // SAFETY: signalling a child process we own, by its PID.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait().expect("the node's status") {
+                return status;
+            }
+            if deadline < std::time::Instant::now() {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the node did not stop within {within:?} of SIGTERM; its log:\n{}", self.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGKILL: the node dies at once, mid-flight.
     pub fn kill(&mut self) {
         let mut child = self.child.take().expect("the node is running");
@@ -242,6 +266,20 @@ impl SseStream {
     #[track_caller]
     pub fn next(&self, within: Duration) -> SseEvent {
         self.events.recv_timeout(within).unwrap_or_else(|e| panic!("no event within {within:?}: {e}"))
+    }
+
+    /// Whether the stream ends (its connection closes) within `within`,
+    /// whatever events come before.
+    pub fn ends_within(&self, within: Duration) -> bool {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(_) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return true,
+                Err(mpsc::RecvTimeoutError::Timeout) => return false,
+            }
+        }
     }
 
     /// Events until one named `name` arrives (which is returned last).

@@ -165,3 +165,57 @@ async fn grpc_watchers_see_the_pool_and_the_hit() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_stop_ends_screens_and_tills_streams_instead_of_waiting_for_them() {
+    // Streams never end on their own: a stop that waited for them drained
+    // for as long as a screen or a till stayed connected.
+    let mut node = Node::start(&[]);
+    let mall = Mall::create(&node, "mall", hot());
+    let screen = mall.display.sse(&mall.path("jackpots/j-mall/stream"), None);
+    assert_eq!(screen.next(WAIT).event, "pool");
+    let channel =
+        tonic::transport::Channel::from_shared(node.grpc.clone()).expect("uri").connect().await.expect("connects");
+    let authorised = |key: &str| format!("Bearer {key}").parse::<tonic::metadata::MetadataValue<_>>().expect("header");
+    let mut request = tonic::Request::new(pb::WatchLeaderboardRequest {
+        tenant: "mall".into(),
+        leaderboard: "lb-spend".into(),
+        top: 3,
+    });
+    request.metadata_mut().insert("authorization", authorised(mall.display_key()));
+    let mut games = pb::game_service_client::GameServiceClient::new(channel.clone());
+    let mut board = games.watch_leaderboard(request).await.expect("watching").into_inner();
+    board.message().await.expect("the board").expect("open");
+    // A till's event stream, left open after its first event's answer.
+    let (till, events) = tokio::sync::mpsc::channel(4);
+    let purchase = pb::RecordEventRequest {
+        tenant: "mall".into(),
+        event_id: "t-1".into(),
+        customer: "c-1".into(),
+        store: Some("s-1".into()),
+        kind: "purchase".into(),
+        amount_minor: Some(2_500),
+        at: None,
+    };
+    till.send(purchase).await.expect("queued");
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(events));
+    request.metadata_mut().insert("authorization", authorised(mall.pos_key().expect("a till's key")));
+    let mut tills = pb::event_service_client::EventServiceClient::new(channel);
+    let mut answers = tills.stream_events(request).await.expect("streaming").into_inner();
+    let answered = answers.message().await.expect("an answer").expect("open");
+    assert!(matches!(answered.outcome, Some(pb::event_outcome::Outcome::Result(_))), "{answered:?}");
+
+    let status = tokio::task::spawn_blocking(move || {
+        let status = node.terminate_within(WAIT);
+        (status, node.log_tail())
+    })
+    .await
+    .expect("stopped");
+    assert!(status.0.success(), "{}; the log:\n{}", status.0, status.1);
+    assert!(screen.ends_within(WAIT), "the screen's stream ended");
+    // The till's purchase may have moved the board first.
+    while board.message().await.expect("the gRPC watch ends cleanly").is_some() {}
+    let told = answers.message().await.expect_err("the till is told to go elsewhere");
+    assert_eq!(told.code(), tonic::Code::Unavailable, "{told:?}");
+    drop(till);
+}
