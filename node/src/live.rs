@@ -84,6 +84,7 @@ impl Live {
             let _ = stopping.wait_for(|stop| *stop).await;
         }
     }
+
     fn with_jackpot<T>(&self, tenant: &str, jackpot: &str, f: impl FnOnce(&JackpotChannels) -> T) -> T {
         let mut jackpots = self.jackpots.lock();
         f(channel(&mut jackpots, tenant, jackpot, || JackpotChannels {

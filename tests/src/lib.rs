@@ -165,15 +165,11 @@ impl Node {
         self.child.as_ref().expect("the node is running").id()
     }
 
-    /// SIGTERM, then waits for the process to exit; returns its status.
+    /// SIGTERM, then waits for the process to exit (two minutes at most);
+    /// returns its status.
+    #[track_caller]
     pub fn terminate(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("the node is running");
-        let pid = libc::pid_t::try_from(child.id()).expect("pids fit pid_t");
-        // SAFETY: signalling a child process we own, by its PID.
-        unsafe {
-            libc::kill(pid, libc::SIGTERM);
-        }
-        child.wait().expect("the node exits after SIGTERM")
+        self.terminate_within(Duration::from_secs(120))
     }
 
     /// SIGTERM, then waits up to `within` for the process to exit; kills
