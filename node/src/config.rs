@@ -45,6 +45,11 @@ pub struct ServeArgs {
     /// dropped; bounds recovery time [default: 30s].
     #[arg(long, env = "BAZAAR_CHECKPOINT_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub checkpoint_interval: Option<Duration>,
+    /// How long a checkpoint spreads its customers' snapshots over while
+    /// the node serves (0s: as fast as the journal writer takes them);
+    /// shorter than the interval [default: half the interval].
+    #[arg(long, env = "BAZAAR_CHECKPOINT_SPREAD", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub checkpoint_spread: Option<Duration>,
     /// How often the engagement ratios are recomputed [default: 60s].
     #[arg(long, env = "BAZAAR_ENGAGEMENT_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub engagement_interval: Option<Duration>,
@@ -103,6 +108,8 @@ struct FileConfig {
     #[serde(default, with = "humantime_serde_opt")]
     checkpoint_interval: Option<Duration>,
     #[serde(default, with = "humantime_serde_opt")]
+    checkpoint_spread: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
     engagement_interval: Option<Duration>,
     snapshot_every: Option<u32>,
     actor_threads: Option<usize>,
@@ -135,6 +142,7 @@ pub struct NodeConfig {
     pub idle_timeout: Duration,
     pub max_event_age: Duration,
     pub checkpoint_interval: Duration,
+    pub checkpoint_spread: Duration,
     pub engagement_interval: Duration,
     pub snapshot_every: u32,
     pub actor_threads: usize,
@@ -170,6 +178,8 @@ impl NodeConfig {
             }
             None => FileConfig::default(),
         };
+        let checkpoint_interval =
+            args.checkpoint_interval.or(file.checkpoint_interval).unwrap_or(Duration::from_secs(30));
         let config = Self {
             http: args.http.or(file.http).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
             grpc: args.grpc.or(file.grpc).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051))),
@@ -177,10 +187,8 @@ impl NodeConfig {
             admin_key: args.admin_key.or(file.admin_key),
             idle_timeout: args.idle_timeout.or(file.idle_timeout).unwrap_or(Duration::from_secs(300)),
             max_event_age: args.max_event_age.or(file.max_event_age).unwrap_or(Duration::from_secs(7 * 24 * 3600)),
-            checkpoint_interval: args
-                .checkpoint_interval
-                .or(file.checkpoint_interval)
-                .unwrap_or(Duration::from_secs(30)),
+            checkpoint_interval,
+            checkpoint_spread: args.checkpoint_spread.or(file.checkpoint_spread).unwrap_or(checkpoint_interval / 2),
             engagement_interval: args
                 .engagement_interval
                 .or(file.engagement_interval)
@@ -225,6 +233,9 @@ impl NodeConfig {
         if self.checkpoint_interval < Duration::from_millis(100) {
             return invalid("checkpoint_interval", "must be at least 100ms");
         }
+        if self.checkpoint_interval <= self.checkpoint_spread {
+            return invalid("checkpoint_spread", "must be shorter than checkpoint_interval");
+        }
         if self.engagement_interval < Duration::from_millis(100) {
             return invalid("engagement_interval", "must be at least 100ms");
         }
@@ -268,6 +279,11 @@ mod tests {
         assert!(config.transparent_huge_pages, "the file turns huge pages on");
         assert!(!NodeConfig::defaults().transparent_huge_pages, "off by default");
         assert_eq!(config.max_event_age, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(config.checkpoint_spread, Duration::from_secs(15), "half the default interval");
+        let config =
+            NodeConfig::build(ServeArgs { checkpoint_interval: Some(Duration::from_secs(10)), ..ServeArgs::default() })
+                .expect("valid");
+        assert_eq!(config.checkpoint_spread, Duration::from_secs(5), "half the interval set");
     }
 
     #[test]
@@ -284,5 +300,12 @@ mod tests {
         let error =
             NodeConfig::build(ServeArgs { actor_threads: Some(0), ..ServeArgs::default() }).expect_err("no threads");
         assert!(error.to_string().starts_with("actor_threads:"), "{error}");
+        let error = NodeConfig::build(ServeArgs {
+            checkpoint_interval: Some(Duration::from_secs(10)),
+            checkpoint_spread: Some(Duration::from_secs(10)),
+            ..ServeArgs::default()
+        })
+        .expect_err("a spread as long as the interval");
+        assert_eq!(error.to_string(), "checkpoint_spread: must be shorter than checkpoint_interval");
     }
 }

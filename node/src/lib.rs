@@ -195,7 +195,11 @@ pub async fn serve_with(
         tenancy,
         live: live::Live::default(),
         in_flight: service::KeyedLock::default(),
-        config: ServiceConfig { max_event_age: config.max_event_age, unary_batching: config.unary_batching },
+        config: ServiceConfig {
+            max_event_age: config.max_event_age,
+            unary_batching: config.unary_batching,
+            checkpoint_spread: config.checkpoint_spread,
+        },
         ready: false.into(),
     });
 

@@ -130,6 +130,9 @@ pub struct ServiceConfig {
     /// Whether unary events that arrive together are recorded as one
     /// batch ([`crate::coalesce`]).
     pub unary_batching: bool,
+    /// How long a checkpoint taken while the node serves spreads its
+    /// customers' snapshots over ([`crate::actor::Registry::snapshot_all`]).
+    pub checkpoint_spread: Duration,
 }
 
 /// A unary event waiting in its tenant's [`crate::coalesce::Lane`], and
@@ -1485,17 +1488,26 @@ impl Service {
         Ok(())
     }
 
-    /// Snapshots every active actor and drops the journal they cover,
-    /// giving its disk space back at `pace` (spread while serving).
+    /// Snapshots every active actor and drops the journal they cover, at
+    /// `pace`: spread while serving (the customers' snapshots over
+    /// [`ServiceConfig::checkpoint_spread`], unless the node stops
+    /// meanwhile; the disk space a slice at a time), at once for a stop.
     pub async fn checkpoint(&self, pace: crate::storage::Pace) -> ServiceResult<()> {
         // Snapshots recovery left in memory cover part of the journal too.
         self.write_recovered().await?;
         let started = std::time::Instant::now();
         let marker = self.journal.marker().await?;
-        let snapshots = self.customers.snapshot_all().await
-            + self.wheels.snapshot_all().await
-            + self.jackpots.snapshot_all().await
-            + self.leaderboards.snapshot_all().await;
+        // Spread over part of the interval while the node serves (the
+        // customers are nearly all of them); at once for a stop's.
+        let spread = match pace {
+            crate::storage::Pace::Spread => self.config.checkpoint_spread,
+            crate::storage::Pace::AtOnce => Duration::ZERO,
+        };
+        tracing::debug!(upto = marker, spread_ms = spread.as_millis() as u64, "checkpoint begins");
+        let snapshots = self.customers.snapshot_all(spread, self.live.stopped()).await
+            + self.wheels.snapshot_all(Duration::ZERO, std::future::pending()).await
+            + self.jackpots.snapshot_all(Duration::ZERO, std::future::pending()).await
+            + self.leaderboards.snapshot_all(Duration::ZERO, std::future::pending()).await;
         self.journal.checkpoint(marker, pace).await?;
         tracing::info!(snapshots, elapsed_ms = started.elapsed().as_millis() as u64, "checkpoint written");
         Ok(())

@@ -248,3 +248,78 @@ fn the_node_opts_out_of_transparent_huge_pages_unless_told_otherwise() {
     assert_eq!(thp_enabled(allowed.pid()), thp_enabled(std::process::id()), "left as the system has it");
     assert!(allowed.terminate().success());
 }
+
+/// The `elapsed_ms` of every "checkpoint written" line in `log`, in order,
+/// and how many checkpoints began (one at a time: the `n`th written is
+/// the `n`th begun).
+fn checkpoints(log: &str) -> (Vec<u64>, usize) {
+    let written = log
+        .lines()
+        .filter(|line| line.contains("checkpoint written"))
+        .map(|line| {
+            let value = line.split("elapsed_ms=").nth(1).and_then(|rest| rest.split_whitespace().next());
+            value.and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no elapsed_ms in {line:?}"))
+        })
+        .collect();
+    (written, log.lines().filter(|line| line.contains("checkpoint begins")).count())
+}
+
+#[test]
+fn a_checkpoint_spreads_its_snapshots_and_a_stop_does_not_wait_for_the_spread() {
+    // Six hundred customers: three groups of asks, the last asked no
+    // sooner than two thirds of the spread (3.67 s) into the checkpoint.
+    const SPREAD_MS: u64 = 5_500;
+    const LAST_GROUP_MS: u64 = SPREAD_MS * 2 / 3;
+    let mut node = Node::start(&[
+        "--checkpoint-interval",
+        "6s",
+        "--checkpoint-spread",
+        &format!("{SPREAD_MS}ms"),
+        "--log",
+        "info,bazaar_node::service=debug",
+    ]);
+    let mall = Mall::create(&node, "spread", hot_jackpot());
+    let purchases = |round: usize| {
+        for first in (0..600).step_by(100) {
+            let events: Vec<Value> = (first..first + 100)
+                .map(|n| Mall::purchase(&format!("r{round}-{n}"), &format!("c-{n}"), "s-1", 2_000))
+                .collect();
+            let answer = mall.pos.post(&mall.path("events/batch"), json!({ "events": events })).expect(200);
+            assert!(answer["results"].as_array().is_some_and(|r| r.len() == 100), "{answer}");
+        }
+    };
+    // Waits for the checkpoint numbered `index` (from 0) to have begun,
+    // or been written.
+    let wait_for = |index: usize, written: bool| -> Vec<u64> {
+        let started = Instant::now();
+        loop {
+            let (done, began) = checkpoints(&node.log());
+            if (written && index < done.len()) || (!written && index < began) {
+                return done;
+            }
+            assert!(started.elapsed() < Duration::from_secs(120), "no checkpoint {index}:\n{}", node.log_tail());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+
+    // The first checkpoint that begins once the customers exist.
+    purchases(1);
+    let (_, began) = checkpoints(&node.log());
+    let elapsed_ms = wait_for(began, true)[began];
+    assert!(LAST_GROUP_MS <= elapsed_ms, "asks spread over {SPREAD_MS} ms, yet the checkpoint took {elapsed_ms} ms");
+
+    // The customers change again; once the next checkpoint has begun, a
+    // stop ends its spread: the rest goes at the writer's pace.
+    purchases(2);
+    let (_, began) = checkpoints(&node.log());
+    wait_for(began, false);
+    let status = node.terminate();
+    assert!(status.success(), "graceful shutdown exits 0, got {status}");
+    let (written, _) = checkpoints(&node.log());
+    assert_eq!(written.len(), began + 2, "the checkpoint under way, then the stop's own: {written:?}");
+    assert!(
+        written[began] < LAST_GROUP_MS,
+        "a checkpoint under way when the node stopped still took {} ms, as if spread out",
+        written[began]
+    );
+}
