@@ -315,24 +315,29 @@ async fn stopped(mut stopping: tokio::sync::watch::Receiver<bool>) {
     let _ = stopping.wait_for(|stop| *stop).await;
 }
 
-/// Checkpoints and outbox redelivery, until told to stop.
+/// Checkpoints, outbox redelivery and engagement refreshes, until told to
+/// stop. Checkpoints go in a loop of their own: one spreads its snapshots
+/// over half its interval, and redelivery (every two seconds) does not
+/// wait for it.
 async fn housekeeping(
     service: Arc<Service>,
     checkpoint_interval: Duration,
     engagement_interval: Duration,
     stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut checkpoint = tokio::time::interval(checkpoint_interval);
-    let mut redeliver = tokio::time::interval(REDELIVERY_INTERVAL);
-    let mut engagement = tokio::time::interval(engagement_interval);
-    // A refresh paces itself over seconds: it runs beside the loop, one at
-    // a time, so that checkpoints and redelivery do not wait for it, on a
-    // thread of its own at background priority (it reads every customer's
-    // snapshot; at the default priority it took its share of the cores
-    // from the answers).
-    let mut refreshing: Option<std::thread::JoinHandle<()>> = None;
+    tokio::join!(
+        checkpoints(service.clone(), checkpoint_interval, stop.clone()),
+        redelivery_and_engagement(service, engagement_interval, stop),
+    );
+}
+
+/// A checkpoint every `interval`, until told to stop; one that took
+/// longer is followed by the next at once, and by one only (not by one
+/// per interval missed).
+async fn checkpoints(service: Arc<Service>, interval: Duration, stop: tokio::sync::watch::Receiver<bool>) {
+    let mut checkpoint = tokio::time::interval(interval);
+    checkpoint.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     checkpoint.tick().await;
-    redeliver.tick().await;
     let stop = stopped(stop);
     tokio::pin!(stop);
     loop {
@@ -343,6 +348,30 @@ async fn housekeeping(
                     tracing::warn!(%error, "checkpoint failed; will retry");
                 }
             }
+        }
+    }
+}
+
+/// Outbox redelivery and engagement refreshes, until told to stop.
+async fn redelivery_and_engagement(
+    service: Arc<Service>,
+    engagement_interval: Duration,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut redeliver = tokio::time::interval(REDELIVERY_INTERVAL);
+    let mut engagement = tokio::time::interval(engagement_interval);
+    // A refresh paces itself over seconds: it runs beside the loop, one at
+    // a time, so that redelivery does not wait for it, on a
+    // thread of its own at background priority (it reads every customer's
+    // snapshot; at the default priority it took its share of the cores
+    // from the answers).
+    let mut refreshing: Option<std::thread::JoinHandle<()>> = None;
+    redeliver.tick().await;
+    let stop = stopped(stop);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => return,
             _ = redeliver.tick() => {
                 service.redeliver(REDELIVERY_INTERVAL).await;
             }
