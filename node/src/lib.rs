@@ -361,10 +361,10 @@ async fn redelivery_and_engagement(
     let mut redeliver = tokio::time::interval(REDELIVERY_INTERVAL);
     let mut engagement = tokio::time::interval(engagement_interval);
     // A refresh paces itself over seconds: it runs beside the loop, one at
-    // a time, so that redelivery does not wait for it, on a
-    // thread of its own at background priority (it reads every customer's
-    // snapshot; at the default priority it took its share of the cores
-    // from the answers).
+    // a time, so that redelivery does not wait for it, on a thread of its
+    // own at background priority (it reads every customer's snapshot; at
+    // the default priority it took its share of the cores from the
+    // answers).
     let mut refreshing: Option<std::thread::JoinHandle<()>> = None;
     redeliver.tick().await;
     let stop = stopped(stop);
