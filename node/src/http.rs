@@ -675,6 +675,14 @@ pub(crate) async fn metrics(State(s): State<AppState>) -> Response {
     metrics.seen_records.with_label_values(&["runs"]).set(i64::try_from(seen.run_records).unwrap_or(i64::MAX));
     metrics.seen_records.with_label_values(&["memory"]).set(i64::try_from(seen.memory_records).unwrap_or(i64::MAX));
     metrics.seen_records.with_label_values(&["pending"]).set(i64::try_from(seen.pending_records).unwrap_or(i64::MAX));
+    metrics.seen_summarized_runs.set(i64::try_from(seen.summarized_runs).unwrap_or(i64::MAX));
+    {
+        // The index counts; the counter follows, one scrape at a time.
+        static FOLLOW: parking_lot::Mutex<()> = parking_lot::const_mutex(());
+        let _one = FOLLOW.lock();
+        let probes = &metrics.seen_run_probes;
+        probes.inc_by(seen.run_probes.saturating_sub(probes.get()));
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.service.metrics.render()).into_response()
 }
 

@@ -14,8 +14,16 @@
 //!   sorted by key in blocks of about [`BLOCK_BYTES`], ending with the
 //!   first key of each block and a binary fuse filter of the keys' hashes
 //!   (about 9 bits per record, 0.4 % false positives), both kept in
-//!   memory. A lookup of a new id costs a hash-map probe and one filter
-//!   probe per run; a block is read only for the ids a filter lets by.
+//!   memory. A block is read only for the ids a filter lets by;
+//! - the **summary**: one Bloom filter of the keys of every run (of their
+//!   hashes, which each run also stores), so that a lookup of a new id
+//!   costs a hash-map probe and one cache line, however many runs there
+//!   are; the runs' own filters are probed only for the ids it lets by
+//!   (0.4 % of new ones, once it holds the keys it was sized for) and for
+//!   runs it does not cover yet. Each run's filter probe is a cache miss
+//!   or three, and a node that has served for an hour has a dozen runs
+//!   (a few dozen while its compactor lags behind a burst): probing them
+//!   all was a tenth of the node's time under leaderboard load.
 //!
 //! Once the memtable holds [`MEMTABLE_RECORDS`] records, or a checkpoint
 //! is about to drop the journal batches it was built from
@@ -25,7 +33,11 @@
 //! a few filters per size and every record is rewritten a few times in
 //! all, off the writer's path. (Blocks stored as sled values cost the
 //! compactor more than the inserts they replaced: sled rewrites a whole
-//! leaf at each split, as a blob file once it passes 128 KiB.)
+//! leaf at each split, as a blob file once it passes 128 KiB.) The
+//! compactor adds a run's hashes to the summary before the run is listed
+//! (a merged run's keys are there already), and builds a summary twice
+//! the size from the runs' stored hashes once it holds more than it was
+//! sized for, and at start-up: until then lookups probe every run.
 //!
 //! A run exists once its description is in sled's `seen_runs` tree, which
 //! is written after its file is synced; the description names the runs a
@@ -141,13 +153,118 @@ struct Footer {
     /// as `xorf` lays them out for storing.
     filter_descriptor: ByteBuf,
     filter: ByteBuf,
+    /// Where the keys' hashes start (right after the last block) and how
+    /// many there are: distinct, ascending, 8 bytes each, little-endian.
+    /// The summary is built from them. Runs written before they were
+    /// stored have none: their keys are hashed again.
+    hashes: Option<(u64, u64)>,
+}
+
+/// The footer of a run written before runs stored their hashes.
+#[derive(Serialize, Deserialize)]
+struct FooterWithoutHashes {
+    fences: Vec<(ByteBuf, u64)>,
+    filter_descriptor: ByteBuf,
+    filter: ByteBuf,
+}
+
+impl Footer {
+    fn decode(bytes: &[u8]) -> StorageResult<Self> {
+        decode::<Footer>(bytes).or_else(|error| match decode::<FooterWithoutHashes>(bytes) {
+            Ok(FooterWithoutHashes { fences, filter_descriptor, filter }) => {
+                Ok(Footer { fences, filter_descriptor, filter, hashes: None })
+            }
+            Err(_) => Err(error),
+        })
+    }
+}
+
+/// Bits of the summary per key it is sized for: at that many keys, 0.4 %
+/// of new ids get past it (see [`BlockedBloom`]).
+const SUMMARY_BITS_PER_KEY: u64 = 12;
+
+/// The smallest summary, in memtables' records.
+const SUMMARY_MIN_MEMTABLES: u64 = 8;
+
+/// A split-block Bloom filter of 64-bit hashes, which can be added to
+/// while it is read: a hash picks one 64-byte block (one cache line) and
+/// sets one bit in each of its eight words. At 12 bits per key about
+/// 0.4 % of absent hashes get through (0.3 % for a Bloom filter that
+/// spreads its bits over the whole array, which costs a cache miss per
+/// bit on insert and about two per absent hash). Written here rather than
+/// taken from a crate: `sbbf-rs-safe` blocks the same way but adds only
+/// through `&mut` (lookups would wait on each run's hundred thousand
+/// additions, or the filter be copied for each), and `fastbloom`'s
+/// concurrent filter does not block its bits. The salts are the Parquet
+/// format's split-block filter's.
+struct BlockedBloom {
+    blocks: Box<[Block]>,
+}
+
+#[repr(align(64))]
+struct Block([AtomicU64; 8]);
+
+const SALTS: [u32; 8] =
+    [0x47b6137b, 0x44974d91, 0x8824ad5b, 0xa2b7289d, 0x705495c7, 0x2df1424b, 0x9efc4947, 0x5c6bfb31];
+
+impl BlockedBloom {
+    fn with_capacity(keys: u64) -> Self {
+        let blocks = (keys.saturating_mul(SUMMARY_BITS_PER_KEY) / 512).max(1);
+        let blocks = usize::try_from(blocks).unwrap_or(usize::MAX);
+        Self { blocks: (0..blocks).map(|_| Block(Default::default())).collect() }
+    }
+
+    /// The block of `hash` (from its high half) and the bit each of the
+    /// block's words has for it (from its low half).
+    fn locate(&self, hash: u64) -> (&Block, [u64; 8]) {
+        let block = ((hash >> 32) * self.blocks.len() as u64) >> 32;
+        let low = hash as u32;
+        (&self.blocks[block as usize], SALTS.map(|salt| 1 << (low.wrapping_mul(salt) >> 26)))
+    }
+
+    fn insert(&self, hash: u64) {
+        let (block, bits) = self.locate(hash);
+        for (word, bit) in block.0.iter().zip(bits) {
+            if word.load(Ordering::Relaxed) & bit == 0 {
+                word.fetch_or(bit, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn contains(&self, hash: u64) -> bool {
+        let (block, bits) = self.locate(hash);
+        block.0.iter().zip(bits).all(|(word, bit)| word.load(Ordering::Relaxed) & bit != 0)
+    }
+
+    fn bytes(&self) -> usize {
+        std::mem::size_of_val(&*self.blocks)
+    }
+}
+
+/// The summary: which runs' keys its filter holds, and how full it is.
+struct Summary {
+    filter: BlockedBloom,
+    /// The runs whose every key's hash it holds.
+    runs: Vec<u64>,
+    /// Keys it was sized for, and hashes added to it so far (a merged
+    /// run's are not added again).
+    capacity: u64,
+    added: u64,
+}
+
+/// The runs, newest first, and their summary (none until the compactor
+/// has built it).
+#[derive(Default)]
+struct Runs {
+    list: Vec<Arc<Run>>,
+    summary: Option<Summary>,
 }
 
 struct Run {
     id: u64,
     meta: RunMeta,
     footer: Footer,
-    /// Where the footer starts: the end of the last block.
+    /// The end of the last block (where the hashes, or the footer, start).
     blocks_end: u64,
     file: File,
 }
@@ -162,12 +279,46 @@ impl Run {
         let corrupt = || StorageError::Codec(format!("{} is not a whole seen run", path.display()));
         let trailer_at = length.checked_sub(8).ok_or_else(corrupt)?;
         file.read_exact_at(&mut trailer, trailer_at).map_err(io)?;
-        let blocks_end = u64::from_le_bytes(trailer);
+        let footer_at = u64::from_le_bytes(trailer);
         let footer_length =
-            usize::try_from(trailer_at.checked_sub(blocks_end).ok_or_else(corrupt)?).map_err(|_| corrupt())?;
+            usize::try_from(trailer_at.checked_sub(footer_at).ok_or_else(corrupt)?).map_err(|_| corrupt())?;
         let mut footer = vec![0; footer_length];
-        file.read_exact_at(&mut footer, blocks_end).map_err(io)?;
-        Ok(Self { id, meta, footer: decode(&footer)?, blocks_end, file })
+        file.read_exact_at(&mut footer, footer_at).map_err(io)?;
+        let footer = Footer::decode(&footer)?;
+        let blocks_end = match footer.hashes {
+            Some((at, count)) if count.checked_mul(8).and_then(|bytes| bytes.checked_add(at)) == Some(footer_at) => at,
+            Some(_) => return Err(corrupt()),
+            None => footer_at,
+        };
+        Ok(Self { id, meta, footer, blocks_end, file })
+    }
+
+    /// Calls `add` with the hash of each of its keys: the stored ones, read
+    /// a piece at a time, or for a run without them, its keys' hashes.
+    fn hashes(&self, mut add: impl FnMut(u64)) -> StorageResult<()> {
+        let Some((mut at, count)) = self.footer.hashes else {
+            let mut source = Source::new(self);
+            loop {
+                source.fill()?;
+                let Some((key, _)) = source.head() else { return Ok(()) };
+                add(hash(key));
+                source.at += 1;
+            }
+        };
+        let end = at + count * 8;
+        let mut piece = Vec::new();
+        while at < end {
+            let length = (end - at).min(HASHES_PIECE_BYTES);
+            piece.resize(length as usize, 0);
+            self.file
+                .read_exact_at(&mut piece, at)
+                .map_err(|e| StorageError::Sync(format!("seen run {}", self.id), e))?;
+            for bytes in piece.chunks_exact(8) {
+                add(u64::from_le_bytes(bytes.try_into().unwrap_or_default()));
+            }
+            at += length;
+        }
+        Ok(())
     }
 
     /// Its size class: 0 below `FANOUT` memtables' records, and one more
@@ -283,6 +434,9 @@ fn parse_block(bytes: &[u8]) -> StorageResult<Vec<(Range<usize>, Range<usize>)>>
 /// (see [`write_back`]).
 const WRITE_BACK_BYTES: u64 = 1 << 20;
 
+/// A run's stored hashes are read this many bytes at a time.
+const HASHES_PIECE_BYTES: u64 = 512 * 1024;
+
 /// Writes `from..to` of a run's file back to the disk and waits for it,
 /// without the cache flush a sync costs: the journal's durable writes then
 /// queue behind a mebibyte of the run at most, not behind all of it at its
@@ -377,14 +531,20 @@ impl<'a> RunWriter<'a> {
         Ok(())
     }
 
-    /// Writes the footer, syncs the file, then stores the description.
-    fn finish(mut self, upto: u64, replaces: Vec<u64>) -> StorageResult<Run> {
+    /// Writes the hashes and the footer, syncs the file, then stores the
+    /// description; returns the run and its hashes.
+    fn finish(mut self, upto: u64, replaces: Vec<u64>) -> StorageResult<(Run, Vec<u64>)> {
         if 0 < self.block.count {
             self.write_block()?;
         }
         let mut hashes = std::mem::take(&mut self.hashes);
         hashes.sort_unstable();
         hashes.dedup();
+        let hashes_at = self.offset;
+        for hash in &hashes {
+            self.out.write_all(&hash.to_le_bytes()).map_err(self.io())?;
+        }
+        self.offset += 8 * hashes.len() as u64;
         let filter = BinaryFuse8::try_from(&hashes)
             .map_err(|e| StorageError::Codec(format!("building the filter of seen run {}: {e}", self.id)))?;
         let mut descriptor = vec![0; BinaryFuse8::DESCRIPTOR_LEN];
@@ -393,6 +553,7 @@ impl<'a> RunWriter<'a> {
             fences: std::mem::take(&mut self.fences),
             filter_descriptor: ByteBuf::from(descriptor),
             filter: ByteBuf::from(filter.fingerprints),
+            hashes: Some((hashes_at, hashes.len() as u64)),
         };
         self.out.write_all(&encode(&footer)).map_err(self.io())?;
         self.out.write_all(&self.offset.to_le_bytes()).map_err(self.io())?;
@@ -402,7 +563,7 @@ impl<'a> RunWriter<'a> {
         let meta = RunMeta { upto, records: self.records, replaces };
         self.inner.tree.insert(meta_key(self.id), encode(&meta))?;
         self.finished = true;
-        Run::open(&self.inner.dir, self.id, meta)
+        Ok((Run::open(&self.inner.dir, self.id, meta)?, hashes))
     }
 }
 
@@ -483,8 +644,10 @@ struct Inner {
     /// right after a freeze took 50 ms instead of one, and the open
     /// loop's latency behind it ten times its usual p99.
     spare: Mutex<Option<FastMap<SharedBytes, SharedBytes>>>,
-    /// Newest first.
-    runs: RwLock<Vec<Arc<Run>>>,
+    /// Changed by the compactor alone.
+    runs: RwLock<Runs>,
+    /// Runs' filters probed by lookups so far.
+    run_probes: AtomicU64,
     next_id: AtomicU64,
     /// Memtables frozen so far.
     freezes: AtomicU64,
@@ -516,6 +679,12 @@ pub struct SeenStats {
     pub memory_records: usize,
     /// Records held until their commit is durable.
     pub pending_records: usize,
+    /// Runs whose keys the summary holds (lookups of new ids skip them).
+    pub summarized_runs: usize,
+    /// The summary's filter, in bytes.
+    pub summary_bytes: usize,
+    /// Runs' own filters probed by lookups so far.
+    pub run_probes: u64,
 }
 
 impl SeenIndex {
@@ -557,9 +726,9 @@ impl SeenIndex {
                 delete_run(&tree, dir, id, Pace::AtOnce)?;
             }
         }
-        let mut runs = Vec::new();
+        let mut runs = Runs::default();
         for (id, meta) in metas.into_iter().rev() {
-            runs.push(Arc::new(Run::open(dir, id, meta)?));
+            runs.list.push(Arc::new(Run::open(dir, id, meta)?));
         }
         let legacy = db.open_tree("seen")?;
         let legacy = (!legacy.is_empty()).then_some(legacy);
@@ -575,6 +744,7 @@ impl SeenIndex {
             frozen: RwLock::default(),
             spare: Mutex::default(),
             runs: RwLock::new(runs),
+            run_probes: AtomicU64::new(0),
             next_id: AtomicU64::new(next_id),
             freezes: AtomicU64::new(0),
             signal: signal.clone(),
@@ -585,7 +755,7 @@ impl SeenIndex {
             // Its priority follows its backlog (`keep_pace`).
             .spawn(move || compact(&weak, &signal))
             .map_err(|e| StorageError::Unavailable(format!("starting the seen index's compactor: {e}")))?;
-        // Merges the last run left undone.
+        // Merges the last run left undone, and builds the summary.
         let index = Self { inner };
         index.wake();
         Ok(index)
@@ -648,10 +818,28 @@ impl SeenIndex {
             }
         }
         let hash = hash(key);
-        for run in self.inner.runs.read().iter() {
-            if let Some(value) = run.get(key, hash)? {
-                return Ok(Some(value));
+        let runs = self.inner.runs.read();
+        // The runs the summary says lack the key (nearly all, for a new id).
+        let lacking = match &runs.summary {
+            Some(summary) if !summary.filter.contains(hash) => summary.runs.as_slice(),
+            _ => &[],
+        };
+        let mut probes = 0;
+        let mut found = Ok(None);
+        let all_lacking = lacking.len() == runs.list.len();
+        for run in runs.list.iter().filter(|run| !all_lacking && !lacking.contains(&run.id)) {
+            probes += 1;
+            found = run.get(key, hash);
+            if !matches!(found, Ok(None)) {
+                break;
             }
+        }
+        drop(runs);
+        if 0 < probes {
+            self.inner.run_probes.fetch_add(probes, Ordering::Relaxed);
+        }
+        if let Some(value) = found? {
+            return Ok(Some(value));
         }
         match &self.inner.legacy {
             Some(legacy) => Ok(legacy.get(key)?.map(|value| value.to_vec())),
@@ -713,7 +901,8 @@ impl SeenIndex {
     pub fn wait_idle(&self) -> StorageResult<()> {
         let mut progress = self.inner.signal.state.lock();
         while progress.requested || progress.busy {
-            if let Some(error) = &progress.failed {
+            // A failure while busy is the last attempt's: this one may pass.
+            if let (Some(error), false) = (&progress.failed, progress.busy) {
                 return Err(StorageError::Unavailable(format!("the seen index's compactor stopped: {error}")));
             }
             self.inner.signal.progress.wait(&mut progress);
@@ -724,17 +913,20 @@ impl SeenIndex {
     /// The last journal batch whose records are all in runs: recovery
     /// indexes the batches after it.
     pub fn covered(&self) -> Option<u64> {
-        self.inner.runs.read().iter().map(|run| run.meta.upto).max()
+        self.inner.runs.read().list.iter().map(|run| run.meta.upto).max()
     }
 
     pub fn stats(&self) -> SeenStats {
         let runs = self.inner.runs.read();
         let frozen: usize = self.inner.frozen.read().iter().map(|frozen| frozen.records.len()).sum();
         SeenStats {
-            runs: runs.len(),
-            run_records: runs.iter().map(|run| run.meta.records).sum(),
+            runs: runs.list.len(),
+            run_records: runs.list.iter().map(|run| run.meta.records).sum(),
             memory_records: self.inner.memtable.read().records.len() + frozen,
             pending_records: self.inner.pending.iter().map(|shard| shard.lock().len()).sum(),
+            summarized_runs: runs.summary.as_ref().map_or(0, |summary| summary.runs.len()),
+            summary_bytes: runs.summary.as_ref().map_or(0, |summary| summary.filter.bytes()),
+            run_probes: self.inner.run_probes.load(Ordering::Relaxed),
         }
     }
 }
@@ -780,7 +972,7 @@ fn compact(inner: &Weak<Inner>, signal: &Signal) {
                     while merge_once(&inner)? {
                         write_frozen(&inner)?;
                     }
-                    Ok::<_, StorageError>(())
+                    summarize(&inner)
                 })();
                 let frozen = inner.frozen.read().len();
                 (result, frozen)
@@ -831,10 +1023,15 @@ thread_local! {
 /// memtables wait, so that a node busy for long does not pile them up
 /// in memory (nor keep a checkpoint, which waits for them, from moving).
 fn keep_pace(inner: &Inner) {
-    let wanted = match BEHIND <= inner.frozen.read().len() {
+    prioritize(match BEHIND <= inner.frozen.read().len() {
         true => Priority::Background,
         false => Priority::Idle,
-    };
+    });
+}
+
+/// Sets the compactor thread's priority (once; it warns once if it
+/// cannot).
+fn prioritize(wanted: Priority) {
     let (current, warned) = PRIORITY.get();
     if current == Some(wanted) {
         return;
@@ -855,6 +1052,10 @@ fn keep_pace(inner: &Inner) {
 }
 
 fn write_frozen(inner: &Inner) -> StorageResult<()> {
+    // First, if the runs written since it was built outgrew the summary:
+    // this is called between the steps of a merge too, which can take
+    // minutes on a busy node, and an overfull summary lets most new ids by.
+    summarize(inner)?;
     keep_pace(inner);
     loop {
         let Some(frozen) = inner.frozen.read().front().cloned() else { return Ok(()) };
@@ -864,9 +1065,9 @@ fn write_frozen(inner: &Inner) -> StorageResult<()> {
         for (key, value) in records {
             writer.push(key, value)?;
         }
-        let run = writer.finish(frozen.upto, Vec::new())?;
+        let (run, hashes) = writer.finish(frozen.upto, Vec::new())?;
         // Published before the frozen memtable goes (see `SeenIndex::get`).
-        inner.runs.write().insert(0, Arc::new(run));
+        publish(inner, run, &hashes, &[]);
         inner.frozen.write().pop_front();
         inner.signal.state.lock().written = frozen.generation;
         inner.signal.progress.notify_all();
@@ -881,12 +1082,71 @@ fn write_frozen(inner: &Inner) -> StorageResult<()> {
     }
 }
 
+/// Lists a run written from a memtable or merged from `replaces` (which
+/// it takes the place of), with its keys in the summary: added to it
+/// first, unless the runs it was merged from are all summarized already.
+fn publish(inner: &Inner, run: Run, hashes: &[u64], replaces: &[Arc<Run>]) {
+    let summarized = |summary: &Summary, run: &Arc<Run>| summary.runs.contains(&run.id);
+    // Only the compactor changes the runs: the summary is the same below.
+    let added = match &inner.runs.read().summary {
+        Some(summary) if !replaces.is_empty() && replaces.iter().all(|input| summarized(summary, input)) => Some(0),
+        Some(summary) => {
+            for &hash in hashes {
+                summary.filter.insert(hash);
+            }
+            Some(hashes.len() as u64)
+        }
+        None => None,
+    };
+    let mut runs = inner.runs.write();
+    let id = run.id;
+    runs.list.retain(|listed| !replaces.iter().any(|input| input.id == listed.id));
+    runs.list.push(Arc::new(run));
+    runs.list.sort_by_key(|run| std::cmp::Reverse(run.id));
+    if let (Some(summary), Some(added)) = (&mut runs.summary, added) {
+        summary.runs.retain(|summarized| !replaces.iter().any(|input| input.id == *summarized));
+        summary.runs.push(id);
+        summary.added += added;
+    }
+}
+
+/// Builds the summary if there is none, or a larger one if it holds more
+/// hashes than it was sized for: from the stored hashes of every run,
+/// twice their number (at least [`SUMMARY_MIN_MEMTABLES`] memtables'),
+/// then puts it in place of the last at once. Lookups use the last one
+/// meanwhile (or probe every run).
+fn summarize(inner: &Inner) -> StorageResult<()> {
+    let list = {
+        let runs = inner.runs.read();
+        match &runs.summary {
+            Some(summary) if summary.added <= summary.capacity => return Ok(()),
+            _ => runs.list.clone(),
+        }
+    };
+    // Not idle: on a busy node lookups would probe every run meanwhile.
+    prioritize(Priority::Background);
+    let records: u64 = list.iter().map(|run| run.meta.records).sum();
+    let capacity = (2 * records).max(SUMMARY_MIN_MEMTABLES * inner.memtable_records as u64);
+    let filter = BlockedBloom::with_capacity(capacity);
+    let mut added = 0;
+    for run in &list {
+        run.hashes(|hash| {
+            filter.insert(hash);
+            added += 1;
+        })?;
+    }
+    let runs = list.iter().map(|run| run.id).collect();
+    inner.runs.write().summary = Some(Summary { filter, runs, capacity, added });
+    tracing::debug!(runs = list.len(), hashes = added, capacity, "the seen index's summary is built");
+    Ok(())
+}
+
 /// Merges the oldest `FANOUT` runs of the smallest size that has that
 /// many; whether there were.
 fn merge_once(inner: &Inner) -> StorageResult<bool> {
     let inputs: Vec<Arc<Run>> = {
         let mut tiers: std::collections::BTreeMap<u32, Vec<Arc<Run>>> = Default::default();
-        for run in inner.runs.read().iter().rev() {
+        for run in inner.runs.read().list.iter().rev() {
             tiers.entry(run.tier(inner.memtable_records)).or_default().push(run.clone());
         }
         match tiers.into_values().find(|runs| FANOUT <= runs.len()) {
@@ -897,13 +1157,8 @@ fn merge_once(inner: &Inner) -> StorageResult<bool> {
             None => return Ok(false),
         }
     };
-    let merged = merge_runs(inner, &inputs)?;
-    {
-        let mut runs = inner.runs.write();
-        runs.retain(|run| !inputs.iter().any(|input| input.id == run.id));
-        runs.push(Arc::new(merged));
-        runs.sort_by_key(|run| std::cmp::Reverse(run.id));
-    }
+    let (merged, hashes) = merge_runs(inner, &inputs)?;
+    publish(inner, merged, &hashes, &inputs);
     // Once the merged run's description, which names them, is durable: a
     // crash before they are all gone leaves the rest to start-up.
     (inner.flush)()?;
@@ -949,7 +1204,7 @@ impl<'a> Source<'a> {
 
 /// Writes the records of `inputs` (oldest first) as one run; a key in
 /// more than one keeps the newest input's record.
-fn merge_runs(inner: &Inner, inputs: &[Arc<Run>]) -> StorageResult<Run> {
+fn merge_runs(inner: &Inner, inputs: &[Arc<Run>]) -> StorageResult<(Run, Vec<u64>)> {
     let mut writer = RunWriter::start(inner)?;
     let mut sources: Vec<_> = inputs.iter().map(|run| Source::new(run)).collect();
     loop {
@@ -1040,7 +1295,11 @@ mod tests {
         // two of 400 and two of 100 are left.
         seen.wait_idle().expect("idle");
         let stats = seen.stats();
-        assert_eq!(stats, SeenStats { runs: 4, run_records: 1_000, memory_records: 0, pending_records: 0 });
+        assert_eq!(
+            (stats.runs, stats.run_records, stats.memory_records, stats.pending_records, stats.summarized_runs),
+            (4, 1_000, 0, 0, 4),
+            "{stats:?}"
+        );
         assert_eq!(seen.covered(), Some(99));
         // Unknown ids, before, between and after the stored ones.
         for missing in [b"t/event/a".as_slice(), b"t/event/e-000000x", b"t/event/e-001000", b"u"] {
@@ -1059,6 +1318,86 @@ mod tests {
         assert_eq!(stats.run_records, 1_000, "{stats:?}");
     }
 
+    /// Runs' filters probed by lookups of `count` ids never indexed.
+    fn probes_for_new_ids(seen: &SeenIndex, count: u64) -> u64 {
+        let before = seen.stats().run_probes;
+        for n in 0..count {
+            assert_eq!(seen.get(format!("t/event/new-{n}")).expect("get"), None);
+        }
+        seen.stats().run_probes - before
+    }
+
+    #[test]
+    fn the_summary_spares_new_ids_the_runs_filters_as_it_grows_and_after_a_reopen() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (db, seen) = open(&dir, 100);
+        // Fifty memtables: the summary, first sized for 800 keys, is built
+        // larger twice on the way, each time from the runs' stored hashes.
+        index(&seen, 0, 5_000);
+        seen.persist().expect("persist");
+        seen.wait_idle().expect("idle");
+        let stats = seen.stats();
+        assert!(4 <= stats.runs, "{stats:?}");
+        assert_eq!(stats.summarized_runs, stats.runs, "{stats:?}");
+        // Sized for every key at least, twice them at most, 12 bits a key.
+        assert!((5_000 * 12 / 8 - 64..=10_000 * 12 / 8).contains(&stats.summary_bytes), "{stats:?}");
+        assert_holds(&seen, 0..5_000);
+        // About one new id in two hundred gets past it; without it, each
+        // would probe every run.
+        let probes = probes_for_new_ids(&seen, 10_000);
+        assert!(probes <= 10_000 * stats.runs as u64 / 50, "{probes} probes of {} runs", stats.runs);
+        drop(seen);
+        let seen = reopen(&dir, &db, 100);
+        seen.wait_idle().expect("idle");
+        let stats = seen.stats();
+        assert_eq!(stats.summarized_runs, stats.runs, "built again at start-up: {stats:?}");
+        assert_holds(&seen, 0..5_000);
+        let probes = probes_for_new_ids(&seen, 10_000);
+        assert!(probes <= 10_000 * stats.runs as u64 / 50, "{probes} probes of {} runs", stats.runs);
+    }
+
+    #[test]
+    fn a_run_written_before_runs_stored_their_hashes_is_read_and_summarized_from_its_keys() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (db, seen) = open(&dir, 1_000);
+        index(&seen, 0, 1_000);
+        seen.persist().expect("persist");
+        seen.wait_idle().expect("idle");
+        let id = seen.inner.runs.read().list[0].id;
+        drop(seen);
+        // The run as the former layout had it: blocks, footer, trailer.
+        let path = run_file(&dir.path().join("seen"), id);
+        let bytes = std::fs::read(&path).expect("read the run");
+        let footer_at = u64::from_le_bytes(bytes[bytes.len() - 8..].try_into().expect("8 bytes")) as usize;
+        let footer = Footer::decode(&bytes[footer_at..bytes.len() - 8]).expect("footer");
+        let (hashes_at, count) = footer.hashes.expect("a new run stores its hashes");
+        assert_eq!(count, 1_000);
+        let mut former = bytes[..hashes_at as usize].to_vec();
+        let Footer { fences, filter_descriptor, filter, .. } = footer;
+        former.extend(encode(&FooterWithoutHashes { fences, filter_descriptor, filter }));
+        former.extend(hashes_at.to_le_bytes());
+        std::fs::write(&path, former).expect("rewrite the run");
+        let seen = reopen(&dir, &db, 1_000);
+        seen.wait_idle().expect("idle");
+        assert_eq!(seen.inner.runs.read().list[0].footer.hashes, None);
+        assert_eq!(seen.stats().summarized_runs, 1);
+        assert_holds(&seen, 0..1_000);
+        assert!(probes_for_new_ids(&seen, 10_000) <= 200);
+    }
+
+    #[test]
+    fn the_blocked_bloom_filter_holds_what_it_was_given_and_lets_few_others_by() {
+        let filter = BlockedBloom::with_capacity(100_000);
+        let hashes: Vec<u64> = (0..100_000u64).map(|n| hash(&n.to_le_bytes())).collect();
+        for &hash in &hashes {
+            filter.insert(hash);
+        }
+        assert!(hashes.iter().all(|&hash| filter.contains(hash)));
+        let let_by = (100_000..1_100_000u64).filter(|n| filter.contains(hash(&n.to_le_bytes()))).count();
+        // At the keys it was sized for: about 0.4 %.
+        assert!((1_000..8_000).contains(&let_by), "{let_by} of a million absent hashes let by");
+    }
+
     #[test]
     fn a_run_of_several_mebibytes_is_written_back_in_pieces_and_read_whole() {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -1068,8 +1407,9 @@ mod tests {
         seen.insert(0, &batch);
         seen.persist().expect("persist");
         seen.wait_idle().expect("idle");
-        let size =
-            std::fs::metadata(run_file(&dir.path().join("seen"), seen.inner.runs.read()[0].id)).expect("a run").len();
+        let size = std::fs::metadata(run_file(&dir.path().join("seen"), seen.inner.runs.read().list[0].id))
+            .expect("a run")
+            .len();
         assert!(3 * WRITE_BACK_BYTES < size, "{size} bytes: several pieces");
         for n in 0..2_000 {
             assert_eq!(seen.get(key(n)).expect("get"), Some(big(n)), "record {n}");
@@ -1119,7 +1459,7 @@ mod tests {
         }
         assert_eq!(seen.covered(), Some(3));
         // The inputs' files and descriptions are gone.
-        let merged = seen.inner.runs.read()[0].id;
+        let merged = seen.inner.runs.read().list[0].id;
         assert_eq!(
             seen.inner.tree.iter().keys().map(|key| key.expect("key").to_vec()).collect::<Vec<_>>(),
             vec![meta_key(merged).to_vec()]
@@ -1142,19 +1482,19 @@ mod tests {
         let (db, seen) = open(&dir, 1_000_000);
         index(&seen, 0, 100);
         seen.persist().expect("persist");
-        let input = seen.inner.runs.read()[0].id;
+        let input = seen.inner.runs.read().list[0].id;
         // A merge that stored its run but had not deleted its input yet,
         // and a run file whose description a crash lost.
         let mut merged = RunWriter::start(&seen.inner).expect("start");
         for n in 0..100 {
             merged.push(&key(n), &value(n)).expect("push");
         }
-        let merged = merged.finish(9, vec![input]).expect("finish").id;
+        let merged = merged.finish(9, vec![input]).expect("finish").0.id;
         let mut lost = RunWriter::start(&seen.inner).expect("start");
         for n in 500..700 {
             lost.push(&key(n), &value(n)).expect("push");
         }
-        let lost = lost.finish(10, vec![]).expect("finish").id;
+        let lost = lost.finish(10, vec![]).expect("finish").0.id;
         seen.inner.tree.remove(meta_key(lost)).expect("lose the description");
         let runs_dir = seen.inner.dir.clone();
         assert_eq!(run_files(&runs_dir), vec![input, merged, lost]);
@@ -1162,7 +1502,7 @@ mod tests {
         drop(seen);
         let seen = reopen(&dir, &db, 1_000_000);
         assert_eq!(seen.stats().runs, 1);
-        assert_eq!(seen.inner.runs.read()[0].id, merged);
+        assert_eq!(seen.inner.runs.read().list[0].id, merged);
         assert_eq!(run_files(&runs_dir), vec![merged]);
         assert_holds(&seen, 0..100);
         assert_eq!(seen.get(key(500)).expect("get"), None);
@@ -1170,7 +1510,7 @@ mod tests {
         // New runs take ids after every one seen.
         index(&seen, 100, 110);
         seen.persist().expect("persist");
-        assert_eq!(seen.inner.runs.read()[0].id, lost + 1);
+        assert_eq!(seen.inner.runs.read().list[0].id, lost + 1);
     }
 
     #[test]
@@ -1214,7 +1554,13 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "never retried: {error}");
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        assert_eq!(seen.stats(), SeenStats { runs: 1, run_records: 10, memory_records: 0, pending_records: 0 });
+        seen.wait_idle().expect("idle");
+        let stats = seen.stats();
+        assert_eq!(
+            (stats.runs, stats.run_records, stats.memory_records, stats.pending_records, stats.summarized_runs),
+            (1, 10, 0, 0, 1),
+            "{stats:?}"
+        );
         assert_eq!(run_files(&runs).len(), 1);
         assert_holds(&seen, 0..10);
     }

@@ -44,6 +44,10 @@ pub struct Metrics {
     /// (`place="runs"`: in run files; `"memory"`: not yet written as a run).
     pub seen_runs: IntGauge,
     pub seen_records: IntGaugeVec,
+    /// Runs whose keys the index's summary holds, and the runs' own
+    /// filters that lookups probed (those the summary did not rule out).
+    pub seen_summarized_runs: IntGauge,
+    pub seen_run_probes: IntCounter,
     /// Share of customers active in a window who played a game, progressed
     /// in a mission, won a reward, or any of these; refreshed on a schedule.
     pub engagement_ratio: GaugeVec,
@@ -150,6 +154,14 @@ impl Metrics {
                 Opts::new("bazaar_seen_records", "Records of the idempotency index, in run files or not yet"),
                 &["place"],
             )?,
+            seen_summarized_runs: IntGauge::new(
+                "bazaar_seen_summarized_runs",
+                "Runs of the idempotency index whose keys its summary filter holds",
+            )?,
+            seen_run_probes: IntCounter::new(
+                "bazaar_seen_run_probes_total",
+                "Run filters of the idempotency index probed by lookups the summary did not rule out",
+            )?,
             journal_flush_seconds: Histogram::with_opts(
                 HistogramOpts::new(
                     "bazaar_journal_flush_seconds",
@@ -192,6 +204,8 @@ impl Metrics {
         r.register(Box::new(self.outbox_backlog.clone()))?;
         r.register(Box::new(self.seen_runs.clone()))?;
         r.register(Box::new(self.seen_records.clone()))?;
+        r.register(Box::new(self.seen_summarized_runs.clone()))?;
+        r.register(Box::new(self.seen_run_probes.clone()))?;
         r.register(Box::new(self.engagement_ratio.clone()))?;
         r.register(Box::new(self.engagement_customers.clone()))?;
         r.register(Box::new(self.engagement_refreshes.clone()))?;

@@ -76,6 +76,8 @@ fn promtool_accepts_the_scrape_and_engagement_follows_customers() {
         "bazaar_outbox_backlog",
         "bazaar_seen_runs",
         "bazaar_seen_records",
+        "bazaar_seen_summarized_runs",
+        "bazaar_seen_run_probes_total",
         "bazaar_journal_flush_seconds",
         "bazaar_journal_batch_entries",
         "bazaar_unary_batch_events",
