@@ -74,7 +74,7 @@ use std::io::{BufWriter, Write};
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use xorf::{BinaryFuse8, BinaryFuse8Ref, DmaSerializable, Filter, FilterRef};
 
@@ -648,6 +648,8 @@ struct Inner {
     runs: RwLock<Runs>,
     /// Runs' filters probed by lookups so far.
     run_probes: AtomicU64,
+    /// The last attempt to build the summary failed (and was logged).
+    summary_failed: AtomicBool,
     next_id: AtomicU64,
     /// Memtables frozen so far.
     freezes: AtomicU64,
@@ -745,6 +747,7 @@ impl SeenIndex {
             spare: Mutex::default(),
             runs: RwLock::new(runs),
             run_probes: AtomicU64::new(0),
+            summary_failed: AtomicBool::new(false),
             next_id: AtomicU64::new(next_id),
             freezes: AtomicU64::new(0),
             signal: signal.clone(),
@@ -972,7 +975,8 @@ fn compact(inner: &Weak<Inner>, signal: &Signal) {
                     while merge_once(&inner)? {
                         write_frozen(&inner)?;
                     }
-                    summarize(&inner)
+                    summarize(&inner, true);
+                    Ok::<_, StorageError>(())
                 })();
                 let frozen = inner.frozen.read().len();
                 (result, frozen)
@@ -1055,7 +1059,7 @@ fn write_frozen(inner: &Inner) -> StorageResult<()> {
     // First, if the runs written since it was built outgrew the summary:
     // this is called between the steps of a merge too, which can take
     // minutes on a busy node, and an overfull summary lets most new ids by.
-    summarize(inner)?;
+    summarize(inner, false);
     keep_pace(inner);
     loop {
         let Some(frozen) = inner.frozen.read().front().cloned() else { return Ok(()) };
@@ -1114,15 +1118,35 @@ fn publish(inner: &Inner, run: Run, hashes: &[u64], replaces: &[Arc<Run>]) {
 /// hashes than it was sized for: from the stored hashes of every run,
 /// twice their number (at least [`SUMMARY_MIN_MEMTABLES`] memtables'),
 /// then puts it in place of the last at once. Lookups use the last one
-/// meanwhile (or probe every run).
-fn summarize(inner: &Inner) -> StorageResult<()> {
-    let list = {
-        let runs = inner.runs.read();
-        match &runs.summary {
-            Some(summary) if summary.added <= summary.capacity => return Ok(()),
-            _ => runs.list.clone(),
-        }
+/// meanwhile (or probe every run). A failure (reading a run's hashes) is
+/// logged, once until a build succeeds, and never stops the compactor:
+/// the summary only spares lookups work, and runs must still be written
+/// for checkpoints to go on. After a failure it is tried again only at
+/// the end of a compactor's pass (`after_failure`), not between the
+/// steps of a merge.
+fn summarize(inner: &Inner, after_failure: bool) {
+    let needed = match &inner.runs.read().summary {
+        Some(summary) => summary.capacity < summary.added,
+        None => true,
     };
+    if !needed || (!after_failure && inner.summary_failed.load(Ordering::Relaxed)) {
+        return;
+    }
+    match build_summary(inner) {
+        Ok(()) => inner.summary_failed.store(false, Ordering::Relaxed),
+        Err(error) => {
+            if !inner.summary_failed.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    %error,
+                    "the seen index's summary could not be built; lookups probe every run's filter until it is"
+                );
+            }
+        }
+    }
+}
+
+fn build_summary(inner: &Inner) -> StorageResult<()> {
+    let list = inner.runs.read().list.clone();
     // Not idle: on a busy node lookups would probe every run meanwhile.
     prioritize(Priority::Background);
     let records: u64 = list.iter().map(|run| run.meta.records).sum();
@@ -1383,6 +1407,42 @@ mod tests {
         assert_eq!(seen.stats().summarized_runs, 1);
         assert_holds(&seen, 0..1_000);
         assert!(probes_for_new_ids(&seen, 10_000) <= 200);
+    }
+
+    #[test]
+    fn a_summary_that_cannot_be_built_leaves_lookups_whole_and_runs_written() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (_db, seen) = open(&dir, 100);
+        index(&seen, 0, 300);
+        seen.persist().expect("persist");
+        seen.wait_idle().expect("idle");
+        assert_eq!(seen.stats().summarized_runs, 3);
+        // A run's stored hashes cut off (its blocks stay readable), and the
+        // summary dropped: building it again fails.
+        let run = seen.inner.runs.read().list[0].clone();
+        let (hashes_at, _) = run.footer.hashes.expect("stored hashes");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(run_file(&seen.inner.dir, run.id))
+            .and_then(|file| file.set_len(hashes_at))
+            .expect("cut the hashes off");
+        seen.inner.runs.write().summary = None;
+        summarize(&seen.inner, true);
+        assert!(seen.inner.summary_failed.load(Ordering::Relaxed));
+        assert_eq!(seen.stats().summarized_runs, 0);
+        // Lookups probe every run; runs are still written.
+        assert_holds(&seen, 0..300);
+        let probes = probes_for_new_ids(&seen, 100);
+        assert_eq!(probes, 300, "three runs probed for each new id");
+        index(&seen, 300, 400);
+        seen.persist().expect("a run is written without the summary");
+        seen.wait_idle().expect("idle");
+        assert_holds(&seen, 0..400);
+        // The four runs merged into one, whose hashes are whole: the end of
+        // the compactor's pass built the summary again.
+        let stats = seen.stats();
+        assert_eq!((stats.runs, stats.summarized_runs), (1, 1), "{stats:?}");
+        assert!(!seen.inner.summary_failed.load(Ordering::Relaxed));
     }
 
     #[test]
