@@ -829,6 +829,8 @@ impl SeenIndex {
         };
         let mut probes = 0;
         let mut found = Ok(None);
+        // The summary's runs are always listed ones (`publish` and
+        // `build_summary` keep them so): as many means all of them.
         let all_lacking = lacking.len() == runs.list.len();
         for run in runs.list.iter().filter(|run| !all_lacking && !lacking.contains(&run.id)) {
             probes += 1;
