@@ -178,21 +178,23 @@ fn metric_json(metric: i32) -> Value {
 
 // ------------------------------------------------------- conversions out
 
+/// An event's answer as gRPC sends it; its ids move into the message
+/// (`to_string` copied each through the formatter).
 fn event_result(answer: api::EventAnswer) -> pb::EventResult {
     pb::EventResult {
-        event_id: answer.event_id.to_string(),
+        event_id: answer.event_id.into(),
         duplicate: answer.duplicate,
         points_earned: answer.points_earned,
         points_balance: answer.points_balance,
         tier: answer.tier.unwrap_or_default(),
-        spins_granted: answer.spins_granted.into_iter().map(|(w, n)| (w.to_string(), n)).collect(),
+        spins_granted: answer.spins_granted.into_iter().map(|(w, n)| (w.into(), n)).collect(),
         missions: answer.missions.into_iter().map(mission_progress).collect(),
         coupons: answer.coupons,
         jackpots: answer
             .jackpots
             .into_iter()
             .map(|j| pb::JackpotContribution {
-                jackpot: j.jackpot.to_string(),
+                jackpot: j.jackpot.into(),
                 contributed_minor: j.contributed_minor,
                 won_minor: j.won_minor,
             })
@@ -202,7 +204,7 @@ fn event_result(answer: api::EventAnswer) -> pb::EventResult {
 
 fn mission_progress(status: bazaar_games::customer::MissionStatus) -> pb::MissionProgress {
     pb::MissionProgress {
-        mission: status.mission.to_string(),
+        mission: status.mission.into(),
         step: u32::try_from(status.step).unwrap_or(u32::MAX),
         completed: status.completed,
     }

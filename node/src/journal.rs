@@ -853,7 +853,7 @@ impl Writer {
         if let Some(error) = self.checkpointer.failure() {
             return Err(error);
         }
-        let Deferred { started, batch, entries, last_ticket, ops, next_seq } = commit;
+        let Deferred { started, batch, mut entries, last_ticket, ops, next_seq } = commit;
         let mut settle = false;
         let mut replies = Vec::new();
         for op in ops {
@@ -907,7 +907,7 @@ impl Writer {
             self.checkpointed_at = started;
         }
         if let Some(batch) = batch {
-            indexed += self.indexer.index_derived(&self.store, batch, &entries)?;
+            indexed += self.indexer.index_derived(&self.store, batch, &mut entries)?;
             let redo_from = self.indexer.redo_from(batch + 1);
             self.store.meta.insert(REDO_KEY, &redo_from.to_be_bytes())?;
         }
@@ -1248,6 +1248,8 @@ pub struct Indexer {
     /// in which the writer may have indexed a carried message, so it cannot
     /// know that a message never reached the `outbox` tree.
     keep_receipts: bool,
+    /// A receipt being looked up (see [`crate::outbox::receipt_key_into`]).
+    receipt: Vec<u8>,
 }
 
 impl Default for Indexer {
@@ -1260,6 +1262,7 @@ impl Default for Indexer {
             unneeded: FastSet::default(),
             applied_later: FastSet::default(),
             keep_receipts: false,
+            receipt: Vec::new(),
         }
     }
 }
@@ -1385,8 +1388,8 @@ impl Indexer {
     /// none any more) and the message has nothing left to do.
     pub fn acknowledge(&mut self, store: &Store, key: &[u8]) -> StorageResult<bool> {
         if !self.indexed.remove(key) {
-            if let Some(receipt) = crate::outbox::receipt_key(key) {
-                self.carried.remove(&receipt);
+            if !self.carried.is_empty() && crate::outbox::receipt_key_into(key, &mut self.receipt) {
+                self.carried.remove(self.receipt.as_slice());
             }
             return Ok(false);
         }
@@ -1398,49 +1401,68 @@ impl Indexer {
     /// commit's messages that their receivers have not applied yet are
     /// carried to the next commits, except draws, which are indexed at
     /// once. Returns how many messages it added to the outbox.
-    pub fn index_derived(&mut self, store: &Store, batch: u64, entries: &[JournalEntry]) -> StorageResult<i64> {
-        let applied = applied(entries);
-        let mut unneeded = std::mem::take(&mut self.unneeded);
+    ///
+    /// The entries' messages move into the outbox or the carried ones: the
+    /// entries are not read for them again.
+    pub fn index_derived(&mut self, store: &Store, batch: u64, entries: &mut [JournalEntry]) -> StorageResult<i64> {
+        // The receipts of earlier commits' messages not needed (see
+        // `before_flush`), and of this commit's: borrowed from the records
+        // that applied them, not built again for each message.
+        let carried_unneeded = std::mem::take(&mut self.unneeded);
+        let mut unneeded: FastSet<&[u8]> = FastSet::default();
+        let mut receipt = std::mem::take(&mut self.receipt);
         let mut added = 0;
         let mut generation = Vec::new();
-        for entry in entries {
-            for (key, value) in &entry.outbox {
-                let Some(receipt) = crate::outbox::receipt_key(key) else {
+        let outboxes: Vec<Vec<KeyValue>> = entries.iter_mut().map(|entry| std::mem::take(&mut entry.outbox)).collect();
+        let entries: &[JournalEntry] = entries;
+        let applied = applied(entries);
+        for (entry, outbox) in entries.iter().zip(outboxes) {
+            for (key, value) in outbox {
+                if !crate::outbox::receipt_key_into(&key, &mut receipt) {
                     return Err(StorageError::Codec(format!(
                         "outbox key {:?} has no tenant",
-                        String::from_utf8_lossy(key)
+                        String::from_utf8_lossy(&key)
                     )));
-                };
-                let kind = crate::outbox::kind_of_record(value)?;
+                }
+                let kind = crate::outbox::kind_of_record(&value)?;
                 let needs_receipt = kind.needs_receipt();
                 if !kind.complete_on_receipt() {
                     // Its receiver's record is only half of its effect (a
                     // draw still has to be settled): it waits in the outbox
                     // until acknowledged.
-                    if self.index(store, (key.clone(), value.clone()))? {
+                    if self.index(store, (key, value))? {
                         added += 1;
                     }
-                } else if !applied.contains(receipt.as_slice()) {
+                    continue;
+                }
+                match applied.get(receipt.as_slice()) {
+                    // Applied in this commit: its record is kept only if
+                    // its answer is needed again.
+                    Some(record) if !needs_receipt => {
+                        unneeded.insert(*record);
+                    }
+                    Some(_) => {}
                     // Applied in a later batch of the tail (recovery): it
                     // replays with its effect, and its record is kept.
-                    if !self.applied_later.contains(&receipt) {
+                    None if self.applied_later.contains(receipt.as_slice()) => {}
+                    None => {
                         generation.push(receipt.clone());
-                        self.carried.insert(receipt, Carried { key: key.clone(), value: value.clone(), needs_receipt });
+                        self.carried.insert(receipt.clone(), Carried { key, value, needs_receipt });
                     }
-                } else if !needs_receipt {
-                    unneeded.insert(receipt);
                 }
             }
             for (key, value) in &entry.audit {
                 store.audit.insert(key.as_slice(), value.as_slice())?;
             }
         }
+        self.receipt = receipt;
         if !generation.is_empty() {
             self.generations.push_back(Generation { at: Instant::now(), batch, receipts: generation });
         }
         if !entries.is_empty() {
             let records = entries.iter().filter_map(|entry| entry.seen.as_ref());
-            store.seen.insert(batch, records.filter(|(key, _)| self.keep_receipts || !unneeded.contains(&key[..])));
+            let kept = |key: &[u8]| self.keep_receipts || !(unneeded.contains(key) || carried_unneeded.contains(key));
+            store.seen.insert(batch, records.filter(|(key, _)| kept(key)));
         }
         Ok(added)
     }
@@ -1673,7 +1695,7 @@ mod tests {
         };
         let commit = |indexer: &mut Indexer, store: &Store, entries: &[JournalEntry]| {
             let added = indexer.before_flush(store, entries, false).expect("before");
-            added + indexer.index_derived(store, 0, entries).expect("after")
+            added + indexer.index_derived(store, 0, &mut entries.to_vec()).expect("after")
         };
         // Carried for ever, unless a test says otherwise: no test depends
         // on how fast the machine is.
@@ -1783,7 +1805,7 @@ mod tests {
         let mut indexer = Indexer { carry_for: Duration::MAX, ..Indexer::default() };
         let mut commit = |batch: u64, entries: &[JournalEntry]| {
             indexer.before_flush(&store, entries, false).expect("before");
-            indexer.index_derived(&store, batch, entries).expect("after");
+            indexer.index_derived(&store, batch, &mut entries.to_vec()).expect("after");
             indexer.redo_from(batch + 1)
         };
         let unrelated = JournalEntry { outbox: vec![], ..entry(3) };

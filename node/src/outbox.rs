@@ -20,15 +20,24 @@ pub const MESSAGE_SCOPE: &str = "msg";
 /// The key of the idempotency record a receiver writes when it applies
 /// the message stored under `outbox_key` (`tenant/id` → `tenant/msg/id`).
 pub fn receipt_key(outbox_key: &[u8]) -> Option<Vec<u8>> {
-    let slash = outbox_key.iter().position(|b| *b == b'/')?;
-    let (tenant, id) = (&outbox_key[..slash], &outbox_key[slash + 1..]);
     let mut key = Vec::with_capacity(outbox_key.len() + MESSAGE_SCOPE.len() + 2);
+    receipt_key_into(outbox_key, &mut key).then_some(key)
+}
+
+/// [`receipt_key`] written into `key` (emptied first), for a buffer used
+/// again and again: the journal writer makes one per message of every
+/// commit, most only to look it up. False if `outbox_key` has no tenant
+/// (`key` is then empty).
+pub fn receipt_key_into(outbox_key: &[u8], key: &mut Vec<u8>) -> bool {
+    key.clear();
+    let Some(slash) = outbox_key.iter().position(|b| *b == b'/') else { return false };
+    let (tenant, id) = (&outbox_key[..slash], &outbox_key[slash + 1..]);
     key.extend_from_slice(tenant);
     key.push(b'/');
     key.extend_from_slice(MESSAGE_SCOPE.as_bytes());
     key.push(b'/');
     key.extend_from_slice(id);
-    Some(key)
+    true
 }
 
 /// Whether a `seen` key is a receiver's record of a message.

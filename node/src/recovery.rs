@@ -69,9 +69,9 @@ pub fn recover(store: &Store, metrics: &Metrics) -> StorageResult<(RecoveryRepor
     // and replays with it: it needs no redelivery.
     let mut indexer = journal::Indexer::recovering(&batches, reindex_from)?;
     for (seq, entries) in &batches[reindex_from..] {
-        let entries: Vec<JournalEntry> = entries.iter().map(EntryView::to_entry).collect();
+        let mut entries: Vec<JournalEntry> = entries.iter().map(EntryView::to_entry).collect();
         indexer.before_flush(store, &entries, false)?;
-        indexer.index_derived(store, *seq, &entries)?;
+        indexer.index_derived(store, *seq, &mut entries)?;
     }
     indexer.finish(store)?;
     let indexed = started.elapsed();
