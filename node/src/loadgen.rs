@@ -3,23 +3,27 @@
 //!
 //! N stores, M customers drawn Zipf-like (a few regulars, a long tail),
 //! purchases of realistic amounts and some visits, all feeding one shared
-//! jackpot and a leaderboard. Transports: unary gRPC (default), HTTP
+//! jackpot and a leaderboard, and spins of a wheel of fortune by customers
+//! whose purchases earned them (`--spin-share`). Transports: unary gRPC (default), HTTP
 //! (`--http`), and batches (`--batch N`: the gRPC bidirectional stream, or
 //! `POST .../events/batch`). Closed loop with `--clients`, or open loop at
 //! `--rate`, where latency is measured from each request's intended send
 //! time so a stalled server cannot hide behind a slowed client
 //! (coordinated omission). Latencies go into an HDR histogram; the end is a
-//! table and a JSON report. `--verify` checks the jackpot's books and
-//! customers' points against exactly what was acknowledged.
+//! table and a JSON report. `--verify` checks the jackpot's books,
+//! customers' points, spins and wallets against exactly what was
+//! acknowledged, and re-checks every draw in the wheel's audit.
 
 use anyhow::{bail, Context as _};
+use bazaar_games::wheel::{Prize, Segment, SpinCost, SpinEarning, WheelDef, WonPrize};
+use bazaar_games::Id;
 use bazaar_proto::v1 as pb;
 use clap::Args;
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,8 +44,9 @@ pub struct LoadgenArgs {
     /// An admin key of the node (for --setup and --verify).
     #[arg(long, env = "BAZAAR_ADMIN_KEY", hide_env_values = true)]
     pub admin_key: String,
-    /// Create a fresh tenant with stores, a campaign, a jackpot and a
-    /// leaderboard through the API first; otherwise use --tenant as it is.
+    /// Create a fresh tenant with stores, a campaign, a jackpot, a
+    /// leaderboard and (spins on) a wheel through the API first; otherwise
+    /// use --tenant as it is.
     #[arg(long)]
     pub setup: bool,
     /// The tenant to send to (with --setup: its prefix).
@@ -96,6 +101,23 @@ pub struct LoadgenArgs {
     /// The node's /metrics URL, to report the server's own figures.
     #[arg(long, value_name = "URL")]
     pub metrics: Option<String>,
+    /// Spins per event sent, 0-1: after each request a client spins the
+    /// wheel `w` this many times per event it carried (the fraction
+    /// carried over), each for a customer one of its acknowledged
+    /// purchases (from 200.00 on) or a free-spin prize gave a spin. 0: no
+    /// wheel, no spins. Spins go one by one (`Spin`, or `POST
+    /// .../wheels/w/spins`), in every mode, and are reported apart from
+    /// the events.
+    #[arg(long, value_name = "SHARE", default_value_t = 0.02, allow_negative_numbers = true, value_parser = spin_share)]
+    pub spin_share: f64,
+}
+
+/// `--spin-share`: a number from 0 to 1.
+fn spin_share(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(share) if (0.0..=1.0).contains(&share) => Ok(share),
+        _ => Err("must be a number from 0 to 1 (spins per event sent)".to_owned()),
+    }
 }
 
 /// Points per purchase and the jackpot rule of the --setup tenant: what
@@ -104,6 +126,35 @@ const POINTS_PER_UNIT_MINOR: i64 = 100;
 const CONTRIBUTION_BPS: i64 = 100;
 const MIN_PURCHASE_MINOR: i64 = 1_000;
 const VISIT_BONUS: i64 = 5;
+/// The wheel of --setup's tenant when spins are on, and what --verify
+/// re-checks its audit against.
+const WHEEL: &str = "w";
+/// A purchase from this much on earns a spin (about one purchase in eight).
+const SPIN_MIN_PURCHASE_MINOR: i64 = 20_000;
+/// Spins a client holds for its customers at most; grants beyond stay
+/// unspent on the customers.
+const MAX_OWED_SPINS: usize = 4_096;
+
+/// The wheel --setup makes: points, a free spin, coupons, cashback, tote
+/// bags while they last, and nothing; one spin entitlement a spin.
+fn wheel_def() -> WheelDef {
+    let segment = |label: &str, weight, prize, stock| Segment { label: label.into(), weight, prize, stock };
+    WheelDef {
+        campaign: Id::parse("c").expect("a valid id"),
+        cost: SpinCost::Entitlements(1),
+        daily_limit: None,
+        segments: vec![
+            segment("50 points", 400, Prize::Points(50), None),
+            segment("500 points", 60, Prize::Points(500), None),
+            segment("free spin", 100, Prize::Spins(1), None),
+            segment("10% off", 200, Prize::Coupon("LG".into()), None),
+            segment("5.00 back", 40, Prize::CashbackMinor(500), None),
+            segment("tote bag", 50, Prize::Item("tote bag".into()), Some(100)),
+            segment("next time", 150, Prize::Nothing, None),
+        ],
+        earn: Some(SpinEarning { min_purchase_minor: SPIN_MIN_PURCHASE_MINOR, spins: 1 }),
+    }
+}
 
 /// One generated event.
 #[derive(Clone, Debug)]
@@ -188,12 +239,51 @@ struct Shared {
     next: AtomicU64,
     errors: Mutex<BTreeMap<String, u64>>,
     latencies: Mutex<Latencies>,
-    /// Per customer: the points and jackpot contributions acknowledged.
-    ledger: Mutex<HashMap<String, (i64, i64)>>,
+    /// Per customer: what the acknowledged answers gave it.
+    ledger: Mutex<HashMap<String, Holdings>>,
     won_minor: AtomicU64,
+    spins: Spins,
     /// When the measurement began, in milliseconds since the Unix epoch:
     /// the timeline's second 0, for lining it up with a node's log.
     started_unix_ms: bazaar_games::UnixMillis,
+}
+
+/// What the acknowledged answers say a customer holds.
+#[derive(Clone, Copy, Debug, Default)]
+struct Holdings {
+    points: i64,
+    contributed_minor: i64,
+    /// Spin entitlements of [`WHEEL`]: granted and won, less those spent.
+    spins: i64,
+    cashback_minor: i64,
+}
+
+/// One acknowledged spin, for --verify to find in the wheel's audit.
+#[derive(Clone, Debug)]
+struct Spun {
+    request_id: String,
+    customer: String,
+    draw_id: String,
+    segment: String,
+}
+
+/// The spins' side of a run: counted, timed and failed apart from the
+/// events, which the throughput is.
+struct Spins {
+    sent: AtomicU64,
+    acknowledged: AtomicU64,
+    /// Microseconds from send to answer.
+    latencies: Mutex<Histogram<u64>>,
+    errors: Mutex<BTreeMap<String, u64>>,
+    spun: Mutex<Vec<Spun>>,
+}
+
+/// A client's spins to come: customers its acknowledged answers gave a
+/// spin, and the spins its events have asked for so far.
+struct Owed {
+    customers: VecDeque<String>,
+    due: f64,
+    next_id: u64,
 }
 
 #[derive(Clone)]
@@ -309,6 +399,13 @@ async fn drive(
         latencies: Mutex::new(Latencies::new()?),
         ledger: Mutex::new(HashMap::new()),
         won_minor: AtomicU64::new(0),
+        spins: Spins {
+            sent: AtomicU64::new(0),
+            acknowledged: AtomicU64::new(0),
+            latencies: Mutex::new(Latencies::histogram(3)?),
+            errors: Mutex::new(BTreeMap::new()),
+            spun: Mutex::new(Vec::new()),
+        },
         started_unix_ms: crate::actor::now_millis(),
     });
     let started = Instant::now();
@@ -377,6 +474,7 @@ pub async fn ceiling(grpc: &str, clients: usize, batch: usize, duration: Duratio
         verify: false,
         no_jackpot: true,
         metrics: None,
+        spin_share: 0.0,
     };
     let transports = connect(grpc, connections(&args)).await?;
     let (shared, elapsed) = drive(&args, &transports, "ceiling", "", "ceiling", &ProgressBar::hidden()).await?;
@@ -419,6 +517,7 @@ impl Client {
             Transport::Grpc(channel) if 1 < self.args.batch => Some(open_stream(channel.clone(), &self.key).await?),
             _ => None,
         };
+        let mut owed = Owed { customers: VecDeque::new(), due: 0.0, next_id: 0 };
         loop {
             let slot = self.shared.next.fetch_add(1, Ordering::Relaxed);
             let first = slot * self.args.batch as u64;
@@ -454,8 +553,88 @@ impl Client {
             };
             let micros = u64::try_from(intended.elapsed().as_micros()).unwrap_or(u64::MAX).max(1);
             self.shared.latencies.lock().await.record(intended - self.started, micros);
-            self.account(&events, results).await;
+            let granted = self.account(&events, results).await;
+            self.spin_owed(&transport, &mut owed, granted, events.len(), deadline).await;
         }
+    }
+
+    /// Spins what `count` more events ask for (`--spin-share` each), for
+    /// customers given a spin, oldest first; `granted` joins them.
+    async fn spin_owed(
+        &self,
+        transport: &Transport,
+        owed: &mut Owed,
+        granted: Vec<String>,
+        count: usize,
+        deadline: Instant,
+    ) {
+        if self.args.spin_share <= 0.0 {
+            return;
+        }
+        for customer in granted {
+            if owed.customers.len() < MAX_OWED_SPINS {
+                owed.customers.push_back(customer);
+            }
+        }
+        // What is due waits for a customer with a spin, but does not pile
+        // up while there is none.
+        let asked = self.args.spin_share * count as f64;
+        owed.due = (owed.due + asked).min(asked + 1.0);
+        while 1.0 <= owed.due && Instant::now() < deadline {
+            let Some(customer) = owed.customers.pop_front() else { return };
+            owed.due -= 1.0;
+            let request_id = format!("lg-{}-s{}-{}", self.run_id, self.id, owed.next_id);
+            owed.next_id += 1;
+            let won_spins = self.spin(transport, customer.clone(), request_id).await;
+            for _ in 0..won_spins {
+                if owed.customers.len() < MAX_OWED_SPINS {
+                    owed.customers.push_back(customer.clone());
+                }
+            }
+        }
+    }
+
+    /// One spin of [`WHEEL`] for `customer`, counted, timed and booked;
+    /// the free spins it won.
+    async fn spin(&self, transport: &Transport, customer: String, request_id: String) -> u32 {
+        let spins = &self.shared.spins;
+        spins.sent.fetch_add(1, Ordering::Relaxed);
+        let sent = Instant::now();
+        let answer = match transport {
+            Transport::Grpc(channel) => {
+                spin_grpc(channel.clone(), &self.key, &self.tenant, &customer, &request_id).await
+            }
+            Transport::Http(agent, url) => {
+                spin_http(agent.clone(), url, &self.key, &self.tenant, &customer, &request_id).await
+            }
+        };
+        let micros = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX).max(1);
+        spins.latencies.lock().await.saturating_record(micros);
+        let (draw_id, segment, prize) = match answer {
+            Ok(answer) => answer,
+            Err(code) => {
+                *spins.errors.lock().await.entry(code).or_insert(0) += 1;
+                return 0;
+            }
+        };
+        spins.acknowledged.fetch_add(1, Ordering::Relaxed);
+        let won_spins = {
+            let mut ledger = self.shared.ledger.lock().await;
+            let holdings = ledger.entry(customer.clone()).or_default();
+            holdings.spins -= 1;
+            match prize {
+                WonPrize::Points(points) => holdings.points += points,
+                WonPrize::CashbackMinor(minor) => holdings.cashback_minor += minor,
+                WonPrize::Spins(won) => holdings.spins += i64::from(won),
+                WonPrize::Coupon(_) | WonPrize::Item(_) | WonPrize::Nothing => {}
+            }
+            match prize {
+                WonPrize::Spins(won) => won,
+                _ => 0,
+            }
+        };
+        spins.spun.lock().await.push(Spun { request_id, customer, draw_id, segment });
+        won_spins
     }
 
     fn generate(&self, rng: &mut impl Rng, n: u64) -> Generated {
@@ -474,40 +653,50 @@ impl Client {
         }
     }
 
-    /// Counts what was acknowledged, and what it means for --verify.
-    async fn account(&self, events: &[Generated], results: Result<Vec<Outcome>, String>) {
+    /// Counts what was acknowledged, and what it means for --verify; the
+    /// customers the answers gave a spin of [`WHEEL`], once per spin.
+    async fn account(&self, events: &[Generated], results: Result<Vec<Outcome>, String>) -> Vec<String> {
         let outcomes = match results {
             Ok(outcomes) => outcomes,
             Err(code) => {
                 *self.shared.errors.lock().await.entry(code).or_insert(0) += events.len() as u64;
-                return;
+                return Vec::new();
             }
         };
+        let mut granted = Vec::new();
         let mut ledger = self.shared.ledger.lock().await;
         for (event, outcome) in events.iter().zip(outcomes) {
             match outcome {
-                Outcome::Acknowledged { won_minor } => {
+                Outcome::Acknowledged { won_minor, spins_granted } => {
                     self.shared.acknowledged.fetch_add(1, Ordering::Relaxed);
                     self.shared.won_minor.fetch_add(u64::try_from(won_minor).unwrap_or(0), Ordering::Relaxed);
-                    let entry = ledger.entry(event.customer.clone()).or_insert((0, 0));
+                    let entry = ledger.entry(event.customer.clone()).or_default();
                     if event.purchase {
-                        entry.0 += event.amount_minor / POINTS_PER_UNIT_MINOR;
+                        entry.points += event.amount_minor / POINTS_PER_UNIT_MINOR;
                         if MIN_PURCHASE_MINOR <= event.amount_minor {
-                            entry.1 += event.amount_minor * CONTRIBUTION_BPS / 10_000;
+                            entry.contributed_minor += event.amount_minor * CONTRIBUTION_BPS / 10_000;
                         }
                     } else {
-                        entry.0 += VISIT_BONUS;
+                        entry.points += VISIT_BONUS;
                     }
+                    entry.spins += i64::from(spins_granted);
+                    granted.extend(std::iter::repeat_n(&event.customer, spins_granted as usize).cloned());
                 }
                 Outcome::Error(code) => *self.shared.errors.lock().await.entry(code).or_insert(0) += 1,
             }
         }
+        granted
     }
 }
 
 /// What the node answered for one event.
 enum Outcome {
-    Acknowledged { won_minor: i64 },
+    /// With what a jackpot paid the customer and the spins of [`WHEEL`]
+    /// the event granted.
+    Acknowledged {
+        won_minor: i64,
+        spins_granted: u32,
+    },
     Error(String),
 }
 
@@ -519,14 +708,66 @@ fn with_key<T>(key: &str, message: T) -> tonic::Request<T> {
     request
 }
 
-fn won(result: &pb::EventResult) -> i64 {
-    result.jackpots.iter().map(|j| j.won_minor).sum()
+fn acknowledged(result: &pb::EventResult) -> Outcome {
+    Outcome::Acknowledged {
+        won_minor: result.jackpots.iter().map(|j| j.won_minor).sum(),
+        spins_granted: result.spins_granted.get(WHEEL).copied().unwrap_or(0),
+    }
+}
+
+/// A spin's draw id, segment and prize, or the error's code.
+type SpinAnswer = Result<(String, String, WonPrize), String>;
+
+async fn spin_grpc(channel: Channel, key: &str, tenant: &str, customer: &str, request_id: &str) -> SpinAnswer {
+    use pb::won_prize::Kind;
+    let mut client = pb::game_service_client::GameServiceClient::new(channel);
+    let request = pb::SpinRequest {
+        tenant: tenant.to_owned(),
+        wheel: WHEEL.to_owned(),
+        customer: customer.to_owned(),
+        request_id: request_id.to_owned(),
+    };
+    let answer = client.spin(with_key(key, request)).await.map_err(|status| format!("grpc:{:?}", status.code()))?;
+    let answer = answer.into_inner();
+    let prize = match answer.prize.and_then(|prize| prize.kind) {
+        Some(Kind::Points(n)) => WonPrize::Points(n),
+        Some(Kind::Spins(n)) => WonPrize::Spins(n),
+        Some(Kind::Coupon(code)) => WonPrize::Coupon(code),
+        Some(Kind::CashbackMinor(n)) => WonPrize::CashbackMinor(n),
+        Some(Kind::Item(name)) => WonPrize::Item(name),
+        Some(Kind::Nothing(_)) => WonPrize::Nothing,
+        None => return Err("grpc:no_prize".to_owned()),
+    };
+    Ok((answer.draw_id, answer.segment, prize))
+}
+
+async fn spin_http(
+    agent: ureq::Agent,
+    url: &str,
+    key: &str,
+    tenant: &str,
+    customer: &str,
+    request_id: &str,
+) -> SpinAnswer {
+    let url = format!("{url}/v1/tenants/{tenant}/wheels/{WHEEL}/spins");
+    let (key, body) = (key.to_owned(), json!({"customer": customer, "request_id": request_id}));
+    tokio::task::spawn_blocking(move || {
+        let answer: crate::api::SpinAnswer =
+            match agent.post(&url).set("Authorization", &format!("Bearer {key}")).send_json(body) {
+                Ok(response) => response.into_json().map_err(|e| format!("http:{}", e.kind()))?,
+                Err(ureq::Error::Status(status, _)) => return Err(format!("http:{status}")),
+                Err(error) => return Err(format!("http:{}", error.kind())),
+            };
+        Ok((answer.draw_id, answer.segment, answer.prize))
+    })
+    .await
+    .map_err(|_| "client:panicked".to_owned())?
 }
 
 async fn unary_grpc(channel: Channel, key: &str, tenant: &str, event: &Generated) -> Result<Vec<Outcome>, String> {
     let mut client = pb::event_service_client::EventServiceClient::new(channel);
     match client.record_event(with_key(key, event.proto(tenant))).await {
-        Ok(answer) => Ok(vec![Outcome::Acknowledged { won_minor: won(answer.get_ref()) }]),
+        Ok(answer) => Ok(vec![acknowledged(answer.get_ref())]),
         Err(status) => Ok(vec![Outcome::Error(format!("grpc:{:?}", status.code()))]),
     }
 }
@@ -557,7 +798,7 @@ impl EventStream {
         for _ in events {
             match self.answers.message().await {
                 Ok(Some(pb::EventOutcome { outcome: Some(pb::event_outcome::Outcome::Result(result)) })) => {
-                    outcomes.push(Outcome::Acknowledged { won_minor: won(&result) })
+                    outcomes.push(acknowledged(&result))
                 }
                 Ok(Some(pb::EventOutcome { outcome: Some(pb::event_outcome::Outcome::Error(error)) })) => {
                     outcomes.push(Outcome::Error(error.code))
@@ -604,6 +845,7 @@ async fn http(
                     .flatten()
                     .filter_map(|j| j["won_minor"].as_i64())
                     .sum(),
+                spins_granted: answer["spins_granted"][WHEEL].as_u64().and_then(|n| u32::try_from(n).ok()).unwrap_or(0),
             },
         };
         Ok(if batch {
@@ -625,9 +867,11 @@ async fn set_up(transport: &Transport, args: &LoadgenArgs, tenant: &str) -> anyh
         json!({"campaign": "c", "seed_minor": 100_000, "cap_minor": 5_000_000, "contribution_bps": CONTRIBUTION_BPS,
                "reserve_bps": 2_000, "min_purchase_minor": MIN_PURCHASE_MINOR})
     });
+    let wheel = (0.0 < args.spin_share).then(wheel_def);
     match transport {
         Transport::Http(agent, url) => {
             let agent = agent.clone();
+            let wheel = wheel.map(serde_json::to_value).transpose()?;
             let (url, tenant, admin, stores) = (url.clone(), tenant.to_owned(), admin.to_owned(), args.stores);
             tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
                 let call = |method: &str, path: &str, body: Value| -> anyhow::Result<Value> {
@@ -651,6 +895,9 @@ async fn set_up(transport: &Transport, args: &LoadgenArgs, tenant: &str) -> anyh
                 call("PUT", &format!("{base}/campaigns/c"), campaign)?;
                 if let Some(jackpot) = jackpot {
                     call("PUT", &format!("{base}/jackpots/j"), jackpot)?;
+                }
+                if let Some(wheel) = wheel {
+                    call("PUT", &format!("{base}/wheels/{WHEEL}"), wheel)?;
                 }
                 call("PUT", &format!("{base}/leaderboards/l"), json!({"campaign": "c", "metric": "spend"}))?;
                 let key = call("POST", &format!("{base}/keys"), json!({"role": "pos"}))?;
@@ -717,6 +964,9 @@ async fn set_up(transport: &Transport, args: &LoadgenArgs, tenant: &str) -> anyh
                     ))
                     .await?;
             }
+            if let Some(wheel) = wheel {
+                catalog.put_wheel(with_key(admin, wheel_request(&t, wheel))).await?;
+            }
             catalog
                 .put_leaderboard(with_key(
                     admin,
@@ -733,6 +983,41 @@ async fn set_up(transport: &Transport, args: &LoadgenArgs, tenant: &str) -> anyh
                 tenants.create_key(with_key(admin, pb::CreateKeyRequest { tenant: t, role: "pos".into() })).await?;
             Ok(key.into_inner().key)
         }
+    }
+}
+
+/// `wheel` as the gRPC API takes it.
+fn wheel_request(tenant: &str, wheel: WheelDef) -> pb::PutWheelRequest {
+    use pb::prize::Kind;
+    pb::PutWheelRequest {
+        tenant: tenant.to_owned(),
+        wheel: WHEEL.to_owned(),
+        campaign: wheel.campaign.to_string(),
+        cost: Some(match wheel.cost {
+            SpinCost::Entitlements(n) => pb::put_wheel_request::Cost::CostEntitlements(n),
+            SpinCost::Points(n) => pb::put_wheel_request::Cost::CostPoints(n),
+        }),
+        daily_limit: wheel.daily_limit,
+        segments: wheel
+            .segments
+            .into_iter()
+            .map(|segment| pb::Segment {
+                label: segment.label,
+                weight: segment.weight,
+                prize: Some(pb::Prize {
+                    kind: Some(match segment.prize {
+                        Prize::Points(n) => Kind::Points(n),
+                        Prize::Spins(n) => Kind::Spins(n),
+                        Prize::Coupon(prefix) => Kind::Coupon(prefix),
+                        Prize::CashbackMinor(n) => Kind::CashbackMinor(n),
+                        Prize::Item(name) => Kind::Item(name),
+                        Prize::Nothing => Kind::Nothing(true),
+                    }),
+                }),
+                stock: segment.stock,
+            })
+            .collect(),
+        earn: wheel.earn.map(|earn| pb::SpinEarning { min_purchase_minor: earn.min_purchase_minor, spins: earn.spins }),
     }
 }
 
@@ -762,10 +1047,31 @@ async fn report(
         "latency_ms": {"p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "p999": ms(0.999), "max": latencies.max() as f64 / 1_000.0},
         "latency_per": if 1 < args.batch { "batch" } else { "event" },
         "errors": *shared.errors.lock().await,
+        "spins": spins_report(args, &shared.spins, elapsed).await,
         "server": server,
         "timeline": timed.timeline(),
         "started_unix_ms": shared.started_unix_ms,
     }))
+}
+
+/// The spins' part of the report; null when spins were off.
+async fn spins_report(args: &LoadgenArgs, spins: &Spins, elapsed: Duration) -> Value {
+    if args.spin_share <= 0.0 {
+        return Value::Null;
+    }
+    let latencies = spins.latencies.lock().await;
+    let ms = |micros: u64| micros as f64 / 1_000.0;
+    let acknowledged = spins.acknowledged.load(Ordering::Relaxed);
+    json!({
+        "per_event": args.spin_share,
+        "sent": spins.sent.load(Ordering::Relaxed),
+        "acknowledged": acknowledged,
+        "per_s": acknowledged as f64 / elapsed.as_secs_f64(),
+        "latency_ms": {"p50": ms(latencies.value_at_quantile(0.5)), "p90": ms(latencies.value_at_quantile(0.9)),
+                       "p99": ms(latencies.value_at_quantile(0.99)), "p999": ms(latencies.value_at_quantile(0.999)),
+                       "max": ms(latencies.max())},
+        "errors": *spins.errors.lock().await,
+    })
 }
 
 /// The counters of the node's /metrics that the report uses.
@@ -887,24 +1193,89 @@ fn print_table(report: &Value) {
         );
     }
     println!("{:<22} {}", "errors", report["errors"]);
+    let spins = &report["spins"];
+    if !spins.is_null() {
+        let ms = |quantile: &str| spins["latency_ms"][quantile].as_f64().unwrap_or(0.0);
+        println!(
+            "{:<22} {} / {} ({:.0}/s), latency ms p50 {:.2}  p99 {:.2}  max {:.2}, errors {}",
+            "spins sent / ack.",
+            spins["sent"],
+            spins["acknowledged"],
+            spins["per_s"].as_f64().unwrap_or(0.0),
+            ms("p50"),
+            ms("p99"),
+            ms("max"),
+            spins["errors"]
+        );
+    }
     if !report["server"].is_null() {
         println!("{:<22} {}", "server", report["server"]);
     }
 }
 
-/// Checks the jackpot's books and a sample of customers against what was
-/// acknowledged.
-async fn verify(transport: &Transport, args: &LoadgenArgs, tenant: &str, shared: &Shared) -> anyhow::Result<String> {
-    let ledger = shared.ledger.lock().await.clone();
-    let contributed: i64 = ledger.values().map(|(_, c)| c).sum();
-    let won = i64::try_from(shared.won_minor.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
+/// A customer as the node shows it, in what --verify compares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Shown {
+    points: i64,
+    spins: i64,
+    cashback_minor: i64,
+}
+
+impl Shown {
+    fn expected(holdings: &Holdings) -> Self {
+        Self { points: holdings.points, spins: holdings.spins, cashback_minor: holdings.cashback_minor }
+    }
+}
+
+/// What --verify reads back from the node: the jackpot (null without
+/// one), the sampled customers, and the wheel's audit records (empty when
+/// nothing was spun).
+struct ReadBack {
+    jackpot: Value,
+    customers: Vec<Shown>,
+    audit: Vec<Value>,
+}
+
+/// Up to `count` customers to check: first those who spun (their spins,
+/// prizes and wallets are what a purchase alone does not show), then
+/// others.
+fn sample_customers(ledger: &HashMap<String, Holdings>, spun: &[Spun], count: usize) -> Vec<(String, Holdings)> {
+    let mut chosen: Vec<&String> = Vec::new();
+    for spin in spun {
+        if chosen.len() == count / 2 {
+            break;
+        }
+        if !chosen.contains(&&spin.customer) {
+            chosen.push(&spin.customer);
+        }
+    }
+    for customer in ledger.keys() {
+        if chosen.len() == count {
+            break;
+        }
+        if !chosen.contains(&customer) {
+            chosen.push(customer);
+        }
+    }
+    chosen.into_iter().filter_map(|c| ledger.get(c).map(|holdings| (c.clone(), *holdings))).collect()
+}
+
+/// Audit records asked for at a time.
+const AUDIT_PAGE: u32 = 1_000;
+
+async fn read_back(
+    transport: &Transport,
+    args: &LoadgenArgs,
+    tenant: &str,
+    customers: Vec<String>,
+    spun: bool,
+) -> anyhow::Result<ReadBack> {
     let admin = args.admin_key.clone();
-    let sample: Vec<(String, i64)> = ledger.iter().take(200).map(|(c, (points, _))| (c.clone(), *points)).collect();
-    let (jackpot, balances) = match transport {
+    let no_jackpot = args.no_jackpot;
+    match transport {
         Transport::Http(agent, url) => {
-            let (agent, url, tenant, no_jackpot) = (agent.clone(), url.clone(), tenant.to_owned(), args.no_jackpot);
-            let customers: Vec<String> = sample.iter().map(|(c, _)| c.clone()).collect();
-            tokio::task::spawn_blocking(move || -> anyhow::Result<(Value, Vec<i64>)> {
+            let (agent, url, tenant) = (agent.clone(), url.clone(), tenant.to_owned());
+            tokio::task::spawn_blocking(move || -> anyhow::Result<ReadBack> {
                 let get = |path: &str| -> anyhow::Result<Value> {
                     Ok(agent
                         .get(&format!("{url}/v1/tenants/{tenant}/{path}"))
@@ -913,18 +1284,33 @@ async fn verify(transport: &Transport, args: &LoadgenArgs, tenant: &str, shared:
                         .into_json()?)
                 };
                 let jackpot = if no_jackpot { Value::Null } else { get("jackpots/j")? };
-                let balances = customers
+                let customers = customers
                     .iter()
-                    .map(|c| get(&format!("customers/{c}")).map(|v| v["points_balance"].as_i64().unwrap_or(-1)))
+                    .map(|c| {
+                        get(&format!("customers/{c}")).map(|v| Shown {
+                            points: v["points_balance"].as_i64().unwrap_or(i64::MIN),
+                            spins: v["spins"][WHEEL].as_i64().unwrap_or(0),
+                            cashback_minor: v["wallet_minor"].as_i64().unwrap_or(i64::MIN),
+                        })
+                    })
                     .collect::<anyhow::Result<Vec<_>>>()?;
-                Ok((jackpot, balances))
+                let mut audit = Vec::new();
+                // Page by page until one comes back empty.
+                let mut more = spun;
+                while more {
+                    let page = get(&format!("audit/wheels/{WHEEL}?after={}&limit={AUDIT_PAGE}", audit.len()))?;
+                    let records = page["records"].as_array().map(Vec::as_slice).unwrap_or_default();
+                    more = !records.is_empty();
+                    audit.extend(records.iter().cloned());
+                }
+                Ok(ReadBack { jackpot, customers, audit })
             })
-            .await??
+            .await?
         }
         Transport::Grpc(channel) => {
             let mut games = pb::game_service_client::GameServiceClient::new(channel.clone());
-            let mut customers = pb::customer_service_client::CustomerServiceClient::new(channel.clone());
-            let jackpot = if args.no_jackpot {
+            let mut customer_service = pb::customer_service_client::CustomerServiceClient::new(channel.clone());
+            let jackpot = if no_jackpot {
                 Value::Null
             } else {
                 let j = games
@@ -932,31 +1318,126 @@ async fn verify(transport: &Transport, args: &LoadgenArgs, tenant: &str, shared:
                     .await?
                     .into_inner();
                 let books = j.books.unwrap_or_default();
-                let jackpot = json!({"pool_minor": j.pool_minor, "reserve_minor": j.reserve_minor,
-                    "books": {"seeded_minor": books.seeded_minor, "contributed_minor": books.contributed_minor, "paid_minor": books.paid_minor}});
-                jackpot
+                json!({"pool_minor": j.pool_minor, "reserve_minor": j.reserve_minor,
+                    "books": {"seeded_minor": books.seeded_minor, "contributed_minor": books.contributed_minor, "paid_minor": books.paid_minor}})
             };
-            let mut balances = Vec::new();
-            for (customer, _) in &sample {
-                let view = customers
-                    .get_customer(with_key(
-                        &admin,
-                        pb::GetCustomerRequest { tenant: tenant.into(), customer: customer.clone() },
-                    ))
+            let mut shown = Vec::new();
+            for customer in customers {
+                let view = customer_service
+                    .get_customer(with_key(&admin, pb::GetCustomerRequest { tenant: tenant.into(), customer }))
                     .await?
                     .into_inner();
-                balances.push(view.points_balance);
+                shown.push(Shown {
+                    points: view.points_balance,
+                    spins: view.spins.get(WHEEL).copied().map_or(0, i64::from),
+                    cashback_minor: view.wallet_minor,
+                });
             }
-            (jackpot, balances)
+            let mut audit = Vec::new();
+            let mut more = spun;
+            while more {
+                let request = pb::GetAuditRequest {
+                    tenant: tenant.into(),
+                    kind: "wheels".into(),
+                    id: WHEEL.into(),
+                    after: u32::try_from(audit.len()).context("audit records")?,
+                    limit: AUDIT_PAGE,
+                };
+                let page = games.get_audit(with_key(&admin, request)).await?.into_inner();
+                more = !page.records.is_empty();
+                for record in page.records {
+                    audit.push(serde_json::from_str(&record).context("an audit record is JSON")?);
+                }
+            }
+            Ok(ReadBack { jackpot, customers: shown, audit })
         }
-    };
+    }
+}
+
+/// Re-checks the wheel's audit against its definition and the spins
+/// acknowledged: each draw's roll lands on the segment it names, within
+/// the weights the definition allowed, a segment out of stock only once
+/// its stock was given; every acknowledged spin is there, once, with its
+/// request, customer and segment; and, when no spin failed, nothing else
+/// is. The problems found, at most a few of each kind.
+fn check_audit(def: &WheelDef, records: &[Value], spun: &[Spun], spins_failed: bool) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut draws: HashMap<&str, &Value> = HashMap::new();
+    let mut awarded: HashMap<&str, u32> = HashMap::new();
+    for record in records {
+        let draw = &record["draw"];
+        let id = draw["draw_id"].as_str().unwrap_or_default();
+        let weights: Vec<u64> =
+            draw["available_weights"].as_array().into_iter().flatten().filter_map(Value::as_u64).collect();
+        let (roll, total) = (draw["roll"].as_u64().unwrap_or(u64::MAX), draw["total_weight"].as_u64().unwrap_or(0));
+        let index = draw["segment_index"].as_u64().and_then(|i| usize::try_from(i).ok()).unwrap_or(usize::MAX);
+        let label = draw["label"].as_str().unwrap_or_default();
+        let allowed = weights.len() == def.segments.len()
+            && weights.iter().zip(&def.segments).all(|(weight, segment)| {
+                *weight == u64::from(segment.weight)
+                    || (*weight == 0
+                        && segment
+                            .stock
+                            .is_some_and(|stock| stock <= awarded.get(segment.label.as_str()).copied().unwrap_or(0)))
+            });
+        let lands = allowed
+            && weights.iter().sum::<u64>() == total
+            && roll < total
+            && bazaar_games::wheel::pick(&weights, roll) == index
+            && def.segments[index].label == label;
+        if !lands && problems.len() < 10 {
+            problems.push(format!("draw {id} does not re-check against the wheel's weights: {record}"));
+        }
+        *awarded.entry(label).or_insert(0) += 1;
+        if draws.insert(id, record).is_some() && problems.len() < 10 {
+            problems.push(format!("draw {id} is audited twice"));
+        }
+    }
+    for segment in &def.segments {
+        let given = awarded.get(segment.label.as_str()).copied().unwrap_or(0);
+        if segment.stock.is_some_and(|stock| stock < given) {
+            problems.push(format!("{} was won {given} times, over its stock of {:?}", segment.label, segment.stock));
+        }
+    }
+    let mut missing = 0;
+    for spin in spun {
+        let matches = draws.get(spin.draw_id.as_str()).is_some_and(|record| {
+            record["request_id"] == spin.request_id.as_str()
+                && record["customer"] == spin.customer.as_str()
+                && record["draw"]["label"] == spin.segment.as_str()
+        });
+        if !matches {
+            missing += 1;
+            if missing <= 5 {
+                problems.push(format!("the acknowledged spin {spin:?} is not in the audit as answered"));
+            }
+        }
+    }
+    if !spins_failed && records.len() != spun.len() {
+        problems.push(format!("{} draws audited for {} spins acknowledged", records.len(), spun.len()));
+    }
+    problems
+}
+
+/// Checks the jackpot's books, a sample of customers (points, spins,
+/// wallet) and the wheel's audit against what was acknowledged.
+async fn verify(transport: &Transport, args: &LoadgenArgs, tenant: &str, shared: &Shared) -> anyhow::Result<String> {
+    let ledger = shared.ledger.lock().await.clone();
+    let spun = shared.spins.spun.lock().await.clone();
+    let spins_failed = !shared.spins.errors.lock().await.is_empty();
+    let contributed: i64 = ledger.values().map(|h| h.contributed_minor).sum();
+    let won = i64::try_from(shared.won_minor.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
+    let sample = sample_customers(&ledger, &spun, 200);
+    let customers = sample.iter().map(|(c, _)| c.clone()).collect();
+    let read = read_back(transport, args, tenant, customers, !spun.is_empty()).await?;
+    let jackpot = &read.jackpot;
     let n = |v: &Value| v.as_i64().unwrap_or(i64::MIN);
     let books = &jackpot["books"];
     let balanced = n(&books["seeded_minor"]) + n(&books["contributed_minor"])
         == n(&jackpot["pool_minor"]) + n(&jackpot["reserve_minor"]) + n(&books["paid_minor"]);
     let mut problems = Vec::new();
     if args.no_jackpot {
-        // No jackpot: only the customers' points are checked.
+        // No jackpot: only the customers (and the wheel) are checked.
     } else if !balanced {
         problems.push(format!("the jackpot's books do not balance: {jackpot}"));
     }
@@ -969,14 +1450,22 @@ async fn verify(transport: &Transport, args: &LoadgenArgs, tenant: &str, shared:
     if !args.no_jackpot && n(&books["paid_minor"]) != won {
         problems.push(format!("paid {} but acknowledged wins sum to {won}", books["paid_minor"]));
     }
-    for ((customer, expected), actual) in sample.iter().zip(&balances) {
-        if expected != actual {
-            problems.push(format!("{customer} holds {actual} points, its acknowledged events earned {expected}"));
+    for ((customer, holdings), shown) in sample.iter().zip(&read.customers) {
+        let expected = Shown::expected(holdings);
+        if expected != *shown {
+            problems.push(format!("{customer} holds {shown:?}, its acknowledged events and spins gave {expected:?}"));
         }
     }
+    if !spun.is_empty() {
+        problems.extend(check_audit(&wheel_def(), &read.audit, &spun, spins_failed));
+    }
     if problems.is_empty() {
+        let spins = match spun.len() {
+            0 => String::new(),
+            spins => format!(", {spins} spins' draws re-checked in the audit"),
+        };
         Ok(format!(
-            "ok: books balance, contributions {contributed} and wins {won} match what was acknowledged, {} customers' points match",
+            "ok: books balance, contributions {contributed} and wins {won} match what was acknowledged, {} customers' points, spins and wallets match{spins}",
             sample.len()
         ))
     } else {
@@ -987,6 +1476,104 @@ async fn verify(transport: &Transport, args: &LoadgenArgs, tenant: &str, shared:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Draws of [`wheel_def`] as the node audits them, each with the spin
+    /// acknowledged for it.
+    fn audited(count: u64) -> (Vec<Value>, Vec<Spun>) {
+        let def = wheel_def();
+        let wheel = Id::parse(WHEEL).expect("an id");
+        let mut state = bazaar_games::wheel::WheelState::default();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let (mut records, mut spun) = (Vec::new(), Vec::new());
+        for n in 0..count {
+            let draw = state.draw(&wheel, &def, &mut rng).expect("a prize left");
+            let (request_id, customer) = (format!("r-{n}"), format!("c-{}", n % 7));
+            spun.push(Spun {
+                request_id: request_id.clone(),
+                customer: customer.clone(),
+                draw_id: draw.draw_id.clone(),
+                segment: draw.label.clone(),
+            });
+            records.push(json!({"kind": "wheel_draw", "wheel": WHEEL, "customer": customer,
+                                "request_id": request_id, "at": 0, "draw": draw}));
+        }
+        (records, spun)
+    }
+
+    #[test]
+    fn the_wheel_setup_makes_is_valid_and_earned_by_about_one_purchase_in_eight() {
+        let def = wheel_def();
+        def.validate().expect("a valid wheel");
+        // Amounts are 500 + u^3 x 29,500 for a uniform u.
+        let u = ((SPIN_MIN_PURCHASE_MINOR - 500) as f64 / 29_500.0).cbrt();
+        assert!((0.10..0.15).contains(&(1.0 - u)), "{}", 1.0 - u);
+    }
+
+    #[test]
+    fn an_honest_audit_re_checks_even_once_the_tote_bags_are_gone() {
+        let (records, spun) = audited(3_000);
+        let bags = spun.iter().filter(|s| s.segment == "tote bag").count();
+        assert_eq!(bags, 100, "the stock ran out during the draws");
+        assert_eq!(check_audit(&wheel_def(), &records, &spun, false), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_tampered_missing_or_extra_draw_fails_the_audit() {
+        let def = wheel_def();
+        let (records, spun) = audited(200);
+        // A roll that lands elsewhere than the segment recorded.
+        let mut tampered = records.clone();
+        let draw = &mut tampered[17]["draw"];
+        let index = draw["segment_index"].as_u64().expect("an index");
+        draw["segment_index"] = json!((index + 1) % def.segments.len() as u64);
+        let problems = check_audit(&def, &tampered, &spun, false);
+        assert!(problems.iter().any(|p| p.contains("does not re-check")), "{problems:?}");
+        // A weight the definition does not give.
+        let mut tampered = records.clone();
+        tampered[3]["draw"]["available_weights"][0] = json!(1);
+        assert!(!check_audit(&def, &tampered, &spun, false).is_empty());
+        // A segment out of stock before its stock was given (the roll still
+        // landing where it did, the total adjusted).
+        let mut tampered = records.clone();
+        let early = tampered.iter().position(|r| r["draw"]["segment_index"].as_u64() < Some(5)).expect("a draw");
+        let draw = &mut tampered[early]["draw"];
+        draw["available_weights"][5] = json!(0);
+        draw["total_weight"] = json!(draw["total_weight"].as_u64().expect("a total") - 50);
+        let problems = check_audit(&def, &tampered, &spun, false);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("does not re-check"), "{problems:?}");
+        // An acknowledged spin missing from the audit.
+        let problems = check_audit(&def, &records[..199], &spun, false);
+        assert!(problems.iter().any(|p| p.contains("not in the audit")), "{problems:?}");
+        // A spin answered with another segment than the one audited.
+        let mut answered = spun.clone();
+        answered[9].segment = "something else".into();
+        let problems = check_audit(&def, &records, &answered, false);
+        assert!(problems.iter().any(|p| p.contains("not in the audit")), "{problems:?}");
+        // A draw no acknowledged spin accounts for, unless a spin failed.
+        let problems = check_audit(&def, &records, &spun[..199], false);
+        assert!(problems.iter().any(|p| p.contains("200 draws audited for 199")), "{problems:?}");
+        assert_eq!(check_audit(&def, &records, &spun[..199], true), Vec::<String>::new());
+    }
+
+    #[test]
+    fn the_sample_takes_customers_who_spun_first() {
+        let ledger: HashMap<String, Holdings> = (0..500).map(|n| (format!("c-{n}"), Holdings::default())).collect();
+        let spun: Vec<Spun> = (0..300)
+            .map(|n| Spun {
+                request_id: format!("r-{n}"),
+                customer: format!("c-{}", 400 + n % 50),
+                draw_id: format!("w-{n}"),
+                segment: "next time".into(),
+            })
+            .collect();
+        let sample = sample_customers(&ledger, &spun, 200);
+        assert_eq!(sample.len(), 200);
+        let distinct: std::collections::HashSet<&String> = sample.iter().map(|(c, _)| c).collect();
+        assert_eq!(distinct.len(), 200, "no customer twice");
+        let spinners = sample.iter().filter(|(c, _)| spun.iter().any(|s| &s.customer == c)).count();
+        assert!(50 <= spinners, "all 50 who spun are checked: {spinners}");
+    }
 
     #[test]
     fn runs_started_in_the_same_second_send_different_event_ids() {

@@ -1,7 +1,7 @@
 //! `bazaar loadgen` against a real node, over each transport: every event
-//! sent is acknowledged, the report holds the fields scripts rely on, and
-//! --verify finds the jackpot's books and customers' points exactly as
-//! acknowledged.
+//! and spin sent is acknowledged, the report holds the fields scripts rely
+//! on, and --verify finds the jackpot's books, customers' points, spins and
+//! wallets exactly as acknowledged and every draw in the wheel's audit.
 
 use bazaar_tests::{binary, Node, ADMIN_KEY};
 use std::process::Command;
@@ -44,6 +44,7 @@ fn loadgen_measures_and_verifies_over_every_transport() {
         (vec!["--clients", "4", "--connections", "3"], "grpc", "closed"),
         (vec!["--http", &http, "--clients", "4", "--rate", "200"], "http", "open"),
         (vec!["--http", &http, "--clients", "2", "--batch", "20"], "http", "closed"),
+        (vec!["--clients", "2", "--spin-share", "0"], "grpc", "closed"),
     ] {
         let before = unix_ms();
         let report = loadgen(&node, &extra);
@@ -65,6 +66,23 @@ fn loadgen_measures_and_verifies_over_every_transport() {
             assert!(0.0 < report["latency_ms"][key].as_f64().expect("latency"), "{report}");
         }
         assert!(0.0 < report["throughput_per_s"].as_f64().expect("throughput"));
+        // Spins: a share of the events' worth, for customers they earned
+        // spins, counted apart; none, and no wheel, at a share of 0.
+        let spins = &report["spins"];
+        if extra.contains(&"--spin-share") {
+            assert_eq!(*spins, serde_json::Value::Null, "{report}");
+        } else {
+            assert_eq!(spins["per_event"], 0.02, "{report}");
+            assert!(0 < spins["acknowledged"].as_u64().expect("spins acknowledged"), "{report}");
+            assert_eq!(spins["sent"], spins["acknowledged"], "{report}");
+            assert_eq!(spins["errors"], serde_json::json!({}), "{report}");
+            let sent = report["sent"].as_f64().expect("sent");
+            let spun = spins["acknowledged"].as_f64().expect("spins");
+            assert!(spun <= 0.02 * sent + 2.0 * 8.0, "at most the share, and a spin per client: {report}");
+            for key in ["p50", "p99", "max"] {
+                assert!(0.0 < spins["latency_ms"][key].as_f64().expect("spin latency"), "{report}");
+            }
+        }
         assert!(0.0 < report["server"]["journal_flushes"].as_f64().expect("server figures"), "{report}");
         // The server's figures are this run's, not the node's since it
         // started (four runs share it).
@@ -77,6 +95,19 @@ fn loadgen_measures_and_verifies_over_every_transport() {
             let mean = report["server"]["grpc_mean_ms"][method].as_f64();
             assert!(mean.is_some_and(|ms| 0.0 < ms), "the server's own {method} latency: {report}");
         }
+    }
+}
+
+#[test]
+fn a_spin_share_out_of_range_is_refused_naming_the_flag() {
+    for share in ["1.5", "-0.1", "lots", "NaN"] {
+        let output = Command::new(binary())
+            .args(["loadgen", "--grpc", "127.0.0.1:9", "--admin-key", ADMIN_KEY, "--spin-share", share])
+            .output()
+            .expect("loadgen runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{share}: {stderr}");
+        assert!(stderr.contains("--spin-share"), "{share}: {stderr}");
     }
 }
 
