@@ -90,8 +90,9 @@ pub struct LoadgenArgs {
     /// Write the JSON report here.
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
-    /// Afterwards, check the jackpot's books and a sample of customers'
-    /// points against what was acknowledged (needs --setup).
+    /// Afterwards, check the jackpot's books, every customer's points,
+    /// spins and wallet, and the wheel's audit against what was
+    /// acknowledged (needs --setup).
     #[arg(long)]
     pub verify: bool,
     /// With --setup: no jackpot, so purchases feed only the leaderboard
@@ -1228,40 +1229,18 @@ impl Shown {
 }
 
 /// What --verify reads back from the node: the jackpot (null without
-/// one), the sampled customers, and the wheel's audit records (empty when
-/// nothing was spun).
+/// one), every customer the run touched, in the order asked, and the
+/// wheel's audit records (empty when nothing was spun).
 struct ReadBack {
     jackpot: Value,
     customers: Vec<Shown>,
     audit: Vec<Value>,
 }
 
-/// Up to `count` customers to check: first those who spun (their spins,
-/// prizes and wallets are what a purchase alone does not show), then
-/// others.
-fn sample_customers(ledger: &HashMap<String, Holdings>, spun: &[Spun], count: usize) -> Vec<(String, Holdings)> {
-    let mut chosen: Vec<&String> = Vec::new();
-    for spin in spun {
-        if chosen.len() == count / 2 {
-            break;
-        }
-        if !chosen.contains(&&spin.customer) {
-            chosen.push(&spin.customer);
-        }
-    }
-    for customer in ledger.keys() {
-        if chosen.len() == count {
-            break;
-        }
-        if !chosen.contains(&customer) {
-            chosen.push(customer);
-        }
-    }
-    chosen.into_iter().filter_map(|c| ledger.get(c).map(|holdings| (c.clone(), *holdings))).collect()
-}
-
 /// Audit records asked for at a time.
 const AUDIT_PAGE: u32 = 1_000;
+/// Customers read back at once by --verify.
+const VERIFY_CONCURRENCY: usize = 32;
 
 async fn read_back(
     transport: &Transport,
@@ -1270,47 +1249,63 @@ async fn read_back(
     customers: Vec<String>,
     spun: bool,
 ) -> anyhow::Result<ReadBack> {
+    use futures_util::{StreamExt as _, TryStreamExt as _};
     let admin = args.admin_key.clone();
-    let no_jackpot = args.no_jackpot;
-    match transport {
+    let progress = ProgressBar::with_draw_target(
+        Some(customers.len() as u64),
+        if std::io::stderr().is_terminal() { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() },
+    );
+    progress.set_style(
+        ProgressStyle::with_template("verifying {bar:40.cyan/blue} {pos}/{len} customers")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let read = match transport {
         Transport::Http(agent, url) => {
-            let (agent, url, tenant) = (agent.clone(), url.clone(), tenant.to_owned());
-            tokio::task::spawn_blocking(move || -> anyhow::Result<ReadBack> {
-                let get = |path: &str| -> anyhow::Result<Value> {
-                    Ok(agent
-                        .get(&format!("{url}/v1/tenants/{tenant}/{path}"))
-                        .set("Authorization", &format!("Bearer {admin}"))
-                        .call()?
-                        .into_json()?)
-                };
-                let jackpot = if no_jackpot { Value::Null } else { get("jackpots/j")? };
-                let customers = customers
-                    .iter()
-                    .map(|c| {
-                        get(&format!("customers/{c}")).map(|v| Shown {
+            let get = {
+                let (agent, url, tenant, admin) = (agent.clone(), url.clone(), tenant.to_owned(), admin.clone());
+                move |path: String| {
+                    let (agent, url, tenant, admin) = (agent.clone(), url.clone(), tenant.clone(), admin.clone());
+                    async move {
+                        tokio::task::spawn_blocking(move || -> anyhow::Result<Value> {
+                            let url = format!("{url}/v1/tenants/{tenant}/{path}");
+                            let answer = agent.get(&url).set("Authorization", &format!("Bearer {admin}")).call();
+                            Ok(answer.with_context(|| format!("GET {url}"))?.into_json()?)
+                        })
+                        .await?
+                    }
+                }
+            };
+            let jackpot = if args.no_jackpot { Value::Null } else { get("jackpots/j".to_owned()).await? };
+            let shown = futures_util::stream::iter(customers)
+                .map(|customer| {
+                    let (get, progress) = (get.clone(), progress.clone());
+                    async move {
+                        let v = get(format!("customers/{customer}")).await?;
+                        progress.inc(1);
+                        anyhow::Ok(Shown {
                             points: v["points_balance"].as_i64().unwrap_or(i64::MIN),
                             spins: v["spins"][WHEEL].as_i64().unwrap_or(0),
                             cashback_minor: v["wallet_minor"].as_i64().unwrap_or(i64::MIN),
                         })
-                    })
-                    .collect::<anyhow::Result<Vec<_>>>()?;
-                let mut audit = Vec::new();
-                // Page by page until one comes back empty.
-                let mut more = spun;
-                while more {
-                    let page = get(&format!("audit/wheels/{WHEEL}?after={}&limit={AUDIT_PAGE}", audit.len()))?;
-                    let records = page["records"].as_array().map(Vec::as_slice).unwrap_or_default();
-                    more = !records.is_empty();
-                    audit.extend(records.iter().cloned());
-                }
-                Ok(ReadBack { jackpot, customers, audit })
-            })
-            .await?
+                    }
+                })
+                .buffered(VERIFY_CONCURRENCY)
+                .try_collect()
+                .await?;
+            let mut audit = Vec::new();
+            // Page by page until one comes back empty.
+            let mut more = spun;
+            while more {
+                let page = get(format!("audit/wheels/{WHEEL}?after={}&limit={AUDIT_PAGE}", audit.len())).await?;
+                let records = page["records"].as_array().map(Vec::as_slice).unwrap_or_default();
+                more = !records.is_empty();
+                audit.extend(records.iter().cloned());
+            }
+            ReadBack { jackpot, customers: shown, audit }
         }
         Transport::Grpc(channel) => {
             let mut games = pb::game_service_client::GameServiceClient::new(channel.clone());
-            let mut customer_service = pb::customer_service_client::CustomerServiceClient::new(channel.clone());
-            let jackpot = if no_jackpot {
+            let jackpot = if args.no_jackpot {
                 Value::Null
             } else {
                 let j = games
@@ -1321,18 +1316,26 @@ async fn read_back(
                 json!({"pool_minor": j.pool_minor, "reserve_minor": j.reserve_minor,
                     "books": {"seeded_minor": books.seeded_minor, "contributed_minor": books.contributed_minor, "paid_minor": books.paid_minor}})
             };
-            let mut shown = Vec::new();
-            for customer in customers {
-                let view = customer_service
-                    .get_customer(with_key(&admin, pb::GetCustomerRequest { tenant: tenant.into(), customer }))
-                    .await?
-                    .into_inner();
-                shown.push(Shown {
-                    points: view.points_balance,
-                    spins: view.spins.get(WHEEL).copied().map_or(0, i64::from),
-                    cashback_minor: view.wallet_minor,
-                });
-            }
+            let shown = futures_util::stream::iter(customers)
+                .map(|customer| {
+                    let mut service = pb::customer_service_client::CustomerServiceClient::new(channel.clone());
+                    let (request, progress) = (
+                        with_key(&admin, pb::GetCustomerRequest { tenant: tenant.into(), customer }),
+                        progress.clone(),
+                    );
+                    async move {
+                        let view = service.get_customer(request).await?.into_inner();
+                        progress.inc(1);
+                        anyhow::Ok(Shown {
+                            points: view.points_balance,
+                            spins: view.spins.get(WHEEL).copied().map_or(0, i64::from),
+                            cashback_minor: view.wallet_minor,
+                        })
+                    }
+                })
+                .buffered(VERIFY_CONCURRENCY)
+                .try_collect()
+                .await?;
             let mut audit = Vec::new();
             let mut more = spun;
             while more {
@@ -1349,9 +1352,11 @@ async fn read_back(
                     audit.push(serde_json::from_str(&record).context("an audit record is JSON")?);
                 }
             }
-            Ok(ReadBack { jackpot, customers: shown, audit })
+            ReadBack { jackpot, customers: shown, audit }
         }
-    }
+    };
+    progress.finish_and_clear();
+    Ok(read)
 }
 
 /// Re-checks the wheel's audit against its definition and the spins
@@ -1419,16 +1424,19 @@ fn check_audit(def: &WheelDef, records: &[Value], spun: &[Spun], spins_failed: b
     problems
 }
 
-/// Checks the jackpot's books, a sample of customers (points, spins,
-/// wallet) and the wheel's audit against what was acknowledged.
+/// Checks the jackpot's books, every customer the run touched (points,
+/// spins, wallet, and the points in all) and the wheel's audit against
+/// what was acknowledged.
 async fn verify(transport: &Transport, args: &LoadgenArgs, tenant: &str, shared: &Shared) -> anyhow::Result<String> {
     let ledger = shared.ledger.lock().await.clone();
     let spun = shared.spins.spun.lock().await.clone();
     let spins_failed = !shared.spins.errors.lock().await.is_empty();
     let contributed: i64 = ledger.values().map(|h| h.contributed_minor).sum();
     let won = i64::try_from(shared.won_minor.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
-    let sample = sample_customers(&ledger, &spun, 200);
-    let customers = sample.iter().map(|(c, _)| c.clone()).collect();
+    // Every customer the run touched, in a fixed order.
+    let mut expected: Vec<(String, Holdings)> = ledger.into_iter().collect();
+    expected.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let customers = expected.iter().map(|(c, _)| c.clone()).collect();
     let read = read_back(transport, args, tenant, customers, !spun.is_empty()).await?;
     let jackpot = &read.jackpot;
     let n = |v: &Value| v.as_i64().unwrap_or(i64::MIN);
@@ -1450,11 +1458,26 @@ async fn verify(transport: &Transport, args: &LoadgenArgs, tenant: &str, shared:
     if !args.no_jackpot && n(&books["paid_minor"]) != won {
         problems.push(format!("paid {} but acknowledged wins sum to {won}", books["paid_minor"]));
     }
-    for ((customer, holdings), shown) in sample.iter().zip(&read.customers) {
+    let mut wrong = 0;
+    for ((customer, holdings), shown) in expected.iter().zip(&read.customers) {
         let expected = Shown::expected(holdings);
         if expected != *shown {
-            problems.push(format!("{customer} holds {shown:?}, its acknowledged events and spins gave {expected:?}"));
+            wrong += 1;
+            if wrong <= 10 {
+                problems
+                    .push(format!("{customer} holds {shown:?}, its acknowledged events and spins gave {expected:?}"));
+            }
         }
+    }
+    if 10 < wrong {
+        problems.push(format!("... {wrong} customers in all hold other than their acknowledged answers gave"));
+    }
+    let points: i64 = read.customers.iter().map(|shown| shown.points).sum();
+    let expected_points: i64 = expected.iter().map(|(_, holdings)| holdings.points).sum();
+    if points != expected_points {
+        problems.push(format!(
+            "the customers hold {points} points in all, their acknowledged answers gave {expected_points}"
+        ));
     }
     if !spun.is_empty() {
         problems.extend(check_audit(&wheel_def(), &read.audit, &spun, spins_failed));
@@ -1465,8 +1488,8 @@ async fn verify(transport: &Transport, args: &LoadgenArgs, tenant: &str, shared:
             spins => format!(", {spins} spins' draws re-checked in the audit"),
         };
         Ok(format!(
-            "ok: books balance, contributions {contributed} and wins {won} match what was acknowledged, {} customers' points, spins and wallets match{spins}",
-            sample.len()
+            "ok: books balance, contributions {contributed} and wins {won} match what was acknowledged; all {} customers' points ({points} in all), spins and wallets match{spins}",
+            expected.len()
         ))
     } else {
         bail!("verification failed:\n  {}", problems.join("\n  "))
@@ -1554,25 +1577,6 @@ mod tests {
         let problems = check_audit(&def, &records, &spun[..199], false);
         assert!(problems.iter().any(|p| p.contains("200 draws audited for 199")), "{problems:?}");
         assert_eq!(check_audit(&def, &records, &spun[..199], true), Vec::<String>::new());
-    }
-
-    #[test]
-    fn the_sample_takes_customers_who_spun_first() {
-        let ledger: HashMap<String, Holdings> = (0..500).map(|n| (format!("c-{n}"), Holdings::default())).collect();
-        let spun: Vec<Spun> = (0..300)
-            .map(|n| Spun {
-                request_id: format!("r-{n}"),
-                customer: format!("c-{}", 400 + n % 50),
-                draw_id: format!("w-{n}"),
-                segment: "next time".into(),
-            })
-            .collect();
-        let sample = sample_customers(&ledger, &spun, 200);
-        assert_eq!(sample.len(), 200);
-        let distinct: std::collections::HashSet<&String> = sample.iter().map(|(c, _)| c).collect();
-        assert_eq!(distinct.len(), 200, "no customer twice");
-        let spinners = sample.iter().filter(|(c, _)| spun.iter().any(|s| &s.customer == c)).count();
-        assert!(50 <= spinners, "all 50 who spun are checked: {spinners}");
     }
 
     #[test]
