@@ -50,6 +50,11 @@ pub struct ServeArgs {
     /// shorter than the interval [default: half the interval].
     #[arg(long, env = "BAZAAR_CHECKPOINT_SPREAD", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub checkpoint_spread: Option<Duration>,
+    /// How long a stop waits for requests in flight before it gives up on
+    /// them and goes on to its final checkpoint (0s: not at all); at most
+    /// 1h. A second SIGTERM or Ctrl-C stops at once [default: 20s].
+    #[arg(long, env = "BAZAAR_DRAIN_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Option<Duration>,
     /// How often the engagement ratios are recomputed [default: 60s].
     #[arg(long, env = "BAZAAR_ENGAGEMENT_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub engagement_interval: Option<Duration>,
@@ -110,6 +115,8 @@ struct FileConfig {
     #[serde(default, with = "humantime_serde_opt")]
     checkpoint_spread: Option<Duration>,
     #[serde(default, with = "humantime_serde_opt")]
+    drain_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
     engagement_interval: Option<Duration>,
     snapshot_every: Option<u32>,
     actor_threads: Option<usize>,
@@ -143,6 +150,7 @@ pub struct NodeConfig {
     pub max_event_age: Duration,
     pub checkpoint_interval: Duration,
     pub checkpoint_spread: Duration,
+    pub drain_timeout: Duration,
     pub engagement_interval: Duration,
     pub snapshot_every: u32,
     pub actor_threads: usize,
@@ -189,6 +197,7 @@ impl NodeConfig {
             max_event_age: args.max_event_age.or(file.max_event_age).unwrap_or(Duration::from_secs(7 * 24 * 3600)),
             checkpoint_interval,
             checkpoint_spread: args.checkpoint_spread.or(file.checkpoint_spread).unwrap_or(checkpoint_interval / 2),
+            drain_timeout: args.drain_timeout.or(file.drain_timeout).unwrap_or(Duration::from_secs(20)),
             engagement_interval: args
                 .engagement_interval
                 .or(file.engagement_interval)
@@ -236,6 +245,9 @@ impl NodeConfig {
         if self.checkpoint_interval <= self.checkpoint_spread {
             return invalid("checkpoint_spread", "must be shorter than checkpoint_interval");
         }
+        if Duration::from_secs(3600) < self.drain_timeout {
+            return invalid("drain_timeout", "must be at most 1h");
+        }
         if self.engagement_interval < Duration::from_millis(100) {
             return invalid("engagement_interval", "must be at least 100ms");
         }
@@ -280,6 +292,7 @@ mod tests {
         assert!(!NodeConfig::defaults().transparent_huge_pages, "off by default");
         assert_eq!(config.max_event_age, Duration::from_secs(7 * 24 * 3600));
         assert_eq!(config.checkpoint_spread, Duration::from_secs(15), "half the default interval");
+        assert_eq!(config.drain_timeout, Duration::from_secs(20));
         let config =
             NodeConfig::build(ServeArgs { checkpoint_interval: Some(Duration::from_secs(10)), ..ServeArgs::default() })
                 .expect("valid");
@@ -307,5 +320,9 @@ mod tests {
         })
         .expect_err("a spread as long as the interval");
         assert_eq!(error.to_string(), "checkpoint_spread: must be shorter than checkpoint_interval");
+        let error =
+            NodeConfig::build(ServeArgs { drain_timeout: Some(Duration::from_secs(7200)), ..ServeArgs::default() })
+                .expect_err("a drain of two hours");
+        assert_eq!(error.to_string(), "drain_timeout: must be at most 1h");
     }
 }

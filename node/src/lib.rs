@@ -48,7 +48,7 @@ use crate::tenancy::Tenancy;
 use actix::Arbiter;
 use anyhow::Context as _;
 use bazaar_observability::Metrics;
-use std::future::Future;
+use std::future::{Future, IntoFuture as _};
 use std::io::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -120,7 +120,8 @@ const BACKGROUND_NICE: i32 = 10;
 const REDELIVERY_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Runs a node until `shutdown` resolves, then drains it: the listener stops
-/// accepting, in-flight requests finish, every active entity writes its
+/// accepting, in-flight requests finish (for `drain_timeout` at most:
+/// after it the node stops waiting for them), every active entity writes its
 /// snapshot, and the journal flushes and closes. If `shutdown` has
 /// resolved by the time recovery ends, the node stops without listening.
 ///
@@ -267,7 +268,7 @@ pub async fn serve_with(
     ));
 
     let routes = grpc::router(service.clone()).await.map_err(|e| anyhow::anyhow!("setting up gRPC: {e}"))?;
-    let grpc_server = tokio::spawn(
+    let mut grpc_server = tokio::spawn(
         tonic::transport::Server::builder()
             .layer(grpc::GrpcMetricsLayer::new(service.metrics.clone()))
             .add_routes(routes)
@@ -278,8 +279,33 @@ pub async fn serve_with(
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, app).with_graceful_shutdown(stopped(stopping)).await.context("serving HTTP")?;
-    grpc_server.await.context("joining the gRPC server")?.context("serving gRPC")?;
+    let mut http_server =
+        tokio::spawn(axum::serve(listener, app).with_graceful_shutdown(stopped(stopping.clone())).into_future());
+    // Told to stop, the servers finish what is in flight, for the drain
+    // timeout at most: a client that never sends the rest of its body
+    // would hold the stop (and the final checkpoint) for ever.
+    let (http_abort, grpc_abort) = (http_server.abort_handle(), grpc_server.abort_handle());
+    let servers = async {
+        let (http, grpc) = tokio::join!(&mut http_server, &mut grpc_server);
+        http.context("joining the HTTP server")?.context("serving HTTP")?;
+        grpc.context("joining the gRPC server")?.context("serving gRPC")
+    };
+    let deadline = async {
+        stopped(stopping).await;
+        tokio::time::sleep(config.drain_timeout).await;
+    };
+    tokio::select! {
+        served = servers => served?,
+        () = deadline => {
+            tracing::warn!(
+                drain_timeout = ?config.drain_timeout,
+                "requests still in flight at the drain timeout: no longer waiting for them (their connections close \
+                 when the node exits)"
+            );
+            http_abort.abort();
+            grpc_abort.abort();
+        }
+    }
 
     tracing::info!("shutting down: requests drained, writing snapshots");
     service.ready.store(false, Ordering::SeqCst);

@@ -113,14 +113,32 @@ fn finish(prefix: &str, result: anyhow::Result<()>) -> ExitCode {
 /// recovery, or right after the ready line) would otherwise take the
 /// default action and kill it instead of stopping it cleanly. Call it
 /// within the runtime.
+///
+/// A second signal, while the node drains, stops the process at once
+/// (exit code 128 + the signal's number), as `kill -9` would: every
+/// acknowledged event is in the journal, and the next start replays what
+/// the final checkpoint would have covered.
 fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut terminate = signal(SignalKind::terminate()).context("catching SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("catching SIGINT")?;
     Ok(async move {
-        tokio::select! {
-            _ = terminate.recv() => {},
-            _ = interrupt.recv() => {},
-        }
+        let first = tokio::select! {
+            _ = terminate.recv() => "SIGTERM",
+            _ = interrupt.recv() => "SIGINT",
+        };
+        tracing::info!(signal = first, "stopping (a second SIGTERM or Ctrl-C stops at once)");
+        tokio::spawn(async move {
+            let (second, code) = tokio::select! {
+                _ = terminate.recv() => ("SIGTERM", 128 + libc::SIGTERM),
+                _ = interrupt.recv() => ("SIGINT", 128 + libc::SIGINT),
+            };
+            tracing::warn!(
+                signal = second,
+                "a second signal: stopping at once, without draining or a final checkpoint; every acknowledged \
+                 event is in the journal and the next start replays it"
+            );
+            std::process::exit(code);
+        });
     })
 }

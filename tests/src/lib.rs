@@ -176,12 +176,30 @@ impl Node {
     /// it and panics with its log if it has not.
     #[track_caller]
     pub fn terminate_within(&mut self, within: Duration) -> ExitStatus {
-        let mut child = self.child.take().expect("the node is running");
-        let pid = libc::pid_t::try_from(child.id()).expect("pids fit pid_t");
+        self.signal(libc::SIGTERM);
+        self.wait_within(within)
+    }
+
+    /// Sends `signal` to the node by its PID, without waiting.
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.pid()).expect("pids fit pid_t");
         // SAFETY: signalling a child process we own, by its PID.
         unsafe {
-            libc::kill(pid, libc::SIGTERM);
+            libc::kill(pid, signal);
         }
+    }
+
+    /// Whether the node's process is still running.
+    pub fn is_running(&mut self) -> bool {
+        let child = self.child.as_mut().expect("the node was started");
+        child.try_wait().expect("the node's status").is_none()
+    }
+
+    /// Waits up to `within` for the node to exit; kills it and panics with
+    /// its log if it has not.
+    #[track_caller]
+    pub fn wait_within(&mut self, within: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("the node is running");
         let deadline = std::time::Instant::now() + within;
         loop {
             if let Some(status) = child.try_wait().expect("the node's status") {
@@ -190,7 +208,7 @@ impl Node {
             if deadline < std::time::Instant::now() {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("the node did not stop within {within:?} of SIGTERM; its log:\n{}", self.log_tail());
+                panic!("the node did not stop within {within:?}; its log:\n{}", self.log_tail());
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -323,3 +323,85 @@ fn a_checkpoint_spreads_its_snapshots_and_a_stop_does_not_wait_for_the_spread() 
         written[began]
     );
 }
+
+/// An HTTP request the node has begun to handle but never gets the whole
+/// body of. `Expect: 100-continue` makes the node say when its handler
+/// starts reading the body, so the request is in flight for sure before
+/// this returns; the stream keeps it open.
+fn stalled_upload(node: &Node, path: &str) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let address = node.url.trim_start_matches("http://").to_owned();
+    let mut stream = std::net::TcpStream::connect(&address).expect("the node's HTTP port");
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\n\
+         Content-Length: 100\r\nExpect: 100-continue\r\n\r\n",
+        bazaar_tests::ADMIN_KEY
+    )
+    .expect("headers sent");
+    stream.set_read_timeout(Some(Duration::from_secs(60))).expect("a read timeout");
+    let mut answer = Vec::new();
+    let mut byte = [0; 1];
+    while !answer.ends_with(b"\r\n\r\n") {
+        let read = stream.read(&mut byte).expect("the node answers 100 Continue");
+        assert_eq!(read, 1, "the node closed the connection: {}", String::from_utf8_lossy(&answer));
+        answer.push(byte[0]);
+    }
+    assert!(answer.starts_with(b"HTTP/1.1 100"), "{}", String::from_utf8_lossy(&answer));
+    stream.write_all(b"{\"event_id\": ").expect("a part of the body sent");
+    stream
+}
+
+#[test]
+fn a_second_signal_stops_a_stuck_drain_at_once_and_loses_nothing_acknowledged() {
+    let mut node = Node::start(&["--drain-timeout", "1h"]);
+    let mall = Mall::create(&node, "mall", hot_jackpot());
+    for n in 0..20 {
+        mall.pos
+            .post(&mall.path("events"), Mall::purchase(&format!("e-{n}"), &format!("c-{}", n % 3), "s-1", 5_000))
+            .expect(200);
+    }
+    let customer = mall.pos.get(&mall.path("customers/c-0")).expect(200);
+    let jackpot = mall.display.get(&mall.path("jackpots/j-mall")).expect(200);
+    let _upload = stalled_upload(&node, &mall.path("events"));
+    node.signal(libc::SIGTERM);
+    // The drain waits for the upload (for an hour, as configured).
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(node.is_running(), "the node stopped without waiting for the request in flight:\n{}", node.log_tail());
+    node.signal(libc::SIGINT);
+    let status = node.wait_within(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(128 + libc::SIGINT), "{status}; log:\n{}", node.log_tail());
+    let log = node.log();
+    assert!(log.contains("stopping (a second SIGTERM or Ctrl-C stops at once)"), "{log}");
+    assert!(log.contains("a second signal: stopping at once"), "{log}");
+    // No final checkpoint was written: the restart replays the journal.
+    node.restart();
+    let pos = node.client(mall.pos_key());
+    assert_eq!(pos.get(&mall.path("customers/c-0")).expect(200), customer);
+    let display = mall.display_on(&node);
+    let recovered = display.get(&mall.path("jackpots/j-mall")).expect(200);
+    assert_eq!(recovered, jackpot);
+    assert_books_balance(&recovered);
+    let retry = pos.post(&mall.path("events"), Mall::purchase("e-0", "c-0", "s-1", 5_000)).expect(200);
+    assert_eq!(retry["duplicate"], true);
+}
+
+#[test]
+fn a_stop_waits_for_requests_in_flight_no_longer_than_the_drain_timeout() {
+    let mut node = Node::start(&["--drain-timeout", "1s"]);
+    let mall = Mall::create(&node, "mall", hot_jackpot());
+    mall.pos.post(&mall.path("events"), Mall::purchase("e-1", "c-1", "s-1", 5_000)).expect(200);
+    let customer = mall.pos.get(&mall.path("customers/c-1")).expect(200);
+    let _upload = stalled_upload(&node, &mall.path("events"));
+    // The upload never ends; the stop goes on after a second of waiting.
+    let status = node.terminate();
+    assert!(status.success(), "{status}; log:\n{}", node.log_tail());
+    let log = node.log();
+    assert!(log.contains("requests still in flight at the drain timeout"), "{log}");
+    assert!(
+        log.lines().any(|line| line.trim_end().ends_with(": stopped")),
+        "the journal closed after the final checkpoint: {log}"
+    );
+    node.restart();
+    assert_eq!(node.client(mall.pos_key()).get(&mall.path("customers/c-1")).expect(200), customer);
+}
