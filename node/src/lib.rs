@@ -286,9 +286,10 @@ pub async fn serve_with(
     // would hold the stop (and the final checkpoint) for ever.
     let (http_abort, grpc_abort) = (http_server.abort_handle(), grpc_server.abort_handle());
     let servers = async {
-        let (http, grpc) = tokio::join!(&mut http_server, &mut grpc_server);
-        http.context("joining the HTTP server")?.context("serving HTTP")?;
-        grpc.context("joining the gRPC server")?.context("serving gRPC")
+        // The first to fail fails the node, without waiting for the other.
+        let http = async { (&mut http_server).await.context("joining the HTTP server")?.context("serving HTTP") };
+        let grpc = async { (&mut grpc_server).await.context("joining the gRPC server")?.context("serving gRPC") };
+        tokio::try_join!(http, grpc).map(|((), ())| ())
     };
     let deadline = async {
         stopped(stopping).await;
@@ -307,7 +308,7 @@ pub async fn serve_with(
         }
     }
 
-    tracing::info!("shutting down: requests drained, writing snapshots");
+    tracing::info!("shutting down: the servers have stopped, writing snapshots");
     service.ready.store(false, Ordering::SeqCst);
     let _ = housekeeping.await;
     // Nothing is served any more: the journal's space goes back at once.

@@ -223,7 +223,7 @@ fn a_sigterm_right_after_the_ready_line_stops_the_node_cleanly() {
     let mut node = Node::start(&[]);
     let status = node.terminate();
     assert!(status.success(), "{status}; the log:\n{}", node.log_tail());
-    assert!(node.log_tail().contains("shutting down: requests drained"), "{}", node.log_tail());
+    assert!(node.log_tail().contains("shutting down: the servers have stopped"), "{}", node.log_tail());
 }
 
 /// `THP_enabled` of a process's status: whether the kernel may back its
