@@ -24,6 +24,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::Future;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -1249,7 +1250,6 @@ async fn read_back(
     customers: Vec<String>,
     spun: bool,
 ) -> anyhow::Result<ReadBack> {
-    use futures_util::{StreamExt as _, TryStreamExt as _};
     let admin = args.admin_key.clone();
     let progress = ProgressBar::with_draw_target(
         Some(customers.len() as u64),
@@ -1276,31 +1276,23 @@ async fn read_back(
                 }
             };
             let jackpot = if args.no_jackpot { Value::Null } else { get("jackpots/j".to_owned()).await? };
-            let shown = futures_util::stream::iter(customers)
-                .map(|customer| {
-                    let (get, progress) = (get.clone(), progress.clone());
-                    async move {
-                        let v = get(format!("customers/{customer}")).await?;
-                        progress.inc(1);
-                        anyhow::Ok(Shown {
-                            points: v["points_balance"].as_i64().unwrap_or(i64::MIN),
-                            spins: v["spins"][WHEEL].as_i64().unwrap_or(0),
-                            cashback_minor: v["wallet_minor"].as_i64().unwrap_or(i64::MIN),
-                        })
-                    }
-                })
-                .buffered(VERIFY_CONCURRENCY)
-                .try_collect()
-                .await?;
-            let mut audit = Vec::new();
-            // Page by page until one comes back empty.
-            let mut more = spun;
-            while more {
-                let page = get(format!("audit/wheels/{WHEEL}?after={}&limit={AUDIT_PAGE}", audit.len())).await?;
-                let records = page["records"].as_array().map(Vec::as_slice).unwrap_or_default();
-                more = !records.is_empty();
-                audit.extend(records.iter().cloned());
-            }
+            let shown = read_customers(customers, &progress, |customer| {
+                let get = get.clone();
+                async move {
+                    let v = get(format!("customers/{customer}")).await?;
+                    Ok(Shown {
+                        points: v["points_balance"].as_i64().unwrap_or(i64::MIN),
+                        spins: v["spins"][WHEEL].as_i64().unwrap_or(0),
+                        cashback_minor: v["wallet_minor"].as_i64().unwrap_or(i64::MIN),
+                    })
+                }
+            })
+            .await?;
+            let audit = read_audit(spun, |after| {
+                let page = get(format!("audit/wheels/{WHEEL}?after={after}&limit={AUDIT_PAGE}"));
+                async move { Ok(page.await?["records"].as_array().cloned().unwrap_or_default()) }
+            })
+            .await?;
             ReadBack { jackpot, customers: shown, audit }
         }
         Transport::Grpc(channel) => {
@@ -1316,47 +1308,86 @@ async fn read_back(
                 json!({"pool_minor": j.pool_minor, "reserve_minor": j.reserve_minor,
                     "books": {"seeded_minor": books.seeded_minor, "contributed_minor": books.contributed_minor, "paid_minor": books.paid_minor}})
             };
-            let shown = futures_util::stream::iter(customers)
-                .map(|customer| {
-                    let mut service = pb::customer_service_client::CustomerServiceClient::new(channel.clone());
-                    let (request, progress) = (
-                        with_key(&admin, pb::GetCustomerRequest { tenant: tenant.into(), customer }),
-                        progress.clone(),
-                    );
-                    async move {
-                        let view = service.get_customer(request).await?.into_inner();
-                        progress.inc(1);
-                        anyhow::Ok(Shown {
-                            points: view.points_balance,
-                            spins: view.spins.get(WHEEL).copied().map_or(0, i64::from),
-                            cashback_minor: view.wallet_minor,
-                        })
-                    }
-                })
-                .buffered(VERIFY_CONCURRENCY)
-                .try_collect()
-                .await?;
-            let mut audit = Vec::new();
-            let mut more = spun;
-            while more {
+            let shown = read_customers(customers, &progress, |customer| {
+                let mut service = pb::customer_service_client::CustomerServiceClient::new(channel.clone());
+                let request = with_key(&admin, pb::GetCustomerRequest { tenant: tenant.into(), customer });
+                async move {
+                    let view = service.get_customer(request).await?.into_inner();
+                    Ok(Shown {
+                        points: view.points_balance,
+                        spins: view.spins.get(WHEEL).copied().map_or(0, i64::from),
+                        cashback_minor: view.wallet_minor,
+                    })
+                }
+            })
+            .await?;
+            let audit = read_audit(spun, |after| {
+                let mut games = games.clone();
                 let request = pb::GetAuditRequest {
                     tenant: tenant.into(),
                     kind: "wheels".into(),
                     id: WHEEL.into(),
-                    after: u32::try_from(audit.len()).context("audit records")?,
+                    after,
                     limit: AUDIT_PAGE,
                 };
-                let page = games.get_audit(with_key(&admin, request)).await?.into_inner();
-                more = !page.records.is_empty();
-                for record in page.records {
-                    audit.push(serde_json::from_str(&record).context("an audit record is JSON")?);
+                let request = with_key(&admin, request);
+                async move {
+                    let page = games.get_audit(request).await?.into_inner();
+                    page.records
+                        .iter()
+                        .map(|record| serde_json::from_str(record).context("an audit record is JSON"))
+                        .collect()
                 }
-            }
+            })
+            .await?;
             ReadBack { jackpot, customers: shown, audit }
         }
     };
     progress.finish_and_clear();
     Ok(read)
+}
+
+/// Every customer in `customers`, read with `read` (one call each),
+/// [`VERIFY_CONCURRENCY`] at a time, in their order.
+async fn read_customers<F, R>(customers: Vec<String>, progress: &ProgressBar, read: F) -> anyhow::Result<Vec<Shown>>
+where
+    F: Fn(String) -> R,
+    R: Future<Output = anyhow::Result<Shown>>,
+{
+    use futures_util::{StreamExt as _, TryStreamExt as _};
+    futures_util::stream::iter(customers)
+        .map(|customer| {
+            let shown = read(customer);
+            async move {
+                let shown = shown.await?;
+                progress.inc(1);
+                Ok(shown)
+            }
+        })
+        .buffered(VERIFY_CONCURRENCY)
+        .try_collect()
+        .await
+}
+
+/// The wheel's audit records (none unless `spun`), a page at a time
+/// (`read(after)`, the records after the `after`th draw) until one comes
+/// back empty.
+async fn read_audit<F, R>(spun: bool, read: F) -> anyhow::Result<Vec<Value>>
+where
+    F: Fn(u32) -> R,
+    R: Future<Output = anyhow::Result<Vec<Value>>>,
+{
+    let mut audit = Vec::new();
+    if !spun {
+        return Ok(audit);
+    }
+    loop {
+        let page = read(u32::try_from(audit.len()).context("audit records")?).await?;
+        if page.is_empty() {
+            return Ok(audit);
+        }
+        audit.extend(page);
+    }
 }
 
 /// Re-checks the wheel's audit against its definition and the spins

@@ -11,7 +11,8 @@ fn loadgen(node: &Node, extra: &[&str]) -> serde_json::Value {
     let address = node.grpc.trim_start_matches("http://").to_owned();
     let output = Command::new(binary())
         .args(["loadgen", "--grpc", &address, "--admin-key", ADMIN_KEY, "--setup", "--verify"])
-        .args(["--duration", "2s", "--customers", "300"])
+        .args(if extra.contains(&"--duration") { &[][..] } else { &["--duration", "2s"][..] })
+        .args(["--customers", "300"])
         .arg("--metrics")
         .arg(format!("{}/metrics", node.url))
         .arg("--report")
@@ -96,6 +97,18 @@ fn loadgen_measures_and_verifies_over_every_transport() {
             assert!(mean.is_some_and(|ms| 0.0 < ms), "the server's own {method} latency: {report}");
         }
     }
+}
+
+#[test]
+fn every_draw_of_a_thousand_spins_and_more_is_found_in_the_audit() {
+    // A spin for every spin earned, over 12,000 events: about 1,300
+    // draws, more than one page of the audit (1,000), all re-checked.
+    let node = Node::start(&[]);
+    let report = loadgen(&node, &["--clients", "8", "--spin-share", "1", "--events", "12000", "--duration", "10m"]);
+    assert_eq!(report["acknowledged"], 12_000, "{report}");
+    let spins = &report["spins"];
+    assert_eq!(spins["errors"], serde_json::json!({}), "{report}");
+    assert!(1_000 < spins["acknowledged"].as_u64().expect("spins"), "more than a page of draws: {report}");
 }
 
 #[test]
