@@ -38,9 +38,10 @@ enum Command {
     /// The node runs in a temporary directory that is deleted afterwards
     /// (unless --keep, which leaves it running and prints its URLs and keys).
     Demo(bazaar_node::demo::DemoArgs),
-    /// Send a mall's workload to a running node and measure it: events per
-    /// second, latency percentiles (HDR), errors; a JSON report with
-    /// --report; --verify checks books and points against what was sent.
+    /// Send a mall's workload (purchases, visits, spins) to a running node
+    /// and measure it: events per second, latency percentiles (HDR),
+    /// errors; a JSON report with --report; --verify checks the books, every
+    /// customer and every draw against what was acknowledged.
     Loadgen(bazaar_node::loadgen::LoadgenArgs),
     /// Measure this machine's limits (fsync, sled group commit, no-op gRPC
     /// and HTTP), to report Bazaar's figures as ratios to them.
