@@ -5,6 +5,7 @@
 //! [`Id::parse`], so a value of type [`Id`] is always valid: storage keys can
 //! be built from it with `/` as a separator without escaping.
 
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -23,9 +24,30 @@ pub enum IdError {
 }
 
 /// A validated identifier.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
-#[serde(try_from = "String")]
-pub struct Id(String);
+///
+/// Its text is kept inline up to 24 bytes (customers, stores, games,
+/// most tenants), so cloning one, as every event's path does several
+/// times (payloads, keys, answers), allocates nothing.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Id(CompactString);
+
+/// Read from any string form, borrowed when the format can lend one
+/// (bincode from a slice), and checked: an id read back is valid too.
+impl<'de> Deserialize<'de> for Id {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Text;
+        impl serde::de::Visitor<'_> for Text {
+            type Value = Id;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an id: 1-128 characters from [A-Za-z0-9._:-]")
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Id, E> {
+                Id::parse(text).map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_str(Text)
+    }
+}
 
 /// Serialized as its text, borrowed: `#[serde(into = "String")]` cloned
 /// the string at every encode of a state, answer or journal entry.
@@ -39,7 +61,7 @@ impl Id {
     /// Checks `text` against the id rule.
     pub fn parse(text: &str) -> Result<Self, IdError> {
         Self::check(text)?;
-        Ok(Self(text.to_owned()))
+        Ok(Self(CompactString::new(text)))
     }
 
     fn check(text: &str) -> Result<(), IdError> {
@@ -71,13 +93,13 @@ impl TryFrom<String> for Id {
     type Error = IdError;
     fn try_from(value: String) -> Result<Self, Self::Error> {
         Self::check(&value)?;
-        Ok(Self(value))
+        Ok(Self(CompactString::from(value)))
     }
 }
 
 impl From<Id> for String {
     fn from(id: Id) -> Self {
-        id.0
+        id.0.into_string()
     }
 }
 
