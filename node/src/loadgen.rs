@@ -488,14 +488,17 @@ pub async fn ceiling(grpc: &str, clients: usize, batch: usize, duration: Duratio
 }
 
 fn progress_bar(args: &LoadgenArgs) -> ProgressBar {
+    bar(args.duration.as_secs().max(1), "{spinner} {bar:40.cyan/blue} {pos}/{len}s {msg}")
+}
+
+/// A progress bar of `length` steps drawn with `template` on standard
+/// error when it is a terminal, hidden otherwise (scripts, reports).
+fn bar(length: u64, template: &str) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(
-        Some(args.duration.as_secs().max(1)),
+        Some(length),
         if std::io::stderr().is_terminal() { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() },
     );
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} {bar:40.cyan/blue} {pos}/{len}s {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    bar.set_style(ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()));
     bar
 }
 
@@ -1251,14 +1254,7 @@ async fn read_back(
     spun: bool,
 ) -> anyhow::Result<ReadBack> {
     let admin = args.admin_key.clone();
-    let progress = ProgressBar::with_draw_target(
-        Some(customers.len() as u64),
-        if std::io::stderr().is_terminal() { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() },
-    );
-    progress.set_style(
-        ProgressStyle::with_template("verifying {bar:40.cyan/blue} {pos}/{len} customers")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let progress = bar(customers.len() as u64, "verifying {bar:40.cyan/blue} {pos}/{len} customers");
     let read = match transport {
         Transport::Http(agent, url) => {
             let get = {
@@ -1392,14 +1388,17 @@ where
 
 /// Re-checks the wheel's audit against its definition and the spins
 /// acknowledged: each draw's roll lands on the segment it names, within
-/// the weights the definition allowed, a segment out of stock only once
-/// its stock was given; every acknowledged spin is there, once, with its
+/// the weights the definition allowed given what the wheel had given
+/// before it (the domain's own rule, `WheelState::available_weights`: a
+/// segment at zero once, and only once, its stock was given); every acknowledged spin is there, once, with its
 /// request, customer and segment; and, when no spin failed, nothing else
 /// is. The problems found, at most a few of each kind.
 fn check_audit(def: &WheelDef, records: &[Value], spun: &[Spun], spins_failed: bool) -> Vec<String> {
     let mut problems = Vec::new();
     let mut draws: HashMap<&str, &Value> = HashMap::new();
-    let mut awarded: HashMap<&str, u32> = HashMap::new();
+    // What the wheel had given before each draw: the weights it may draw
+    // with follow from it (a segment out of stock weighs nothing).
+    let mut given = bazaar_games::wheel::WheelState::default();
     for record in records {
         let draw = &record["draw"];
         let id = draw["draw_id"].as_str().unwrap_or_default();
@@ -1408,15 +1407,7 @@ fn check_audit(def: &WheelDef, records: &[Value], spun: &[Spun], spins_failed: b
         let (roll, total) = (draw["roll"].as_u64().unwrap_or(u64::MAX), draw["total_weight"].as_u64().unwrap_or(0));
         let index = draw["segment_index"].as_u64().and_then(|i| usize::try_from(i).ok()).unwrap_or(usize::MAX);
         let label = draw["label"].as_str().unwrap_or_default();
-        let allowed = weights.len() == def.segments.len()
-            && weights.iter().zip(&def.segments).all(|(weight, segment)| {
-                *weight == u64::from(segment.weight)
-                    || (*weight == 0
-                        && segment
-                            .stock
-                            .is_some_and(|stock| stock <= awarded.get(segment.label.as_str()).copied().unwrap_or(0)))
-            });
-        let lands = allowed
+        let lands = weights == given.available_weights(def)
             && weights.iter().sum::<u64>() == total
             && roll < total
             && bazaar_games::wheel::pick(&weights, roll) == index
@@ -1424,15 +1415,15 @@ fn check_audit(def: &WheelDef, records: &[Value], spun: &[Spun], spins_failed: b
         if !lands && problems.len() < 10 {
             problems.push(format!("draw {id} does not re-check against the wheel's weights: {record}"));
         }
-        *awarded.entry(label).or_insert(0) += 1;
+        *given.awarded.entry(label.to_owned()).or_insert(0) += 1;
         if draws.insert(id, record).is_some() && problems.len() < 10 {
             problems.push(format!("draw {id} is audited twice"));
         }
     }
     for segment in &def.segments {
-        let given = awarded.get(segment.label.as_str()).copied().unwrap_or(0);
-        if segment.stock.is_some_and(|stock| stock < given) {
-            problems.push(format!("{} was won {given} times, over its stock of {:?}", segment.label, segment.stock));
+        let won = given.awarded.get(&segment.label).copied().unwrap_or(0);
+        if segment.stock.is_some_and(|stock| stock < won) {
+            problems.push(format!("{} was won {won} times, over its stock of {:?}", segment.label, segment.stock));
         }
     }
     let mut missing = 0;
