@@ -1463,8 +1463,11 @@ async fn verify(transport: &Transport, args: &LoadgenArgs, tenant: &str, shared:
     let jackpot = &read.jackpot;
     let n = |v: &Value| v.as_i64().unwrap_or(i64::MIN);
     let books = &jackpot["books"];
-    let balanced = n(&books["seeded_minor"]) + n(&books["contributed_minor"])
-        == n(&jackpot["pool_minor"]) + n(&jackpot["reserve_minor"]) + n(&books["paid_minor"]);
+    // Summed as i128: a field missing (i64::MIN), or absurd, must make the
+    // books not balance, not overflow.
+    let wide = |v: &Value| i128::from(n(v));
+    let balanced = wide(&books["seeded_minor"]) + wide(&books["contributed_minor"])
+        == wide(&jackpot["pool_minor"]) + wide(&jackpot["reserve_minor"]) + wide(&books["paid_minor"]);
     let mut problems = Vec::new();
     if args.no_jackpot {
         // No jackpot: only the customers (and the wheel) are checked.
@@ -1494,8 +1497,9 @@ async fn verify(transport: &Transport, args: &LoadgenArgs, tenant: &str, shared:
     if 10 < wrong {
         problems.push(format!("... {wrong} customers in all hold other than their acknowledged answers gave"));
     }
-    let points: i64 = read.customers.iter().map(|shown| shown.points).sum();
-    let expected_points: i64 = expected.iter().map(|(_, holdings)| holdings.points).sum();
+    // i128: a customer whose answer lacked its points reads as i64::MIN.
+    let points: i128 = read.customers.iter().map(|shown| i128::from(shown.points)).sum();
+    let expected_points: i128 = expected.iter().map(|(_, holdings)| i128::from(holdings.points)).sum();
     if points != expected_points {
         problems.push(format!(
             "the customers hold {points} points in all, their acknowledged answers gave {expected_points}"
