@@ -5,7 +5,8 @@
 # The tests need cargo-nextest (the test runner), curl (the README
 # walk-through test runs the README's curl commands), grpcurl (a real gRPC
 # client against server reflection), and Debian's Chromium driven by
-# Playwright (the display page test), promtool (checks a real scrape) and
+# Playwright (the display page test), promtool (checks a real scrape),
+# Redis (bench/run, which a test runs, measures it beside Bazaar) and
 # schemathesis (fuzzes the HTTP API from its OpenAPI document), each from a package registry as
 # ../shared/TOOLS.md describes. Playwright never downloads a browser here:
 # the test launches /usr/bin/chromium. Tools that live outside PATH are linked into
@@ -59,6 +60,14 @@ if ! command -v promtool >/dev/null 2>&1; then
     apt_install prometheus
     # Only promtool is wanted: never leave the Prometheus server running.
     pkill -x prometheus 2>/dev/null || true
+fi
+
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-benchmark >/dev/null 2>&1; then
+    # bench/run measures Redis beside Bazaar; the test that runs it needs them.
+    echo "install-test-tools: installing redis-server and redis-tools (Debian)" >&2
+    apt_install redis-server redis-tools
+    # Only the binaries are wanted: never leave a packaged server running.
+    pkill -x redis-server 2>/dev/null || true
 fi
 
 if [ ! -x "$tools/schemathesis" ]; then
