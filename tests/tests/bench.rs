@@ -4,7 +4,8 @@
 //! measures the machine's limits, every scenario with its `--verify`,
 //! Redis beside (d), the rounds in turns and the restart after `kill -9`,
 //! writes its JSON and markdown where it is told, and leaves no process
-//! behind.
+//! behind. `bench/ab` measures two builds in turns the same way, and every
+//! bench script answers `--help`.
 
 use bazaar_tests::binary;
 use std::os::unix::process::CommandExt;
@@ -120,5 +121,51 @@ fn bench_run_runs_every_step_and_writes_its_results() {
     let summary = std::fs::read_to_string(&markdown).expect("readable");
     for part in ["| scenario |", "in turns", "## Memory and restart"] {
         assert!(summary.contains(part), "the summary has {part:?}:\n{summary}");
+    }
+}
+
+#[test]
+fn every_bench_script_answers_help() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the repo root").to_path_buf();
+    let mut scripts: Vec<_> = std::fs::read_dir(root.join("bench"))
+        .expect("bench/")
+        .map(|entry| entry.expect("an entry").path())
+        .filter(|path| path.is_file() && path.extension().is_none())
+        .collect();
+    scripts.sort();
+    assert!(7 <= scripts.len(), "the bench scripts: {scripts:?}");
+    for script in scripts {
+        let output = Command::new(&script).arg("--help").current_dir(&root).output().expect("the script runs");
+        let help = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{} --help: {}", script.display(), String::from_utf8_lossy(&output.stderr));
+        // Its usage lines, not an empty page or a build's output.
+        let name = script.strip_prefix(&root).expect("under the root").display().to_string();
+        assert!(help.contains(&name), "{name} --help shows how to run it:\n{help}");
+    }
+}
+
+#[test]
+fn bench_ab_measures_two_builds_in_turns() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the repo root").to_path_buf();
+    let out = tempfile::tempdir().expect("a temporary directory");
+    let report = out.path().join("ab.json");
+    let output = Command::new(root.join("bench/ab"))
+        .args([binary(), binary()])
+        .args(["--clients", "8", "--no-jackpot", "--spin-share", "0"])
+        .current_dir(&root)
+        .env("ROUNDS", "2")
+        .env("SECONDS_PER_RUN", "1")
+        .env("OUT", &report)
+        .output()
+        .expect("bench/ab runs");
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "bench/ab failed:\n{printed}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(printed.contains("ahead of A in"), "{printed}");
+    let result: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).expect("its JSON")).expect("valid JSON");
+    let runs = result["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 4, "two rounds of A and B: {result}");
+    for run in runs {
+        assert!(0.0 < run["events_per_s"].as_f64().unwrap_or(0.0), "{run}");
     }
 }
