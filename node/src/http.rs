@@ -682,6 +682,8 @@ pub(crate) async fn metrics(State(s): State<AppState>) -> Response {
         let _one = FOLLOW.lock();
         let probes = &metrics.seen_run_probes;
         probes.inc_by(seen.run_probes.saturating_sub(probes.get()));
+        let written = &metrics.seen_run_bytes;
+        written.inc_by(seen.written_bytes.saturating_sub(written.get()));
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.service.metrics.render()).into_response()
 }

@@ -819,7 +819,8 @@ impl Writer {
         }
         let batch = (!entries.is_empty()).then_some(self.next_seq);
         if let Some(seq) = batch {
-            self.flusher.begin(seq, &entries, last_ticket)?;
+            let bytes = self.flusher.begin(seq, &entries, last_ticket)?;
+            self.metrics.journal_bytes.inc_by(bytes as u64);
             self.next_seq += 1;
             self.last_entries = started;
         }
@@ -1032,15 +1033,18 @@ impl Flusher {
 
     /// Encodes `entries` as batch `seq` and starts writing and syncing it;
     /// once it is durable, `last_ticket` (its entries' last) is published.
-    fn begin(&mut self, seq: u64, entries: &[JournalEntry], last_ticket: Option<Ticket>) -> StorageResult<()> {
+    /// Encodes the batch and hands it to the thread; its record's length.
+    fn begin(&mut self, seq: u64, entries: &[JournalEntry], last_ticket: Option<Ticket>) -> StorageResult<usize> {
         let mut record = std::mem::take(&mut self.spare);
         wal::begin_record(&mut record);
         crate::storage::encode_into(&mut record, entries);
         wal::seal_record(&mut record, seq)?;
+        let bytes = record.len();
         self.requests
             .as_ref()
             .and_then(|requests| requests.send((seq, record, last_ticket)).ok())
-            .ok_or_else(flusher_gone)
+            .ok_or_else(flusher_gone)?;
+        Ok(bytes)
     }
 
     /// Waits until the batch begun last is durable.
@@ -2104,6 +2108,12 @@ mod tests {
         // after it, and answers a marker after that.)
         journal.marker().await.expect("marker");
         assert_eq!((commits(), metrics.journal_batch_entries.get_sample_sum()), (1, 5.0));
+        // Its record's bytes, framing included, are counted.
+        let mut record = Vec::new();
+        wal::begin_record(&mut record);
+        crate::storage::encode_into(&mut record, &(0..5).map(entry).collect::<Vec<_>>());
+        wal::seal_record(&mut record, 1).expect("sealed");
+        assert_eq!(metrics.journal_bytes.get(), record.len() as u64);
         // An awaited ticket that is durable already asks for nothing.
         journal.durable(tickets[0]).await.expect("durable");
         let later = journal.submit(entry(5)).expect("open");

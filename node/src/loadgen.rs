@@ -1090,6 +1090,9 @@ struct Scrape {
     unary_batches: f64,
     unary_batched: f64,
     outbox_backlog: f64,
+    /// Bytes of journal records, and of the idempotency index's runs.
+    journal_bytes: f64,
+    seen_run_bytes: f64,
     /// Per gRPC method: seconds and calls.
     grpc: BTreeMap<String, (f64, f64)>,
 }
@@ -1113,6 +1116,8 @@ impl Scrape {
                 "bazaar_unary_batch_events_count" => scrape.unary_batches += value,
                 "bazaar_unary_batch_events_sum" => scrape.unary_batched += value,
                 "bazaar_outbox_backlog" => scrape.outbox_backlog += value,
+                "bazaar_journal_bytes_total" => scrape.journal_bytes += value,
+                "bazaar_seen_run_bytes_total" => scrape.seen_run_bytes += value,
                 "bazaar_grpc_request_duration_seconds_sum" | "bazaar_grpc_request_duration_seconds_count" => {
                     let method = labels.split("method=\"").nth(1).and_then(|m| m.split('"').next()).unwrap_or("?");
                     let figures = scrape.grpc.entry(method.to_owned()).or_default();
@@ -1144,8 +1149,13 @@ impl Scrape {
                 (0.0 < calls).then(|| (method.clone(), json!(1_000.0 * (seconds - seconds_before) / calls)))
             })
             .collect();
+        let ingested = self.ingested - before.ingested;
         json!({
-            "events_ingested": self.ingested - before.ingested,
+            "events_ingested": ingested,
+            // Runs are written every 131,072 records and merged four at a
+            // time: over a short run this moves in steps.
+            "journal_bytes_per_event": ratio(self.journal_bytes - before.journal_bytes, ingested),
+            "seen_run_bytes_per_event": ratio(self.seen_run_bytes - before.seen_run_bytes, ingested),
             "journal_flushes": flushes,
             "entries_per_flush": per_flush(self.entries - before.entries),
             "mean_flush_ms": 1_000.0 * per_flush(self.flush_seconds - before.flush_seconds),

@@ -555,10 +555,12 @@ impl<'a> RunWriter<'a> {
             filter: ByteBuf::from(filter.fingerprints),
             hashes: Some((hashes_at, hashes.len() as u64)),
         };
-        self.out.write_all(&encode(&footer)).map_err(self.io())?;
+        let footer = encode(&footer);
+        self.out.write_all(&footer).map_err(self.io())?;
         self.out.write_all(&self.offset.to_le_bytes()).map_err(self.io())?;
         self.out.flush().map_err(self.io())?;
         self.out.get_ref().sync_all().map_err(self.io())?;
+        self.inner.written_bytes.fetch_add(self.offset + footer.len() as u64 + 8, Ordering::Relaxed);
         crate::storage::sync_dir(&self.inner.dir)?;
         let meta = RunMeta { upto, records: self.records, replaces };
         self.inner.tree.insert(meta_key(self.id), encode(&meta))?;
@@ -648,6 +650,8 @@ struct Inner {
     runs: RwLock<Runs>,
     /// Runs' filters probed by lookups so far.
     run_probes: AtomicU64,
+    /// Bytes of run files written, new runs and merges.
+    written_bytes: AtomicU64,
     /// The last attempt to build the summary failed (and was logged).
     summary_failed: AtomicBool,
     next_id: AtomicU64,
@@ -687,6 +691,8 @@ pub struct SeenStats {
     pub summary_bytes: usize,
     /// Runs' own filters probed by lookups so far.
     pub run_probes: u64,
+    /// Bytes of run files written since the index was opened.
+    pub written_bytes: u64,
 }
 
 impl SeenIndex {
@@ -747,6 +753,7 @@ impl SeenIndex {
             spare: Mutex::default(),
             runs: RwLock::new(runs),
             run_probes: AtomicU64::new(0),
+            written_bytes: AtomicU64::new(0),
             summary_failed: AtomicBool::new(false),
             next_id: AtomicU64::new(next_id),
             freezes: AtomicU64::new(0),
@@ -932,6 +939,7 @@ impl SeenIndex {
             summarized_runs: runs.summary.as_ref().map_or(0, |summary| summary.runs.len()),
             summary_bytes: runs.summary.as_ref().map_or(0, |summary| summary.filter.bytes()),
             run_probes: self.inner.run_probes.load(Ordering::Relaxed),
+            written_bytes: self.inner.written_bytes.load(Ordering::Relaxed),
         }
     }
 }
@@ -1327,6 +1335,13 @@ mod tests {
             "{stats:?}"
         );
         assert_eq!(seen.covered(), Some(99));
+        // Every byte of the runs on disk was counted as written, and more:
+        // the eight runs merged away were written too.
+        let on_disk: u64 = run_files(&seen.inner.dir)
+            .into_iter()
+            .map(|id| std::fs::metadata(run_file(&seen.inner.dir, id)).expect("a run file").len())
+            .sum();
+        assert!(0 < on_disk && on_disk < stats.written_bytes, "{on_disk} on disk, {stats:?}");
         // Unknown ids, before, between and after the stored ones.
         for missing in [b"t/event/a".as_slice(), b"t/event/e-000000x", b"t/event/e-001000", b"u"] {
             assert_eq!(seen.get(missing).expect("get"), None);

@@ -60,6 +60,10 @@ pub struct Metrics {
     pub journal_flush_seconds: Histogram,
     /// Entries per group commit.
     pub journal_batch_entries: Histogram,
+    /// Bytes of journal records (batches) written.
+    pub journal_bytes: IntCounter,
+    /// Bytes of idempotency-index run files written (new runs and merges).
+    pub seen_run_bytes: IntCounter,
     /// Unary events recorded together in one batch.
     pub unary_batch_events: Histogram,
 }
@@ -173,6 +177,14 @@ impl Metrics {
                 HistogramOpts::new("bazaar_journal_batch_entries", "Journal entries per group commit")
                     .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0]),
             )?,
+            journal_bytes: IntCounter::new(
+                "bazaar_journal_bytes_total",
+                "Bytes of journal records written (each group commit's batch, framing included)",
+            )?,
+            seen_run_bytes: IntCounter::new(
+                "bazaar_seen_run_bytes_total",
+                "Bytes of the idempotency index's run files written, new runs and merges",
+            )?,
             unary_batch_events: Histogram::with_opts(
                 HistogramOpts::new(
                     "bazaar_unary_batch_events",
@@ -211,6 +223,8 @@ impl Metrics {
         r.register(Box::new(self.engagement_refreshes.clone()))?;
         r.register(Box::new(self.journal_flush_seconds.clone()))?;
         r.register(Box::new(self.journal_batch_entries.clone()))?;
+        r.register(Box::new(self.journal_bytes.clone()))?;
+        r.register(Box::new(self.seen_run_bytes.clone()))?;
         r.register(Box::new(self.unary_batch_events.clone()))?;
         Ok(())
     }

@@ -96,6 +96,9 @@ fn bench_run_runs_every_step_and_writes_its_results() {
         assert!(0 < report["acknowledged"].as_u64().unwrap_or(0), "{scenario} acknowledged events: {report}");
         assert!(0.0 < report["throughput_per_s"].as_f64().unwrap_or(0.0), "{scenario}: {report}");
         assert!(report["latency_ms"]["p99"].is_number(), "{scenario}: {report}");
+        // The node's own figures, read from its /metrics around the run.
+        let journaled = report["server"]["journal_bytes_per_event"].as_f64().unwrap_or(0.0);
+        assert!(100.0 < journaled, "{scenario}: journal bytes per event {journaled}");
     }
     assert!(0 < result["scenarios"]["e_mall"]["spins"]["acknowledged"].as_u64().unwrap_or(0), "(e) spins");
     let ratios = result["ratios"].as_object().expect("ratios");
@@ -119,7 +122,7 @@ fn bench_run_runs_every_step_and_writes_its_results() {
     assert!(0.0 < restart["ready_after_s"].as_f64().unwrap_or(0.0), "the restart after kill -9: {restart}");
 
     let summary = std::fs::read_to_string(&markdown).expect("readable");
-    for part in ["| scenario |", "in turns", "## Memory and restart"] {
+    for part in ["| scenario |", "journal bytes/event", "in turns", "## Memory and restart"] {
         assert!(summary.contains(part), "the summary has {part:?}:\n{summary}");
     }
 }

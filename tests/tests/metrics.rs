@@ -80,11 +80,16 @@ fn promtool_accepts_the_scrape_and_engagement_follows_customers() {
         "bazaar_seen_run_probes_total",
         "bazaar_journal_flush_seconds",
         "bazaar_journal_batch_entries",
+        "bazaar_journal_bytes_total",
+        "bazaar_seen_run_bytes_total",
         "bazaar_unary_batch_events",
         "bazaar_engagement_refreshes_total",
     ] {
         assert!(scrape.contains(&format!("# TYPE {family} ")), "{family} is missing");
     }
+    // The events above were journaled: their batches' bytes are counted.
+    let journaled = bazaar_tests::metric_sample(&scrape, "bazaar_journal_bytes_total").unwrap_or(0.0);
+    assert!(100.0 < journaled, "journal bytes: {journaled}");
     for customer in ["c-1", "c-2", "c-3"] {
         assert!(!scrape.contains(customer), "customer {customer} appears in the metrics");
     }
