@@ -184,20 +184,22 @@ struct SeenValue {
     answer: Vec<u8>,
 }
 
-/// What `encode(&SeenValue { fingerprint, answer: encode(answer) })`
-/// makes, built in a buffer the thread keeps and copied once into the
-/// shared record: the answer is serialised in place instead of into a
-/// buffer of its own that is then copied (twice per event).
+/// A `SeenValue { fingerprint, answer: encode(answer) }` in the
+/// fixed-width format (`storage::FIXED_WIDTH_VERSION`), built in a buffer
+/// the thread keeps and copied once into the shared record: the answer is
+/// encoded in place, its length written in the slot left for it, instead
+/// of into a buffer of its own that is then copied (twice per event).
+/// `decode` reads it as any other value; the answer inside is in the
+/// current format.
 fn seen_value<A: Serialize>(fingerprint: u64, answer: &A) -> SharedBytes {
     // Version, fingerprint, the answer's length, then the answer as
     // `encode` writes it (its own version byte, then bincode).
     const ANSWER_AT: usize = 1 + 8 + 8;
     crate::storage::with_buffer(|bytes| {
-        bytes.push(crate::storage::FORMAT_VERSION);
+        bytes.push(crate::storage::FIXED_WIDTH_VERSION);
         bytes.extend_from_slice(&fingerprint.to_le_bytes());
         bytes.extend_from_slice(&[0; 8]);
-        bytes.push(crate::storage::FORMAT_VERSION);
-        bincode::serialize_into(&mut *bytes, answer).expect("bincode serialises every answer into a Vec");
+        crate::storage::encode_into(bytes, answer);
         let length = (bytes.len() - ANSWER_AT) as u64;
         bytes[ANSWER_AT - 8..ANSWER_AT].copy_from_slice(&length.to_le_bytes());
         SharedBytes::from(&bytes[..])
@@ -770,12 +772,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_idempotency_record_is_written_as_it_always_was() {
+    fn an_idempotency_record_is_a_fixed_width_seen_value_holding_its_answer() {
         let answers: Vec<Vec<(String, i64)>> =
             vec![Vec::new(), vec![("c-42".into(), 7)], (0..500).map(|n| (format!("c-{n}"), -n)).collect()];
         for (fingerprint, answer) in [0, 42, u64::MAX].into_iter().zip(answers) {
             let record = seen_value(fingerprint, &answer);
-            assert_eq!(record[..], encode(&SeenValue { fingerprint, answer: encode(&answer) })[..]);
+            // What the fixed-width format makes of the value (the layout
+            // every build before the variable-width one wrote), its answer
+            // in the current format.
+            let mut expected = vec![crate::storage::FIXED_WIDTH_VERSION];
+            expected
+                .extend(bincode::serialize(&SeenValue { fingerprint, answer: encode(&answer) }).expect("serialises"));
+            assert_eq!(record[..], expected[..]);
+            assert_eq!(encode(&answer)[0], crate::storage::FORMAT_VERSION);
             let SeenValue { fingerprint: read, answer: bytes } = decode(&record).expect("reads back");
             assert_eq!(
                 (read, decode::<Vec<(String, i64)>>(&bytes).expect("the answer reads back")),

@@ -1668,8 +1668,12 @@ mod tests {
         let back: Vec<JournalEntry> = decode(&encode(&plain)).expect("decodes the old form");
         assert_eq!(encode(&back), encode(&entries));
         // Recovery's borrowed view reads the same bytes, old form or new,
-        // and gives back the entry whole.
-        for bytes in [encode(&entries), encode(&plain)] {
+        // and in the fixed-width format a build before the current one
+        // wrote, and gives back the entry whole.
+        let mut fixed_width = vec![crate::storage::FIXED_WIDTH_VERSION];
+        fixed_width.extend(bincode::serialize(&entries).expect("serialises"));
+        assert!(encode(&entries).len() < fixed_width.len());
+        for bytes in [encode(&entries), encode(&plain), fixed_width] {
             let views: Vec<EntryView<'_>> = decode(&bytes).expect("decodes as a view");
             let whole: Vec<JournalEntry> = views.iter().map(EntryView::to_entry).collect();
             assert_eq!(encode(&whole), encode(&entries));
@@ -2013,9 +2017,9 @@ mod tests {
     #[tokio::test]
     async fn old_batches_go_once_a_checkpoint_covers_them_and_after_a_crash_too() {
         let (_dir, store, metrics) = fresh_store();
-        // Segments of 256 bytes: a few batches each.
+        // Segments of 160 bytes: a few batches each.
         let (journal, thread) =
-            Journal::start_with(store.clone(), metrics.clone(), 0, Duration::from_secs(60), 256, CARRY_FOR)
+            Journal::start_with(store.clone(), metrics.clone(), 0, Duration::from_secs(60), 160, CARRY_FOR)
                 .expect("start");
         let batches = 40;
         for n in 0..batches {

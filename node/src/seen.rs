@@ -62,7 +62,7 @@
 //! back to one after an upgrade loses the idempotency of what the newer
 //! node applied.
 
-use crate::storage::{decode, encode, Pace, SharedBytes, StorageError, StorageResult, FORMAT_VERSION};
+use crate::storage::{decode, encode, Pace, SharedBytes, StorageError, StorageResult};
 use crate::FastMap;
 use crate::Priority;
 use parking_lot::{Condvar, Mutex, RwLock};
@@ -85,6 +85,11 @@ pub const MEMTABLE_RECORDS: usize = 128 * 1024;
 /// A block (the unit a lookup reads) is cut once it holds this many bytes
 /// (records are about 230 bytes under the load generator's workload).
 pub const BLOCK_BYTES: usize = 8 * 1024;
+
+/// The layout of a run's blocks (a count, then each key and value after
+/// its 8-byte length): its own version, apart from the stored values'
+/// `storage::FORMAT_VERSION`, which the blocks hold as opaque bytes.
+const BLOCK_VERSION: u8 = 1;
 
 /// Runs of one size merged into one of the next: lookups probe at most
 /// `FANOUT - 1` runs per size, and each record is rewritten once per size.
@@ -373,7 +378,7 @@ struct BlockBuilder {
 impl BlockBuilder {
     fn new() -> Self {
         let mut bytes = Vec::with_capacity(BLOCK_BYTES + 512);
-        bytes.push(FORMAT_VERSION);
+        bytes.push(BLOCK_VERSION);
         bytes.extend_from_slice(&0u64.to_le_bytes());
         Self { bytes, count: 0 }
     }
@@ -402,10 +407,10 @@ impl BlockBuilder {
 fn parse_block(bytes: &[u8]) -> StorageResult<Vec<(Range<usize>, Range<usize>)>> {
     let truncated = || StorageError::Codec("a seen block is truncated".into());
     match bytes.first() {
-        Some(&FORMAT_VERSION) => {}
+        Some(&BLOCK_VERSION) => {}
         Some(version) => {
             return Err(StorageError::Codec(format!(
-                "seen block has format version {version}; this build reads up to {FORMAT_VERSION} (upgrade the node)"
+                "seen block has format version {version}; this build reads up to {BLOCK_VERSION} (upgrade the node)"
             )))
         }
         None => return Err(truncated()),
@@ -1652,7 +1657,10 @@ mod tests {
         let bytes = block.finish().to_vec();
         let as_bincode: Vec<(&serde_bytes::Bytes, &serde_bytes::Bytes)> =
             records.iter().map(|(key, value)| (serde_bytes::Bytes::new(key), serde_bytes::Bytes::new(value))).collect();
-        assert_eq!(bytes, encode(&as_bincode));
+        // The layout is the fixed-width format's of the same pairs.
+        let mut fixed_width = vec![crate::storage::FIXED_WIDTH_VERSION];
+        fixed_width.extend(bincode::serialize(&as_bincode).expect("serialises"));
+        assert_eq!(bytes, fixed_width);
         let parsed = parse_block(&bytes).expect("parse");
         let parsed: Vec<_> = parsed.into_iter().map(|(key, value)| (&bytes[key], &bytes[value])).collect();
         assert_eq!(parsed, records);
@@ -1660,7 +1668,7 @@ mod tests {
             assert!(parse_block(&bytes[..cut]).is_err(), "cut at {cut}");
         }
         let mut newer = bytes.clone();
-        newer[0] = FORMAT_VERSION + 1;
+        newer[0] = BLOCK_VERSION + 1;
         assert!(parse_block(&newer).expect_err("newer").to_string().contains("upgrade the node"));
     }
 

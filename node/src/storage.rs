@@ -31,8 +31,25 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// The value format this build writes.
-pub const FORMAT_VERSION: u8 = 1;
+/// The value format this build writes: bincode with variable-length
+/// integers (lengths, counts, enum tags and numbers take the bytes their
+/// value needs: a journal entry's lengths and small numbers had been eight
+/// bytes each, most of them zeros).
+pub const FORMAT_VERSION: u8 = 2;
+
+/// The format before it: bincode with fixed-width integers. Always read;
+/// still written where a fixed layout is relied on (the header of an
+/// idempotency record, see `actor::seen_value`) or where bytes must not
+/// change between builds (the fingerprints of [`hash_encoded`]).
+pub const FIXED_WIDTH_VERSION: u8 = 1;
+
+/// bincode's options for [`FORMAT_VERSION`]. Trailing bytes are allowed, as
+/// `bincode::deserialize` allows them for [`FIXED_WIDTH_VERSION`]: a value
+/// may be read by its first fields only (`outbox::kind_of_record`).
+fn options() -> impl bincode::Options {
+    use bincode::Options;
+    bincode::DefaultOptions::new().with_varint_encoding().with_little_endian().allow_trailing_bytes()
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -101,8 +118,9 @@ pub fn with_buffer<R>(use_it: impl FnOnce(&mut Vec<u8>) -> R) -> R {
 pub fn encode_into<T: Serialize + ?Sized>(buffer: &mut Vec<u8>, value: &T) {
     // Not sized first: the journal keeps its buffer, with the capacity of
     // the batches before, so it seldom grows.
+    use bincode::Options;
     buffer.push(FORMAT_VERSION);
-    bincode::serialize_into(buffer, value).expect("bincode serialises every type stored by Bazaar into a Vec");
+    options().serialize_into(buffer, value).expect("bincode serialises every type stored by Bazaar into a Vec");
 }
 
 /// The xxh3 hash of what [`encode`] makes of `value` (fingerprints of
@@ -111,9 +129,14 @@ pub fn encode_into<T: Serialize + ?Sized>(buffer: &mut Vec<u8>, value: &T) {
 /// bazaar-node --bench codec -- fingerprint`: 25 ns for a score's payload
 /// against 37 ns encoding into a new buffer. (xxh3's streaming hasher fed
 /// by bincode's small writes was slower than either.)
+///
+/// Hashed in [`FIXED_WIDTH_VERSION`]'s form, whatever this build writes:
+/// an idempotency record keeps the fingerprint of its request, and a retry
+/// reaching a node of a newer build must still match it.
 pub fn hash_encoded<T: Serialize + ?Sized>(value: &T) -> u64 {
     with_buffer(|bytes| {
-        encode_into(bytes, value);
+        bytes.push(FIXED_WIDTH_VERSION);
+        bincode::serialize_into(&mut *bytes, value).expect("bincode serialises every type stored by Bazaar into a Vec");
         xxhash_rust::xxh3::xxh3_64(bytes)
     })
 }
@@ -178,8 +201,10 @@ pub mod byte_pairs {
 /// Reads a value written by [`encode`] of this or an older format.
 /// A value may borrow from `bytes` (the `seen` index's blocks do).
 pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> StorageResult<T> {
+    use bincode::Options;
     match bytes.split_first() {
-        Some((&version, rest)) if version == FORMAT_VERSION => {
+        Some((&FORMAT_VERSION, rest)) => options().deserialize(rest).map_err(|e| StorageError::Codec(e.to_string())),
+        Some((&FIXED_WIDTH_VERSION, rest)) => {
             bincode::deserialize(rest).map_err(|e| StorageError::Codec(e.to_string()))
         }
         Some((version, _)) => Err(StorageError::Codec(format!(
@@ -591,10 +616,33 @@ mod tests {
     }
 
     #[test]
-    fn a_hash_of_the_encoding_is_the_hash_of_the_bytes() {
+    fn a_fingerprint_is_the_hash_of_the_fixed_width_encoding_whatever_this_build_writes() {
         for value in [(0u64, String::new()), (42, "x".to_owned()), (u64::MAX, "y".repeat(1_000))] {
-            assert_eq!(hash_encoded(&value), xxhash_rust::xxh3::xxh3_64(&encode(&value)));
+            let mut fixed_width = vec![FIXED_WIDTH_VERSION];
+            fixed_width.extend(bincode::serialize(&value).expect("serialises"));
+            assert_eq!(hash_encoded(&value), xxhash_rust::xxh3::xxh3_64(&fixed_width));
         }
+        // Pinned: a retry reaching a newer build must match the fingerprint
+        // its first answer's record keeps. Never update to make this pass.
+        assert_eq!(hash_encoded(&(42u64, "x".to_owned())), 0xcac9_50a0_d185_b287);
+    }
+
+    #[test]
+    fn values_of_the_fixed_width_format_are_still_read() {
+        let mut fixed_width = vec![FIXED_WIDTH_VERSION];
+        fixed_width.extend(bincode::serialize(&(42u64, -7i64, "x".to_owned(), vec![1u32, 2])).expect("serialises"));
+        assert_eq!(
+            decode::<(u64, i64, String, Vec<u32>)>(&fixed_width).expect("read"),
+            (42, -7, "x".to_owned(), vec![1, 2])
+        );
+        // The current format of the same value is shorter: 1 + 1 + 1 + 2 +
+        // 1 + 2 bytes against 1 + 8 + 8 + 9 + 8 + 8.
+        let current = encode(&(42u64, -7i64, "x".to_owned(), vec![1u32, 2]));
+        assert_eq!((current.len(), fixed_width.len()), (8, 42));
+        assert_eq!(
+            decode::<(u64, i64, String, Vec<u32>)>(&current).expect("read"),
+            (42, -7, "x".to_owned(), vec![1, 2])
+        );
     }
 
     #[test]
