@@ -123,16 +123,16 @@ pub fn encode_into<T: Serialize + ?Sized>(buffer: &mut Vec<u8>, value: &T) {
     options().serialize_into(buffer, value).expect("bincode serialises every type stored by Bazaar into a Vec");
 }
 
-/// The xxh3 hash of what [`encode`] makes of `value` (fingerprints of
-/// requests and messages, one per event), encoded into a buffer the thread
+/// The xxh3 hash of `value` encoded in [`FIXED_WIDTH_VERSION`]'s form
+/// (fingerprints of requests and messages, one per event), into a buffer the thread
 /// keeps: no allocation, and the one-shot hash. `cargo bench -p
 /// bazaar-node --bench codec -- fingerprint`: 25 ns for a score's payload
 /// against 37 ns encoding into a new buffer. (xxh3's streaming hasher fed
 /// by bincode's small writes was slower than either.)
 ///
-/// Hashed in [`FIXED_WIDTH_VERSION`]'s form, whatever this build writes:
-/// an idempotency record keeps the fingerprint of its request, and a retry
-/// reaching a node of a newer build must still match it.
+/// That form, whatever this build writes: an idempotency record keeps the
+/// fingerprint of its request, and a retry reaching a node of a newer
+/// build must still match it.
 pub fn hash_encoded<T: Serialize + ?Sized>(value: &T) -> u64 {
     with_buffer(|bytes| {
         bytes.push(FIXED_WIDTH_VERSION);
