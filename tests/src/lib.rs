@@ -21,6 +21,11 @@ pub const ADMIN_KEY: &str = "sandbox-admin-key-0123456789abcdef";
 /// How long a node may take to start (a debug build on a busy machine).
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The repository's root (where `README.md`, `bench/` and `target/` are).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the repo root").to_path_buf()
+}
+
 /// The `bazaar` binary cargo built for this test run.
 pub fn binary() -> PathBuf {
     let test_exe = std::env::current_exe().expect("the test knows its own path");
@@ -29,8 +34,7 @@ pub fn binary() -> PathBuf {
     let built = std::fs::metadata(&binary).and_then(|m| m.modified()).unwrap_or_else(|_| {
         panic!("{} is missing: run the tests with scripts/test (or `cargo build --bin bazaar` first)", binary.display())
     });
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the repo root");
-    if let Some(newer) = newest_source(root).filter(|(changed, _)| built < *changed) {
+    if let Some(newer) = newest_source(&repo_root()).filter(|(changed, _)| built < *changed) {
         panic!(
             "{} is older than {}: rebuild it with `cargo build --bin bazaar` (scripts/test does)",
             binary.display(),
@@ -448,8 +452,7 @@ impl Client {
 
 /// A tool the install script linked into `target/test-tools/`, or from PATH.
 pub fn tool(name: &str) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the repo root");
-    let linked = root.join("target").join("test-tools").join(name);
+    let linked = repo_root().join("target").join("test-tools").join(name);
     if linked.exists() {
         return linked;
     }

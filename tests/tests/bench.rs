@@ -7,9 +7,8 @@
 //! behind. `bench/ab` measures two builds in turns the same way, and every
 //! bench script answers `--help`.
 
-use bazaar_tests::binary;
+use bazaar_tests::{binary, repo_root};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -34,7 +33,7 @@ fn stop_group(group: i32) {
 
 #[test]
 fn bench_run_runs_every_step_and_writes_its_results() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the repo root").to_path_buf();
+    let root = repo_root();
     let out = tempfile::tempdir().expect("a temporary directory");
     let log = out.path().join("bench-run.log");
     let mut child = Command::new(root.join("bench/run"))
@@ -129,7 +128,7 @@ fn bench_run_runs_every_step_and_writes_its_results() {
 
 #[test]
 fn every_bench_script_answers_help() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the repo root").to_path_buf();
+    let root = repo_root();
     let mut scripts: Vec<_> = std::fs::read_dir(root.join("bench"))
         .expect("bench/")
         .map(|entry| entry.expect("an entry").path())
@@ -149,7 +148,7 @@ fn every_bench_script_answers_help() {
 
 #[test]
 fn bench_ab_measures_two_builds_in_turns() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the repo root").to_path_buf();
+    let root = repo_root();
     let out = tempfile::tempdir().expect("a temporary directory");
     let report = out.path().join("ab.json");
     let output = Command::new(root.join("bench/ab"))

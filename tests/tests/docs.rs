@@ -2,13 +2,8 @@
 //! written against a real node and drives the jackpot to a verifiable hit,
 //! and every Rust file opens with a paragraph saying why it exists.
 
-use bazaar_tests::{commitment, Node};
-use std::path::{Path, PathBuf};
+use bazaar_tests::{commitment, repo_root, Node};
 use std::process::Command;
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the repo root").to_path_buf()
-}
 
 /// The README's walk-through: the shell block after its marker.
 fn walk_through() -> String {
