@@ -14,6 +14,12 @@
 #   tenant_of REPORT
 #       Prints the tenant of a `bazaar loadgen` JSON report (the one its
 #       --setup made).
+#   ingested
+#       Prints the node's bazaar_events_ingested_total, summed over tenants.
+#   threads PID
+#       Prints each thread of process PID as JSON, by thread id: [name
+#       (a trailing number dropped), CPU ticks (user + system), voluntary
+#       and involuntary context switches].
 #
 # A script's EXIT trap calls stop_node, so that no node outlives it.
 
@@ -55,4 +61,28 @@ stop_node() {
 
 tenant_of() {
     python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["tenant"])' "$1"
+}
+
+ingested() {
+    curl -s "$http/metrics" | awk '/^bazaar_events_ingested_total/ {sum += $2} END {print sum + 0}'
+}
+
+threads() {
+    python3 - "$1" <<'PY'
+import json, os, sys
+pid = sys.argv[1]
+out = {}
+for tid in os.listdir(f"/proc/{pid}/task"):
+    try:
+        stat = open(f"/proc/{pid}/task/{tid}/stat").read()
+        status = open(f"/proc/{pid}/task/{tid}/status").read().splitlines()
+    except FileNotFoundError:
+        continue
+    name = stat[stat.index("(") + 1 : stat.rindex(")")].rstrip("0123456789-#")
+    fields = stat[stat.rindex(")") + 2 :].split()
+    switches = {line.split(":")[0]: int(line.split()[1]) for line in status if "ctxt_switches" in line}
+    out[tid] = [name, int(fields[11]) + int(fields[12]), switches["voluntary_ctxt_switches"],
+                switches["nonvoluntary_ctxt_switches"]]
+print(json.dumps(out))
+PY
 }
