@@ -63,7 +63,6 @@
 //! node applied.
 
 use crate::storage::{decode, encode, Pace, SharedBytes, StorageError, StorageResult};
-use crate::FastMap;
 use crate::Priority;
 use parking_lot::{Condvar, Mutex, RwLock};
 use serde::{Deserialize, Serialize};
@@ -108,9 +107,38 @@ struct Pending {
 
 /// A record [`SeenIndex::prepare`]d for [`SeenIndex::hold`].
 pub struct ToHold {
-    shard: usize,
+    hash: u64,
     key: SharedBytes,
     value: SharedBytes,
+}
+
+/// An entry of the index's in-memory tables (pending records, memtables):
+/// its key, the key's [`hash`] and a value. The hash is computed once per
+/// operation and serves every table it looks in and the runs' filters:
+/// with maps that hashed each key again, a lookup of a new id hashed it
+/// four times and more, and hashing was 7.9 % of the node's instructions
+/// under leaderboard load (docs/performance.md).
+struct Keyed<V> {
+    hash: u64,
+    key: SharedBytes,
+    value: V,
+}
+
+type Table<V> = hashbrown::HashTable<Keyed<V>>;
+
+fn find<'a, V>(table: &'a Table<V>, hash: u64, key: &[u8]) -> Option<&'a V> {
+    table.find(hash, |entry| entry.hash == hash && *entry.key == *key).map(|entry| &entry.value)
+}
+
+/// Puts `value` under `key`, replacing the value of a record of the same
+/// key (as a map's insert does).
+fn put<V>(table: &mut Table<V>, hash: u64, key: &SharedBytes, value: V) {
+    match table.entry(hash, |entry| entry.hash == hash && *entry.key == **key, |entry| entry.hash) {
+        hashbrown::hash_table::Entry::Occupied(mut occupied) => occupied.get_mut().value = value,
+        hashbrown::hash_table::Entry::Vacant(vacant) => {
+            vacant.insert(Keyed { hash, key: key.clone(), value });
+        }
+    }
 }
 
 /// The key of a run's description in the `seen_runs` tree.
@@ -127,9 +155,12 @@ fn run_of(name: &std::ffi::OsStr) -> Option<u64> {
     u64::from_str_radix(name.to_str()?.strip_suffix(".run")?, 16).ok()
 }
 
-/// The pending map's shard of a key.
-fn pending_shard_of(key: &[u8]) -> usize {
-    hash(key) as usize % PENDING_SHARDS
+/// The pending map's shard of a key's hash: bits the tables' own use of
+/// the hash leaves alone (hashbrown takes a bucket from the low bits and a
+/// tag from the top seven), or each shard would crowd its keys into a
+/// sixteenth of its buckets.
+fn pending_shard_of(hash: u64) -> usize {
+    (hash >> 32) as usize % PENDING_SHARDS
 }
 
 fn hash(key: &[u8]) -> u64 {
@@ -511,10 +542,15 @@ impl<'a> RunWriter<'a> {
     }
 
     fn push(&mut self, key: &[u8], value: &[u8]) -> StorageResult<()> {
+        self.push_hashed(key, value, hash(key))
+    }
+
+    /// [`RunWriter::push`] of a key whose [`hash`] is known.
+    fn push_hashed(&mut self, key: &[u8], value: &[u8], hash: u64) -> StorageResult<()> {
         if self.block.count == 0 {
             self.fences.push((ByteBuf::from(key), self.offset));
         }
-        self.hashes.push(hash(key));
+        self.hashes.push(hash);
         self.block.push(key, value);
         self.records += 1;
         if BLOCK_BYTES <= self.block.bytes.len() {
@@ -586,7 +622,7 @@ fn delete_run(tree: &sled::Tree, dir: &Path, id: u64, pace: Pace) -> StorageResu
 struct Memtable {
     /// Shared with the journal entries they came from: indexing a record
     /// copies nothing.
-    records: FastMap<SharedBytes, SharedBytes>,
+    records: Table<SharedBytes>,
     /// The last journal batch indexed.
     upto: Option<u64>,
 }
@@ -594,12 +630,12 @@ struct Memtable {
 /// A memtable's map, sized for the records it takes before it is frozen:
 /// grown by doubling, rehashing was most of the writer's cost of indexing
 /// a record.
-fn presized(records: usize) -> FastMap<SharedBytes, SharedBytes> {
-    FastMap::with_capacity_and_hasher(records, Default::default())
+fn presized(records: usize) -> Table<SharedBytes> {
+    Table::with_capacity(records)
 }
 
 struct Frozen {
-    records: FastMap<SharedBytes, SharedBytes>,
+    records: Table<SharedBytes>,
     upto: u64,
     /// How many memtables were frozen before it, and it.
     generation: u64,
@@ -640,7 +676,7 @@ struct Inner {
     /// The former `seen` tree, while it holds records.
     legacy: Option<sled::Tree>,
     /// Records handed to the journal and not yet durable and indexed.
-    pending: [Mutex<FastMap<SharedBytes, Pending>>; PENDING_SHARDS],
+    pending: [Mutex<Table<Pending>>; PENDING_SHARDS],
     memtable: RwLock<Memtable>,
     /// Cut memtables not written as runs yet, oldest first.
     frozen: RwLock<VecDeque<Arc<Frozen>>>,
@@ -650,7 +686,7 @@ struct Inner {
     /// this machine's VM, where first-touch faults are slow, its commit
     /// right after a freeze took 50 ms instead of one, and the open
     /// loop's latency behind it ten times its usual p99.
-    spare: Mutex<Option<FastMap<SharedBytes, SharedBytes>>>,
+    spare: Mutex<Option<Table<SharedBytes>>>,
     /// Changed by the compactor alone.
     runs: RwLock<Runs>,
     /// Runs' filters probed by lookups so far.
@@ -779,30 +815,31 @@ impl SeenIndex {
     /// The record of `key`, pending or indexed; a pending one comes with
     /// the journal ticket to wait for before it is durable.
     pub fn lookup(&self, key: &[u8]) -> StorageResult<Option<(Vec<u8>, Option<u64>)>> {
-        if let Some(pending) = self.pending_shard(key).lock().get(key) {
+        let hash = hash(key);
+        if let Some(pending) = find(&self.pending_shard(hash).lock(), hash, key) {
             return Ok(Some((pending.value.to_vec(), Some(pending.ticket))));
         }
         // Released only once indexed: a record that just left the pending
         // map is in the memtable.
-        Ok(self.get(key)?.map(|value| (value, None)))
+        Ok(self.get_hashed(key, hash)?.map(|value| (value, None)))
     }
 
-    fn pending_shard(&self, key: &[u8]) -> &Mutex<FastMap<SharedBytes, Pending>> {
-        &self.inner.pending[pending_shard_of(key)]
+    fn pending_shard(&self, hash: u64) -> &Mutex<Table<Pending>> {
+        &self.inner.pending[pending_shard_of(hash)]
     }
 
     /// A record made ready to hold, so that holding it (which the journal
     /// does under its queue's lock) is one insert.
     pub fn prepare(&self, key: SharedBytes, value: SharedBytes) -> ToHold {
-        ToHold { shard: pending_shard_of(&key), key, value }
+        ToHold { hash: hash(&key), key, value }
     }
 
     /// Holds a record handed to the journal under `ticket` until
     /// [`SeenIndex::release`]: the journal calls it before the writer can
     /// see the entry. A later record of the same key replaces it, as it
     /// does in the index.
-    pub fn hold(&self, ToHold { shard, key, value }: ToHold, ticket: u64) {
-        self.inner.pending[shard].lock().insert(key, Pending { value, ticket });
+    pub fn hold(&self, ToHold { hash, key, value }: ToHold, ticket: u64) {
+        put(&mut self.pending_shard(hash).lock(), hash, &key, Pending { value, ticket });
     }
 
     /// Lets go of pending records once their commit (the last of whose
@@ -811,9 +848,12 @@ impl SeenIndex {
     /// by an entry of a later commit, stays.
     pub fn release<'a>(&self, keys: impl IntoIterator<Item = &'a [u8]>, upto: u64) {
         for key in keys {
-            let mut shard = self.pending_shard(key).lock();
-            if shard.get(key).is_some_and(|pending| pending.ticket <= upto) {
-                shard.remove(key);
+            let hash = hash(key);
+            let mut shard = self.pending_shard(hash).lock();
+            if let Ok(entry) = shard.find_entry(hash, |entry| entry.hash == hash && *entry.key == *key) {
+                if entry.get().value.ticket <= upto {
+                    entry.remove();
+                }
             }
         }
     }
@@ -821,18 +861,22 @@ impl SeenIndex {
     /// The indexed record of `key`, if any (not a pending one).
     pub fn get(&self, key: impl AsRef<[u8]>) -> StorageResult<Option<Vec<u8>>> {
         let key = key.as_ref();
+        self.get_hashed(key, hash(key))
+    }
+
+    /// [`SeenIndex::get`] of a key whose [`hash`] is known.
+    fn get_hashed(&self, key: &[u8], hash: u64) -> StorageResult<Option<Vec<u8>>> {
         // Memtable, then frozen ones, then runs: a record moves the other
         // way, each step published before the last is retired, so a lookup
         // that missed it in one place finds it in the next.
-        if let Some(value) = self.inner.memtable.read().records.get(key) {
+        if let Some(value) = find(&self.inner.memtable.read().records, hash, key) {
             return Ok(Some(value.to_vec()));
         }
         for frozen in self.inner.frozen.read().iter().rev() {
-            if let Some(value) = frozen.records.get(key) {
+            if let Some(value) = find(&frozen.records, hash, key) {
                 return Ok(Some(value.to_vec()));
             }
         }
-        let hash = hash(key);
         let runs = self.inner.runs.read();
         // The runs the summary says lack the key (nearly all, for a new id).
         let lacking = match &runs.summary {
@@ -869,7 +913,7 @@ impl SeenIndex {
     pub fn insert<'a>(&self, batch: u64, records: impl IntoIterator<Item = &'a (SharedBytes, SharedBytes)>) {
         let mut memtable = self.inner.memtable.write();
         for (key, value) in records {
-            memtable.records.insert(key.clone(), value.clone());
+            put(&mut memtable.records, hash(key), key, value.clone());
         }
         memtable.upto = memtable.upto.max(Some(batch));
         if self.inner.memtable_records <= memtable.records.len() {
@@ -1079,10 +1123,10 @@ fn write_frozen(inner: &Inner) -> StorageResult<()> {
     loop {
         let Some(frozen) = inner.frozen.read().front().cloned() else { return Ok(()) };
         let mut records: Vec<_> = frozen.records.iter().collect();
-        records.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        records.sort_unstable_by(|a, b| a.key.cmp(&b.key));
         let mut writer = RunWriter::start(inner)?;
-        for (key, value) in records {
-            writer.push(key, value)?;
+        for record in records {
+            writer.push_hashed(&record.key, &record.value, record.hash)?;
         }
         let (run, hashes) = writer.finish(frozen.upto, Vec::new())?;
         // Published before the frozen memtable goes (see `SeenIndex::get`).
