@@ -87,7 +87,18 @@ pub struct Env<'a> {
     pub metrics: &'a Metrics,
 }
 
-impl Env<'_> {
+impl<'a> Env<'a> {
+    /// The environment of one command of the entity `key`, whose generator
+    /// (none until first used) is `rng`.
+    pub fn new(
+        key: &'a EntityKey,
+        rng: &'a mut Option<Box<ChaCha20Rng>>,
+        now: UnixMillis,
+        metrics: &'a Metrics,
+    ) -> Self {
+        Self { key, rng, now, metrics }
+    }
+
     /// The entity's own CSPRNG, seeded from the OS on first use: customers
     /// never draw, and a million of them need not carry a generator each.
     pub fn rng(&mut self) -> &mut ChaCha20Rng {
@@ -357,7 +368,7 @@ impl<E: Entity> EntityActor<E> {
             }
             None => None,
         };
-        let mut env = Env { key: &self.key, rng: &mut self.rng, now: now_millis(), metrics: &self.node.metrics };
+        let mut env = Env::new(&self.key, &mut self.rng, now_millis(), &self.node.metrics);
         let handled = E::handle(&mut self.state, &mut env, command)?;
         if !handled.changed {
             return Ok(Reply { answer: handled.answer, duplicate: false, ticket: None });

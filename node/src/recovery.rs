@@ -76,8 +76,8 @@ pub fn recover(store: &Store, metrics: &Metrics) -> StorageResult<(RecoveryRepor
     indexer.finish(store)?;
     let indexed = started.elapsed();
     // Entities that journal their whole state need only their last entry,
-    // which becomes their pending snapshot; the others (leaderboards)
-    // replay every entry of theirs, on a thread of their own beside.
+    // which becomes their pending snapshot; the others (leaderboards,
+    // jackpots) replay every entry of theirs, on a thread of their own beside.
     let (pending, replayed_in_full) = std::thread::scope(|scope| {
         let replaying = scope.spawn(|| -> StorageResult<usize> {
             let mut changes: FastMap<&str, Vec<(u64, &[u8])>> = FastMap::default();
@@ -89,6 +89,7 @@ pub fn recover(store: &Store, metrics: &Metrics) -> StorageResult<(RecoveryRepor
             for (entity, changes) in &changes {
                 match entity.split('/').nth(1) {
                     Some("leaderboard") => replay::<LeaderboardEntity>(store, entity, changes)?,
+                    Some("jackpot") => replay::<JackpotEntity>(store, entity, changes)?,
                     _ => return Err(StorageError::Codec(format!("journal entry for unknown entity {entity:?}"))),
                 }
             }
