@@ -1302,19 +1302,23 @@ fn merge_runs(inner: &Inner, inputs: &[Arc<Run>]) -> StorageResult<(Run, Vec<u64
             .min_by(|(a, a_key), (b, b_key)| a_key.cmp(b_key).then(b.cmp(a)))
             .map(|(at, _)| at);
         let Some(next) = next else { break };
-        let Some((key, value)) = sources[next].head() else { break };
+        // Every input's record of this key is passed (the newest input's
+        // is written): the others' while the key is borrowed from `next`'s
+        // block, then its own.
+        let (before, rest) = sources.split_at_mut(next);
+        let Some((chosen, after)) = rest.split_first_mut() else { break };
+        let Some((key, value)) = chosen.head() else { break };
         writer.push(key, value)?;
+        for source in before.iter_mut().chain(after) {
+            if source.head().is_some_and(|(other, _)| other == key) {
+                source.at += 1;
+            }
+        }
+        chosen.at += 1;
         // A large merge takes seconds: memtables frozen meanwhile (which a
         // checkpoint may wait for) are written first.
         if writer.records % 4096 == 0 && !inner.frozen.read().is_empty() {
             write_frozen(inner)?;
-        }
-        let same: Vec<bool> =
-            sources.iter().map(|source| source.head().is_some_and(|(other, _)| other == key)).collect();
-        for (source, same) in sources.iter_mut().zip(same) {
-            if same {
-                source.at += 1;
-            }
         }
     }
     let upto = inputs.iter().map(|run| run.meta.upto).max().unwrap_or(0);
