@@ -126,14 +126,19 @@ struct Keyed<V> {
 
 type Table<V> = hashbrown::HashTable<Keyed<V>>;
 
+/// Whether an entry is `key`'s (whose hash is `hash`).
+fn is<V>(hash: u64, key: &[u8]) -> impl Fn(&Keyed<V>) -> bool + '_ {
+    move |entry| entry.hash == hash && *entry.key == *key
+}
+
 fn find<'a, V>(table: &'a Table<V>, hash: u64, key: &[u8]) -> Option<&'a V> {
-    table.find(hash, |entry| entry.hash == hash && *entry.key == *key).map(|entry| &entry.value)
+    table.find(hash, is(hash, key)).map(|entry| &entry.value)
 }
 
 /// Puts `value` under `key`, replacing the value of a record of the same
 /// key (as a map's insert does).
 fn put<V>(table: &mut Table<V>, hash: u64, key: &SharedBytes, value: V) {
-    match table.entry(hash, |entry| entry.hash == hash && *entry.key == **key, |entry| entry.hash) {
+    match table.entry(hash, is(hash, key), |entry| entry.hash) {
         hashbrown::hash_table::Entry::Occupied(mut occupied) => occupied.get_mut().value = value,
         hashbrown::hash_table::Entry::Vacant(vacant) => {
             vacant.insert(Keyed { hash, key: key.clone(), value });
@@ -850,7 +855,7 @@ impl SeenIndex {
         for key in keys {
             let hash = hash(key);
             let mut shard = self.pending_shard(hash).lock();
-            if let Ok(entry) = shard.find_entry(hash, |entry| entry.hash == hash && *entry.key == *key) {
+            if let Ok(entry) = shard.find_entry(hash, is(hash, key)) {
                 if entry.get().value.ticket <= upto {
                     entry.remove();
                 }
