@@ -8,8 +8,8 @@
 //! their whole state when a cycle starts or ends (a hit draws the next
 //! cycle's secret) and, for every other contribution, the three amounts it
 //! changed: a mall's jackpot takes a contribution with most purchases, and
-//! its whole state was over a third of the journal's bytes under batched
-//! load.
+//! its whole state was a sixth of the journal's bytes under batched load
+//! (1,135 bytes an event, 949 since).
 
 use crate::actor::{Dedupe, Entity, Env, Handled};
 use crate::error::{ServiceError, ServiceResult};
