@@ -45,6 +45,7 @@ fn bench_run_runs_every_step_and_writes_its_results() {
         .env("BENCH_LIMIT_SECONDS", "1")
         .env("BENCH_REDIS_REQUESTS", "20000")
         .env("BENCH_SETTLE_SECONDS", "2")
+        .env("BENCH_MIN_FREE_GB", "1")
         .env("BENCH_OUT", out.path())
         .env("CUSTOMERS", "2000")
         .env("EVENTS", "4000")
