@@ -357,6 +357,12 @@ impl<E: Entity> EntityActor<E> {
         if self.stopping {
             return Err(ServiceError::unavailable(format!("{} is restarting; retry", self.key)));
         }
+        // Its state may hold changes whose commit failed, and a read of it
+        // would show them: once storage has failed, nothing answers until
+        // a restart has replayed what is durable.
+        if self.node.journal.failed() {
+            return Err(crate::journal::storage_failed().into());
+        }
         // The idempotency record's key and the request's fingerprint.
         let dedupe = match E::dedupe(&command) {
             Some(dedupe) => {
@@ -621,6 +627,12 @@ impl<E: Entity> Registry<E> {
                 return Ok(addr.clone());
             }
         }
+        // Activated from its snapshot, an entity would lack its entries
+        // since, which only the journal holds until a restart replays them:
+        // once storage has failed, a read would answer with older state.
+        if self.node.journal.failed() {
+            return Err(crate::journal::storage_failed().into());
+        }
         let storage_key = entity.to_string();
         let restore = |snapshot: &Snapshot| Ok((decode::<E::State>(&snapshot.state)?, snapshot.entity_seq));
         // A snapshot recovery has not written yet is written by this actor
@@ -781,6 +793,74 @@ pub fn now_millis() -> UnixMillis {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn once_storage_has_failed_no_entity_answers_from_memory_or_from_an_older_snapshot() {
+        use crate::entities::{JackpotCommand, JackpotEntity};
+        use bazaar_games::jackpot::JackpotDef;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("open");
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        // Segments of 256 bytes: a commit soon needs a new one.
+        let (journal, writer) = Journal::start_with(
+            store.clone(),
+            metrics.clone(),
+            0,
+            Duration::from_secs(60),
+            256,
+            crate::journal::CARRY_FOR,
+        )
+        .expect("start");
+        let node = Arc::new(NodeShared {
+            store: store.clone(),
+            journal: journal.clone(),
+            metrics,
+            idle_timeout: Duration::from_secs(600),
+            snapshot_every: 1_000,
+            recovered: crate::recovery::Recovered::none(),
+        });
+        let def = JackpotDef {
+            campaign: bazaar_games::Id::parse("mall").expect("an id"),
+            seed_minor: 1_000,
+            cap_minor: 5_000,
+            contribution_bps: 1_000,
+            reserve_bps: 2_000,
+            min_purchase_minor: 0,
+        };
+        actix_rt::System::new().block_on(async move {
+            let jackpots = Registry::<JackpotEntity>::new(node, vec![actix_rt::Arbiter::current()]);
+            let key = |id: &str| EntityKey::new("t", EntityKind::Jackpot, id);
+            let started = jackpots.call(&key("j-1"), JackpotCommand::Ensure { def }).await.expect("started");
+            journal.durable(started.ticket.expect("journaled")).await.expect("durable");
+            assert!(jackpots.call(&key("j-1"), JackpotCommand::View).await.is_ok());
+            // The journal's directory goes: the next segment cannot be
+            // made, and the commit that needs one fails the writer.
+            std::fs::remove_dir_all(&store.journal_dir).expect("remove");
+            for n in 0..1_000 {
+                let entry = JournalEntry {
+                    entity: Arc::from("t/jackpot/other"),
+                    entity_seq: n,
+                    change: vec![0; 64],
+                    seen: None,
+                    outbox: Vec::new(),
+                    audit: Vec::new(),
+                };
+                let Ok(ticket) = journal.submit(entry) else { break };
+                if journal.durable(ticket).await.is_err() {
+                    break;
+                }
+            }
+            assert!(journal.failed(), "the writer failed");
+            // j-1 is active (its state in memory), j-2 would be activated
+            // from storage: neither answers.
+            for id in ["j-1", "j-2"] {
+                let refused = jackpots.call(&key(id), JackpotCommand::View).await.err().expect("refused");
+                assert_eq!(refused.code, Code::Unavailable, "{id}: {}", refused.message);
+                assert!(refused.message.contains("storage failed"), "{id}: {}", refused.message);
+            }
+        });
+        writer.join().expect("the writer's thread ends");
+    }
 
     #[test]
     fn an_idempotency_record_is_a_fixed_width_seen_value_holding_its_answer() {

@@ -56,7 +56,7 @@ use bazaar_observability::Metrics;
 use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
@@ -265,6 +265,9 @@ struct Shared {
     indexed: watch::Sender<Ticket>,
     /// Snapshots the writer holds and has not written yet.
     snapshot_backlog: AtomicUsize,
+    /// `durable`'s `failed`, readable without the watch's lock: every
+    /// actor asks it before every command ([`Journal::failed`]).
+    failed: AtomicBool,
 }
 
 impl Shared {
@@ -284,6 +287,7 @@ impl Shared {
             waiters: Mutex::new(BTreeMap::new()),
             indexed,
             snapshot_backlog: AtomicUsize::new(0),
+            failed: AtomicBool::new(false),
         })
     }
 
@@ -347,6 +351,7 @@ impl Shared {
 
     /// Marks the journal failed and answers every waiter so.
     fn fail(&self) {
+        self.failed.store(true, Ordering::SeqCst);
         self.durable.send_modify(|d| d.failed = true);
         let waiting = std::mem::take(&mut *self.waiters.lock());
         for waiter in waiting.into_values().flatten() {
@@ -388,7 +393,7 @@ impl Journal {
 
     /// [`Journal::start`] with segments of `segment_bytes` and outbox
     /// messages carried for `carry_for` (tests use small ones).
-    fn start_with(
+    pub(crate) fn start_with(
         store: Store,
         metrics: Arc<Metrics>,
         next_seq: u64,
@@ -538,7 +543,7 @@ impl Journal {
 
     /// Whether the writer has stopped after a failed flush.
     pub fn failed(&self) -> bool {
-        self.shared.durable.borrow().failed
+        self.shared.failed.load(Ordering::Relaxed)
     }
 
     /// Refuses new operations; the writer drains the queue, flushes and
@@ -553,7 +558,7 @@ fn writer_gone() -> StorageError {
     StorageError::Unavailable("the journal writer has stopped".into())
 }
 
-fn storage_failed() -> StorageError {
+pub(crate) fn storage_failed() -> StorageError {
     StorageError::Unavailable("the node's storage failed; retry on another node or after a restart".into())
 }
 
