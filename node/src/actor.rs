@@ -357,9 +357,10 @@ impl<E: Entity> EntityActor<E> {
         if self.stopping {
             return Err(ServiceError::unavailable(format!("{} is restarting; retry", self.key)));
         }
-        // Its state may hold changes whose commit failed, and a read of it
-        // would show them: once storage has failed, nothing answers until
-        // a restart has replayed what is durable.
+        // Its state may hold changes whose commit failed, and one activated
+        // since from its snapshot lacks the entries only the journal holds
+        // until a restart replays them: once storage has failed, nothing
+        // answers, reads included.
         if self.node.journal.failed() {
             return Err(crate::journal::storage_failed().into());
         }
@@ -626,12 +627,6 @@ impl<E: Entity> Registry<E> {
             if addr.connected() {
                 return Ok(addr.clone());
             }
-        }
-        // Activated from its snapshot, an entity would lack its entries
-        // since, which only the journal holds until a restart replays them:
-        // once storage has failed, a read would answer with older state.
-        if self.node.journal.failed() {
-            return Err(crate::journal::storage_failed().into());
         }
         let storage_key = entity.to_string();
         let restore = |snapshot: &Snapshot| Ok((decode::<E::State>(&snapshot.state)?, snapshot.entity_seq));

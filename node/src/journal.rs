@@ -421,7 +421,7 @@ impl Journal {
     /// take it.
     fn push_then(&self, op: Op, queued: impl FnOnce(Ticket)) -> Result<Ticket, StorageError> {
         let mut queue = self.shared.queue.lock();
-        if queue.closed || self.shared.durable.borrow().failed {
+        if queue.closed || self.shared.failed.load(Ordering::Relaxed) {
             return Err(StorageError::Unavailable(
                 "the node's journal is closed: the node is stopping or its storage failed".into(),
             ));
