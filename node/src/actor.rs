@@ -509,23 +509,7 @@ impl<E: Entity> Registry<E> {
         &self,
         calls: Vec<Call<E::Command>>,
     ) -> Vec<ServiceResult<Vec<ServiceResult<Reply<E::Answer>>>>> {
-        // Every address with each shard's lock taken once (taken per
-        // entity, the lock and the map's probes were a tenth of a batch's
-        // work on the gRPC threads), every send after: a send wakes the
-        // actor's thread.
-        let shards: Vec<usize> = calls.iter().map(|(entity, _)| self.shard_of(entity)).collect();
-        let mut order: Vec<usize> = (0..calls.len()).collect();
-        order.sort_unstable_by_key(|at| shards[*at]);
-        let mut found: Vec<Option<ServiceResult<Shared<E>>>> = calls.iter().map(|_| None).collect();
-        for run in order.chunk_by(|a, b| shards[*a] == shards[*b]) {
-            let mut actors = self.actors[shards[run[0]]].lock();
-            for at in run {
-                found[*at] = Some(self.activated(&mut actors, &calls[*at].0));
-            }
-        }
-        let addrs = found
-            .into_iter()
-            .map(|addr| addr.unwrap_or_else(|| Err(ServiceError::internal("an entity of a batch was not looked up"))));
+        let addrs = self.addresses(&calls);
         let sent: Vec<_> = calls
             .into_iter()
             .zip(addrs)
@@ -546,6 +530,50 @@ impl<E: Entity> Registry<E> {
             });
         }
         answers
+    }
+
+    /// Sends each entity its commands as one message, and no answer comes
+    /// back: for commands whose effect matters and whose reply does not,
+    /// and which are sent again if they are lost (scores, which their
+    /// outbox delivers again). A message that meets an actor that has just
+    /// stopped is lost, as is one an actor refuses (see
+    /// [`Registry::call_each`], which sends it again or answers the error).
+    /// Returns how many entities could not be reached.
+    pub fn tell_each(&self, calls: Vec<Call<E::Command>>) -> usize {
+        let addrs = self.addresses(&calls);
+        let mut unreached = 0;
+        for ((entity, commands), addr) in calls.into_iter().zip(addrs) {
+            match addr {
+                Ok(addr) => addr.do_send(Requests::<E>(Arc::new(Mutex::new(Some(commands))))),
+                Err(error) => {
+                    tracing::debug!(%entity, %error, "commands not sent");
+                    unreached += 1;
+                }
+            }
+        }
+        unreached
+    }
+
+    /// The entities' actors, activated if needed, in the calls' order.
+    fn addresses(&self, calls: &[Call<E::Command>]) -> Vec<ServiceResult<Shared<E>>> {
+        // Every address with each shard's lock taken once (taken per
+        // entity, the lock and the map's probes were a tenth of a batch's
+        // work on the gRPC threads), every send after: a send wakes the
+        // actor's thread.
+        let shards: Vec<usize> = calls.iter().map(|(entity, _)| self.shard_of(entity)).collect();
+        let mut order: Vec<usize> = (0..calls.len()).collect();
+        order.sort_unstable_by_key(|at| shards[*at]);
+        let mut found: Vec<Option<ServiceResult<Shared<E>>>> = calls.iter().map(|_| None).collect();
+        for run in order.chunk_by(|a, b| shards[*a] == shards[*b]) {
+            let mut actors = self.actors[shards[run[0]]].lock();
+            for at in run {
+                found[*at] = Some(self.activated(&mut actors, &calls[*at].0));
+            }
+        }
+        found
+            .into_iter()
+            .map(|addr| addr.unwrap_or_else(|| Err(ServiceError::internal("an entity of a batch was not looked up"))))
+            .collect()
     }
 
     /// Sends `parcel`, in the message `wrap` makes of it, to the entity's

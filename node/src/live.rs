@@ -122,7 +122,9 @@ impl Live {
         self.with_jackpot(tenant, jackpot, |channels| channels.hits.subscribe())
     }
 
-    /// Notes that a leaderboard's scores changed (durably).
+    /// Notes that a leaderboard's scores changed: their causes are durable
+    /// and the scores sent, so a watcher's read, which goes through the
+    /// leaderboard's mailbox behind them, sees them.
     pub fn publish_leaderboard(&self, tenant: &str, leaderboard: &str) {
         let mut boards = self.leaderboards.lock();
         channel(&mut boards, tenant, leaderboard, || watch::channel(0).0).send_modify(|changes| *changes += 1);

@@ -229,6 +229,24 @@ fn contributed(tenant: &str, jackpot: &Arc<Id>, reply: Reply<JackpotAnswer>) -> 
 }
 
 /// The delivery of a score to `leaderboard`, from its reply.
+/// A score for a leaderboard: sent, not awaited ([`Service::tell_scores`]).
+fn is_score(message: &OutboxMessage) -> bool {
+    matches!(message.payload, Payload::Score { .. })
+}
+
+/// Takes the scores out of a first application's deliveries. A retry's
+/// (those of its scores [`Service::redeliverable`] left) are delivered and
+/// acknowledged as the rest are: its check of the `outbox` tree put every
+/// message still carried there, to be taken out by an acknowledgement.
+fn take_scores(applied: &mut Applied) -> Vec<OutboxMessage> {
+    if applied.duplicate {
+        return Vec::new();
+    }
+    let (scores, rest) = std::mem::take(&mut applied.answer.deliveries).into_iter().partition(is_score);
+    applied.answer.deliveries = rest;
+    scores
+}
+
 fn scored(leaderboard: &Arc<Id>, reply: Reply<LeaderboardAnswer>) -> ServiceResult<Delivery> {
     Ok(Delivery { ticket: reply.ticket, leaderboard: Some(leaderboard.clone()), ..Delivery::default() })
 }
@@ -651,8 +669,9 @@ impl Service {
             .await?;
         let mut applied = applied_event(reply)?;
         self.redeliverable(&mut applied).await?;
-        // Its receivers (a jackpot, a leaderboard) apply their messages side
-        // by side. A call puts its message in the receiver's mailbox when
+        let told = self.tell_scores(take_scores(&mut applied), &catalog);
+        // Its other receivers (jackpots) apply their messages side by
+        // side. A call puts its message in the receiver's mailbox when
         // first polled, and the calls are first polled in order: two
         // messages to one receiver still arrive in the customer's order.
         let deliveries = futures_util::future::try_join_all(
@@ -665,6 +684,7 @@ impl Service {
         for delivery in &deliveries {
             self.publish(tenant.as_str(), delivery);
         }
+        self.nudge(&told);
         let mut tally = Tally::default();
         let answer = answered(&mut tally, event_id, kind, applied, deliveries);
         self.count(tenant, tally);
@@ -755,19 +775,25 @@ impl Service {
         }
 
         // The messages move out of the answers into their receivers'
-        // commands; each event keeps their keys, to acknowledge them.
+        // commands; each event keeps their keys, to acknowledge them. The
+        // scores go without the answers waiting (see `tell_scores`).
         let mut owners = Vec::new();
         let mut messages = Vec::new();
+        let mut scores = Vec::new();
         let mut message_keys: Vec<Vec<Vec<u8>>> = Vec::with_capacity(applied.len());
         for (position, a) in applied.iter_mut().enumerate() {
             let deliveries = match a {
-                Ok(a) => std::mem::take(&mut a.answer.deliveries),
+                Ok(a) => {
+                    scores.extend(take_scores(a));
+                    std::mem::take(&mut a.answer.deliveries)
+                }
                 Err(_) => Vec::new(),
             };
             message_keys.push(deliveries.iter().map(OutboxMessage::storage_key).collect());
             owners.extend(deliveries.iter().map(|_| position));
             messages.extend(deliveries);
         }
+        let told = self.tell_scores(scores, &catalog);
         let mut delivered: Vec<ServiceResult<Vec<Delivery>>> = admitted.iter().map(|_| Ok(Vec::new())).collect();
         for (owner, delivery) in owners.into_iter().zip(self.deliver_many(messages, &catalog).await) {
             match (&mut delivered[owner], delivery) {
@@ -786,7 +812,9 @@ impl Service {
             .max()
             .flatten();
         let durable = self.durable(last_ticket).await;
-        let mut leaderboards = crate::FastSet::default();
+        if durable.is_ok() {
+            self.nudge(&told);
+        }
         let mut acknowledged = Vec::new();
         let mut tally = Tally::default();
         for ((((index, event_id, kind), applied), delivered), keys) in
@@ -798,11 +826,7 @@ impl Service {
                 (Ok(applied), Ok(deliveries), Ok(())) => {
                     acknowledged.extend(keys);
                     for delivery in &deliveries {
-                        // A leaderboard's watchers need one nudge per batch.
-                        let nudged = delivery.leaderboard.as_ref().is_some_and(|l| !leaderboards.insert(l.clone()));
-                        if !nudged {
-                            self.publish(tenant.as_str(), delivery);
-                        }
+                        self.publish(tenant.as_str(), delivery);
                     }
                     Ok(answered(&mut tally, event_id, kind, applied, deliveries))
                 }
@@ -889,6 +913,47 @@ impl Service {
     }
 
     /// Delivers one outbox message to its receiver.
+    /// Sends scores to their leaderboards (one message each) without
+    /// waiting for them: nothing in an event's answer comes from a
+    /// leaderboard, and the event's outbox, durable with the event,
+    /// delivers a score again if it is lost (ARCHITECTURE.md, "An event's
+    /// path", step 6). Awaited, a score held its event's answer until its
+    /// leaderboard had applied it and that was durable too, often one
+    /// commit later, and a leaderboard busy with a checkpoint's snapshot
+    /// of a large board held every answer (docs/performance.md).
+    ///
+    /// A score is applied a moment after it is sent, before any read of
+    /// its leaderboard sent after the event's answer (reads go through the
+    /// same actor's mailbox). It needs no acknowledgement: the journal
+    /// drops a message whose receiver applied it within
+    /// [`crate::journal::CARRY_FOR`], and one that waited longer is in the
+    /// `outbox` tree, whose redelivery the leaderboard recognises and
+    /// acknowledges. Returns the leaderboards told, whose watchers are
+    /// nudged once the scores' causes are durable ([`Service::nudge`]).
+    fn tell_scores(&self, scores: Vec<OutboxMessage>, catalog: &Catalog) -> Vec<(String, Arc<Id>)> {
+        if scores.is_empty() {
+            return Vec::new();
+        }
+        let mut leaderboards: Receivers<LeaderboardCommand> = Receivers::new(EntityKind::Leaderboard);
+        for message in scores {
+            let Payload::Score { leaderboard, .. } = &message.payload else { continue };
+            if catalog.leaderboards.contains_key(leaderboard) {
+                let slot = leaderboards.slot(&message.tenant, leaderboard);
+                leaderboards.add(slot, 0, LeaderboardCommand::Score { message });
+            }
+        }
+        let (_, told, calls) = leaderboards.split();
+        self.leaderboards.tell_each(calls);
+        told
+    }
+
+    /// Tells the watchers of `leaderboards` that their scores changed.
+    fn nudge(&self, leaderboards: &[(String, Arc<Id>)]) {
+        for (tenant, leaderboard) in leaderboards {
+            self.live.publish_leaderboard(tenant, leaderboard.as_str());
+        }
+    }
+
     async fn deliver(&self, message: &OutboxMessage, catalog: &Catalog) -> ServiceResult<Delivery> {
         match route(message, catalog) {
             Route::Nowhere => Ok(Delivery::default()),

@@ -597,3 +597,28 @@ pub fn assert_books_balance(jackpot: &Value) {
         "books do not balance: {jackpot}"
     );
 }
+
+/// How long [`eventually`] waits: far longer than a score takes to reach
+/// its leaderboard (a commit or two), so that a slow machine passes too.
+pub const EVENTUALLY: Duration = Duration::from_secs(30);
+
+/// Calls `check` until it returns `Ok`, every 20 ms for up to
+/// [`EVENTUALLY`], and returns its value; panics with its last `Err`.
+/// For what settles just after an answer: a score reaches its
+/// leaderboard after the event's answer, not before it.
+#[track_caller]
+pub fn eventually<T>(what: &str, mut check: impl FnMut() -> Result<T, String>) -> T {
+    let started = std::time::Instant::now();
+    loop {
+        match check() {
+            Ok(value) => return value,
+            Err(last) if EVENTUALLY <= started.elapsed() => panic!("{what}: not so after {EVENTUALLY:?}: {last}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// The sum of the scores of a leaderboard answer's entries.
+pub fn board_total(board: &Value) -> i64 {
+    board["entries"].as_array().expect("entries").iter().map(|e| e["score"].as_i64().expect("score")).sum()
+}

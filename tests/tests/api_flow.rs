@@ -2,7 +2,7 @@
 //! send purchases until the jackpot hits, check the hit against its
 //! commitment, spin, read customers and leaderboards, retry everything.
 
-use bazaar_tests::{assert_books_balance, commitment, default_jackpot, Mall, Node};
+use bazaar_tests::{assert_books_balance, commitment, default_jackpot, eventually, Mall, Node};
 use serde_json::{json, Value};
 
 #[test]
@@ -140,14 +140,22 @@ fn a_mall_runs_its_games_from_first_purchase_to_jackpot_hit() {
         let small = pos.post(&mall.path("events"), Mall::purchase(&format!("till-8-{n:06}"), customer, "s-1", 999));
         assert_eq!(small.expect(200)["jackpots"], json!([]), "under the minimum, nothing goes to the jackpot");
     }
-    let top = mall.display.get(&mall.path("leaderboards/lb-spend?top=3")).expect(200);
+    // Each score reaches the leaderboard just after its event's answer.
+    let top = eventually("three spenders on the leaderboard", || {
+        let top = mall.display.get(&mall.path("leaderboards/lb-spend?top=3")).expect(200);
+        (top["entries"].as_array().is_some_and(|e| e.len() == 3) && 3 <= top["members"].as_u64().unwrap_or(0))
+            .then_some(top.clone())
+            .ok_or_else(|| top.to_string())
+    });
     let entries = top["entries"].as_array().expect("entries");
     assert_eq!(entries.len(), 3);
     assert_eq!(entries[0]["rank"], 1);
     let scores: Vec<i64> = entries.iter().map(|e| e["score"].as_i64().expect("score")).collect();
     assert!(scores.windows(2).all(|w| w[1] <= w[0]), "{top}");
-    let around = mall.display.get(&mall.path("leaderboards/lb-spend/customers/c-42?around=1")).expect(200);
-    assert_eq!(around["score"], 128_000);
+    let around = eventually("c-42's whole spend on the leaderboard", || {
+        let around = mall.display.get(&mall.path("leaderboards/lb-spend/customers/c-42?around=1")).expect(200);
+        (around["score"] == 128_000).then_some(around.clone()).ok_or_else(|| around.to_string())
+    });
     let rank = around["rank"].as_u64().expect("ranked");
     assert!(around["around"].as_array().expect("around").iter().any(|e| e["rank"] == rank && e["customer"] == "c-42"));
     let unranked = mall.display.get(&mall.path("leaderboards/lb-spend/customers/nobody")).expect(200);
@@ -183,6 +191,62 @@ fn batches_answer_each_event_in_order_and_one_bad_event_rejects_only_itself() {
         "invalid_argument",
         Some("events"),
     );
+}
+
+/// Scores go to their leaderboard after the events' answers (which do not
+/// wait for them) and count once, however the events are retried
+/// meanwhile: the same purchases sent by three tills at once, one and in
+/// batches, each answered with the first answer, reach the board once
+/// each, still so once the outbox's redelivery (every 2 s) has had its
+/// turn, with nothing left waiting in the outbox.
+#[test]
+fn scores_follow_the_answers_and_count_once_however_the_events_are_retried() {
+    let node = Node::start(&[]);
+    let mall = Mall::create(&node, "mall", default_jackpot());
+    let purchases: Vec<Value> =
+        (0..60).map(|n| Mall::purchase(&format!("r-{n}"), &format!("c-{}", n % 7), "s-1", 1_000 + n)).collect();
+    let expected: i64 = (0..60).map(|n| 1_000 + n).sum();
+    let tills: Vec<_> = (0..3)
+        .map(|till| {
+            let (pos, purchases) = (mall.pos.clone(), purchases.clone());
+            let (one, batch) = (mall.path("events"), mall.path("events/batch"));
+            std::thread::spawn(move || {
+                let mut answers = Vec::new();
+                for (n, purchase) in purchases.iter().enumerate() {
+                    // Till 1 sends every third purchase in a batch of one.
+                    let answer = match till == 1 && n % 3 == 0 {
+                        true => pos.post(&batch, json!({"events": [purchase]})).expect(200)["results"][0].clone(),
+                        false => pos.post(&one, purchase.clone()).expect(200),
+                    };
+                    answers.push(answer);
+                }
+                answers
+            })
+        })
+        .collect();
+    let answers: Vec<Vec<Value>> = tills.into_iter().map(|till| till.join().expect("a till")).collect();
+    for n in 0..60 {
+        let firsts = answers.iter().filter(|till| till[n]["duplicate"] == false).count();
+        assert_eq!(firsts, 1, "r-{n} applied once: {:?}", answers.iter().map(|t| &t[n]).collect::<Vec<_>>());
+        for till in &answers {
+            assert_eq!(till[n]["points_earned"], answers[0][n]["points_earned"], "r-{n}: the first answer");
+        }
+    }
+    let total = |mall: &Mall| {
+        bazaar_tests::board_total(&mall.display.get(&mall.path("leaderboards/lb-spend?top=100")).expect(200))
+    };
+    eventually("every purchase on the leaderboard", || {
+        let total = total(&mall);
+        (total == expected).then_some(()).ok_or_else(|| format!("{total} of {expected}"))
+    });
+    // Past the outbox's redelivery: still once each, nothing left to send.
+    std::thread::sleep(std::time::Duration::from_millis(2_500));
+    assert_eq!(total(&mall), expected, "a score applied twice");
+    eventually("nothing left waiting in the outbox", || {
+        let scrape = node.admin().get("/metrics").text;
+        let backlog = bazaar_tests::metric_sample(&scrape, "bazaar_outbox_backlog ");
+        (backlog == Some(0.0)).then_some(()).ok_or_else(|| format!("backlog {backlog:?}"))
+    });
 }
 
 #[test]
