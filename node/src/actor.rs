@@ -177,6 +177,20 @@ impl<E: Entity> Message for Requests<E> {
     type Result = Vec<Result<Reply<E::Answer>, ServiceError>>;
 }
 
+/// Commands sent with [`Registry::tell_each`]: applied in order, as
+/// [`Requests`] are, with no reply. The permit (one per command) goes back
+/// to its semaphore when the message is dropped, once applied or with a
+/// stopped actor's mailbox: it bounds how many told commands wait in
+/// mailboxes.
+pub struct Told<E: Entity> {
+    commands: Vec<E::Command>,
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl<E: Entity> Message for Told<E> {
+    type Result = ();
+}
+
 /// An entity and the commands sent to it as one [`Requests`] message.
 pub type Call<C> = (EntityKey, Vec<C>);
 
@@ -347,6 +361,19 @@ impl<E: Entity> Handler<Requests<E>> for EntityActor<E> {
         let commands = parcel.lock().take().unwrap_or_default();
         self.last_active = Instant::now();
         commands.into_iter().map(|command| self.apply(command, ctx)).collect()
+    }
+}
+
+impl<E: Entity> Handler<Told<E>> for EntityActor<E> {
+    type Result = ();
+
+    fn handle(&mut self, Told { commands, .. }: Told<E>, ctx: &mut Self::Context) {
+        self.last_active = Instant::now();
+        for command in commands {
+            if let Err(error) = self.apply(command, ctx) {
+                tracing::debug!(entity = %self.key, %error, "a command sent without a reply was refused");
+            }
+        }
     }
 }
 
@@ -536,22 +563,20 @@ impl<E: Entity> Registry<E> {
     /// back: for commands whose effect matters and whose reply does not,
     /// and which are sent again if they are lost (scores, which their
     /// outbox delivers again). A message that meets an actor that has just
-    /// stopped is lost, as is one an actor refuses (see
-    /// [`Registry::call_each`], which sends it again or answers the error).
-    /// Returns how many entities could not be reached.
-    pub fn tell_each(&self, calls: Vec<Call<E::Command>>) -> usize {
+    /// stopped is lost, as is a command an actor refuses (where
+    /// [`Registry::call_each`] sends it again or answers the error).
+    /// `permit` holds a permit per command: each message takes its
+    /// commands' share, given back once they are applied.
+    pub fn tell_each(&self, calls: Vec<Call<E::Command>>, mut permit: Option<tokio::sync::OwnedSemaphorePermit>) {
         let addrs = self.addresses(&calls);
-        let mut unreached = 0;
         for ((entity, commands), addr) in calls.into_iter().zip(addrs) {
+            let share = u32::try_from(commands.len()).unwrap_or(u32::MAX);
+            let share = permit.as_mut().and_then(|permit| permit.split(share as usize));
             match addr {
-                Ok(addr) => addr.do_send(Requests::<E>(Arc::new(Mutex::new(Some(commands))))),
-                Err(error) => {
-                    tracing::debug!(%entity, %error, "commands not sent");
-                    unreached += 1;
-                }
+                Ok(addr) => addr.do_send(Told::<E> { commands, _permit: share }),
+                Err(error) => tracing::debug!(%entity, %error, "commands not sent"),
             }
         }
-        unreached
     }
 
     /// The entities' actors, activated if needed, in the calls' order.

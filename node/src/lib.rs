@@ -202,6 +202,7 @@ pub async fn serve_with(
             checkpoint_spread: config.checkpoint_spread,
         },
         ready: false.into(),
+        scores_in_flight: Arc::new(tokio::sync::Semaphore::new(service::SCORES_IN_FLIGHT)),
     });
 
     if service.tenancy.needs_generated_admin()? {
