@@ -570,8 +570,7 @@ impl<E: Entity> Registry<E> {
     pub fn tell_each(&self, calls: Vec<Call<E::Command>>, mut permit: Option<tokio::sync::OwnedSemaphorePermit>) {
         let addrs = self.addresses(&calls);
         for ((entity, commands), addr) in calls.into_iter().zip(addrs) {
-            let share = u32::try_from(commands.len()).unwrap_or(u32::MAX);
-            let share = permit.as_mut().and_then(|permit| permit.split(share as usize));
+            let share = permit.as_mut().and_then(|permit| permit.split(commands.len()));
             match addr {
                 Ok(addr) => addr.do_send(Told::<E> { commands, _permit: share }),
                 Err(error) => tracing::debug!(%entity, %error, "commands not sent"),

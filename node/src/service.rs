@@ -159,7 +159,7 @@ pub struct Service {
     /// False until recovery is done and while shutting down.
     pub ready: AtomicBool,
     /// [`SCORES_IN_FLIGHT`] permits: one for each score sent and not yet
-    /// applied (see [`Service::tell_scores`]).
+    /// applied (see `Service::tell_scores`).
     pub scores_in_flight: Arc<tokio::sync::Semaphore>,
 }
 
@@ -239,7 +239,6 @@ fn contributed(tenant: &str, jackpot: &Arc<Id>, reply: Reply<JackpotAnswer>) -> 
     })
 }
 
-/// The delivery of a score to `leaderboard`, from its reply.
 /// A score for a leaderboard: sent, not awaited ([`Service::tell_scores`]).
 fn is_score(message: &OutboxMessage) -> bool {
     matches!(message.payload, Payload::Score { .. })
@@ -258,6 +257,7 @@ fn take_scores(applied: &mut Applied) -> Vec<OutboxMessage> {
     scores
 }
 
+/// The delivery of a score to `leaderboard`, from its reply.
 fn scored(leaderboard: &Arc<Id>, reply: Reply<LeaderboardAnswer>) -> ServiceResult<Delivery> {
     Ok(Delivery { ticket: reply.ticket, leaderboard: Some(leaderboard.clone()), ..Delivery::default() })
 }
@@ -923,7 +923,6 @@ impl Service {
             .collect())
     }
 
-    /// Delivers one outbox message to its receiver.
     /// Sends scores to their leaderboards (one message each) without
     /// waiting for them: nothing in an event's answer comes from a
     /// leaderboard, and the event's outbox, durable with the event,
@@ -945,9 +944,11 @@ impl Service {
         if scores.is_empty() {
             return Vec::new();
         }
-        // Waits only while boards are behind by SCORES_IN_FLIGHT scores (a
-        // batch holds at most api::MAX_BATCH events); closed, never.
-        let wanted = u32::try_from(scores.len()).unwrap_or(u32::MAX);
+        // Waits only while boards are behind by SCORES_IN_FLIGHT scores. A
+        // batch that alone has more (a thousand events, each feeding dozens
+        // of boards) takes them all, its last messages going without.
+        let wanted = u32::try_from(scores.len().min(SCORES_IN_FLIGHT)).unwrap_or(u32::MAX);
+        // The semaphore is never closed: always a permit.
         let permit = self.scores_in_flight.clone().acquire_many_owned(wanted).await.ok();
         let mut leaderboards: Receivers<LeaderboardCommand> = Receivers::new(EntityKind::Leaderboard);
         for message in scores {
@@ -969,6 +970,7 @@ impl Service {
         }
     }
 
+    /// Delivers one outbox message to its receiver.
     async fn deliver(&self, message: &OutboxMessage, catalog: &Catalog) -> ServiceResult<Delivery> {
         match route(message, catalog) {
             Route::Nowhere => Ok(Delivery::default()),
