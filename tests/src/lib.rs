@@ -622,3 +622,14 @@ pub fn eventually<T>(what: &str, mut check: impl FnMut() -> Result<T, String>) -
 pub fn board_total(board: &Value) -> i64 {
     board["entries"].as_array().expect("entries").iter().map(|e| e["score"].as_i64().expect("score")).sum()
 }
+
+/// Waits until the leaderboard answer at `path` (with a `top` that takes
+/// in every member) sums to `expected`: [`eventually`], since a score
+/// reaches its board just after its event's answer.
+#[track_caller]
+pub fn await_board_total(client: &Client, path: &str, expected: i64) {
+    eventually(&format!("{path} sums to {expected}"), || {
+        let total = board_total(&client.get(path).expect(200));
+        (total == expected).then_some(()).ok_or_else(|| format!("it sums to {total}"))
+    });
+}

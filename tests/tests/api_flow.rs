@@ -2,7 +2,9 @@
 //! send purchases until the jackpot hits, check the hit against its
 //! commitment, spin, read customers and leaderboards, retry everything.
 
-use bazaar_tests::{assert_books_balance, commitment, default_jackpot, eventually, Mall, Node};
+use bazaar_tests::{
+    assert_books_balance, await_board_total, board_total, commitment, default_jackpot, eventually, Mall, Node,
+};
 use serde_json::{json, Value};
 
 #[test]
@@ -232,16 +234,11 @@ fn scores_follow_the_answers_and_count_once_however_the_events_are_retried() {
             assert_eq!(till[n]["points_earned"], answers[0][n]["points_earned"], "r-{n}: the first answer");
         }
     }
-    let total = |mall: &Mall| {
-        bazaar_tests::board_total(&mall.display.get(&mall.path("leaderboards/lb-spend?top=100")).expect(200))
-    };
-    eventually("every purchase on the leaderboard", || {
-        let total = total(&mall);
-        (total == expected).then_some(()).ok_or_else(|| format!("{total} of {expected}"))
-    });
+    let board = mall.path("leaderboards/lb-spend?top=100");
+    await_board_total(&mall.display, &board, expected);
     // Past the outbox's redelivery: still once each, nothing left to send.
     std::thread::sleep(std::time::Duration::from_millis(2_500));
-    assert_eq!(total(&mall), expected, "a score applied twice");
+    assert_eq!(board_total(&mall.display.get(&board).expect(200)), expected, "a score applied twice");
     eventually("nothing left waiting in the outbox", || {
         let scrape = node.admin().get("/metrics").text;
         let backlog = bazaar_tests::metric_sample(&scrape, "bazaar_outbox_backlog ");

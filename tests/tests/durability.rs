@@ -4,7 +4,7 @@
 //! passivation and restart, and how the process runs: its first admin key,
 //! its JSON logs, its memory pages.
 
-use bazaar_tests::{assert_books_balance, board_total, eventually, Mall, Node};
+use bazaar_tests::{assert_books_balance, await_board_total, Mall, Node};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -137,11 +137,7 @@ fn acknowledged_events_survive_kill_9_and_are_applied_exactly_once() {
     assert_eq!(jackpot["cycle"], wins.len() as i64 + 1, "one winner per cycle");
     // The leaderboard saw every purchase exactly once too (each score just
     // after its answer).
-    let spent = spend.values().sum::<i64>();
-    eventually("the leaderboard holds every purchase once", || {
-        let board = mall.display_on(&node).get(&mall.path("leaderboards/lb-spend?top=1000")).expect(200);
-        (board_total(&board) == spent).then_some(()).ok_or_else(|| format!("{} of {spent}", board_total(&board)))
-    });
+    await_board_total(&mall.display_on(&node), &mall.path("leaderboards/lb-spend?top=1000"), spend.values().sum());
 }
 
 #[test]

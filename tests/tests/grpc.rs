@@ -5,7 +5,7 @@
 //! server reflection.
 
 use bazaar_proto::v1 as pb;
-use bazaar_tests::{assert_books_balance, board_total, eventually, tool, Node};
+use bazaar_tests::{assert_books_balance, await_board_total, eventually, tool, Node};
 use pb::catalog_service_client::CatalogServiceClient;
 use pb::customer_service_client::CustomerServiceClient;
 use pb::event_service_client::EventServiceClient;
@@ -429,10 +429,7 @@ async fn batches_and_streams_answer_every_event_in_order() {
     }
     assert_eq!(n, 300, "every event is answered");
     let expected: i64 = 19 * 1_500 + (0..300).filter(|n| *n != 100).map(|n| 1_000 + n).sum::<i64>();
-    eventually("the leaderboard holds every streamed purchase once", || {
-        let board = node.client(Some(&pos)).get("/v1/tenants/mall/leaderboards/lb?top=100").expect(200);
-        (board_total(&board) == expected).then_some(()).ok_or_else(|| format!("{} of {expected}", board_total(&board)))
-    });
+    await_board_total(&node.client(Some(&pos)), "/v1/tenants/mall/leaderboards/lb?top=100", expected);
 
     let mut bad_key = Request::new(tokio_stream::iter(vec![purchase("x", "c", 1)]));
     bad_key.metadata_mut().insert("authorization", "Bearer nope".parse().expect("header"));
@@ -510,10 +507,8 @@ async fn unary_events_sent_at_once_are_batched_and_each_answered_as_if_alone() {
     };
 
     let expected: i64 = (0..EVENTS).filter(|n| ![50, 70].contains(n)).map(amount).sum::<i64>() + applied;
-    eventually("every amount counted once on the leaderboard", || {
-        let board = node.client(Some(&pos)).get("/v1/tenants/mall/leaderboards/lb?top=100").expect(200);
-        (board_total(&board) == expected).then_some(()).ok_or_else(|| format!("{} of {expected}", board_total(&board)))
-    });
+    // Every amount counted once.
+    await_board_total(&node.client(Some(&pos)), "/v1/tenants/mall/leaderboards/lb?top=100", expected);
     assert_books_balance(&node.client(Some(&pos)).get("/v1/tenants/mall/jackpots/j").expect(200));
 
     // Every valid request went through a batch, and some batch held more
