@@ -40,6 +40,8 @@ pub struct Metrics {
     pub passivations: IntCounterVec,
     /// Cross-entity messages journaled but not yet acknowledged.
     pub outbox_backlog: IntGauge,
+    /// Leaderboard scores sent and not yet applied (set at each scrape).
+    pub scores_in_flight: IntGauge,
     /// The idempotency index: its runs, and its records by where they are
     /// (`place="runs"`: in run files; `"memory"`: not yet written as a run).
     pub seen_runs: IntGauge,
@@ -153,6 +155,10 @@ impl Metrics {
                 "bazaar_outbox_backlog",
                 "Cross-entity messages journaled and not yet acknowledged",
             )?,
+            scores_in_flight: IntGauge::new(
+                "bazaar_scores_in_flight",
+                "Leaderboard scores sent and not yet applied (at the node's bound, answers wait for their boards)",
+            )?,
             seen_runs: IntGauge::new("bazaar_seen_runs", "Run files of the idempotency index")?,
             seen_records: IntGaugeVec::new(
                 Opts::new("bazaar_seen_records", "Records of the idempotency index, in run files or not yet"),
@@ -214,6 +220,7 @@ impl Metrics {
         r.register(Box::new(self.activations.clone()))?;
         r.register(Box::new(self.passivations.clone()))?;
         r.register(Box::new(self.outbox_backlog.clone()))?;
+        r.register(Box::new(self.scores_in_flight.clone()))?;
         r.register(Box::new(self.seen_runs.clone()))?;
         r.register(Box::new(self.seen_records.clone()))?;
         r.register(Box::new(self.seen_summarized_runs.clone()))?;

@@ -239,10 +239,14 @@ fn scores_follow_the_answers_and_count_once_however_the_events_are_retried() {
     // Past the outbox's redelivery: still once each, nothing left to send.
     std::thread::sleep(std::time::Duration::from_millis(2_500));
     assert_eq!(board_total(&mall.display.get(&board).expect(200)), expected, "a score applied twice");
-    eventually("nothing left waiting in the outbox", || {
+    // Nothing left waiting in the outbox, and every score's permit back.
+    eventually("nothing left waiting in the outbox, no score in flight", || {
         let scrape = node.admin().get("/metrics").text;
         let backlog = bazaar_tests::metric_sample(&scrape, "bazaar_outbox_backlog ");
-        (backlog == Some(0.0)).then_some(()).ok_or_else(|| format!("backlog {backlog:?}"))
+        let in_flight = bazaar_tests::metric_sample(&scrape, "bazaar_scores_in_flight ");
+        (backlog == Some(0.0) && in_flight == Some(0.0))
+            .then_some(())
+            .ok_or_else(|| format!("backlog {backlog:?}, scores in flight {in_flight:?}"))
     });
 }
 

@@ -74,6 +74,7 @@ fn promtool_accepts_the_scrape_and_engagement_follows_customers() {
         "bazaar_active_actors",
         "bazaar_actor_activations_total",
         "bazaar_outbox_backlog",
+        "bazaar_scores_in_flight",
         "bazaar_seen_runs",
         "bazaar_seen_records",
         "bazaar_seen_summarized_runs",
