@@ -145,6 +145,21 @@ pub trait Entity: Sized + Unpin + 'static {
         }
         Ok(())
     }
+
+    /// Writes what the idempotency record keeps of `answer` into `buffer`,
+    /// as [`crate::storage::encode_into`] does: by default the answer
+    /// itself. An entity whose answers carry what their record can leave
+    /// out (or make again from its key) writes less, and
+    /// [`Entity::recalled`] makes the answer again from it.
+    fn encode_record(buffer: &mut Vec<u8>, answer: &Self::Answer) {
+        crate::storage::encode_into(buffer, answer);
+    }
+
+    /// The answer a retry of the command `dedupe`, to the entity `key`,
+    /// gets from what [`Entity::encode_record`] kept of the first one.
+    fn recalled(answer: Self::Answer, _key: &EntityKey, _dedupe: &Dedupe<'_>) -> ServiceResult<Self::Answer> {
+        Ok(answer)
+    }
 }
 
 /// What a message carries, taken by the actor that handles it. A send that
@@ -209,14 +224,15 @@ struct SeenValue {
     answer: Vec<u8>,
 }
 
-/// A `SeenValue { fingerprint, answer: encode(answer) }` in the
-/// fixed-width format (`storage::FIXED_WIDTH_VERSION`), built in a buffer
-/// the thread keeps and copied once into the shared record: the answer is
-/// encoded in place, its length written in the slot left for it, instead
-/// of into a buffer of its own that is then copied (twice per event).
-/// `decode` reads it as any other value; the answer inside is in the
-/// current format.
-fn seen_value<A: Serialize>(fingerprint: u64, answer: &A) -> SharedBytes {
+/// A `SeenValue { fingerprint, answer }` in the fixed-width format
+/// (`storage::FIXED_WIDTH_VERSION`), `answer` being what `encode_answer`
+/// writes (as `storage::encode_into` does: [`Entity::encode_record`]),
+/// built in a buffer the thread keeps and copied once into the shared
+/// record: the answer is encoded in place, its length written in the slot
+/// left for it, instead of into a buffer of its own that is then copied
+/// (twice per event). `decode` reads it as any other value; the answer
+/// inside is in the current format.
+fn seen_value(fingerprint: u64, encode_answer: impl FnOnce(&mut Vec<u8>)) -> SharedBytes {
     // Version, fingerprint, the answer's length, then the answer as
     // `encode` writes it (its own version byte, then bincode).
     const ANSWER_AT: usize = 1 + 8 + 8;
@@ -224,7 +240,7 @@ fn seen_value<A: Serialize>(fingerprint: u64, answer: &A) -> SharedBytes {
         bytes.push(crate::storage::FIXED_WIDTH_VERSION);
         bytes.extend_from_slice(&fingerprint.to_le_bytes());
         bytes.extend_from_slice(&[0; 8]);
-        crate::storage::encode_into(bytes, answer);
+        encode_answer(bytes);
         let length = (bytes.len() - ANSWER_AT) as u64;
         bytes[ANSWER_AT - 8..ANSWER_AT].copy_from_slice(&length.to_le_bytes());
         SharedBytes::from(&bytes[..])
@@ -301,7 +317,7 @@ impl<E: Entity> EntityActor<E> {
                 reason: None,
             });
         }
-        Ok(Some(Reply { answer: decode(&answer)?, duplicate: true, ticket }))
+        Ok(Some(Reply { answer: E::recalled(decode(&answer)?, &self.key, dedupe)?, duplicate: true, ticket }))
     }
 
     fn snapshot(&mut self) -> Option<tokio::sync::oneshot::Receiver<()>> {
@@ -410,7 +426,7 @@ impl<E: Entity> EntityActor<E> {
         self.entity_seq += 1;
         let seen = match dedupe {
             Some((seen_key, fingerprint)) if handled.remember => {
-                Some((seen_key, seen_value(fingerprint, &handled.answer)))
+                Some((seen_key, seen_value(fingerprint, |bytes| E::encode_record(bytes, &handled.answer))))
             }
             _ => None,
         };
@@ -914,7 +930,7 @@ mod tests {
         let answers: Vec<Vec<(String, i64)>> =
             vec![Vec::new(), vec![("c-42".into(), 7)], (0..500).map(|n| (format!("c-{n}"), -n)).collect()];
         for (fingerprint, answer) in [0, 42, u64::MAX].into_iter().zip(answers) {
-            let record = seen_value(fingerprint, &answer);
+            let record = seen_value(fingerprint, |bytes| crate::storage::encode_into(bytes, &answer));
             // What the fixed-width format makes of the value (the layout
             // every build before the variable-width one wrote), its answer
             // in the current format.

@@ -13,9 +13,9 @@
 
 use crate::actor::{Dedupe, Entity, Env, Handled};
 use crate::error::{ServiceError, ServiceResult};
-use crate::outbox::OutboxMessage;
+use crate::outbox::{OutboxMessage, Payload};
 use crate::storage::{decode, encode, key, StorageError, StorageResult, FIXED_WIDTH_VERSION};
-use bazaar_cluster::EntityKind;
+use bazaar_cluster::{EntityKey, EntityKind};
 use bazaar_games::catalog::Catalog;
 use bazaar_games::customer::{Customer, MissionStatus, SpinRefusal};
 use bazaar_games::event::Event;
@@ -83,6 +83,100 @@ pub enum CustomerAnswer {
     Reserved(OutboxMessage),
     Spin(SpinAnswer),
     View(Box<Customer>),
+    /// An event's answer as its idempotency record keeps it; only ever
+    /// read from a record, and made an `Event` again at once
+    /// (`CustomerEntity::recalled`). Records written before it hold the
+    /// `Event` itself, and are still read as such.
+    Recorded(RecordedEvent),
+}
+
+/// `CustomerAnswer::Recorded`'s index among its variants (bincode writes
+/// an enum's variant as its index).
+const RECORDED_VARIANT: u32 = 4;
+
+/// What an event's idempotency record keeps of its answer: the answer but
+/// for its messages, of which only the contributions to jackpots, and of
+/// those only what their key and the record's do not say.
+///
+/// A retry answers with what each jackpot's record of its contribution
+/// says, so the contributions are delivered again: they are made again
+/// from this, the tenant and customer of the record's actor and the
+/// event's id. The scores are left out: no answer shows one, and a score
+/// not applied yet waits in the outbox, which delivers it. Each message
+/// whole (tenant, its id, the customer, again and again) was two thirds of
+/// an event's record with a mall's jackpot and a leaderboard: bytes of the
+/// journal, and of the idempotency index for ever.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordedEvent {
+    pub points_earned: i64,
+    pub points_balance: i64,
+    pub tier: Option<String>,
+    pub spins_granted: BTreeMap<Id, u32>,
+    pub missions: Vec<MissionStatus>,
+    pub coupons: Vec<String>,
+    pub contributions: Vec<RecordedContribution>,
+}
+
+/// A contribution as [`RecordedEvent`] keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordedContribution {
+    pub jackpot: Id,
+    pub amount_minor: i64,
+    pub at: UnixMillis,
+    /// The message's `created_at`.
+    pub created_at: UnixMillis,
+}
+
+/// An event's answer encoded as `CustomerAnswer::Recorded` would be,
+/// straight from the answer (a [`RecordedEvent`] built first would copy its
+/// strings and maps, for every event).
+struct AsRecorded<'a>(&'a EventAnswer);
+
+impl Serialize for AsRecorded<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_newtype_variant("CustomerAnswer", RECORDED_VARIANT, "Recorded", &RecordedFields(self.0))
+    }
+}
+
+/// [`RecordedEvent`]'s fields, in its order, from the answer.
+struct RecordedFields<'a>(&'a EventAnswer);
+
+impl Serialize for RecordedFields<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let answer = self.0;
+        let mut event = serializer.serialize_struct("RecordedEvent", 7)?;
+        event.serialize_field("points_earned", &answer.points_earned)?;
+        event.serialize_field("points_balance", &answer.points_balance)?;
+        event.serialize_field("tier", &answer.tier)?;
+        event.serialize_field("spins_granted", &answer.spins_granted)?;
+        event.serialize_field("missions", &answer.missions)?;
+        event.serialize_field("coupons", &answer.coupons)?;
+        event.serialize_field("contributions", &RecordedContributions(&answer.deliveries))?;
+        event.end()
+    }
+}
+
+/// The contributions among an answer's messages, each as a
+/// [`RecordedContribution`].
+struct RecordedContributions<'a>(&'a [OutboxMessage]);
+
+impl Serialize for RecordedContributions<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let contributions = self.0.iter().filter_map(|message| match &message.payload {
+            Payload::Contribution { jackpot, amount_minor, at, .. } => {
+                Some((jackpot, amount_minor, at, message.created_at))
+            }
+            _ => None,
+        });
+        // bincode writes a sequence's length first.
+        let mut sequence = serializer.serialize_seq(Some(contributions.clone().count()))?;
+        for contribution in contributions {
+            sequence.serialize_element(&contribution)?;
+        }
+        sequence.end()
+    }
 }
 
 /// The idempotency scope of events' ids (part of their records' keys).
@@ -196,6 +290,58 @@ impl Entity for CustomerEntity {
             }
             CustomerCommand::View => Ok(Handled::read(CustomerAnswer::View(Box::new(customer.clone())))),
         }
+    }
+
+    /// An event's answer as a [`RecordedEvent`], unless a message of it is
+    /// one the record cannot make again (events send contributions and
+    /// scores only; anything else keeps the whole answer).
+    fn encode_record(buffer: &mut Vec<u8>, answer: &CustomerAnswer) {
+        match answer {
+            CustomerAnswer::Event(event)
+                if event
+                    .deliveries
+                    .iter()
+                    .all(|message| matches!(message.payload, Payload::Contribution { .. } | Payload::Score { .. })) =>
+            {
+                crate::storage::encode_into(buffer, &AsRecorded(event))
+            }
+            other => crate::storage::encode_into(buffer, other),
+        }
+    }
+
+    /// A [`RecordedEvent`] made the event's answer again, its contributions
+    /// as the handler made them (`key` is the customer's, `dedupe` the
+    /// event's).
+    fn recalled(answer: CustomerAnswer, key: &EntityKey, dedupe: &Dedupe<'_>) -> ServiceResult<CustomerAnswer> {
+        let CustomerAnswer::Recorded(recorded) = answer else {
+            return Ok(answer);
+        };
+        let event_id = Id::parse(dedupe.id).map_err(ServiceError::internal)?;
+        let customer = Id::parse(&key.id).map_err(ServiceError::internal)?;
+        let deliveries = recorded
+            .contributions
+            .iter()
+            .map(|contribution| {
+                OutboxMessage::contribution(
+                    &key.tenant,
+                    &event_id,
+                    &contribution.jackpot,
+                    &customer,
+                    contribution.amount_minor,
+                    contribution.at,
+                    contribution.created_at,
+                )
+            })
+            .collect();
+        Ok(CustomerAnswer::Event(EventAnswer {
+            points_earned: recorded.points_earned,
+            points_balance: recorded.points_balance,
+            tier: recorded.tier,
+            spins_granted: recorded.spins_granted,
+            missions: recorded.missions,
+            coupons: recorded.coupons,
+            deliveries,
+        }))
     }
 }
 
@@ -514,6 +660,94 @@ mod tests {
 
     fn id(text: &str) -> Id {
         Id::parse(text).expect("an id")
+    }
+
+    #[test]
+    fn an_events_record_keeps_its_contributions_and_a_retry_gets_the_first_answer_again() {
+        use bazaar_games::campaign::{Campaign, EarningRules, TierDef};
+        use bazaar_games::event::EventKind;
+        use bazaar_games::leaderboard::{LeaderboardDef, Metric};
+        let mut catalog = Catalog::default();
+        catalog.campaigns.insert(
+            id("mall"),
+            Campaign {
+                name: "Mall".into(),
+                starts_at: 0,
+                ends_at: UnixMillis::MAX,
+                stores: None,
+                earning: EarningRules {
+                    points_per_unit_minor: 100,
+                    tier_multipliers_pct: BTreeMap::new(),
+                    store_multipliers_pct: BTreeMap::new(),
+                    event_bonus: BTreeMap::new(),
+                },
+                tiers: vec![TierDef { name: "silver".into(), min_points: 100 }],
+            },
+        );
+        for jackpot in ["j-mall", "j-food-court"] {
+            let def = JackpotDef {
+                campaign: id("mall"),
+                seed_minor: 1_000,
+                cap_minor: 500_000,
+                contribution_bps: 100,
+                reserve_bps: 0,
+                min_purchase_minor: 0,
+            };
+            catalog.jackpots.insert(id(jackpot), def);
+        }
+        for (board, metric) in [("top-spenders", Metric::Spend), ("top-points", Metric::Points)] {
+            catalog.leaderboards.insert(id(board), LeaderboardDef { campaign: id("mall"), metric, top_size: 10 });
+        }
+        let key = EntityKey::new("mall-42", EntityKind::Customer, "c-7");
+        let metrics = Metrics::new().expect("metrics");
+        let mut rng = None;
+        let mut env = Env::new(&key, &mut rng, 1_700_000_000_123, &metrics);
+        let event = Event {
+            event_id: id("till-3-000042"),
+            customer: id("c-7"),
+            store: None,
+            kind: EventKind::Purchase,
+            amount_minor: 12_345,
+            at: 1_700_000_000_000,
+        };
+        let command = CustomerCommand::Event { event, fingerprint: 9, catalog: Arc::new(catalog) };
+        let dedupe = CustomerEntity::dedupe(&command).expect("an event has an idempotency key").id.to_owned();
+        let handled = CustomerEntity::handle(&mut Customer::default(), &mut env, command).expect("applied");
+        let CustomerAnswer::Event(first) = &handled.answer else { panic!("an event's answer") };
+        let is_contribution = |message: &&OutboxMessage| matches!(message.payload, Payload::Contribution { .. });
+        let contributions: Vec<OutboxMessage> = first.deliveries.iter().filter(is_contribution).cloned().collect();
+        assert_eq!((contributions.len(), first.deliveries.len()), (2, 4), "two contributions and two scores");
+        assert_eq!(first.tier.as_deref(), Some("silver"), "the answer has something besides its messages");
+
+        let mut record = Vec::new();
+        CustomerEntity::encode_record(&mut record, &handled.answer);
+        let whole = encode(&handled.answer);
+        assert!(record.len() * 3 < whole.len(), "{} bytes kept of {}", record.len(), whole.len());
+        let read: CustomerAnswer = decode(&record).expect("the record reads back");
+        assert!(matches!(read, CustomerAnswer::Recorded(_)), "{read:?}");
+        let dedupe = Dedupe { scope: EVENT_SCOPE, id: &dedupe, fingerprint: 9 };
+        let CustomerAnswer::Event(again) = CustomerEntity::recalled(read, &key, &dedupe).expect("recalled") else {
+            panic!("recalled as an event's answer")
+        };
+        assert_eq!(again.deliveries, contributions, "the contributions as the handler made them, the scores left out");
+        let without_messages = |answer: &EventAnswer| EventAnswer { deliveries: Vec::new(), ..answer.clone() };
+        assert_eq!(encode(&without_messages(&again)), encode(&without_messages(first)), "the rest of the answer");
+
+        // A record written before: the whole answer, read as it was.
+        let before: CustomerAnswer = decode(&whole).expect("the whole answer reads back");
+        let CustomerAnswer::Event(before) = CustomerEntity::recalled(before, &key, &dedupe).expect("recalled") else {
+            panic!("an event's answer")
+        };
+        assert_eq!(before.deliveries, first.deliveries);
+
+        // A message the record could not make again: the whole answer kept.
+        let mut unusual = first.clone();
+        unusual.deliveries.push(OutboxMessage::wheel_draw("mall-42", &id("w"), &id("c-7"), &id("r-1"), 5));
+        let mut record = Vec::new();
+        CustomerEntity::encode_record(&mut record, &CustomerAnswer::Event(unusual.clone()));
+        let read = CustomerEntity::recalled(decode(&record).expect("reads back"), &key, &dedupe).expect("recalled");
+        let CustomerAnswer::Event(read) = read else { panic!("an event's answer") };
+        assert_eq!(read.deliveries, unusual.deliveries);
     }
 
     /// A jackpot fed `amounts` one by one as the actor would: the state
