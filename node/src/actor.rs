@@ -194,12 +194,48 @@ impl<E: Entity> Message for Requests<E> {
 
 /// Commands sent with [`Registry::tell_each`]: applied in order, as
 /// [`Requests`] are, with no reply. The permit (one per command) goes back
-/// to its semaphore when the message is dropped, once applied or with a
-/// stopped actor's mailbox: it bounds how many told commands wait in
-/// mailboxes.
+/// to its semaphore once they are applied: it bounds how many told
+/// commands wait in mailboxes.
+///
+/// A message dropped before its actor took the commands (a send to an
+/// actor that stopped as it was sent, the mailbox of an actor that
+/// passivated dropped with it) sends them again to a fresh activation,
+/// as [`Registry::call_each`] does with a request: a score must not wait
+/// for the outbox's redelivery, seconds later, when a read of its board
+/// sent after the event's answer should see it.
 pub struct Told<E: Entity> {
+    entity: EntityKey,
     commands: Vec<E::Command>,
-    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    registry: Weak<Registry<E>>,
+    /// Activations it met stopped.
+    attempts: usize,
+}
+
+impl<E: Entity> Drop for Told<E> {
+    fn drop(&mut self) {
+        // The handler takes the commands: applied, or refused.
+        if self.commands.is_empty() {
+            return;
+        }
+        let Some(registry) = self.registry.upgrade() else { return };
+        // Stopping (its journal closed, its actors' threads ending) or
+        // failed: no activation could apply them; the outbox has them.
+        let journal = &registry.node.journal;
+        if ACTIVATION_ATTEMPTS <= self.attempts || journal.closed() || journal.failed() {
+            tracing::debug!(entity = %self.entity, attempts = self.attempts, "told commands not applied");
+            return;
+        }
+        registry.forget_stopped(&self.entity);
+        let again = Told {
+            entity: self.entity.clone(),
+            commands: std::mem::take(&mut self.commands),
+            permit: self.permit.take(),
+            registry: self.registry.clone(),
+            attempts: self.attempts + 1,
+        };
+        registry.tell(again);
+    }
 }
 
 impl<E: Entity> Message for Told<E> {
@@ -383,9 +419,11 @@ impl<E: Entity> Handler<Requests<E>> for EntityActor<E> {
 impl<E: Entity> Handler<Told<E>> for EntityActor<E> {
     type Result = ();
 
-    fn handle(&mut self, Told { commands, .. }: Told<E>, ctx: &mut Self::Context) {
+    fn handle(&mut self, mut told: Told<E>, ctx: &mut Self::Context) {
         self.last_active = Instant::now();
-        for command in commands {
+        // Taken, so that dropping the message (and its permit, once they
+        // are applied) does not send them again.
+        for command in std::mem::take(&mut told.commands) {
             if let Err(error) = self.apply(command, ctx) {
                 tracing::debug!(entity = %self.key, %error, "a command sent without a reply was refused");
             }
@@ -579,17 +617,36 @@ impl<E: Entity> Registry<E> {
     /// back: for commands whose effect matters and whose reply does not,
     /// and which are sent again if they are lost (scores, which their
     /// outbox delivers again). A message that meets an actor that has just
-    /// stopped is lost, as is a command an actor refuses (where
-    /// [`Registry::call_each`] sends it again or answers the error).
-    /// `permit` holds a permit per command: each message takes its
-    /// commands' share, given back once they are applied.
+    /// stopped goes to a fresh activation (see [`Told`]); a command an
+    /// actor refuses is dropped (where [`Registry::call_each`] answers the
+    /// error). `permit` holds a permit per command: each message takes its
+    /// commands' share (none once the permit is spent), given back once
+    /// they are applied.
     pub fn tell_each(&self, calls: Vec<Call<E::Command>>, mut permit: Option<tokio::sync::OwnedSemaphorePermit>) {
         let addrs = self.addresses(&calls);
         for ((entity, commands), addr) in calls.into_iter().zip(addrs) {
             let share = permit.as_mut().and_then(|permit| permit.split(commands.len()));
+            let mut told = Told::<E> { entity, commands, permit: share, registry: self.this.clone(), attempts: 0 };
             match addr {
-                Ok(addr) => addr.do_send(Told::<E> { commands, _permit: share }),
-                Err(error) => tracing::debug!(%entity, %error, "commands not sent"),
+                Ok(addr) => addr.do_send(told),
+                Err(error) => {
+                    tracing::debug!(entity = %told.entity, %error, "told commands not sent");
+                    // Not sent again: the activation failed.
+                    told.commands.clear();
+                }
+            }
+        }
+    }
+
+    /// Sends `told` to its entity's actor, activating it if needed.
+    fn tell(&self, mut told: Told<E>) {
+        // Not under the lock: a send wakes the actor's thread.
+        let addr = self.activated(&mut self.shard(&told.entity).lock(), &told.entity);
+        match addr {
+            Ok(addr) => addr.do_send(told),
+            Err(error) => {
+                tracing::debug!(entity = %told.entity, %error, "told commands not sent");
+                told.commands.clear();
             }
         }
     }
@@ -921,6 +978,67 @@ mod tests {
                 assert_eq!(refused.code, Code::Unavailable, "{id}: {}", refused.message);
                 assert!(refused.message.contains("storage failed"), "{id}: {}", refused.message);
             }
+        });
+        writer.join().expect("the writer's thread ends");
+    }
+
+    #[test]
+    fn told_commands_no_actor_took_go_to_a_fresh_activation_with_their_permits() {
+        use crate::entities::{LeaderboardAnswer, LeaderboardCommand, LeaderboardEntity};
+        use crate::outbox::OutboxMessage;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("open");
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let (journal, writer) =
+            Journal::start(store.clone(), metrics.clone(), 0, Duration::from_secs(60)).expect("start");
+        let node = Arc::new(NodeShared {
+            store,
+            journal: journal.clone(),
+            metrics,
+            idle_timeout: Duration::from_secs(600),
+            snapshot_every: 1_000,
+            recovered: crate::recovery::Recovered::none(),
+        });
+        let id = |text: &str| bazaar_games::Id::parse(text).expect("an id");
+        let score = |event: &str, delta: i64| LeaderboardCommand::Score {
+            message: OutboxMessage::score("t", &id(event), &id("top"), &id("c-1"), delta, 1_000),
+        };
+        actix_rt::System::new().block_on(async move {
+            let boards = Registry::<LeaderboardEntity>::new(node, vec![actix_rt::Arbiter::current()]);
+            let key = EntityKey::new("t", EntityKind::Leaderboard, "top");
+            let permits = Arc::new(tokio::sync::Semaphore::new(10));
+            let permit = |n| permits.clone().try_acquire_many_owned(n).ok();
+            boards.tell_each(vec![(key.clone(), vec![score("e-1", 5)])], permit(1));
+            // Dropped before an actor took it: what a stopped actor's
+            // mailbox does with its messages, or a send that met it closed.
+            let lost = Told::<LeaderboardEntity> {
+                entity: key.clone(),
+                commands: vec![score("e-2", 7), score("e-3", 11)],
+                permit: permit(2),
+                registry: Arc::downgrade(&boards),
+                attempts: 0,
+            };
+            assert_eq!(permits.available_permits(), 7);
+            drop(lost);
+            // A read goes through the same mailbox, after both.
+            let read = boards.call(&key, LeaderboardCommand::Top { count: 10 }).await.expect("read");
+            let LeaderboardAnswer::Top { entries, .. } = read.answer else { panic!("the top entries") };
+            assert_eq!(entries.iter().map(|entry| entry.score).collect::<Vec<_>>(), vec![23]);
+            assert_eq!(permits.available_permits(), 10, "every permit back once applied");
+
+            // Once the node is stopping, nothing is activated for them.
+            journal.close();
+            let before = boards.active();
+            boards.forget_stopped(&key);
+            drop(Told::<LeaderboardEntity> {
+                entity: EntityKey::new("t", EntityKind::Leaderboard, "other"),
+                commands: vec![score("e-4", 1)],
+                permit: permit(1),
+                registry: Arc::downgrade(&boards),
+                attempts: 0,
+            });
+            assert_eq!(boards.active(), before, "no activation while stopping");
+            assert_eq!(permits.available_permits(), 10);
         });
         writer.join().expect("the writer's thread ends");
     }

@@ -546,6 +546,11 @@ impl Journal {
         self.shared.failed.load(Ordering::Relaxed)
     }
 
+    /// Whether [`Journal::close`] was called: the node is stopping.
+    pub fn closed(&self) -> bool {
+        self.shared.queue.lock().closed
+    }
+
     /// Refuses new operations; the writer drains the queue, flushes and
     /// exits.
     pub fn close(&self) {
