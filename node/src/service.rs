@@ -927,27 +927,31 @@ impl Service {
     /// waiting for them: nothing in an event's answer comes from a
     /// leaderboard, and the event's outbox, durable with the event,
     /// delivers a score again if it is lost (ARCHITECTURE.md, "An event's
-    /// path", step 6). Awaited, a score held its event's answer until its
+    /// path", step 4). Awaited, a score held its event's answer until its
     /// leaderboard had applied it and that was durable too, often one
     /// commit later, and a leaderboard busy with a checkpoint's snapshot
     /// of a large board held every answer (docs/performance.md).
     ///
     /// A score is applied a moment after it is sent, before any read of
     /// its leaderboard sent after the event's answer (reads go through the
-    /// same actor's mailbox). It needs no acknowledgement: the journal
-    /// drops a message whose receiver applied it within
-    /// [`crate::journal::CARRY_FOR`], and one that waited longer is in the
-    /// `outbox` tree, whose redelivery the leaderboard recognises and
-    /// acknowledges. Returns the leaderboards told, whose watchers are
-    /// nudged once the scores' causes are durable ([`Service::nudge`]).
+    /// same actor's mailbox; a board that passivated as it was sent gets
+    /// it in its next activation, see [`crate::actor::Told`]). It needs no
+    /// acknowledgement: the journal drops a message whose receiver applied
+    /// it within [`crate::journal::CARRY_FOR`], and one that waited longer
+    /// is in the `outbox` tree, whose redelivery loop finds the board's
+    /// record of it and takes it out. Returns the leaderboards told, whose
+    /// watchers are nudged once the scores' causes are durable
+    /// ([`Service::nudge`]).
     async fn tell_scores(&self, scores: Vec<OutboxMessage>, catalog: &Catalog) -> Vec<(String, Arc<Id>)> {
         if scores.is_empty() {
             return Vec::new();
         }
-        // Waits only while boards are behind by SCORES_IN_FLIGHT scores. A
-        // batch that alone has more (a thousand events, each feeding dozens
-        // of boards) takes them all, its last messages going without.
-        let wanted = u32::try_from(scores.len().min(SCORES_IN_FLIGHT)).unwrap_or(u32::MAX);
+        // Waits only while boards are behind. A request takes an eighth of
+        // the permits at most: one batch with more scores than that (a
+        // thousand events, each feeding a dozen boards) would otherwise
+        // wait until no score at all was in flight, and every answer behind
+        // it (the semaphore serves in turn); its last messages go without.
+        let wanted = u32::try_from(scores.len().min(SCORES_IN_FLIGHT / 8)).unwrap_or(u32::MAX);
         // The semaphore is never closed: always a permit.
         let permit = self.scores_in_flight.clone().acquire_many_owned(wanted).await.ok();
         let mut leaderboards: Receivers<LeaderboardCommand> = Receivers::new(EntityKind::Leaderboard);
