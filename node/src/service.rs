@@ -171,11 +171,47 @@ pub struct Service {
 /// [`crate::journal::CARRY_FOR`].
 pub const SCORES_IN_FLIGHT: usize = 65_536;
 
+/// Outbox messages redelivered together (see [`Service::redeliver`]).
+pub const REDELIVERY_CHUNK: usize = 1_000;
+
 /// A customer's reply to an event.
 struct Applied {
     answer: EventAnswer,
     duplicate: bool,
     ticket: Option<Ticket>,
+}
+
+/// The next chunk [`Service::redeliver`] delivers, from `items` (the
+/// `outbox` tree's records in key order, from where the last chunk ended):
+/// one tenant's messages made by `cutoff`, at most `max` of them (a
+/// record's key starts with its tenant, so a tenant's come together), and
+/// the key of the last record read, after which the next chunk starts
+/// (`None`: nothing was left to read). Records that do not decode are
+/// passed over.
+fn next_chunk<K: AsRef<[u8]>, V: AsRef<[u8]>>(
+    items: impl Iterator<Item = (K, V)>,
+    cutoff: bazaar_games::UnixMillis,
+    max: usize,
+) -> (Vec<OutboxMessage>, Option<Vec<u8>>) {
+    let mut chunk: Vec<OutboxMessage> = Vec::new();
+    let mut last = None;
+    for (key, bytes) in items {
+        let Ok(message) = decode::<OutboxMessage>(bytes.as_ref()) else {
+            last = Some(key.as_ref().to_vec());
+            continue;
+        };
+        if chunk.first().is_some_and(|first| first.tenant != message.tenant) {
+            break;
+        }
+        last = Some(key.as_ref().to_vec());
+        if message.created_at <= cutoff {
+            chunk.push(message);
+            if max <= chunk.len() {
+                break;
+            }
+        }
+    }
+    (chunk, last)
 }
 
 fn applied_event(reply: Reply<CustomerAnswer>) -> ServiceResult<Applied> {
@@ -1481,39 +1517,73 @@ impl Service {
     /// Delivers every outbox message older than `min_age` (all of them at
     /// start-up): the retry path for deliveries a crash or an error cut
     /// short. Returns how many were delivered.
+    ///
+    /// A [`REDELIVERY_CHUNK`] of a tenant's messages at a time, in the
+    /// tree's order, as a batch's are delivered: one actor message per
+    /// receiver, one wait for durability, one acknowledgement. One message
+    /// at a time, each waiting for its own commit, delivered about a
+    /// thousand a second: a node killed while a board was behind by the
+    /// [`SCORES_IN_FLIGHT`] scores it may be would have spent a minute
+    /// redelivering them before it listened.
     pub async fn redeliver(&self, min_age: Duration) -> usize {
         let cutoff = now_millis() - i64::try_from(min_age.as_millis()).unwrap_or(i64::MAX);
         let mut delivered = 0;
-        let pending: Vec<OutboxMessage> = self
-            .store
-            .outbox
-            .iter()
-            .values()
-            .filter_map(|v| v.ok().and_then(|bytes| decode::<OutboxMessage>(&bytes).ok()))
-            .filter(|m| m.created_at <= cutoff)
-            .collect();
-        for message in pending {
-            let Ok(tenant) = Id::parse(&message.tenant) else {
-                continue;
+        let mut after: Option<Vec<u8>> = None;
+        // A chunk read at a time: no iterator of the tree held across a wait.
+        loop {
+            let from = match after.take() {
+                Some(key) => std::ops::Bound::Excluded(key),
+                None => std::ops::Bound::Unbounded,
             };
-            let Ok(entry) = self.tenancy.tenant(&tenant) else {
-                continue;
-            };
-            match self.deliver(&message, &entry.catalog()).await {
-                Ok(delivery) => {
-                    if self.durable(delivery.ticket).await.is_ok()
-                        && self.journal.outbox_ack(vec![message.storage_key()]).is_ok()
-                    {
-                        self.publish(&message.tenant, &delivery);
-                        delivered += 1;
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(%error, message = %message.id, "outbox delivery failed; will retry")
-                }
+            let items = self.store.outbox.range((from, std::ops::Bound::Unbounded)).filter_map(Result::ok);
+            let (chunk, last) = next_chunk(items, cutoff, REDELIVERY_CHUNK);
+            if !chunk.is_empty() {
+                delivered += self.redeliver_chunk(chunk).await;
+            }
+            match last {
+                Some(last) => after = Some(last),
+                None => return delivered,
             }
         }
-        delivered
+    }
+
+    /// Delivers one tenant's `messages`, waits for what they changed to be
+    /// durable and acknowledges those delivered. Returns how many were.
+    async fn redeliver_chunk(&self, messages: Vec<OutboxMessage>) -> usize {
+        let Some(entry) = Id::parse(&messages[0].tenant).ok().and_then(|tenant| self.tenancy.tenant(&tenant).ok())
+        else {
+            return 0;
+        };
+        let tenant = messages[0].tenant.clone();
+        let keys: Vec<Vec<u8>> = messages.iter().map(OutboxMessage::storage_key).collect();
+        let deliveries = self.deliver_many(messages, &entry.catalog()).await;
+        let last_ticket = deliveries.iter().filter_map(|delivery| delivery.as_ref().ok()?.ticket).max();
+        if let Err(error) = self.durable(last_ticket).await {
+            tracing::warn!(%error, "outbox redelivery not durable; will retry");
+            return 0;
+        }
+        let mut acknowledged = Vec::with_capacity(keys.len());
+        let mut published = Vec::with_capacity(keys.len());
+        for (key, delivery) in keys.into_iter().zip(deliveries) {
+            match delivery {
+                Ok(delivery) => {
+                    acknowledged.push(key);
+                    published.push(delivery);
+                }
+                Err(error) => tracing::warn!(
+                    %error,
+                    message = %String::from_utf8_lossy(&key),
+                    "outbox delivery failed; will retry"
+                ),
+            }
+        }
+        if acknowledged.is_empty() || self.journal.outbox_ack(acknowledged).is_err() {
+            return 0;
+        }
+        for delivery in &published {
+            self.publish(&tenant, delivery);
+        }
+        published.len()
     }
 
     /// Recomputes the engagement gauges of every tenant from the customers'
@@ -1778,6 +1848,42 @@ fn prize_kind(prize: &WonPrize) -> &'static str {
 mod tests {
     use super::*;
     use futures_util::FutureExt;
+
+    #[test]
+    fn redelivery_takes_one_tenants_due_messages_a_chunk_at_a_time_and_reads_every_record_once() {
+        let id = |text: &str| Id::parse(text).expect("an id");
+        // (tenant, messages, made at): the tree's records, in key order.
+        let mut records: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        for (tenant, count, at) in [("a", 2_500, 10), ("b", 3, 99), ("b", 2, 10), ("c", 1, 10)] {
+            for n in 0..count {
+                let message =
+                    OutboxMessage::score(tenant, &id(&format!("e-{at}-{n:05}")), &id("top"), &id("c-1"), 1, at);
+                records.push(message.record());
+            }
+        }
+        records.insert(1_200, (b"a/garbled".to_vec(), b"not a message".to_vec()));
+        records.sort();
+        let mut chunks = Vec::new();
+        let mut from = 0;
+        loop {
+            let (chunk, last) = next_chunk(records[from..].iter().cloned(), 50, 1_000);
+            let tenants: std::collections::BTreeSet<String> = chunk.iter().map(|m| m.tenant.clone()).collect();
+            assert!(tenants.len() <= 1, "one tenant a chunk: {tenants:?}");
+            chunks.push((tenants.into_iter().next(), chunk.len()));
+            let Some(last) = last else { break };
+            from = records.iter().position(|(key, _)| *key == last).expect("a key read") + 1;
+        }
+        let a = Some("a".to_owned());
+        let expected = vec![
+            (a.clone(), 1_000),
+            (a.clone(), 1_000),
+            (a, 500),
+            (Some("b".into()), 2),
+            (Some("c".into()), 1),
+            (None, 0),
+        ];
+        assert_eq!(chunks, expected, "b's three messages too new to deliver yet, the garbled record passed over");
+    }
 
     #[tokio::test]
     async fn a_key_has_one_holder_at_a_time_and_is_forgotten_when_free() {
