@@ -1521,10 +1521,10 @@ impl Service {
     /// A [`REDELIVERY_CHUNK`] of a tenant's messages at a time, in the
     /// tree's order, as a batch's are delivered: one actor message per
     /// receiver, one wait for durability, one acknowledgement. One message
-    /// at a time, each waiting for its own commit, delivered about a
-    /// thousand a second: a node killed while a board was behind by the
-    /// [`SCORES_IN_FLIGHT`] scores it may be would have spent a minute
-    /// redelivering them before it listened.
+    /// at a time, each waiting for its own commit (0.3–1 ms under load),
+    /// a node killed while a board was behind by the [`SCORES_IN_FLIGHT`]
+    /// scores it may be would have spent tens of seconds redelivering them
+    /// before it listened.
     pub async fn redeliver(&self, min_age: Duration) -> usize {
         let cutoff = now_millis() - i64::try_from(min_age.as_millis()).unwrap_or(i64::MAX);
         let mut delivered = 0;
