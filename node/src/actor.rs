@@ -28,6 +28,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -212,12 +213,38 @@ pub struct Told<E: Entity> {
     attempts: usize,
 }
 
+impl<E: Entity> Told<E> {
+    /// Commands for `entity`, counted in `registry`'s
+    /// [`Registry::told_pending`] until an actor takes them or they are
+    /// given up.
+    fn new(
+        registry: &Registry<E>,
+        entity: EntityKey,
+        commands: Vec<E::Command>,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+        attempts: usize,
+    ) -> Self {
+        registry.told.fetch_add(commands.len(), Ordering::Relaxed);
+        Self { entity, commands, permit, registry: registry.this.clone(), attempts }
+    }
+
+    /// The commands, no longer pending: taken by the actor, or given up.
+    fn take(&mut self) -> Vec<E::Command> {
+        let commands = std::mem::take(&mut self.commands);
+        if let Some(registry) = self.registry.upgrade() {
+            registry.told.fetch_sub(commands.len(), Ordering::Relaxed);
+        }
+        commands
+    }
+}
+
 impl<E: Entity> Drop for Told<E> {
     fn drop(&mut self) {
         // The handler takes the commands: applied, or refused.
         if self.commands.is_empty() {
             return;
         }
+        let commands = self.take();
         let Some(registry) = self.registry.upgrade() else { return };
         // Stopping (its journal closed, its actors' threads ending) or
         // failed: no activation could apply them; the outbox has them.
@@ -227,13 +254,7 @@ impl<E: Entity> Drop for Told<E> {
             return;
         }
         registry.forget_stopped(&self.entity);
-        let again = Told {
-            entity: self.entity.clone(),
-            commands: std::mem::take(&mut self.commands),
-            permit: self.permit.take(),
-            registry: self.registry.clone(),
-            attempts: self.attempts + 1,
-        };
+        let again = Told::new(&registry, self.entity.clone(), commands, self.permit.take(), self.attempts + 1);
         registry.tell(again);
     }
 }
@@ -423,7 +444,7 @@ impl<E: Entity> Handler<Told<E>> for EntityActor<E> {
         self.last_active = Instant::now();
         // Taken, so that dropping the message (and its permit, once they
         // are applied) does not send them again.
-        for command in std::mem::take(&mut told.commands) {
+        for command in told.take() {
             if let Err(error) = self.apply(command, ctx) {
                 tracing::debug!(entity = %self.key, %error, "a command sent without a reply was refused");
             }
@@ -532,6 +553,8 @@ pub struct Registry<E: Entity> {
     /// The threads actors run on; an entity always lands on the same one.
     arbiters: Vec<ArbiterHandle>,
     this: Weak<Registry<E>>,
+    /// Told commands no actor has taken yet (see [`Told`]).
+    told: AtomicUsize,
 }
 
 /// Shards of a registry's map (a power of two).
@@ -561,6 +584,7 @@ impl<E: Entity> Registry<E> {
             node,
             arbiters,
             this: this.clone(),
+            told: AtomicUsize::new(0),
         })
     }
 
@@ -626,13 +650,13 @@ impl<E: Entity> Registry<E> {
         let addrs = self.addresses(&calls);
         for ((entity, commands), addr) in calls.into_iter().zip(addrs) {
             let share = permit.as_mut().and_then(|permit| permit.split(commands.len()));
-            let mut told = Told::<E> { entity, commands, permit: share, registry: self.this.clone(), attempts: 0 };
+            let mut told = Told::new(self, entity, commands, share, 0);
             match addr {
                 Ok(addr) => addr.do_send(told),
                 Err(error) => {
                     tracing::debug!(entity = %told.entity, %error, "told commands not sent");
                     // Not sent again: the activation failed.
-                    told.commands.clear();
+                    told.take();
                 }
             }
         }
@@ -646,7 +670,7 @@ impl<E: Entity> Registry<E> {
             Ok(addr) => addr.do_send(told),
             Err(error) => {
                 tracing::debug!(entity = %told.entity, %error, "told commands not sent");
-                told.commands.clear();
+                told.take();
             }
         }
     }
@@ -841,6 +865,12 @@ impl<E: Entity> Registry<E> {
         &self.node
     }
 
+    /// Commands sent with [`Registry::tell_each`] that no actor has taken
+    /// yet: waiting in mailboxes, or on their way to a fresh activation.
+    pub fn told_pending(&self) -> usize {
+        self.told.load(Ordering::Relaxed)
+    }
+
     /// How many actors are in memory.
     pub fn active(&self) -> usize {
         self.actors.iter().map(|shard| shard.lock().len()).sum()
@@ -1011,13 +1041,7 @@ mod tests {
             boards.tell_each(vec![(key.clone(), vec![score("e-1", 5)])], permit(1));
             // Dropped before an actor took it: what a stopped actor's
             // mailbox does with its messages, or a send that met it closed.
-            let lost = Told::<LeaderboardEntity> {
-                entity: key.clone(),
-                commands: vec![score("e-2", 7), score("e-3", 11)],
-                permit: permit(2),
-                registry: Arc::downgrade(&boards),
-                attempts: 0,
-            };
+            let lost = Told::new(&boards, key.clone(), vec![score("e-2", 7), score("e-3", 11)], permit(2), 0);
             assert_eq!(permits.available_permits(), 7);
             drop(lost);
             // A read goes through the same mailbox, after both.
@@ -1025,20 +1049,19 @@ mod tests {
             let LeaderboardAnswer::Top { entries, .. } = read.answer else { panic!("the top entries") };
             assert_eq!(entries.iter().map(|entry| entry.score).collect::<Vec<_>>(), vec![23]);
             assert_eq!(permits.available_permits(), 10, "every permit back once applied");
+            assert_eq!(boards.told_pending(), 0, "none pending once taken");
 
             // Once the node is stopping, nothing is activated for them.
             journal.close();
             let before = boards.active();
             boards.forget_stopped(&key);
-            drop(Told::<LeaderboardEntity> {
-                entity: EntityKey::new("t", EntityKind::Leaderboard, "other"),
-                commands: vec![score("e-4", 1)],
-                permit: permit(1),
-                registry: Arc::downgrade(&boards),
-                attempts: 0,
-            });
+            let other = EntityKey::new("t", EntityKind::Leaderboard, "other");
+            let given_up = Told::new(&boards, other, vec![score("e-4", 1)], permit(1), 0);
+            assert_eq!(boards.told_pending(), 1);
+            drop(given_up);
             assert_eq!(boards.active(), before, "no activation while stopping");
             assert_eq!(permits.available_permits(), 10);
+            assert_eq!(boards.told_pending(), 0, "given up, no longer pending");
         });
         writer.join().expect("the writer's thread ends");
     }

@@ -672,8 +672,7 @@ pub(crate) async fn metrics(State(s): State<AppState>) -> Response {
     let seen = s.service.store.seen.stats();
     let metrics = &s.service.metrics;
     metrics.seen_runs.set(i64::try_from(seen.runs).unwrap_or(i64::MAX));
-    let told = crate::service::SCORES_IN_FLIGHT.saturating_sub(s.service.scores_in_flight.available_permits());
-    metrics.scores_in_flight.set(i64::try_from(told).unwrap_or(i64::MAX));
+    metrics.scores_in_flight.set(i64::try_from(s.service.leaderboards.told_pending()).unwrap_or(i64::MAX));
     metrics.seen_records.with_label_values(&["runs"]).set(i64::try_from(seen.run_records).unwrap_or(i64::MAX));
     metrics.seen_records.with_label_values(&["memory"]).set(i64::try_from(seen.memory_records).unwrap_or(i64::MAX));
     metrics.seen_records.with_label_values(&["pending"]).set(i64::try_from(seen.pending_records).unwrap_or(i64::MAX));
