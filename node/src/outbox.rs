@@ -117,6 +117,9 @@ pub fn kind_of_record(value: &[u8]) -> crate::storage::StorageResult<PayloadKind
 
 /// `parts` one after the other, in a string of their size: a message id
 /// per event and receiver, where `format!` took five times the work.
+/// What a score's id has between its event's id and its leaderboard's.
+const SCORE_TAG: &str = ">leaderboard:";
+
 fn joined(parts: &[&str]) -> String {
     let mut text = String::with_capacity(parts.iter().map(|part| part.len()).sum());
     for part in parts {
@@ -158,7 +161,7 @@ impl OutboxMessage {
     pub fn score(tenant: &str, event_id: &Id, leaderboard: &Id, customer: &Id, delta: i64, now: UnixMillis) -> Self {
         Self {
             tenant: tenant.to_owned(),
-            id: joined(&[event_id.as_str(), ">leaderboard:", leaderboard.as_str()]),
+            id: joined(&[event_id.as_str(), SCORE_TAG, leaderboard.as_str()]),
             created_at: now,
             payload: Payload::Score { leaderboard: leaderboard.clone(), customer: customer.clone(), delta },
         }
@@ -182,6 +185,13 @@ impl OutboxMessage {
     /// applied (see [`PayloadKind::needs_receipt`]).
     pub fn needs_receipt(&self) -> bool {
         self.payload.kind().needs_receipt()
+    }
+
+    /// The start of the `outbox` keys of every score the event `event_id`
+    /// of `tenant` sent (ids have no `>`, so no other event's keys start
+    /// so).
+    pub fn scores_prefix(tenant: &str, event_id: &Id) -> Vec<u8> {
+        key(&[tenant, &joined(&[event_id.as_str(), SCORE_TAG])])
     }
 
     /// Its key in the `outbox` tree.
@@ -208,6 +218,18 @@ impl OutboxMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_events_scores_and_no_other_messages_are_under_its_scores_prefix() {
+        let id = |s: &str| Id::parse(s).expect("id");
+        let prefix = OutboxMessage::scores_prefix("mall", &id("e-1"));
+        let under = |message: OutboxMessage| message.storage_key().starts_with(&prefix);
+        assert!(under(OutboxMessage::score("mall", &id("e-1"), &id("top"), &id("c-1"), 3, 8)));
+        assert!(under(OutboxMessage::score("mall", &id("e-1"), &id("t"), &id("c-2"), -3, 8)));
+        assert!(!under(OutboxMessage::score("mall", &id("e-10"), &id("top"), &id("c-1"), 3, 8)), "another event");
+        assert!(!under(OutboxMessage::score("mall-2", &id("e-1"), &id("top"), &id("c-1"), 3, 8)), "another tenant");
+        assert!(!under(OutboxMessage::contribution("mall", &id("e-1"), &id("pot"), &id("c-1"), 500, 7, 8)));
+    }
 
     #[test]
     fn the_kind_of_a_record_is_read_without_decoding_it() {

@@ -174,6 +174,10 @@ pub const SCORES_IN_FLIGHT: usize = 65_536;
 /// Outbox messages redelivered together (see [`Service::redeliver`]).
 pub const REDELIVERY_CHUNK: usize = 1_000;
 
+/// Records of the `outbox` tree read for a chunk, per message of it, at
+/// most (see `next_chunk`).
+const REDELIVERY_READS_PER_MESSAGE: usize = 4;
+
 /// A customer's reply to an event.
 struct Applied {
     answer: EventAnswer,
@@ -187,7 +191,9 @@ struct Applied {
 /// record's key starts with its tenant, so a tenant's come together), and
 /// the key of the last record read, after which the next chunk starts
 /// (`None`: nothing was left to read). Records that do not decode are
-/// passed over.
+/// passed over. It reads `REDELIVERY_READS_PER_MESSAGE` records per
+/// message at most: a tenant's messages not due yet are read again at
+/// every pass, and the reading is done on an async thread.
 fn next_chunk<K: AsRef<[u8]>, V: AsRef<[u8]>>(
     items: impl Iterator<Item = (K, V)>,
     cutoff: bazaar_games::UnixMillis,
@@ -195,7 +201,7 @@ fn next_chunk<K: AsRef<[u8]>, V: AsRef<[u8]>>(
 ) -> (Vec<OutboxMessage>, Option<Vec<u8>>) {
     let mut chunk: Vec<OutboxMessage> = Vec::new();
     let mut last = None;
-    for (key, bytes) in items {
+    for (key, bytes) in items.take(max.saturating_mul(REDELIVERY_READS_PER_MESSAGE)) {
         let Ok(message) = decode::<OutboxMessage>(bytes.as_ref()) else {
             last = Some(key.as_ref().to_vec());
             continue;
@@ -715,7 +721,7 @@ impl Service {
             .call(&customer_key, CustomerCommand::Event { event, fingerprint, catalog: catalog.clone() })
             .await?;
         let mut applied = applied_event(reply)?;
-        self.redeliverable(&mut applied).await?;
+        self.redeliverable(tenant.as_str(), &event_id, &catalog, &mut applied).await?;
         let told = self.tell_scores(take_scores(&mut applied), &catalog).await;
         // Its other receivers (jackpots) apply their messages side by
         // side. A call puts its message in the receiver's mailbox when
@@ -813,9 +819,10 @@ impl Service {
             .into_iter()
             .map(|a| a.unwrap_or_else(|| Err(ServiceError::internal("an event of the batch was not applied"))))
             .collect();
-        for slot in applied.iter_mut().filter(|a| a.as_ref().is_ok_and(|a| a.duplicate)) {
-            if let Ok(retried) = slot {
-                if let Err(error) = self.redeliverable(retried).await {
+        for (slot, (_, event_id, _)) in applied.iter_mut().zip(&admitted) {
+            let Ok(retried) = slot else { continue };
+            if retried.duplicate {
+                if let Err(error) = self.redeliverable(tenant.as_str(), event_id, &catalog, retried).await {
                     *slot = Err(error);
                 }
             }
@@ -893,28 +900,39 @@ impl Service {
             .collect()
     }
 
-    /// Drops from a retry's deliveries the scores that need no delivery:
-    /// a score applied within the time its cause's message may wait for
-    /// (see [`crate::journal::CARRY_FOR`]) leaves its receiver
-    /// no record to recognise it by (see [`crate::journal::Indexer`]), and
-    /// is delivered again only if it waits in the `outbox` tree.
-    async fn redeliverable(&self, applied: &mut Applied) -> ServiceResult<()> {
-        if !applied.duplicate || applied.answer.deliveries.iter().all(OutboxMessage::needs_receipt) {
+    /// A retry's deliveries: its contributions (their receipts answer it),
+    /// and the scores of the event `event_id` still waiting in the
+    /// `outbox` tree, so that a read of a board sent after the retry's
+    /// answer sees them even if the first attempt never sent them (its
+    /// client gone while it waited). A score applied within the time its
+    /// cause's message may wait for (see [`crate::journal::CARRY_FOR`])
+    /// leaves its receiver no record to recognise it by (see
+    /// [`crate::journal::Indexer`]), and is not delivered again. The
+    /// scores come from the tree, not the record: a record keeps none
+    /// since `CustomerAnswer::Recorded` (an older one's are dropped here
+    /// and found in the tree as well, if they wait there).
+    async fn redeliverable(
+        &self,
+        tenant: &str,
+        event_id: &Id,
+        catalog: &Catalog,
+        applied: &mut Applied,
+    ) -> ServiceResult<()> {
+        if !applied.duplicate {
+            return Ok(());
+        }
+        applied.answer.deliveries.retain(OutboxMessage::needs_receipt);
+        if catalog.leaderboards.is_empty() {
             return Ok(());
         }
         // Once the cause is durable and the writer has indexed what it
         // carries, the `outbox` tree says which wait.
         self.durable(applied.ticket).await?;
         self.journal.settle().await?;
-        let mut waiting = Vec::new();
-        for message in std::mem::take(&mut applied.answer.deliveries) {
-            let pending =
-                self.store.outbox.contains_key(message.storage_key()).map_err(crate::storage::StorageError::from)?;
-            if message.needs_receipt() || pending {
-                waiting.push(message);
-            }
+        for item in self.store.outbox.scan_prefix(OutboxMessage::scores_prefix(tenant, event_id)) {
+            let (_, bytes) = item.map_err(crate::storage::StorageError::from)?;
+            applied.answer.deliveries.push(decode(&bytes)?);
         }
-        applied.answer.deliveries = waiting;
         Ok(())
     }
 
@@ -1538,7 +1556,10 @@ impl Service {
             };
             let items = self.store.outbox.range((from, std::ops::Bound::Unbounded)).filter_map(Result::ok);
             let (chunk, last) = next_chunk(items, cutoff, REDELIVERY_CHUNK);
-            if !chunk.is_empty() {
+            if chunk.is_empty() {
+                // Records not due yet: other tasks go first.
+                tokio::task::yield_now().await;
+            } else {
                 delivered += self.redeliver_chunk(chunk).await;
             }
             match last {
@@ -1884,6 +1905,11 @@ mod tests {
             (None, 0),
         ];
         assert_eq!(chunks, expected, "b's three messages too new to deliver yet, the garbled record passed over");
+
+        // Not due yet, all of them: read a bounded slice at a time, to the end.
+        let (chunk, last) = next_chunk(records.iter().cloned(), 5, 100);
+        assert!(chunk.is_empty());
+        assert_eq!(last.as_deref(), Some(&records[399].0[..]), "400 records read, no more");
     }
 
     #[tokio::test]
