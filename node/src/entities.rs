@@ -102,7 +102,9 @@ const RECORDED_VARIANT: u32 = 4;
 /// says, so the contributions are delivered again: they are made again
 /// from this, the tenant and customer of the record's actor and the
 /// event's id. The scores are left out: no answer shows one, and a score
-/// not applied yet waits in the outbox, which delivers it. Each message
+/// not applied yet waits in the outbox, which delivers it (a retry
+/// delivers those waiting in the `outbox` tree at once, found by their
+/// keys: `Service::redeliverable`). Each message
 /// whole (tenant, its id, the customer, again and again) was two thirds of
 /// an event's record with a mall's jackpot and a leaderboard: bytes of the
 /// journal, and of the idempotency index for ever.
