@@ -58,14 +58,23 @@ pub enum CustomerCommand {
 /// The customer's part of an event's answer.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EventAnswer {
+    pub summary: EventSummary,
+    /// Messages to jackpots and leaderboards this event caused.
+    pub deliveries: Vec<OutboxMessage>,
+}
+
+/// What an event did for its customer, as its answer says (bincode writes
+/// a struct's fields in place, so an `EventAnswer` is encoded as it was
+/// when these were its own fields: idempotency records written then read
+/// the same).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventSummary {
     pub points_earned: i64,
     pub points_balance: i64,
     pub tier: Option<String>,
     pub spins_granted: BTreeMap<Id, u32>,
     pub missions: Vec<MissionStatus>,
     pub coupons: Vec<String>,
-    /// Messages to jackpots and leaderboards this event caused.
-    pub deliveries: Vec<OutboxMessage>,
 }
 
 /// A settled spin.
@@ -110,12 +119,7 @@ const RECORDED_VARIANT: u32 = 4;
 /// journal, and of the idempotency index for ever.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecordedEvent {
-    pub points_earned: i64,
-    pub points_balance: i64,
-    pub tier: Option<String>,
-    pub spins_granted: BTreeMap<Id, u32>,
-    pub missions: Vec<MissionStatus>,
-    pub coupons: Vec<String>,
+    pub summary: EventSummary,
     pub contributions: Vec<RecordedContribution>,
 }
 
@@ -147,13 +151,8 @@ impl Serialize for RecordedFields<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
         let answer = self.0;
-        let mut event = serializer.serialize_struct("RecordedEvent", 7)?;
-        event.serialize_field("points_earned", &answer.points_earned)?;
-        event.serialize_field("points_balance", &answer.points_balance)?;
-        event.serialize_field("tier", &answer.tier)?;
-        event.serialize_field("spins_granted", &answer.spins_granted)?;
-        event.serialize_field("missions", &answer.missions)?;
-        event.serialize_field("coupons", &answer.coupons)?;
+        let mut event = serializer.serialize_struct("RecordedEvent", 2)?;
+        event.serialize_field("summary", &answer.summary)?;
         event.serialize_field("contributions", &RecordedContributions(&answer.deliveries))?;
         event.end()
     }
@@ -246,12 +245,14 @@ impl Entity for CustomerEntity {
                 }
                 let outbox = deliveries.iter().map(OutboxMessage::record).collect();
                 let mut handled = Handled::changed(CustomerAnswer::Event(EventAnswer {
-                    points_earned: outcome.points_earned,
-                    points_balance: customer.points_balance,
-                    tier: customer.tier.clone(),
-                    spins_granted: outcome.spins_granted,
-                    missions: outcome.missions,
-                    coupons: outcome.coupons_won,
+                    summary: EventSummary {
+                        points_earned: outcome.points_earned,
+                        points_balance: customer.points_balance,
+                        tier: customer.tier.clone(),
+                        spins_granted: outcome.spins_granted,
+                        missions: outcome.missions,
+                        coupons: outcome.coupons_won,
+                    },
                     deliveries,
                 }));
                 handled.outbox = outbox;
@@ -335,15 +336,7 @@ impl Entity for CustomerEntity {
                 )
             })
             .collect();
-        Ok(CustomerAnswer::Event(EventAnswer {
-            points_earned: recorded.points_earned,
-            points_balance: recorded.points_balance,
-            tier: recorded.tier,
-            spins_granted: recorded.spins_granted,
-            missions: recorded.missions,
-            coupons: recorded.coupons,
-            deliveries,
-        }))
+        Ok(CustomerAnswer::Event(EventAnswer { summary: recorded.summary, deliveries }))
     }
 }
 
@@ -721,8 +714,8 @@ mod tests {
         let is_contribution = |message: &&OutboxMessage| matches!(message.payload, Payload::Contribution { .. });
         let contributions: Vec<OutboxMessage> = first.deliveries.iter().filter(is_contribution).cloned().collect();
         assert_eq!((contributions.len(), first.deliveries.len()), (2, 4), "two contributions and two scores");
-        assert_eq!(first.tier.as_deref(), Some("silver"), "the answer has something besides its messages");
-        assert_ne!(first.points_earned, first.points_balance);
+        assert_eq!(first.summary.tier.as_deref(), Some("silver"), "the answer has something besides its messages");
+        assert_ne!(first.summary.points_earned, first.summary.points_balance);
 
         let mut record = Vec::new();
         CustomerEntity::encode_record(&mut record, &handled.answer);
@@ -731,12 +724,7 @@ mod tests {
         // Byte for byte what the derived form of the same record is (the
         // hand-written one writes from the answer without copying it).
         let derived = RecordedEvent {
-            points_earned: first.points_earned,
-            points_balance: first.points_balance,
-            tier: first.tier.clone(),
-            spins_granted: first.spins_granted.clone(),
-            missions: first.missions.clone(),
-            coupons: first.coupons.clone(),
+            summary: first.summary.clone(),
             contributions: contributions
                 .iter()
                 .map(|message| {
@@ -760,10 +748,33 @@ mod tests {
             panic!("recalled as an event's answer")
         };
         assert_eq!(again.deliveries, contributions, "the contributions as the handler made them, the scores left out");
-        let without_messages = |answer: &EventAnswer| EventAnswer { deliveries: Vec::new(), ..answer.clone() };
-        assert_eq!(encode(&without_messages(&again)), encode(&without_messages(first)), "the rest of the answer");
+        assert_eq!(again.summary, first.summary, "the rest of the answer");
 
-        // A record written before: the whole answer, read as it was.
+        // A record written before: the whole answer, read as it was, in the
+        // layout of the builds before `EventSummary` (its fields in place).
+        #[derive(Serialize)]
+        enum Before<'a> {
+            Event {
+                points_earned: i64,
+                points_balance: i64,
+                tier: &'a Option<String>,
+                spins_granted: &'a BTreeMap<Id, u32>,
+                missions: &'a [MissionStatus],
+                coupons: &'a [String],
+                deliveries: &'a [OutboxMessage],
+            },
+        }
+        let summary = &first.summary;
+        let flat = encode(&Before::Event {
+            points_earned: summary.points_earned,
+            points_balance: summary.points_balance,
+            tier: &summary.tier,
+            spins_granted: &summary.spins_granted,
+            missions: &summary.missions,
+            coupons: &summary.coupons,
+            deliveries: &first.deliveries,
+        });
+        assert_eq!(flat, whole, "an answer is encoded as before");
         let before: CustomerAnswer = decode(&whole).expect("the whole answer reads back");
         let CustomerAnswer::Event(before) = CustomerEntity::recalled(before, &key, &dedupe).expect("recalled") else {
             panic!("an event's answer")

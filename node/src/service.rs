@@ -1841,7 +1841,7 @@ fn answered(
             None => tally.kinds.push((kind, 1)),
         }
     }
-    let answer = applied.answer;
+    let answer = applied.answer.summary;
     api::EventAnswer {
         event_id,
         duplicate: applied.duplicate,
