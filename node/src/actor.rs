@@ -650,22 +650,21 @@ impl<E: Entity> Registry<E> {
         let addrs = self.addresses(&calls);
         for ((entity, commands), addr) in calls.into_iter().zip(addrs) {
             let share = permit.as_mut().and_then(|permit| permit.split(commands.len()));
-            let mut told = Told::new(self, entity, commands, share, 0);
-            match addr {
-                Ok(addr) => addr.do_send(told),
-                Err(error) => {
-                    tracing::debug!(entity = %told.entity, %error, "told commands not sent");
-                    // Not sent again: the activation failed.
-                    told.take();
-                }
-            }
+            Self::send_told(Told::new(self, entity, commands, share, 0), addr);
         }
     }
 
     /// Sends `told` to its entity's actor, activating it if needed.
-    fn tell(&self, mut told: Told<E>) {
+    fn tell(&self, told: Told<E>) {
         // Not under the lock: a send wakes the actor's thread.
         let addr = self.activated(&mut self.shard(&told.entity).lock(), &told.entity);
+        Self::send_told(told, addr);
+    }
+
+    /// Sends `told` to `addr`, its entity's actor; gives its commands up if
+    /// the actor could not be activated (not sent again: the activation
+    /// failed, and the outbox has them).
+    fn send_told(mut told: Told<E>, addr: ServiceResult<Shared<E>>) {
         match addr {
             Ok(addr) => addr.do_send(told),
             Err(error) => {

@@ -113,10 +113,10 @@ const RECORDED_VARIANT: u32 = 4;
 /// event's id. The scores are left out: no answer shows one, and a score
 /// not applied yet waits in the outbox, which delivers it (a retry
 /// delivers those waiting in the `outbox` tree at once, found by their
-/// keys: `Service::redeliverable`). Each message
-/// whole (tenant, its id, the customer, again and again) was two thirds of
-/// an event's record with a mall's jackpot and a leaderboard: bytes of the
-/// journal, and of the idempotency index for ever.
+/// keys: `Service::redeliverable`). Each message whole (tenant, its id,
+/// the customer, again and again) was two thirds of an event's record
+/// with a mall's jackpot and a leaderboard: bytes of the journal, and of
+/// the idempotency index for ever.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecordedEvent {
     pub summary: EventSummary,
